@@ -1,0 +1,160 @@
+//! The seam between the actors and the stores: the [`LockBackend`] trait, and one module per
+//! store behind it.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+
+use crate::error::StoreError;
+
+pub mod memory;
+
+/// Who owns a lease in the store: 128 random bits, drawn from a cryptographically secure
+/// generator for every acquisition, so no other client can guess it and release or renew a
+/// lock it does not hold.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OwnerToken(u128);
+
+impl OwnerToken {
+    /// A fresh random token.
+    pub fn random() -> Self {
+        OwnerToken(rand::random())
+    }
+
+    /// The token's bits.
+    pub fn as_u128(self) -> u128 {
+        self.0
+    }
+
+    /// Rebuilds a token from its bits (for backends that read it back from a store).
+    pub fn from_u128(bits: u128) -> Self {
+        OwnerToken(bits)
+    }
+}
+
+impl fmt::Display for OwnerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for OwnerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "OwnerToken({self})")
+    }
+}
+
+/// A lease as the store granted it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Lease {
+    /// The key, as the application named it (without the backend's prefix).
+    pub key: String,
+    /// The owner token written with the key.
+    pub owner: OwnerToken,
+    /// Strictly greater than every token the store returned for this key before.
+    pub fencing_token: u64,
+    /// The store's own lease id, for stores that have one (etcd).
+    pub lease_id: Option<i64>,
+}
+
+impl Lease {
+    /// A lease without a store lease id.
+    pub fn new(key: impl Into<String>, owner: OwnerToken, fencing_token: u64) -> Self {
+        Lease {
+            key: key.into(),
+            owner,
+            fencing_token,
+            lease_id: None,
+        }
+    }
+}
+
+/// The answer to an acquisition attempt.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Acquisition {
+    /// The key was free and is now held by the requesting owner.
+    Acquired(Lease),
+    /// Someone else holds the key.
+    Held(Contention),
+}
+
+/// What a failed attempt learned about the current holder, used to wait well.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct Contention {
+    /// How long the current lease has left, if the store said. The waiter's backstop timer
+    /// fires after this (plus jitter) in case the release notice is missed or the lease just
+    /// expires.
+    pub remaining_ttl: Option<Duration>,
+    /// The store's position (revision) at the failed attempt, for stores whose watches resume
+    /// from a revision.
+    pub revision: Option<i64>,
+}
+
+impl Contention {
+    /// A contention with a known remaining ttl.
+    pub fn with_remaining_ttl(remaining_ttl: Option<Duration>) -> Self {
+        Contention {
+            remaining_ttl,
+            revision: None,
+        }
+    }
+}
+
+/// What `inspect` shows about a held key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LockInfo {
+    /// The key.
+    pub key: String,
+    /// The current holder's fencing token.
+    pub fencing_token: u64,
+    /// How long the current lease has left.
+    pub remaining_ttl: Duration,
+    /// The metadata the holder stored with the lock.
+    pub metadata: Option<String>,
+}
+
+/// A stream that yields once each time the watched key may have been released. It ends if the
+/// subscription breaks; dropping it unsubscribes.
+pub type ReleaseNotices = BoxStream<'static, ()>;
+
+/// A store that can hold leases. One value serves one backend service (one Redis deployment,
+/// one etcd cluster, one in-process table); it is shared by the backend actor and its key
+/// actors, so every method takes `&self`.
+///
+/// Every implementation must pass the conformance suite in [`crate::testing`].
+#[async_trait]
+pub trait LockBackend: Send + Sync + 'static {
+    /// A short name for the kind of store ("memory", "redis", "etcd"), for logs.
+    fn kind(&self) -> &'static str;
+
+    /// Atomically takes `key` for `owner` for `ttl` if nobody holds it. On success the lease's
+    /// fencing token is strictly greater than every token ever returned for `key`.
+    async fn acquire(
+        &self,
+        key: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError>;
+
+    /// Extends the lease to `ttl` from now if `lease.owner` still holds it. `Ok(false)` means it
+    /// does not (it expired and may have been taken): not an error, a lost lease.
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, StoreError>;
+
+    /// Deletes the key if `lease.owner` still holds it (compare-and-delete) and wakes the
+    /// key's waiters. `Ok(false)` means the lease was not held any more.
+    async fn release(&self, lease: &Lease) -> Result<bool, StoreError>;
+
+    /// The current holder of `key`, if any.
+    async fn inspect(&self, key: &str) -> Result<Option<LockInfo>, StoreError>;
+
+    /// Subscribes to release notices for `key`. The backend actor keeps at most one such
+    /// subscription per contended key and shares it among the key's local waiters.
+    async fn subscribe(&self, key: &str, seen: &Contention) -> Result<ReleaseNotices, StoreError>;
+}

@@ -1,0 +1,539 @@
+//! `BackendActor`: one per configured backend service. It owns the per-key FIFO queues of local
+//! waiters and at most one release subscription per contended key, and spawns a `KeyActor` for
+//! each acquisition attempt. Store I/O happens in the key actors (and in short request tasks),
+//! never in this actor's handler, so one slow key cannot stall the others.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use ractor::{
+    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, ActorRuntime, RpcReplyPort,
+    SupervisionEvent,
+};
+use rand::Rng;
+use tokio::time::{timeout, Instant};
+
+use crate::backend::{Contention, LockBackend, LockInfo, OwnerToken};
+use crate::error::{Error, Result, StoreError};
+use crate::event::{EventBus, LockEventKind, ReleaseReason};
+use crate::guard::LockGuard;
+use crate::key_actor::{KeyActor, KeyArgs, KeyMsg};
+use crate::options::Wait;
+use crate::task::AbortOnDrop;
+
+/// What a backend actor and its key actors share: the store, where events go, the timing.
+pub(crate) struct BackendCtx {
+    pub(crate) name: Arc<str>,
+    pub(crate) store: Arc<dyn LockBackend>,
+    pub(crate) events: Arc<EventBus>,
+    pub(crate) timing: Timing,
+}
+
+impl BackendCtx {
+    pub(crate) fn emit(&self, key: &Arc<str>, fencing_token: Option<u64>, kind: LockEventKind) {
+        self.events.emit(&self.name, Some(key), fencing_token, kind);
+    }
+
+    pub(crate) fn store_error(&self, source: StoreError) -> Error {
+        Error::Store {
+            backend: self.name.to_string(),
+            source,
+        }
+    }
+}
+
+/// The time rules of DESIGN.md section 4.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    /// Fraction of the ttl held back for clock drift between this node and the store.
+    pub(crate) drift: f64,
+    /// Budget for one store operation (acquire attempt, release, inspect).
+    pub(crate) op_timeout: Duration,
+    /// Longest a waiter sleeps before re-checking a key without a release notice.
+    pub(crate) backstop_cap: Duration,
+}
+
+impl Timing {
+    /// `deadline = sent_at + ttl × (1 − drift)`, on the monotonic clock, from when the request
+    /// that set the ttl was sent.
+    pub(crate) fn deadline(&self, sent_at: Instant, ttl: Duration) -> Instant {
+        sent_at + ttl.mul_f64(1.0 - self.drift)
+    }
+}
+
+/// One acquisition request, validated and resolved to a backend.
+pub(crate) struct AcquireRequest {
+    pub(crate) key: Arc<str>,
+    pub(crate) ttl: Duration,
+    pub(crate) wait: Wait,
+    /// When a waiting request gives up (`None`: try once, or wait forever).
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) auto_renew: bool,
+    pub(crate) holder: Option<ActorCell>,
+    pub(crate) metadata: Option<String>,
+    pub(crate) requested_at: Instant,
+}
+
+impl AcquireRequest {
+    pub(crate) fn tries_once(&self) -> bool {
+        self.wait == Wait::No
+    }
+
+    pub(crate) fn timeout_error(&self, now: Instant) -> Error {
+        Error::Timeout {
+            key: self.key.to_string(),
+            waited: now - self.requested_at,
+        }
+    }
+
+    fn holder_id(&self) -> Option<ActorId> {
+        self.holder.as_ref().map(ActorCell::get_id)
+    }
+}
+
+/// A key actor is done: it released, lost, or failed to acquire. A request that is still
+/// waiting comes back for the key's queue.
+pub(crate) struct Finished {
+    pub(crate) key: Arc<str>,
+    pub(crate) actor: ActorId,
+    pub(crate) requeue: Option<(AcquireRequest, AcquireReply, Contention)>,
+}
+
+type TimerResult = std::result::Result<(), ractor::MessagingErr<BackendMsg>>;
+
+pub(crate) type AcquireReply = RpcReplyPort<Result<Option<LockGuard>>>;
+
+/// Who asked about a key: `info` wants the whole answer, `is_locked` only whether there is one.
+pub(crate) enum InspectReply {
+    Info(RpcReplyPort<Result<Option<LockInfo>>>),
+    IsLocked(RpcReplyPort<Result<bool>>),
+}
+
+impl InspectReply {
+    pub(crate) fn send(self, answer: Result<Option<LockInfo>>) {
+        let _ = match self {
+            InspectReply::Info(reply) => reply.send(answer).is_ok(),
+            InspectReply::IsLocked(reply) => reply.send(answer.map(|info| info.is_some())).is_ok(),
+        };
+    }
+}
+
+pub(crate) enum BackendMsg {
+    Acquire(AcquireRequest, AcquireReply),
+    Inspect(Arc<str>, InspectReply),
+    Release {
+        key: Arc<str>,
+        owner: OwnerToken,
+        reply: RpcReplyPort<Result<()>>,
+    },
+    Renew {
+        key: Arc<str>,
+        owner: OwnerToken,
+        ttl: Duration,
+        reply: RpcReplyPort<Result<()>>,
+    },
+    Finished(Box<Finished>),
+    /// The key may be free: a release notice, a subscription that just became active, or the
+    /// backstop timer.
+    Wake(Arc<str>),
+    WaiterTimedOut(Arc<str>, u64),
+    /// Release every held lock, fail every waiter, and answer when the key actors stopped.
+    Shutdown(RpcReplyPort<()>),
+}
+
+#[cfg(feature = "cluster")]
+impl ractor::Message for BackendMsg {}
+
+pub(crate) struct BackendActor;
+
+pub(crate) struct BackendState {
+    ctx: Arc<BackendCtx>,
+    slots: HashMap<Arc<str>, Slot>,
+    /// Key actor → its key, to clean up after a key actor that panicked.
+    children: HashMap<ActorId, Arc<str>>,
+    next_waiter: u64,
+}
+
+/// A key this node is attempting, holding or waiting for.
+#[derive(Default)]
+struct Slot {
+    /// The key actor attempting or holding the key; at most one per key per node, so local
+    /// waiters never race each other at the store.
+    busy: Option<Busy>,
+    /// Local waiters, served first come first served.
+    waiters: VecDeque<Waiter>,
+    /// The key's one release subscription, while it has waiters.
+    watch: Option<AbortOnDrop<()>>,
+    /// Re-checks the key when no notice comes (a lease that expires publishes nothing).
+    backstop: Option<AbortOnDrop<TimerResult>>,
+}
+
+struct Busy {
+    actor: ActorRef<KeyMsg>,
+    holder: Option<ActorId>,
+}
+
+struct Waiter {
+    id: u64,
+    request: AcquireRequest,
+    reply: AcquireReply,
+    _timeout: Option<AbortOnDrop<TimerResult>>,
+}
+
+impl Actor for BackendActor {
+    type Msg = BackendMsg;
+    type State = BackendState;
+    type Arguments = Arc<BackendCtx>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<BackendMsg>,
+        ctx: Arc<BackendCtx>,
+    ) -> Result<BackendState, ActorProcessingErr> {
+        Ok(BackendState {
+            ctx,
+            slots: HashMap::new(),
+            children: HashMap::new(),
+            next_waiter: 0,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<BackendMsg>,
+        msg: BackendMsg,
+        state: &mut BackendState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            BackendMsg::Acquire(request, reply) => state.acquire(&myself, request, reply),
+            BackendMsg::Inspect(key, reply) => state.inspect(key, reply),
+            BackendMsg::Release { key, owner, reply } => {
+                let msg = |reply| KeyMsg::Release {
+                    reason: ReleaseReason::Requested,
+                    owner: Some(owner),
+                    reply: Some(reply),
+                };
+                state.forward(&key, reply, msg);
+            }
+            BackendMsg::Renew {
+                key,
+                owner,
+                ttl,
+                reply,
+            } => {
+                let msg = |reply| KeyMsg::Renew {
+                    ttl,
+                    owner: Some(owner),
+                    reply,
+                };
+                state.forward(&key, reply, msg);
+            }
+            BackendMsg::Finished(finished) => state.finished(&myself, *finished),
+            BackendMsg::Wake(key) => state.serve_next(&myself, &key),
+            BackendMsg::WaiterTimedOut(key, id) => state.waiter_timed_out(&key, id),
+            BackendMsg::Shutdown(reply) => {
+                state.shutdown().await;
+                let _ = reply.send(());
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<BackendMsg>,
+        event: SupervisionEvent,
+        state: &mut BackendState,
+    ) -> Result<(), ActorProcessingErr> {
+        // A key actor that stops normally has already sent `Finished`; only a panicking one
+        // needs cleaning up after. Either way this actor carries on (ractor's default would
+        // stop it with its child).
+        if let SupervisionEvent::ActorFailed(cell, error) = event {
+            if let Some(key) = state.children.remove(&cell.get_id()) {
+                tracing::error!(backend = %state.ctx.name, key = %key, %error, "key actor failed");
+                state.free(&key, cell.get_id());
+                state.serve_next(&myself, &key);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl BackendState {
+    fn acquire(
+        &mut self,
+        myself: &ActorRef<BackendMsg>,
+        request: AcquireRequest,
+        reply: AcquireReply,
+    ) {
+        let slot = self.slots.entry(request.key.clone()).or_default();
+        if let Some(holder) = request.holder_id() {
+            let busy_for_holder = slot.busy.as_ref().is_some_and(|b| b.holder == Some(holder));
+            if busy_for_holder
+                || slot
+                    .waiters
+                    .iter()
+                    .any(|w| w.request.holder_id() == Some(holder))
+            {
+                let _ = reply.send(Err(Error::AlreadyHeld {
+                    backend: self.ctx.name.to_string(),
+                    key: request.key.to_string(),
+                }));
+                return;
+            }
+        }
+        if slot.busy.is_none() && slot.waiters.is_empty() {
+            self.start_attempt(myself, request, reply);
+            return;
+        }
+        // Held or being attempted on this node, or others are queued before this request: no
+        // store round trip can succeed before they are done.
+        self.ctx.emit(&request.key, None, LockEventKind::Contended);
+        if request.tries_once() {
+            let _ = reply.send(Ok(None));
+        } else {
+            self.enqueue(myself, request, reply, false);
+        }
+    }
+
+    fn start_attempt(
+        &mut self,
+        myself: &ActorRef<BackendMsg>,
+        request: AcquireRequest,
+        reply: AcquireReply,
+    ) {
+        let key = request.key.clone();
+        let holder = request.holder_id();
+        let args = KeyArgs {
+            ctx: self.ctx.clone(),
+            backend: myself.clone(),
+            request,
+            reply,
+        };
+        // Not waiting for the key actor's `pre_start` keeps this actor's loop free; the
+        // attempt itself runs in the key actor's `post_start`.
+        match ActorRuntime::spawn_linked_instant(None, KeyActor, args, myself.get_cell()) {
+            Ok((actor, _start)) => {
+                self.children.insert(actor.get_id(), key.clone());
+                self.slots.entry(key).or_default().busy = Some(Busy { actor, holder });
+            }
+            // Only a name clash can fail an instant spawn, and key actors have no names.
+            Err(error) => {
+                tracing::error!(backend = %self.ctx.name, %key, %error, "could not spawn key actor")
+            }
+        }
+    }
+
+    fn enqueue(
+        &mut self,
+        myself: &ActorRef<BackendMsg>,
+        request: AcquireRequest,
+        reply: AcquireReply,
+        front: bool,
+    ) {
+        let id = self.next_waiter;
+        self.next_waiter += 1;
+        let timeout = request.deadline.map(|deadline| {
+            let key = request.key.clone();
+            let delay = deadline.saturating_duration_since(Instant::now());
+            AbortOnDrop(myself.send_after(delay, move || BackendMsg::WaiterTimedOut(key, id)))
+        });
+        let slot = self.slots.entry(request.key.clone()).or_default();
+        let waiter = Waiter {
+            id,
+            request,
+            reply,
+            _timeout: timeout,
+        };
+        if front {
+            slot.waiters.push_front(waiter);
+        } else {
+            slot.waiters.push_back(waiter);
+        }
+    }
+
+    fn finished(&mut self, myself: &ActorRef<BackendMsg>, finished: Finished) {
+        let Finished {
+            key,
+            actor,
+            requeue,
+        } = finished;
+        self.children.remove(&actor);
+        self.free(&key, actor);
+        match requeue {
+            // The head waiter found the key held elsewhere: it keeps its place and waits for a
+            // release notice (or the backstop).
+            Some((request, reply, contention)) => {
+                self.enqueue(myself, request, reply, true);
+                self.await_release(myself, &key, &contention);
+            }
+            // Released or lost here: hand over to the next local waiter at once.
+            None => self.serve_next(myself, &key),
+        }
+    }
+
+    fn free(&mut self, key: &Arc<str>, actor: ActorId) {
+        if let Some(slot) = self.slots.get_mut(key) {
+            if slot
+                .busy
+                .as_ref()
+                .is_some_and(|b| b.actor.get_id() == actor)
+            {
+                slot.busy = None;
+            }
+        }
+    }
+
+    /// Starts the next waiter's attempt if the key is not busy here; forgets the key when
+    /// nobody waits for it (which drops its subscription).
+    fn serve_next(&mut self, myself: &ActorRef<BackendMsg>, key: &Arc<str>) {
+        let Some(slot) = self.slots.get_mut(key) else {
+            return;
+        };
+        if slot.busy.is_some() {
+            return;
+        }
+        let now = Instant::now();
+        while let Some(waiter) = slot.waiters.pop_front() {
+            if waiter.reply.is_closed() {
+                continue; // the caller gave up
+            }
+            if waiter.request.deadline.is_some_and(|d| d <= now) {
+                let _ = waiter.reply.send(Err(waiter.request.timeout_error(now)));
+                continue;
+            }
+            self.start_attempt(myself, waiter.request, waiter.reply);
+            return;
+        }
+        self.slots.remove(key);
+    }
+
+    /// Makes sure the key has its one subscription and a backstop timer.
+    fn await_release(
+        &mut self,
+        myself: &ActorRef<BackendMsg>,
+        key: &Arc<str>,
+        contention: &Contention,
+    ) {
+        let Some(slot) = self.slots.get_mut(key) else {
+            return;
+        };
+        if slot.watch.is_none() {
+            let store = self.ctx.store.clone();
+            let (me, key, seen) = (myself.clone(), key.clone(), contention.clone());
+            let backend = self.ctx.name.clone();
+            slot.watch = Some(AbortOnDrop(tokio::spawn(async move {
+                match store.subscribe(&key, &seen).await {
+                    Ok(mut notices) => {
+                        // A release between the failed attempt and this subscription would
+                        // otherwise be missed: look once more now that notices flow.
+                        let mut wake = me.cast(BackendMsg::Wake(key.clone()));
+                        while wake.is_ok() && notices.next().await.is_some() {
+                            wake = me.cast(BackendMsg::Wake(key.clone()));
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%backend, %key, %error, "release subscription failed; waiting on the backstop timer")
+                    }
+                }
+            })));
+        }
+        let cap = self.ctx.timing.backstop_cap;
+        let base = contention.remaining_ttl.unwrap_or(cap).min(cap);
+        // Jitter spreads the re-checks of many nodes waiting on one expiring key.
+        let jitter = rand::rng().random_range(0..=base.as_micros() as u64 / 10 + 1000);
+        let delay = base + Duration::from_micros(jitter);
+        let key = key.clone();
+        slot.backstop = Some(AbortOnDrop(
+            myself.send_after(delay, move || BackendMsg::Wake(key)),
+        ));
+    }
+
+    fn waiter_timed_out(&mut self, key: &Arc<str>, id: u64) {
+        let Some(slot) = self.slots.get_mut(key) else {
+            return;
+        };
+        if let Some(at) = slot.waiters.iter().position(|w| w.id == id) {
+            let waiter = slot.waiters.remove(at).expect("position is in range");
+            let _ = waiter
+                .reply
+                .send(Err(waiter.request.timeout_error(Instant::now())));
+        }
+        if slot.busy.is_none() && slot.waiters.is_empty() {
+            self.slots.remove(key);
+        }
+    }
+
+    /// Store reads run in their own short task: a slow store must not stall this actor.
+    fn inspect(&self, key: Arc<str>, reply: InspectReply) {
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            let budget = ctx.timing.op_timeout;
+            let result = match timeout(budget, ctx.store.inspect(&key)).await {
+                Ok(result) => result.map_err(|e| ctx.store_error(e)),
+                Err(_) => Err(ctx.store_error(StoreError::TimedOut {
+                    op: "inspect",
+                    after: budget,
+                })),
+            };
+            reply.send(result);
+        });
+    }
+
+    /// Passes a release or renew by message on to the key's actor, which checks the owner.
+    fn forward(
+        &self,
+        key: &Arc<str>,
+        reply: RpcReplyPort<Result<()>>,
+        msg: impl FnOnce(RpcReplyPort<Result<()>>) -> KeyMsg,
+    ) {
+        match self.slots.get(key).and_then(|s| s.busy.as_ref()) {
+            Some(busy) => {
+                if let Err(ractor::MessagingErr::SendErr(msg)) = busy.actor.cast(msg(reply)) {
+                    reply_not_held(key, msg);
+                }
+            }
+            None => {
+                let _ = reply.send(Err(Error::NotHeld {
+                    key: key.to_string(),
+                }));
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        let mut stopping = Vec::new();
+        for (_, slot) in self.slots.drain() {
+            for waiter in slot.waiters {
+                let _ = waiter.reply.send(Err(Error::ManagerStopped));
+            }
+            if let Some(busy) = slot.busy {
+                let _ = busy.actor.cast(KeyMsg::Release {
+                    reason: ReleaseReason::Shutdown,
+                    owner: None,
+                    reply: None,
+                });
+                stopping.push(busy.actor.get_cell());
+            }
+        }
+        // Each key actor's release is bounded by the operation timeout; wait a little longer.
+        let budget = Some(self.ctx.timing.op_timeout * 2);
+        futures::future::join_all(stopping.iter().map(|cell| cell.wait(budget))).await;
+        self.children.clear();
+    }
+}
+
+fn reply_not_held(key: &Arc<str>, msg: KeyMsg) {
+    let reply = match msg {
+        KeyMsg::Release { reply, .. } => reply,
+        KeyMsg::Renew { reply, .. } => Some(reply),
+        KeyMsg::Tick => None,
+    };
+    if let Some(reply) = reply {
+        let _ = reply.send(Err(Error::NotHeld {
+            key: key.to_string(),
+        }));
+    }
+}

@@ -1,0 +1,216 @@
+//! `LockClient`: the handle plain async code uses. Every method is one message to the
+//! [`LockManager`](crate::LockManager); the guard it hands back talks to its key actor directly.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use ractor::rpc::CallResult;
+use ractor::{ActorRef, Message, RpcReplyPort};
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+use crate::backend::LockInfo;
+use crate::error::{Error, Result};
+use crate::event::{EventBus, LockEvent};
+use crate::guard::LockGuard;
+use crate::manager::LockManagerMsg;
+use crate::options::{LockOptions, Wait};
+
+/// A cheap, cloneable handle on a running [`LockManager`](crate::LockManager), scoped to one
+/// backend (the default one unless [`LockClient::backend`] chose another).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), leasehold::Error> {
+/// use leasehold::{LockManager, LockOptions, MemoryBackend};
+///
+/// let client = LockManager::builder()
+///     .with_name("client-doc")
+///     .with_backend("memory", MemoryBackend::new())
+///     .start()
+///     .await?;
+/// let guard = client.lock("reports/daily", LockOptions::new()).await?;
+/// assert!(client.try_lock("reports/daily", LockOptions::new()).await?.is_none());
+/// println!("writing with fencing token {}", guard.fencing_token());
+/// guard.release().await?;
+/// client.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct LockClient {
+    manager: ActorRef<LockManagerMsg>,
+    backend: Arc<str>,
+    names: Arc<[Arc<str>]>,
+    events: Arc<EventBus>,
+}
+
+impl LockClient {
+    pub(crate) fn new(
+        manager: ActorRef<LockManagerMsg>,
+        backend: Arc<str>,
+        names: Arc<[Arc<str>]>,
+        events: Arc<EventBus>,
+    ) -> Self {
+        LockClient {
+            manager,
+            backend,
+            names,
+            events,
+        }
+    }
+
+    /// A handle on the manager registered under `name` on this node.
+    pub async fn connect(name: &str) -> Result<LockClient> {
+        let manager: ActorRef<LockManagerMsg> = ractor::registry::where_is(name)
+            .ok_or(Error::ManagerStopped)?
+            .into();
+        match manager.call(LockManagerMsg::Client, None).await {
+            Ok(CallResult::Success(client)) => Ok(client),
+            _ => Err(Error::ManagerStopped),
+        }
+    }
+
+    /// The manager actor, for sending [`LockManagerMsg`]s directly.
+    pub fn manager(&self) -> &ActorRef<LockManagerMsg> {
+        &self.manager
+    }
+
+    /// The name of the backend this handle uses.
+    pub fn backend_name(&self) -> &str {
+        &self.backend
+    }
+
+    /// A handle on the same manager that uses the backend named `name`.
+    pub fn backend(&self, name: &str) -> Result<LockClient> {
+        let Some(backend) = self.names.iter().find(|n| ***n == *name) else {
+            return Err(Error::UnknownBackend {
+                name: name.to_owned(),
+                known: self.names.iter().map(|n| n.to_string()).collect(),
+            });
+        };
+        Ok(LockClient {
+            backend: backend.clone(),
+            ..self.clone()
+        })
+    }
+
+    /// Tries once to take `key`. `Ok(None)`: someone else holds it. (`options.wait` is
+    /// ignored.)
+    pub async fn try_lock(&self, key: &str, options: LockOptions) -> Result<Option<LockGuard>> {
+        self.acquire(key, options.with_wait(Wait::No)).await
+    }
+
+    /// Takes `key`, waiting as `options.wait` says (forever if unset). Waiting is by release
+    /// notice, not by polling; local waiters are served in the order they asked.
+    pub async fn lock(&self, key: &str, options: LockOptions) -> Result<LockGuard> {
+        let wait = options.wait.unwrap_or(Wait::Forever);
+        let asked_at = Instant::now();
+        match self.acquire(key, options.with_wait(wait)).await? {
+            Some(guard) => Ok(guard),
+            // Only `Wait::No` answers "held" instead of waiting.
+            None => Err(Error::Timeout {
+                key: key.to_owned(),
+                waited: asked_at.elapsed(),
+            }),
+        }
+    }
+
+    /// Takes `key` (as [`lock`](Self::lock) does), runs `body` with the fencing token while
+    /// the lock is held, and releases it. If the lease is lost while `body` runs, `body` is
+    /// stopped at once (dropped at its next await) and the loss is returned as
+    /// [`Error::LeaseLost`].
+    pub async fn with_lock<F, Fut, T>(&self, key: &str, options: LockOptions, body: F) -> Result<T>
+    where
+        F: FnOnce(u64) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let guard = self.lock(key, options).await?;
+        let outcome = tokio::select! {
+            out = body(guard.fencing_token()) => out,
+            reason = guard.lost() => {
+                return Err(Error::LeaseLost { key: key.to_owned(), reason });
+            }
+        };
+        guard.release().await?;
+        Ok(outcome)
+    }
+
+    /// True if anyone (on any node) holds `key`, according to the store.
+    pub async fn is_locked(&self, key: &str) -> Result<bool> {
+        self.call(|reply| LockManagerMsg::IsLocked {
+            backend: Some(self.backend.to_string()),
+            key: key.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// The current holder of `key`: fencing token, remaining ttl, metadata.
+    pub async fn info(&self, key: &str) -> Result<Option<LockInfo>> {
+        self.call(|reply| LockManagerMsg::Info {
+            backend: Some(self.backend.to_string()),
+            key: key.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// Every lifecycle event from now on (of every backend). A receiver that falls more than
+    /// 1024 events behind skips the oldest ones and is told how many.
+    pub fn events(&self) -> broadcast::Receiver<LockEvent> {
+        self.events.receiver()
+    }
+
+    /// Sends every lifecycle event, converted by `converter`, to `actor` (the ractor
+    /// `OutputPort` way; `None` from the converter skips the event).
+    pub fn subscribe<M, F>(&self, actor: ActorRef<M>, converter: F)
+    where
+        M: Message,
+        F: Fn(LockEvent) -> Option<M> + Send + 'static,
+    {
+        self.events.subscribe(actor, converter);
+    }
+
+    /// Releases every lock this manager holds and waits until all its actors have stopped.
+    /// Calls after this fail with [`Error::ManagerStopped`].
+    pub async fn shutdown(&self) {
+        let _ = self.manager.call(LockManagerMsg::Shutdown, None).await;
+        self.manager.get_cell().wait(None).await.ok();
+    }
+
+    async fn acquire(&self, key: &str, options: LockOptions) -> Result<Option<LockGuard>> {
+        self.call(|reply| LockManagerMsg::Acquire {
+            backend: Some(self.backend.to_string()),
+            key: key.to_owned(),
+            options,
+            reply,
+        })
+        .await
+    }
+
+    async fn call<T: Send + 'static>(
+        &self,
+        msg: impl FnOnce(RpcReplyPort<Result<T>>) -> LockManagerMsg,
+    ) -> Result<T> {
+        match self.manager.call(msg, None).await {
+            Ok(CallResult::Success(result)) => result,
+            // The request was dropped unanswered: its backend actor went down under it.
+            Ok(_) if self.manager.get_status() == ractor::ActorStatus::Running => {
+                Err(Error::BackendDown {
+                    backend: self.backend.to_string(),
+                })
+            }
+            _ => Err(Error::ManagerStopped),
+        }
+    }
+}
+
+impl std::fmt::Debug for LockClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockClient")
+            .field("manager", &self.manager.get_id())
+            .field("backend", &self.backend)
+            .finish()
+    }
+}

@@ -1,0 +1,196 @@
+//! Lifecycle events: what happened to which lock, when. Published through a ractor
+//! [`OutputPort`], a broadcast channel for plain async code, and `tracing`.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ractor::{ActorRef, Message, OutputPort};
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+use crate::error::StoreError;
+
+/// One thing that happened to a lock (or to a backend).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct LockEvent {
+    /// The backend's configured name.
+    pub backend: Arc<str>,
+    /// The key, or `None` for backend-wide events.
+    pub key: Option<Arc<str>>,
+    /// The lease's fencing token, once there is one.
+    pub fencing_token: Option<u64>,
+    /// Wall-clock time of the event, for logs.
+    pub at: SystemTime,
+    /// Monotonic time of the event, comparable with lease deadlines.
+    pub instant: Instant,
+    /// What happened.
+    pub kind: LockEventKind,
+}
+
+/// What happened, in a [`LockEvent`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum LockEventKind {
+    /// A lock was asked for.
+    Requested,
+    /// The lock was acquired, after waiting this long since it was asked for.
+    Acquired {
+        /// From the request to the acquisition.
+        waited: Duration,
+    },
+    /// The key was held by someone else; the request waits (or gives up, for a try-lock).
+    Contended,
+    /// The lease was extended; it is now trusted until `deadline`.
+    Renewed {
+        /// The new local deadline (monotonic).
+        deadline: Instant,
+    },
+    /// A renewal failed and will be retried until the deadline.
+    RenewFailed {
+        /// How many renewals in a row have failed.
+        attempt: u32,
+        /// What the store said.
+        error: StoreError,
+    },
+    /// The lease can no longer be trusted; the holder has been told.
+    Lost {
+        /// Why.
+        reason: LostReason,
+    },
+    /// The lock was given back.
+    Released {
+        /// How long it was held.
+        held_for: Duration,
+        /// Why it was given back.
+        reason: ReleaseReason,
+    },
+    /// The backend actor failed; requests to it fail with a retryable error until it is back.
+    BackendDown,
+    /// The backend actor was restarted.
+    BackendRestored,
+}
+
+/// Why a lease was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LostReason {
+    /// The store says someone else owns the key now (it expired and was taken, or it was
+    /// deleted or overwritten behind the holder's back).
+    NotOwner,
+    /// The local deadline passed before a renewal succeeded (the store was unreachable or
+    /// slow, or auto-renew was off).
+    Expired,
+    /// The lock manager shut down and released it.
+    Shutdown,
+    /// The holder actor stopped, and the lock was released with it.
+    HolderStopped,
+}
+
+impl fmt::Display for LostReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LostReason::NotOwner => "the store no longer names this holder as owner",
+            LostReason::Expired => "the lease deadline passed without a successful renewal",
+            LostReason::Shutdown => "the lock manager shut down",
+            LostReason::HolderStopped => "the holder actor stopped",
+        })
+    }
+}
+
+/// Why a lock was released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReleaseReason {
+    /// `release()` was called (or a `Release` message sent).
+    Requested,
+    /// The guard was dropped.
+    Dropped,
+    /// The holder actor stopped.
+    HolderStopped,
+    /// The lock manager shut down.
+    Shutdown,
+    /// The caller gave up before the acquisition could be handed over.
+    Abandoned,
+}
+
+#[cfg(feature = "cluster")]
+impl ractor::Message for LockEvent {}
+
+/// Where events go: the ractor output port (for actors), a broadcast channel (for async code),
+/// and `tracing`.
+pub(crate) struct EventBus {
+    port: OutputPort<LockEvent>,
+    broadcast: broadcast::Sender<LockEvent>,
+}
+
+impl EventBus {
+    pub(crate) fn new() -> Self {
+        EventBus {
+            port: OutputPort::default(),
+            broadcast: broadcast::channel(1024).0,
+        }
+    }
+
+    pub(crate) fn emit(
+        &self,
+        backend: &Arc<str>,
+        key: Option<&Arc<str>>,
+        fencing_token: Option<u64>,
+        kind: LockEventKind,
+    ) {
+        let event = LockEvent {
+            backend: backend.clone(),
+            key: key.cloned(),
+            fencing_token,
+            at: SystemTime::now(),
+            instant: Instant::now(),
+            kind,
+        };
+        trace_event(&event);
+        // Both sends are cheap no-ops when nobody listens: the hot path pays for events only
+        // when someone asked for them.
+        if self.broadcast.receiver_count() > 0 {
+            let _ = self.broadcast.send(event.clone());
+        }
+        self.port.send(event);
+    }
+
+    pub(crate) fn receiver(&self) -> broadcast::Receiver<LockEvent> {
+        self.broadcast.subscribe()
+    }
+
+    pub(crate) fn subscribe<M, F>(&self, actor: ActorRef<M>, converter: F)
+    where
+        M: Message,
+        F: Fn(LockEvent) -> Option<M> + Send + 'static,
+    {
+        self.port.subscribe(actor, converter);
+    }
+}
+
+fn trace_event(e: &LockEvent) {
+    let key = e.key.as_deref().unwrap_or("");
+    let backend = &*e.backend;
+    let token = e.fencing_token.unwrap_or(0);
+    match &e.kind {
+        LockEventKind::Requested => tracing::trace!(backend, key, "lock requested"),
+        LockEventKind::Acquired { waited } => {
+            tracing::debug!(backend, key, token, ?waited, "lock acquired")
+        }
+        LockEventKind::Contended => tracing::debug!(backend, key, "lock contended"),
+        LockEventKind::Renewed { .. } => tracing::trace!(backend, key, token, "lease renewed"),
+        LockEventKind::RenewFailed { attempt, error } => {
+            tracing::warn!(backend, key, token, attempt, %error, "lease renewal failed")
+        }
+        LockEventKind::Lost { reason } => {
+            tracing::warn!(backend, key, token, %reason, "lease lost")
+        }
+        LockEventKind::Released { held_for, reason } => {
+            tracing::debug!(backend, key, token, ?held_for, ?reason, "lock released")
+        }
+        LockEventKind::BackendDown => tracing::error!(backend, "backend down"),
+        LockEventKind::BackendRestored => tracing::info!(backend, "backend restored"),
+    }
+}

@@ -1,0 +1,205 @@
+//! `LockGuard`: the application's side of a held lock.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::rpc::CallResult;
+use ractor::ActorRef;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::backend::OwnerToken;
+use crate::error::{Error, Result};
+use crate::event::{LostReason, ReleaseReason};
+use crate::key_actor::KeyMsg;
+use crate::options::validate_ttl;
+
+/// What the key actor tells its guard about the lease.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum LeaseStatus {
+    /// Held, and trusted until `deadline` (monotonic).
+    Held { deadline: Instant },
+    /// Given back by the guard's own `release` or drop.
+    Released,
+    /// Not held any more, through no act of the guard.
+    Gone(LostReason),
+}
+
+/// A held lock. Dropping it releases the lock without blocking; [`LockGuard::release`] releases
+/// it and waits for the store to confirm.
+///
+/// Protect the resource with [`LockGuard::fencing_token`] (see [`Fence`](crate::Fence)): a
+/// guard can be overtaken by events (a paused process, a partition) and only the resource can
+/// refuse a stale holder's late write.
+pub struct LockGuard {
+    key: Arc<str>,
+    backend: Arc<str>,
+    owner: OwnerToken,
+    fencing_token: u64,
+    ttl: Duration,
+    actor: ActorRef<KeyMsg>,
+    status: watch::Receiver<LeaseStatus>,
+    /// Set once `release` ran, so drop does not release again.
+    released: bool,
+}
+
+impl LockGuard {
+    pub(crate) fn new(
+        key: Arc<str>,
+        backend: Arc<str>,
+        owner: OwnerToken,
+        fencing_token: u64,
+        ttl: Duration,
+        actor: ActorRef<KeyMsg>,
+        status: watch::Receiver<LeaseStatus>,
+    ) -> Self {
+        LockGuard {
+            key,
+            backend,
+            owner,
+            fencing_token,
+            ttl,
+            actor,
+            status,
+            released: false,
+        }
+    }
+
+    /// The key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The name of the backend that holds the lock.
+    pub fn backend(&self) -> &str {
+        &self.backend
+    }
+
+    /// Strictly greater than the token of every earlier holder of this key on this store.
+    pub fn fencing_token(&self) -> u64 {
+        self.fencing_token
+    }
+
+    /// The owner token written with the key in the store.
+    pub fn owner(&self) -> OwnerToken {
+        self.owner
+    }
+
+    /// The ttl the lease is renewed with.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The local deadline up to which the lease is trusted, while it is held.
+    pub fn deadline(&self) -> Option<Instant> {
+        match *self.status.borrow() {
+            LeaseStatus::Held { deadline } => Some(deadline),
+            _ => None,
+        }
+    }
+
+    /// True while the lease is held and its deadline has not passed. Checked against the
+    /// clock on every call, so it turns false at the deadline even if the key actor is stuck.
+    pub fn is_held(&self) -> bool {
+        self.deadline()
+            .is_some_and(|deadline| Instant::now() < deadline)
+    }
+
+    /// Resolves when the lease is lost, with the reason; at the latest at the lease deadline.
+    /// Never resolves while the lease is held, nor after this guard released it.
+    pub async fn lost(&self) -> LostReason {
+        let mut status = self.status.clone();
+        loop {
+            let current = *status.borrow_and_update();
+            match current {
+                LeaseStatus::Gone(reason) => return reason,
+                LeaseStatus::Released => std::future::pending::<()>().await,
+                LeaseStatus::Held { deadline } => {
+                    tokio::select! {
+                        changed = status.changed() => {
+                            if changed.is_err() {
+                                // The key actor is gone without a word (killed with its
+                                // backend actor): nothing renews the lease any more.
+                                tokio::time::sleep_until(deadline).await;
+                                return LostReason::Expired;
+                            }
+                        }
+                        _ = tokio::time::sleep_until(deadline) => return LostReason::Expired,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Extends the lease to `ttl` from now (and renews with `ttl` from then on).
+    pub async fn renew(&self, ttl: Duration) -> Result<()> {
+        validate_ttl(ttl)?;
+        let owner = Some(self.owner);
+        let call = self
+            .actor
+            .call(|reply| KeyMsg::Renew { ttl, owner, reply }, None)
+            .await;
+        self.answer(call)
+    }
+
+    /// Releases the lock and waits until the store confirmed it.
+    pub async fn release(mut self) -> Result<()> {
+        self.released = true;
+        let call = self
+            .actor
+            .call(
+                |reply| KeyMsg::Release {
+                    reason: ReleaseReason::Requested,
+                    owner: None,
+                    reply: Some(reply),
+                },
+                None,
+            )
+            .await;
+        self.answer(call)
+    }
+
+    /// The key actor's answer, or, if it has stopped, what its last status says.
+    fn answer<M>(
+        &self,
+        call: Result<CallResult<Result<()>>, ractor::MessagingErr<M>>,
+    ) -> Result<()> {
+        match call {
+            Ok(CallResult::Success(result)) => result,
+            _ => Err(match *self.status.borrow() {
+                LeaseStatus::Gone(LostReason::Shutdown) => Error::ManagerStopped,
+                LeaseStatus::Gone(reason) => Error::LeaseLost {
+                    key: self.key.to_string(),
+                    reason,
+                },
+                _ => Error::NotHeld {
+                    key: self.key.to_string(),
+                },
+            }),
+        }
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if !self.released {
+            let _ = self.actor.cast(KeyMsg::Release {
+                reason: ReleaseReason::Dropped,
+                owner: None,
+                reply: None,
+            });
+        }
+    }
+}
+
+impl fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockGuard")
+            .field("backend", &self.backend)
+            .field("key", &self.key)
+            .field("fencing_token", &self.fencing_token)
+            .field("held", &self.is_held())
+            .finish()
+    }
+}

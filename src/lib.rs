@@ -1,0 +1,84 @@
+//! Distributed locks as [ractor] actors.
+//!
+//! An application (an actor, or any async code) asks for a lock with a message; leasehold
+//! acquires it from a store, keeps it alive, tells the holder the moment it can no longer be
+//! trusted, and releases it when the holder is done or dies.
+//!
+//! ```text
+//! LockManager  (supervisor; registered by name)            manager.rs
+//!  ├── BackendActor "memory"   waiter queues, one release   backend_actor.rs
+//!  │     │                     subscription per key
+//!  │     ├── KeyActor "jobs/nightly"  lease, owner token,   key_actor.rs
+//!  │     │                             fence, deadline, renewal timer
+//!  │     └── KeyActor "orders/42"
+//!  └── BackendActor "redis" …
+//! ```
+//!
+//! # Layout
+//! - `manager.rs`: [`LockManager`], its builder and [`LockManagerMsg`], the messages actors send.
+//! - `backend_actor.rs`: routing per backend, per-key FIFO queues, release subscriptions.
+//! - `key_actor.rs`: one lock: the acquisition attempt, renewal, loss, release, holder monitor.
+//! - `client.rs` and `guard.rs`: [`LockClient`] and [`LockGuard`], the face for async code.
+//! - `backend.rs`: the [`LockBackend`] trait, the seam to the stores; `backend/memory.rs`:
+//!   [`MemoryBackend`].
+//! - `options.rs`, `event.rs`, `error.rs`, `fence.rs`: [`LockOptions`], [`LockEvent`],
+//!   [`Error`], [`Fence`].
+//! - `testing.rs` (feature `testing`): the conformance suite every backend passes.
+//!
+//! # Example
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), leasehold::Error> {
+//! use std::time::Duration;
+//! use leasehold::{LockManager, LockOptions, MemoryBackend, Wait};
+//!
+//! let locks = LockManager::builder()
+//!     .with_name("crate-doc")
+//!     .with_backend("memory", MemoryBackend::new())
+//!     .start()
+//!     .await?;
+//! let opts = LockOptions::new()
+//!     .with_ttl(Duration::from_secs(10))
+//!     .with_wait(Wait::UpTo(Duration::from_secs(1)));
+//! let total = locks.with_lock("ledger", opts, |token| async move {
+//!     // Pass `token` to the resource, which rejects older ones (see `Fence`).
+//!     token
+//! }).await?;
+//! assert!(total >= 1);
+//! locks.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Cargo features
+//! - `testing`: the public conformance suite, [`testing`].
+//! - `cluster`: turns on ractor's `cluster` feature and gives the message types explicit
+//!   `ractor::Message` impls. Turn it on whenever `ractor_cluster` is in the build, since that
+//!   removes ractor's blanket impl for every crate.
+
+mod backend_actor;
+mod client;
+mod error;
+mod event;
+mod fence;
+mod guard;
+mod key_actor;
+mod manager;
+mod options;
+mod task;
+
+pub mod backend;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use backend::memory::MemoryBackend;
+pub use backend::{
+    Acquisition, Contention, Lease, LockBackend, LockInfo, OwnerToken, ReleaseNotices,
+};
+pub use client::LockClient;
+pub use error::{Error, Result, StoreError};
+pub use event::{LockEvent, LockEventKind, LostReason, ReleaseReason};
+pub use fence::{Fence, StaleToken};
+pub use guard::LockGuard;
+pub use manager::{LockManager, LockManagerBuilder, LockManagerMsg, DEFAULT_MANAGER_NAME};
+pub use options::{LockOptions, Wait, MAX_KEY_LEN, MAX_METADATA_LEN, MAX_TTL, MIN_TTL};

@@ -1,0 +1,591 @@
+//! `LockManager`: the supervisor at the root of the tree. It is registered by name, routes each
+//! request to the backend it names (or the default one), restarts a failed backend actor with
+//! capped exponential backoff, and owns the event bus.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::time::Instant;
+
+use crate::backend::{LockBackend, LockInfo, OwnerToken};
+use crate::backend_actor::{
+    AcquireRequest, BackendActor, BackendCtx, BackendMsg, InspectReply, Timing,
+};
+use crate::client::LockClient;
+use crate::error::{Error, Result};
+use crate::event::{EventBus, LockEvent, LockEventKind};
+use crate::guard::LockGuard;
+use crate::options::{validate_key, validate_ttl, LockOptions, Wait};
+
+/// The name a manager registers under unless told otherwise.
+pub const DEFAULT_MANAGER_NAME: &str = "leasehold";
+
+/// Messages an application actor sends to the lock manager, with `call!`/`cast!`.
+///
+/// `backend: None` means the manager's default backend. Replies come on the `RpcReplyPort`.
+///
+/// ```no_run
+/// # async fn demo(manager: ractor::ActorRef<leasehold::LockManagerMsg>) -> Result<(), Box<dyn std::error::Error>> {
+/// use leasehold::{LockManagerMsg, LockOptions};
+///
+/// let guard = ractor::call!(manager, |reply| LockManagerMsg::Acquire {
+///     backend: None,
+///     key: "jobs/nightly".into(),
+///     options: LockOptions::new(),
+///     reply,
+/// })??;
+/// # drop(guard);
+/// # Ok(())
+/// # }
+/// ```
+#[non_exhaustive]
+pub enum LockManagerMsg {
+    /// Acquire `key`. `options.wait` unset means try once. With `options.holder` set to the
+    /// calling actor, the lock is released when that actor stops.
+    Acquire {
+        /// The backend's name, or `None` for the default.
+        backend: Option<String>,
+        /// The key.
+        key: String,
+        /// Ttl, wait, renewal, holder, metadata.
+        options: LockOptions,
+        /// `Ok(None)`: the key is held and the request did not wait.
+        reply: RpcReplyPort<Result<Option<LockGuard>>>,
+    },
+    /// Release the lock on `key` held with `owner` (see [`LockGuard::owner`]).
+    Release {
+        /// The backend's name, or `None` for the default.
+        backend: Option<String>,
+        /// The key.
+        key: String,
+        /// The owner token of the lease to release.
+        owner: OwnerToken,
+        /// The answer.
+        reply: RpcReplyPort<Result<()>>,
+    },
+    /// Renew the lease on `key` held with `owner` to `ttl`.
+    Renew {
+        /// The backend's name, or `None` for the default.
+        backend: Option<String>,
+        /// The key.
+        key: String,
+        /// The owner token of the lease to renew.
+        owner: OwnerToken,
+        /// The new ttl.
+        ttl: Duration,
+        /// The answer.
+        reply: RpcReplyPort<Result<()>>,
+    },
+    /// Is `key` held by anyone, according to the store?
+    IsLocked {
+        /// The backend's name, or `None` for the default.
+        backend: Option<String>,
+        /// The key.
+        key: String,
+        /// The answer.
+        reply: RpcReplyPort<Result<bool>>,
+    },
+    /// Who holds `key`: fencing token, remaining ttl, metadata.
+    Info {
+        /// The backend's name, or `None` for the default.
+        backend: Option<String>,
+        /// The key.
+        key: String,
+        /// The answer.
+        reply: RpcReplyPort<Result<Option<LockInfo>>>,
+    },
+    /// Send every lifecycle event to this actor.
+    Subscribe(ActorRef<LockEvent>),
+    /// A [`LockClient`] handle on this manager, for async code.
+    Client(RpcReplyPort<LockClient>),
+    /// Release every lock, stop every actor, then answer.
+    Shutdown(RpcReplyPort<()>),
+    #[doc(hidden)]
+    RestartBackend(RestartBackend),
+}
+
+/// Internal: the backoff timer of a failed backend actor fired.
+#[doc(hidden)]
+pub struct RestartBackend(Arc<str>);
+
+#[cfg(feature = "cluster")]
+impl ractor::Message for LockManagerMsg {}
+
+/// The lock manager actor. Build and start one with [`LockManager::builder`].
+pub struct LockManager;
+
+/// Configures and starts a [`LockManager`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), leasehold::Error> {
+/// use leasehold::{LockManager, MemoryBackend};
+///
+/// let client = LockManager::builder()
+///     .with_name("doc-example")
+///     .with_backend("memory", MemoryBackend::new())
+///     .start()
+///     .await?;
+/// client.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
+pub struct LockManagerBuilder {
+    name: String,
+    backends: Vec<(String, Arc<dyn LockBackend>)>,
+    default: Option<String>,
+    timing: Timing,
+}
+
+impl LockManager {
+    /// A builder with no backends, registered as [`DEFAULT_MANAGER_NAME`].
+    pub fn builder() -> LockManagerBuilder {
+        LockManagerBuilder {
+            name: DEFAULT_MANAGER_NAME.to_owned(),
+            backends: Vec::new(),
+            default: None,
+            timing: Timing {
+                drift: 0.01,
+                op_timeout: Duration::from_secs(5),
+                backstop_cap: Duration::from_secs(5),
+            },
+        }
+    }
+}
+
+impl LockManagerBuilder {
+    /// The name the manager registers under (one manager per name per node).
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Adds a backend service under `name`. The first one added is the default unless
+    /// [`with_default_backend`](Self::with_default_backend) says otherwise. Several backends of
+    /// one kind (two Redis deployments) are simply two names.
+    pub fn with_backend(mut self, name: impl Into<String>, backend: impl LockBackend) -> Self {
+        self.backends.push((name.into(), Arc::new(backend)));
+        self
+    }
+
+    /// The backend used when a request names none.
+    pub fn with_default_backend(mut self, name: impl Into<String>) -> Self {
+        self.default = Some(name.into());
+        self
+    }
+
+    /// The share of each ttl held back for clock drift (default 0.01): a lease is trusted until
+    /// `sent_at + ttl × (1 − drift)`.
+    pub fn with_clock_drift(mut self, drift: f64) -> Self {
+        self.timing.drift = drift;
+        self
+    }
+
+    /// The time budget of one store operation (default 5 s).
+    pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
+        self.timing.op_timeout = timeout;
+        self
+    }
+
+    /// The longest a waiter goes without re-checking a key when no release notice comes
+    /// (default 5 s).
+    pub fn with_backstop_cap(mut self, cap: Duration) -> Self {
+        self.timing.backstop_cap = cap;
+        self
+    }
+
+    /// Starts the manager and its backend actors, and returns a handle on it.
+    pub async fn start(self) -> Result<LockClient> {
+        self.spawn(None).await
+    }
+
+    /// Starts the manager under `supervisor`.
+    pub async fn start_linked(self, supervisor: ActorCell) -> Result<LockClient> {
+        self.spawn(Some(supervisor)).await
+    }
+
+    async fn spawn(self, supervisor: Option<ActorCell>) -> Result<LockClient> {
+        let invalid = |msg: String| Err(Error::InvalidConfig(msg));
+        if self.backends.is_empty() {
+            return invalid("no backend configured".into());
+        }
+        if !(0.0..0.5).contains(&self.timing.drift) {
+            return invalid(format!(
+                "clock drift {} is not in [0, 0.5)",
+                self.timing.drift
+            ));
+        }
+        if self.timing.op_timeout.is_zero() || self.timing.backstop_cap.is_zero() {
+            return invalid("timeouts must be above zero".into());
+        }
+        let events = Arc::new(EventBus::new());
+        let mut names: Vec<Arc<str>> = Vec::new();
+        let mut backends = Vec::new();
+        for (name, store) in self.backends {
+            if name.is_empty() || names.iter().any(|n| **n == *name) {
+                return invalid(format!("backend name {name:?} is empty or used twice"));
+            }
+            let name: Arc<str> = name.into();
+            names.push(name.clone());
+            backends.push(Arc::new(BackendCtx {
+                name,
+                store,
+                events: events.clone(),
+                timing: self.timing,
+            }));
+        }
+        let default = match self.default {
+            None => names[0].clone(),
+            Some(d) => match names.iter().find(|n| ***n == *d) {
+                Some(n) => n.clone(),
+                None => {
+                    return Err(Error::UnknownBackend {
+                        name: d,
+                        known: names.iter().map(|n| n.to_string()).collect(),
+                    })
+                }
+            },
+        };
+        let args = ManagerArgs {
+            name: self.name.clone(),
+            backends,
+            default: default.clone(),
+            events: events.clone(),
+        };
+        let spawned = match supervisor {
+            Some(sup) => Actor::spawn_linked(Some(self.name.clone()), LockManager, args, sup).await,
+            None => Actor::spawn(Some(self.name.clone()), LockManager, args).await,
+        };
+        let (manager, _join) = spawned.map_err(|e| {
+            Error::InvalidConfig(format!("could not start lock manager {:?}: {e}", self.name))
+        })?;
+        Ok(LockClient::new(manager, default, names.into(), events))
+    }
+}
+
+/// The manager actor's start-up arguments (built by [`LockManagerBuilder`]).
+pub struct ManagerArgs {
+    name: String,
+    backends: Vec<Arc<BackendCtx>>,
+    default: Arc<str>,
+    events: Arc<EventBus>,
+}
+
+/// The manager actor's state (opaque).
+pub struct ManagerState {
+    name: String,
+    backends: HashMap<Arc<str>, BackendEntry>,
+    default: Arc<str>,
+    names: Arc<[Arc<str>]>,
+    events: Arc<EventBus>,
+    shutting_down: bool,
+}
+
+struct BackendEntry {
+    ctx: Arc<BackendCtx>,
+    /// `None` while the actor is down and waiting for its restart.
+    actor: Option<ActorRef<BackendMsg>>,
+    /// Failures since the last restart that stayed up; sets the backoff.
+    failures: u32,
+}
+
+const RESTART_BACKOFF_BASE: Duration = Duration::from_millis(100);
+const RESTART_BACKOFF_CAP: Duration = Duration::from_secs(10);
+
+impl Actor for LockManager {
+    type Msg = LockManagerMsg;
+    type State = ManagerState;
+    type Arguments = ManagerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<LockManagerMsg>,
+        args: ManagerArgs,
+    ) -> Result<ManagerState, ActorProcessingErr> {
+        let mut backends = HashMap::new();
+        let names: Vec<Arc<str>> = args.backends.iter().map(|c| c.name.clone()).collect();
+        for ctx in args.backends {
+            let actor = spawn_backend(&myself, &args.name, &ctx).await?;
+            let entry = BackendEntry {
+                ctx: ctx.clone(),
+                actor: Some(actor),
+                failures: 0,
+            };
+            backends.insert(ctx.name.clone(), entry);
+        }
+        Ok(ManagerState {
+            name: args.name,
+            backends,
+            default: args.default,
+            names: names.into(),
+            events: args.events,
+            shutting_down: false,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<LockManagerMsg>,
+        msg: LockManagerMsg,
+        state: &mut ManagerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            LockManagerMsg::Acquire {
+                backend,
+                key,
+                options,
+                reply,
+            } => match state.acquire_request(backend.as_deref(), key, options) {
+                Ok((actor, request)) => {
+                    if let Err(ractor::MessagingErr::SendErr(BackendMsg::Acquire(_, reply))) =
+                        actor.cast(BackendMsg::Acquire(request, reply))
+                    {
+                        let _ = reply.send(Err(Error::BackendDown {
+                            backend: backend.unwrap_or_else(|| state.default.to_string()),
+                        }));
+                    }
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            LockManagerMsg::Release {
+                backend,
+                key,
+                owner,
+                reply,
+            } => {
+                let routed = state.route_key(backend.as_deref(), key);
+                match routed {
+                    Ok((actor, key)) => {
+                        let _ = actor.cast(BackendMsg::Release { key, owner, reply });
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            LockManagerMsg::Renew {
+                backend,
+                key,
+                owner,
+                ttl,
+                reply,
+            } => {
+                let routed =
+                    validate_ttl(ttl).and_then(|()| state.route_key(backend.as_deref(), key));
+                match routed {
+                    Ok((actor, key)) => {
+                        let _ = actor.cast(BackendMsg::Renew {
+                            key,
+                            owner,
+                            ttl,
+                            reply,
+                        });
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            LockManagerMsg::IsLocked {
+                backend,
+                key,
+                reply,
+            } => state.inspect(backend.as_deref(), key, InspectReply::IsLocked(reply)),
+            LockManagerMsg::Info {
+                backend,
+                key,
+                reply,
+            } => state.inspect(backend.as_deref(), key, InspectReply::Info(reply)),
+            LockManagerMsg::Subscribe(actor) => state.events.subscribe(actor, Some),
+            LockManagerMsg::Client(reply) => {
+                let client = LockClient::new(
+                    myself.clone(),
+                    state.default.clone(),
+                    state.names.clone(),
+                    state.events.clone(),
+                );
+                let _ = reply.send(client);
+            }
+            LockManagerMsg::Shutdown(reply) => {
+                state.shutdown().await;
+                let _ = reply.send(());
+                myself.stop(Some("shutdown".into()));
+            }
+            LockManagerMsg::RestartBackend(RestartBackend(name)) => {
+                state.restart(&myself, &name).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<LockManagerMsg>,
+        event: SupervisionEvent,
+        state: &mut ManagerState,
+    ) -> Result<(), ActorProcessingErr> {
+        // ractor's default stops a supervisor when a child stops; a backend failure must not
+        // take the manager (and every other backend's locks) down with it.
+        let (cell, why) = match &event {
+            SupervisionEvent::ActorFailed(cell, error) => (cell, error.to_string()),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                (cell, reason.clone().unwrap_or_else(|| "stopped".into()))
+            }
+            _ => return Ok(()),
+        };
+        if state.shutting_down {
+            return Ok(());
+        }
+        let id = cell.get_id();
+        let Some(entry) = state
+            .backends
+            .values_mut()
+            .find(|e| e.actor.as_ref().is_some_and(|a| a.get_id() == id))
+        else {
+            return Ok(());
+        };
+        entry.actor = None;
+        let backoff = RESTART_BACKOFF_BASE
+            .saturating_mul(1 << entry.failures.min(16))
+            .min(RESTART_BACKOFF_CAP);
+        entry.failures += 1;
+        let name = entry.ctx.name.clone();
+        tracing::error!(backend = %name, reason = %why, ?backoff, "backend actor down; restarting");
+        state
+            .events
+            .emit(&name, None, None, LockEventKind::BackendDown);
+        myself.send_after(backoff, move || {
+            LockManagerMsg::RestartBackend(RestartBackend(name))
+        });
+        Ok(())
+    }
+}
+
+async fn spawn_backend(
+    manager: &ActorRef<LockManagerMsg>,
+    manager_name: &str,
+    ctx: &Arc<BackendCtx>,
+) -> Result<ActorRef<BackendMsg>, ActorProcessingErr> {
+    // Named under the manager, so `registry::where_is("leasehold/redis")` finds it.
+    let name = format!("{manager_name}/{}", ctx.name);
+    let (actor, _join) =
+        Actor::spawn_linked(Some(name), BackendActor, ctx.clone(), manager.get_cell()).await?;
+    Ok(actor)
+}
+
+impl ManagerState {
+    fn backend(&self, name: Option<&str>) -> Result<&BackendEntry> {
+        let name = name.unwrap_or(&self.default);
+        self.backends
+            .get(name)
+            .ok_or_else(|| Error::UnknownBackend {
+                name: name.to_owned(),
+                known: self.names.iter().map(|n| n.to_string()).collect(),
+            })
+    }
+
+    fn live(&self, name: Option<&str>) -> Result<(&BackendEntry, ActorRef<BackendMsg>)> {
+        if self.shutting_down {
+            return Err(Error::ManagerStopped);
+        }
+        let entry = self.backend(name)?;
+        match &entry.actor {
+            Some(actor) => Ok((entry, actor.clone())),
+            None => Err(Error::BackendDown {
+                backend: entry.ctx.name.to_string(),
+            }),
+        }
+    }
+
+    fn route_key(
+        &self,
+        backend: Option<&str>,
+        key: String,
+    ) -> Result<(ActorRef<BackendMsg>, Arc<str>)> {
+        validate_key(&key)?;
+        let (_, actor) = self.live(backend)?;
+        Ok((actor, key.into()))
+    }
+
+    /// Every check that needs no I/O, then the request as the backend actor takes it.
+    fn acquire_request(
+        &self,
+        backend: Option<&str>,
+        key: String,
+        options: LockOptions,
+    ) -> Result<(ActorRef<BackendMsg>, AcquireRequest)> {
+        validate_key(&key)?;
+        options.validate()?;
+        let (entry, actor) = self.live(backend)?;
+        let requested_at = Instant::now();
+        let wait = options.wait.unwrap_or(Wait::No);
+        let deadline = match wait {
+            Wait::UpTo(budget) => Some(requested_at + budget),
+            _ => None,
+        };
+        let key: Arc<str> = key.into();
+        entry.ctx.emit(&key, None, LockEventKind::Requested);
+        let request = AcquireRequest {
+            key,
+            ttl: options.ttl,
+            wait,
+            deadline,
+            auto_renew: options.auto_renew,
+            holder: options.holder,
+            metadata: options.metadata,
+            requested_at,
+        };
+        Ok((actor, request))
+    }
+
+    fn inspect(&self, backend: Option<&str>, key: String, reply: InspectReply) {
+        match self.route_key(backend, key) {
+            Ok((actor, key)) => {
+                let _ = actor.cast(BackendMsg::Inspect(key, reply));
+            }
+            Err(e) => reply.send(Err(e)),
+        }
+    }
+
+    async fn restart(&mut self, myself: &ActorRef<LockManagerMsg>, name: &Arc<str>) {
+        if self.shutting_down {
+            return;
+        }
+        let Some(entry) = self.backends.get_mut(name) else {
+            return;
+        };
+        match spawn_backend(myself, &self.name, &entry.ctx).await {
+            Ok(actor) => {
+                entry.actor = Some(actor);
+                entry.failures = 0;
+                self.events
+                    .emit(name, None, None, LockEventKind::BackendRestored);
+            }
+            Err(error) => {
+                tracing::error!(backend = %name, %error, "backend actor restart failed");
+                let name = name.clone();
+                myself.send_after(RESTART_BACKOFF_CAP, move || {
+                    LockManagerMsg::RestartBackend(RestartBackend(name))
+                });
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        self.shutting_down = true;
+        let actors: Vec<_> = self
+            .backends
+            .values_mut()
+            .filter_map(|e| e.actor.take())
+            .collect();
+        let releases = actors.iter().map(|actor| async move {
+            let _ = actor.call(BackendMsg::Shutdown, None).await;
+            let _ = actor.stop_and_wait(None, None).await;
+        });
+        futures::future::join_all(releases).await;
+    }
+}

@@ -1,0 +1,205 @@
+//! What a lock request asks for, and the checks every request passes before any I/O.
+
+use std::time::Duration;
+
+use ractor::ActorCell;
+
+use crate::error::{Error, Result};
+
+/// The longest key accepted, in bytes (after it is prefixed, a store key stays well under the
+/// limits of Redis and etcd).
+pub const MAX_KEY_LEN: usize = 512;
+/// The longest ttl accepted. A lease is renewed every ttl/3, so a longer lease only makes a
+/// dead holder block others longer.
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// The shortest ttl accepted. Store expiry has millisecond resolution.
+pub const MIN_TTL: Duration = Duration::from_millis(1);
+/// The longest metadata string accepted, in bytes.
+pub const MAX_METADATA_LEN: usize = 1024;
+
+/// How long an acquisition may wait for a held key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Wait {
+    /// Try once; if the key is held, give up at once.
+    #[default]
+    No,
+    /// Wait up to this long, then fail with [`Error::Timeout`].
+    UpTo(Duration),
+    /// Wait until the key is free, however long that takes.
+    Forever,
+}
+
+/// How to take a lock: ttl, waiting, renewal, holder actor, metadata.
+///
+/// ```
+/// use std::time::Duration;
+/// use leasehold::{LockOptions, Wait};
+///
+/// let opts = LockOptions::new()
+///     .with_ttl(Duration::from_secs(10))
+///     .with_wait(Wait::UpTo(Duration::from_secs(2)))
+///     .with_metadata("nightly job on host-7");
+/// assert_eq!(opts.ttl(), Duration::from_secs(10));
+/// ```
+#[derive(Debug, Clone)]
+pub struct LockOptions {
+    pub(crate) ttl: Duration,
+    /// `None`: the call decides (`try_lock` tries once, `lock` waits forever).
+    pub(crate) wait: Option<Wait>,
+    pub(crate) auto_renew: bool,
+    pub(crate) holder: Option<ActorCell>,
+    pub(crate) metadata: Option<String>,
+}
+
+impl Default for LockOptions {
+    fn default() -> Self {
+        LockOptions {
+            ttl: Duration::from_secs(30),
+            wait: None,
+            auto_renew: true,
+            holder: None,
+            metadata: None,
+        }
+    }
+}
+
+impl LockOptions {
+    /// The defaults: ttl 30 s, waiting as the call decides, auto-renew on, no holder actor, no
+    /// metadata.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The lease's time to live. Default 30 s.
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How long to wait for a held key. Unset, [`LockClient::try_lock`](crate::LockClient::try_lock)
+    /// tries once and [`LockClient::lock`](crate::LockClient::lock) waits forever.
+    pub fn with_wait(mut self, wait: Wait) -> Self {
+        self.wait = Some(wait);
+        self
+    }
+
+    /// Keep the lease alive by renewing it every ttl/3 while it is held. Default on.
+    pub fn with_auto_renew(mut self, auto_renew: bool) -> Self {
+        self.auto_renew = auto_renew;
+        self
+    }
+
+    /// Name the actor that holds the lock: the lock is released the moment that actor stops,
+    /// and the same actor asking again for the key gets [`Error::AlreadyHeld`].
+    pub fn with_holder(mut self, holder: impl Into<ActorCell>) -> Self {
+        self.holder = Some(holder.into());
+        self
+    }
+
+    /// A short string stored with the lock and shown by `info` (who holds it, and why).
+    pub fn with_metadata(mut self, metadata: impl Into<String>) -> Self {
+        self.metadata = Some(metadata.into());
+        self
+    }
+
+    /// The lease's time to live.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// How long the request may wait, if set.
+    pub fn wait(&self) -> Option<Wait> {
+        self.wait
+    }
+
+    /// Whether the lease is renewed automatically.
+    pub fn auto_renew(&self) -> bool {
+        self.auto_renew
+    }
+
+    /// The metadata stored with the lock.
+    pub fn metadata(&self) -> Option<&str> {
+        self.metadata.as_deref()
+    }
+
+    /// Checks everything that can be checked without I/O.
+    pub(crate) fn validate(&self) -> Result<()> {
+        validate_ttl(self.ttl)?;
+        if let Some(metadata) = &self.metadata {
+            if metadata.len() > MAX_METADATA_LEN {
+                return Err(Error::MetadataTooLong {
+                    len: metadata.len(),
+                    max: MAX_METADATA_LEN,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A key is any non-empty UTF-8 string of at most [`MAX_KEY_LEN`] bytes without control
+/// characters.
+pub(crate) fn validate_key(key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::EmptyKey);
+    }
+    if key.len() > MAX_KEY_LEN {
+        let shown = key
+            .char_indices()
+            .take_while(|(i, _)| *i < 64)
+            .map(|(_, c)| c);
+        return Err(Error::KeyTooLong {
+            key: format!("{}…", shown.collect::<String>()),
+            len: key.len(),
+            max: MAX_KEY_LEN,
+        });
+    }
+    if let Some(ch) = key.chars().find(|c| c.is_control()) {
+        return Err(Error::KeyHasControlChar {
+            key: key.to_owned(),
+            ch,
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn validate_ttl(ttl: Duration) -> Result<()> {
+    let why = if ttl.is_zero() {
+        "the ttl is zero"
+    } else if ttl < MIN_TTL {
+        "the ttl is under the minimum of 1 ms"
+    } else if ttl > MAX_TTL {
+        "the ttl is over the maximum of 24 h"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidTtl { ttl, why })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_at_the_maximum_is_accepted_and_one_more_byte_is_not() {
+        assert!(validate_key(&"k".repeat(MAX_KEY_LEN)).is_ok());
+        let err = validate_key(&"k".repeat(MAX_KEY_LEN + 1)).unwrap_err();
+        assert!(err.to_string().contains("513 bytes"), "{err}");
+    }
+
+    #[test]
+    fn long_multibyte_key_is_shortened_on_a_char_boundary() {
+        let err = validate_key(&"é".repeat(MAX_KEY_LEN)).unwrap_err();
+        assert!(matches!(err, Error::KeyTooLong { len, .. } if len == 2 * MAX_KEY_LEN));
+    }
+
+    #[test]
+    fn ttl_bounds_name_the_value() {
+        for ttl in [Duration::ZERO, Duration::from_nanos(1), MAX_TTL * 2] {
+            let err = validate_ttl(ttl).unwrap_err();
+            assert!(err.to_string().contains(&format!("{ttl:?}")), "{err}");
+        }
+        assert!(validate_ttl(MIN_TTL).is_ok());
+    }
+}

@@ -1,0 +1,4 @@
+//! The conformance suite on the in-process store, with tokio's clock paused: ttl expiry and
+//! renewal are tested in virtual time.
+
+leasehold::conformance_suite!(paused, leasehold::MemoryBackend::new());
