@@ -154,6 +154,8 @@ pub(crate) struct BackendState {
     /// Key actor → its key, to clean up after a key actor that panicked.
     children: HashMap<ActorId, Arc<str>>,
     next_waiter: u64,
+    /// Set by `Shutdown`: requests still in flight are answered "manager stopped".
+    stopping: bool,
 }
 
 /// A key this node is attempting, holding or waiting for.
@@ -197,6 +199,7 @@ impl Actor for BackendActor {
             slots: HashMap::new(),
             children: HashMap::new(),
             next_waiter: 0,
+            stopping: false,
         })
     }
 
@@ -268,6 +271,10 @@ impl BackendState {
         request: AcquireRequest,
         reply: AcquireReply,
     ) {
+        if self.stopping {
+            let _ = reply.send(Err(Error::ManagerStopped));
+            return;
+        }
         let slot = self.slots.entry(request.key.clone()).or_default();
         if let Some(holder) = request.holder_id() {
             let busy_for_holder = slot.busy.as_ref().is_some_and(|b| b.holder == Some(holder));
@@ -365,6 +372,9 @@ impl BackendState {
         match requeue {
             // The head waiter found the key held elsewhere: it keeps its place and waits for a
             // release notice (or the backstop).
+            Some((_, reply, _)) if self.stopping => {
+                let _ = reply.send(Err(Error::ManagerStopped));
+            }
             Some((request, reply, contention)) => {
                 self.enqueue(myself, request, reply, true);
                 self.await_release(myself, &key, &contention);
@@ -504,6 +514,7 @@ impl BackendState {
     }
 
     async fn shutdown(&mut self) {
+        self.stopping = true;
         let mut stopping = Vec::new();
         for (_, slot) in self.slots.drain() {
             for waiter in slot.waiters {

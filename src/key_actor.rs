@@ -206,9 +206,9 @@ impl KeyState {
             }
             Ok(Ok(Acquisition::Held(contention))) => {
                 ctx.emit(&self.key, None, LockEventKind::Contended);
-                Outcome::Contended(contention)
+                Ok(contention)
             }
-            Ok(Err(error)) => Outcome::Failed(ctx.store_error(error)),
+            Ok(Err(error)) => Err(error),
             Err(_elapsed) => {
                 // The store may have applied the write we gave up on: take it back (it is
                 // ours only if the owner token matches) rather than leave it until its ttl.
@@ -218,7 +218,10 @@ impl KeyState {
                     ctx.store.release(&lease),
                 )
                 .await;
-                Outcome::TimedOut
+                Err(StoreError::TimedOut {
+                    op: "acquire",
+                    after: ctx.timing.op_timeout,
+                })
             }
         };
         self.finish_attempt(myself, request, reply, outcome);
@@ -231,27 +234,28 @@ impl KeyState {
         myself: &ActorRef<KeyMsg>,
         request: AcquireRequest,
         reply: AcquireReply,
-        outcome: Outcome,
+        outcome: std::result::Result<Contention, StoreError>,
     ) {
         let now = Instant::now();
         let out_of_time = request.deadline.is_some_and(|d| d <= now);
         let mut requeue = None;
         match outcome {
-            Outcome::Contended(_) if request.tries_once() => {
+            Ok(_) if request.tries_once() => {
                 let _ = reply.send(Ok(None));
             }
-            Outcome::Contended(_) | Outcome::TimedOut if out_of_time => {
+            Err(error) if request.tries_once() || !error.is_retryable() => {
+                let _ = reply.send(Err(self.ctx.store_error(error)));
+            }
+            _ if out_of_time => {
                 let _ = reply.send(Err(request.timeout_error(now)));
             }
-            Outcome::Contended(contention) => requeue = Some((request, reply, contention)),
-            Outcome::TimedOut => {
-                let _ = reply.send(Err(self.ctx.store_error(StoreError::TimedOut {
-                    op: "acquire",
-                    after: self.ctx.timing.op_timeout,
-                })));
-            }
-            Outcome::Failed(error) => {
-                let _ = reply.send(Err(error));
+            Ok(contention) => requeue = Some((request, reply, contention)),
+            // A waiting request rides out a store outage: it keeps its place in the queue and
+            // tries again after a short pause, until its wait budget runs out.
+            Err(error) => {
+                tracing::debug!(backend = %self.ctx.name, key = %self.key, %error, "acquire attempt failed; will retry");
+                let pause = Contention::with_remaining_ttl(Some(STORE_RETRY_PAUSE));
+                requeue = Some((request, reply, pause));
             }
         }
         self.finish(myself, requeue);
@@ -510,8 +514,5 @@ impl KeyState {
     }
 }
 
-enum Outcome {
-    Contended(Contention),
-    Failed(Error),
-    TimedOut,
-}
+/// How long a waiting request pauses before trying a store that failed.
+const STORE_RETRY_PAUSE: Duration = Duration::from_millis(250);

@@ -1,5 +1,5 @@
-//! Renewal, deadlines and loss, with faults injected between the key actors and the memory
-//! store: renewals that fail, renewals that hang, and a slow acquire. Time is paused, so ttls
+//! Renewal, deadlines, loss and store outages, with faults injected between the key actors and
+//! the memory store: renewals that fail or hang, acquisitions that are slow or fail. Time is paused, so ttls
 //! pass in virtual time.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -29,6 +29,8 @@ struct Faulty {
     /// Failures still to inject before renewals succeed again (with `RENEW_FAILS`).
     failures_left: Arc<AtomicU32>,
     acquire_delay_ms: Arc<AtomicU64>,
+    /// Acquisitions still to fail, as an unreachable store would.
+    acquire_failures: Arc<AtomicU32>,
 }
 
 impl Faulty {
@@ -51,6 +53,12 @@ impl LockBackend for Faulty {
         ttl: Duration,
         metadata: Option<&str>,
     ) -> Result<Acquisition, StoreError> {
+        let failing = self
+            .acquire_failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(StoreError::Unavailable("injected acquire failure".into()));
+        }
         let delay = self.acquire_delay_ms.load(Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(delay)).await;
         self.inner.acquire(key, owner, ttl, metadata).await
@@ -143,7 +151,10 @@ async fn a_hanging_store_cannot_delay_lost_past_the_deadline() {
         matches!(e.kind, LockEventKind::Lost { .. }).then_some(e.instant)
     })
     .await;
-    assert!(lost_at <= deadline, "Lost event at {lost_at:?}, deadline {deadline:?}");
+    assert!(
+        lost_at <= deadline,
+        "Lost event at {lost_at:?}, deadline {deadline:?}"
+    );
     client.shutdown().await;
 }
 
@@ -223,5 +234,52 @@ async fn without_auto_renew_a_manual_renew_moves_the_deadline() {
     assert!(guard.is_held(), "the old deadline no longer applies");
     assert_eq!(guard.lost().await, LostReason::Expired);
     assert!(Instant::now() >= second);
+    client.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn try_lock_on_an_unreachable_store_fails_at_once_with_a_retryable_error() {
+    let store = Faulty::default();
+    store.acquire_failures.store(1, Ordering::SeqCst);
+    let client = start(store.clone()).await;
+    let err = client
+        .try_lock(&unique_key("down"), LockOptions::new())
+        .await
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(
+        err.to_string().contains("injected acquire failure"),
+        "{err}"
+    );
+    client.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_acquire_rides_out_a_store_outage() {
+    let store = Faulty::default();
+    store.acquire_failures.store(5, Ordering::SeqCst);
+    let client = start(store.clone()).await;
+    let opts = LockOptions::new().with_wait(leasehold::Wait::UpTo(Duration::from_secs(30)));
+    let guard = client.lock(&unique_key("outage"), opts).await.unwrap();
+    assert!(guard.is_held());
+    assert_eq!(store.acquire_failures.load(Ordering::SeqCst), 0);
+    client.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_outage_longer_than_the_wait_budget_ends_in_a_timeout() {
+    let store = Faulty::default();
+    store.acquire_failures.store(u32::MAX, Ordering::SeqCst);
+    let client = start(store.clone()).await;
+    let budget = Duration::from_secs(2);
+    let opts = LockOptions::new().with_wait(leasehold::Wait::UpTo(budget));
+    let err = client
+        .lock(&unique_key("long-outage"), opts)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, leasehold::Error::Timeout { waited, .. } if waited >= budget),
+        "{err:?}"
+    );
     client.shutdown().await;
 }
