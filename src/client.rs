@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use crate::backend::LockInfo;
 use crate::error::{Error, Result};
-use crate::event::{EventBus, LockEvent};
+use crate::event::{EventBus, LockEvent, LockMetrics};
 use crate::guard::LockGuard;
 use crate::manager::LockManagerMsg;
 use crate::options::{LockOptions, Wait};
@@ -160,6 +160,11 @@ impl LockClient {
     /// 1024 events behind skips the oldest ones and is told how many.
     pub fn events(&self) -> broadcast::Receiver<LockEvent> {
         self.events.receiver()
+    }
+
+    /// Counts and summed wait and hold times of every lock of this manager, so far.
+    pub fn metrics(&self) -> LockMetrics {
+        self.events.metrics()
     }
 
     /// Sends every lifecycle event, converted by `converter`, to `actor` (the ractor

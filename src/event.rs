@@ -2,6 +2,7 @@
 //! [`OutputPort`], a broadcast channel for plain async code, and `tracing`.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -118,11 +119,95 @@ pub enum ReleaseReason {
 #[cfg(feature = "cluster")]
 impl ractor::Message for LockEvent {}
 
+/// Counts and durations over every lock of one manager since it started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LockMetrics {
+    /// Acquisitions asked for.
+    pub requested: u64,
+    /// Acquisitions that succeeded.
+    pub acquired: u64,
+    /// Times a request found its key held.
+    pub contended: u64,
+    /// Successful renewals.
+    pub renewed: u64,
+    /// Failed renewals.
+    pub renew_failed: u64,
+    /// Leases lost.
+    pub lost: u64,
+    /// Locks released.
+    pub released: u64,
+    /// Time spent waiting, summed over all acquisitions.
+    pub total_wait: Duration,
+    /// Time locks were held, summed over all releases.
+    pub total_hold: Duration,
+}
+
+impl LockMetrics {
+    /// Locks held right now.
+    pub fn held(&self) -> u64 {
+        self.acquired.saturating_sub(self.lost + self.released)
+    }
+}
+
+/// The live counters behind [`LockMetrics`]: relaxed atomic adds on the hot path, nothing more.
+#[derive(Default)]
+struct Counters {
+    requested: AtomicU64,
+    acquired: AtomicU64,
+    contended: AtomicU64,
+    renewed: AtomicU64,
+    renew_failed: AtomicU64,
+    lost: AtomicU64,
+    released: AtomicU64,
+    wait_micros: AtomicU64,
+    hold_micros: AtomicU64,
+}
+
+impl Counters {
+    fn count(&self, kind: &LockEventKind) {
+        let add = |counter: &AtomicU64, n: u64| counter.fetch_add(n, Ordering::Relaxed);
+        let micros = |d: &Duration| d.as_micros().min(u64::MAX as u128) as u64;
+        match kind {
+            LockEventKind::Requested => add(&self.requested, 1),
+            LockEventKind::Acquired { waited } => {
+                add(&self.wait_micros, micros(waited));
+                add(&self.acquired, 1)
+            }
+            LockEventKind::Contended => add(&self.contended, 1),
+            LockEventKind::Renewed { .. } => add(&self.renewed, 1),
+            LockEventKind::RenewFailed { .. } => add(&self.renew_failed, 1),
+            LockEventKind::Lost { .. } => add(&self.lost, 1),
+            LockEventKind::Released { held_for, .. } => {
+                add(&self.hold_micros, micros(held_for));
+                add(&self.released, 1)
+            }
+            LockEventKind::BackendDown | LockEventKind::BackendRestored => 0,
+        };
+    }
+
+    fn snapshot(&self) -> LockMetrics {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        LockMetrics {
+            requested: get(&self.requested),
+            acquired: get(&self.acquired),
+            contended: get(&self.contended),
+            renewed: get(&self.renewed),
+            renew_failed: get(&self.renew_failed),
+            lost: get(&self.lost),
+            released: get(&self.released),
+            total_wait: Duration::from_micros(get(&self.wait_micros)),
+            total_hold: Duration::from_micros(get(&self.hold_micros)),
+        }
+    }
+}
+
 /// Where events go: the ractor output port (for actors), a broadcast channel (for async code),
-/// and `tracing`.
+/// `tracing`, and the metrics counters.
 pub(crate) struct EventBus {
     port: OutputPort<LockEvent>,
     broadcast: broadcast::Sender<LockEvent>,
+    counters: Counters,
 }
 
 impl EventBus {
@@ -130,6 +215,7 @@ impl EventBus {
         EventBus {
             port: OutputPort::default(),
             broadcast: broadcast::channel(1024).0,
+            counters: Counters::default(),
         }
     }
 
@@ -148,6 +234,7 @@ impl EventBus {
             instant: Instant::now(),
             kind,
         };
+        self.counters.count(&event.kind);
         trace_event(&event);
         // Both sends are cheap no-ops when nobody listens: the hot path pays for events only
         // when someone asked for them.
@@ -155,6 +242,10 @@ impl EventBus {
             let _ = self.broadcast.send(event.clone());
         }
         self.port.send(event);
+    }
+
+    pub(crate) fn metrics(&self) -> LockMetrics {
+        self.counters.snapshot()
     }
 
     pub(crate) fn receiver(&self) -> broadcast::Receiver<LockEvent> {

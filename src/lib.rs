@@ -77,7 +77,7 @@ pub use backend::{
 };
 pub use client::LockClient;
 pub use error::{Error, Result, StoreError};
-pub use event::{LockEvent, LockEventKind, LostReason, ReleaseReason};
+pub use event::{LockEvent, LockEventKind, LockMetrics, LostReason, ReleaseReason};
 pub use fence::{Fence, StaleToken};
 pub use guard::LockGuard;
 pub use manager::{LockManager, LockManagerBuilder, LockManagerMsg, DEFAULT_MANAGER_NAME};

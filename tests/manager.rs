@@ -245,3 +245,31 @@ async fn the_event_channel_reports_contention_and_waiting_time() {
     .await;
     client.shutdown().await;
 }
+
+#[tokio::test]
+async fn metrics_count_acquisitions_contention_and_releases() {
+    let client = start(MemoryBackend::new()).await;
+    let key = unique_key("metrics");
+    let guard = client
+        .try_lock(&key, LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(client
+        .try_lock(&key, LockOptions::new())
+        .await
+        .unwrap()
+        .is_none());
+    let during = client.metrics();
+    assert_eq!(
+        (during.requested, during.acquired, during.held()),
+        (2, 1, 1)
+    );
+    assert!(during.contended >= 1);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    guard.release().await.unwrap();
+    let after = client.metrics();
+    assert_eq!((after.released, after.lost, after.held()), (1, 0, 0));
+    assert!(after.total_hold >= Duration::from_millis(20));
+    client.shutdown().await;
+}
