@@ -119,6 +119,33 @@ pub struct LockInfo {
     pub metadata: Option<String>,
 }
 
+/// Something that happened to a key, as the store saw it (for monitoring tools such as
+/// `leasehold watch`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreEvent {
+    /// The key, without the backend's prefix.
+    pub key: String,
+    /// What happened.
+    pub kind: StoreEventKind,
+}
+
+/// What happened to a key, in a [`StoreEvent`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreEventKind {
+    /// Someone acquired the key.
+    Acquired {
+        /// The new holder's fencing token.
+        fencing_token: u64,
+    },
+    /// The holder released the key (stores that see expiry report it here too).
+    Released,
+}
+
+/// A stream of [`StoreEvent`]s; it ends if the store's watch breaks.
+pub type StoreEvents = BoxStream<'static, StoreEvent>;
+
 /// A stream that yields once each time the watched key may have been released. It ends if the
 /// subscription breaks; dropping it unsubscribes.
 pub type ReleaseNotices = BoxStream<'static, ()>;
@@ -157,4 +184,14 @@ pub trait LockBackend: Send + Sync + 'static {
     /// Subscribes to release notices for `key`. The backend actor keeps at most one such
     /// subscription per contended key and shares it among the key's local waiters.
     async fn subscribe(&self, key: &str, seen: &Contention) -> Result<ReleaseNotices, StoreError>;
+
+    /// Acquisitions and releases of every key that starts with `prefix`, from now on, for
+    /// monitoring. Stores that cannot watch say [`StoreError::Unsupported`].
+    async fn watch_prefix(&self, prefix: &str) -> Result<StoreEvents, StoreError> {
+        let _ = prefix;
+        Err(StoreError::Unsupported {
+            store: self.kind(),
+            op: "watch_prefix",
+        })
+    }
 }

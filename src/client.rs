@@ -9,7 +9,7 @@ use ractor::{ActorRef, Message, RpcReplyPort};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use crate::backend::LockInfo;
+use crate::backend::{LockInfo, StoreEvents};
 use crate::error::{Error, Result};
 use crate::event::{EventBus, LockEvent, LockMetrics};
 use crate::guard::LockGuard;
@@ -151,6 +151,17 @@ impl LockClient {
         self.call(|reply| LockManagerMsg::Info {
             backend: Some(self.backend.to_string()),
             key: key.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// Acquisitions and releases of keys that start with `prefix`, as the store sees them,
+    /// by any node. For monitoring; not every store supports it.
+    pub async fn watch(&self, prefix: &str) -> Result<StoreEvents> {
+        self.call(|reply| LockManagerMsg::Watch {
+            backend: Some(self.backend.to_string()),
+            prefix: prefix.to_owned(),
             reply,
         })
         .await

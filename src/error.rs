@@ -163,6 +163,14 @@ pub enum StoreError {
     /// Not retryable.
     #[error("unexpected store reply: {0}")]
     Protocol(String),
+    /// The store cannot do this operation at all. Not retryable.
+    #[error("the {store} store does not support {op}")]
+    Unsupported {
+        /// The store's kind.
+        store: &'static str,
+        /// The operation.
+        op: &'static str,
+    },
     /// The operation did not finish within its time budget. Retryable.
     #[error("store operation {op} timed out after {after:?}")]
     TimedOut {
@@ -178,7 +186,7 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         match self {
             StoreError::Unavailable(_) | StoreError::TimedOut { .. } => true,
-            StoreError::Protocol(_) => false,
+            StoreError::Protocol(_) | StoreError::Unsupported { .. } => false,
         }
     }
 }

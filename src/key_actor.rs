@@ -420,7 +420,10 @@ impl KeyState {
         if reason == LostReason::Expired {
             // Our deadline runs ahead of the store's expiry by the drift margin: if the lease
             // is still ours there, give it back now instead of making the next holder wait.
-            let budget = Instant::now() + self.ctx.timing.op_timeout;
+            // Past the store's expiry there is nothing to give back, so a stalled store cannot
+            // hold this actor (and a shutdown waiting for it) any longer than that.
+            let store_expiry = held.deadline + held.ttl.mul_f64(self.ctx.timing.drift);
+            let budget = store_expiry.min(Instant::now() + self.ctx.timing.op_timeout);
             let _ = timeout_at(budget, self.ctx.store.release(&held.lease)).await;
         }
         self.stop_holding(myself, held);

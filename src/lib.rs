@@ -73,7 +73,8 @@ pub mod testing;
 
 pub use backend::memory::MemoryBackend;
 pub use backend::{
-    Acquisition, Contention, Lease, LockBackend, LockInfo, OwnerToken, ReleaseNotices,
+    Acquisition, Contention, Lease, LockBackend, LockInfo, OwnerToken, ReleaseNotices, StoreEvent,
+    StoreEventKind, StoreEvents,
 };
 pub use client::LockClient;
 pub use error::{Error, Result, StoreError};

@@ -9,7 +9,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::time::Instant;
 
-use crate::backend::{LockBackend, LockInfo, OwnerToken};
+use crate::backend::{LockBackend, LockInfo, OwnerToken, StoreEvents};
 use crate::backend_actor::{
     AcquireRequest, BackendActor, BackendCtx, BackendMsg, InspectReply, Timing,
 };
@@ -95,6 +95,16 @@ pub enum LockManagerMsg {
         key: String,
         /// The answer.
         reply: RpcReplyPort<Result<Option<LockInfo>>>,
+    },
+    /// Acquisitions and releases of keys under `prefix` as the store sees them, from every
+    /// node (for monitoring).
+    Watch {
+        /// The backend's name, or `None` for the default.
+        backend: Option<String>,
+        /// Only keys that start with this.
+        prefix: String,
+        /// The event stream.
+        reply: RpcReplyPort<Result<StoreEvents>>,
     },
     /// Send every lifecycle event to this actor.
     Subscribe(ActorRef<LockEvent>),
@@ -400,6 +410,23 @@ impl Actor for LockManager {
                 key,
                 reply,
             } => state.inspect(backend.as_deref(), key, InspectReply::Info(reply)),
+            LockManagerMsg::Watch {
+                backend,
+                prefix,
+                reply,
+            } => match state.live(backend.as_deref()) {
+                Ok((entry, _)) => {
+                    let ctx = entry.ctx.clone();
+                    // Opening a watch is store I/O: not in this actor's loop.
+                    tokio::spawn(async move {
+                        let events = ctx.store.watch_prefix(&prefix).await;
+                        let _ = reply.send(events.map_err(|e| ctx.store_error(e)));
+                    });
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             LockManagerMsg::Subscribe(actor) => state.events.subscribe(actor, Some),
             LockManagerMsg::Client(reply) => {
                 let client = LockClient::new(

@@ -273,3 +273,48 @@ async fn metrics_count_acquisitions_contention_and_releases() {
     assert!(after.total_hold >= Duration::from_millis(20));
     client.shutdown().await;
 }
+
+#[tokio::test]
+async fn watch_reports_acquisitions_and_releases_under_a_prefix() {
+    use leasehold::StoreEventKind;
+
+    let client = start(MemoryBackend::new()).await;
+    let prefix = unique_key("watched");
+    let mut events = client.watch(&prefix).await.unwrap();
+    let outside = client
+        .try_lock("elsewhere", LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    let key = format!("{prefix}/job");
+    let guard = client
+        .try_lock(&key, LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    let token = guard.fencing_token();
+    guard.release().await.unwrap();
+    let acquired = next_store_event(&mut events).await;
+    assert_eq!(acquired.key, key);
+    assert_eq!(
+        acquired.kind,
+        StoreEventKind::Acquired {
+            fencing_token: token
+        }
+    );
+    let released = next_store_event(&mut events).await;
+    assert_eq!(
+        (released.key.as_str(), released.kind),
+        (key.as_str(), StoreEventKind::Released)
+    );
+    drop(outside);
+    client.shutdown().await;
+}
+
+async fn next_store_event(events: &mut leasehold::StoreEvents) -> leasehold::StoreEvent {
+    use futures::StreamExt;
+    tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .expect("event within 5 s")
+        .expect("watch open")
+}

@@ -6,12 +6,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::stream::BoxStream;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::backend::{
-    Acquisition, Contention, Lease, LockBackend, LockInfo, OwnerToken, ReleaseNotices,
+    Acquisition, Contention, Lease, LockBackend, LockInfo, OwnerToken, ReleaseNotices, StoreEvent,
+    StoreEventKind, StoreEvents,
 };
 use crate::error::StoreError;
 
@@ -22,7 +24,38 @@ use crate::error::StoreError;
 /// tokio's clock, so tests can pause and advance it.
 #[derive(Clone, Default)]
 pub struct MemoryBackend {
-    table: Arc<Mutex<HashMap<String, Slot>>>,
+    table: Arc<Mutex<Table>>,
+}
+
+#[derive(Default)]
+struct Table {
+    slots: HashMap<String, Slot>,
+    /// `watch_prefix` subscribers; a closed one is pruned at the next event.
+    watchers: Vec<(String, mpsc::UnboundedSender<StoreEvent>)>,
+}
+
+impl Table {
+    fn slot(&mut self, key: &str) -> &mut Slot {
+        if !self.slots.contains_key(key) {
+            self.slots.insert(key.to_owned(), Slot::default());
+        }
+        self.slots.get_mut(key).expect("inserted above")
+    }
+
+    fn publish(&mut self, key: &str, kind: StoreEventKind) {
+        if self.watchers.is_empty() {
+            return;
+        }
+        self.watchers.retain(|(prefix, tx)| {
+            !key.starts_with(prefix.as_str())
+                || tx
+                    .send(StoreEvent {
+                        key: key.to_owned(),
+                        kind: kind.clone(),
+                    })
+                    .is_ok()
+        });
+    }
 }
 
 /// One key's row. The row outlives its holder: the fence counter must never go back.
@@ -63,7 +96,7 @@ impl MemoryBackend {
         Self::default()
     }
 
-    fn table(&self) -> MutexGuard<'_, HashMap<String, Slot>> {
+    fn table(&self) -> MutexGuard<'_, Table> {
         // A panic while the lock was held cannot leave a row half-written (every update is a
         // single assignment), so a poisoned table is still consistent.
         self.table
@@ -87,10 +120,7 @@ impl LockBackend for MemoryBackend {
     ) -> Result<Acquisition, StoreError> {
         let now = Instant::now();
         let mut table = self.table();
-        let slot = match table.get_mut(key) {
-            Some(slot) => slot,
-            None => table.entry(key.to_owned()).or_default(),
-        };
+        let slot = table.slot(key);
         if let Some(holder) = slot.live_holder(now) {
             return Ok(Acquisition::Held(Contention::with_remaining_ttl(Some(
                 holder.expires_at - now,
@@ -102,13 +132,16 @@ impl LockBackend for MemoryBackend {
             expires_at: now + ttl,
             metadata: metadata.map(str::to_owned),
         });
-        Ok(Acquisition::Acquired(Lease::new(key, owner, slot.fence)))
+        let fencing_token = slot.fence;
+        table.publish(key, StoreEventKind::Acquired { fencing_token });
+        Ok(Acquisition::Acquired(Lease::new(key, owner, fencing_token)))
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, StoreError> {
         let now = Instant::now();
         let mut table = self.table();
         let holder = table
+            .slots
             .get_mut(&lease.key)
             .and_then(|slot| slot.held_by(lease.owner, now));
         Ok(match holder {
@@ -123,7 +156,7 @@ impl LockBackend for MemoryBackend {
     async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {
         let now = Instant::now();
         let mut table = self.table();
-        let Some(slot) = table.get_mut(&lease.key) else {
+        let Some(slot) = table.slots.get_mut(&lease.key) else {
             return Ok(false);
         };
         if slot.held_by(lease.owner, now).is_none() {
@@ -131,13 +164,14 @@ impl LockBackend for MemoryBackend {
         }
         slot.holder = None;
         slot.notify();
+        table.publish(&lease.key, StoreEventKind::Released);
         Ok(true)
     }
 
     async fn inspect(&self, key: &str) -> Result<Option<LockInfo>, StoreError> {
         let now = Instant::now();
         let table = self.table();
-        Ok(table.get(key).and_then(|slot| {
+        Ok(table.slots.get(key).and_then(|slot| {
             slot.live_holder(now).map(|holder| LockInfo {
                 key: key.to_owned(),
                 fencing_token: slot.fence,
@@ -150,12 +184,24 @@ impl LockBackend for MemoryBackend {
     async fn subscribe(&self, key: &str, _seen: &Contention) -> Result<ReleaseNotices, StoreError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut table = self.table();
-        let slot = table.entry(key.to_owned()).or_default();
+        let slot = table.slot(key);
         slot.subscribers.retain(|tx| !tx.is_closed());
         slot.subscribers.push(tx);
-        let notices = futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|notice| (notice, rx))
-        });
-        Ok(notices.boxed())
+        Ok(receiver_stream(rx))
     }
+
+    async fn watch_prefix(&self, prefix: &str) -> Result<StoreEvents, StoreError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.table().watchers.push((prefix.to_owned(), tx));
+        Ok(receiver_stream(rx))
+    }
+}
+
+/// The receiver as a stream; dropping the stream closes the channel, which is how the table
+/// learns a subscriber left.
+fn receiver_stream<T: Send + 'static>(rx: mpsc::UnboundedReceiver<T>) -> BoxStream<'static, T> {
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+    .boxed()
 }
