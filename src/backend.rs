@@ -10,6 +10,8 @@ use futures::stream::BoxStream;
 use crate::error::StoreError;
 
 pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 /// Who owns a lease in the store: 128 random bits, drawn from a cryptographically secure
 /// generator for every acquisition, so no other client can guess it and release or renew a

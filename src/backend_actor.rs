@@ -430,7 +430,13 @@ impl BackendState {
         let Some(slot) = self.slots.get_mut(key) else {
             return;
         };
-        if slot.watch.is_none() {
+        // A subscription whose task ended (the subscribe failed, or its connection broke) is
+        // replaced: without it the waiters would only ever wake on the backstop timer.
+        if slot
+            .watch
+            .as_ref()
+            .is_none_or(|watch| watch.0.is_finished())
+        {
             let store = self.ctx.store.clone();
             let (me, key, seen) = (myself.clone(), key.clone(), contention.clone());
             let backend = self.ctx.name.clone();

@@ -61,8 +61,9 @@ pub enum Error {
         /// The names that are configured.
         known: Vec<String>,
     },
-    /// The manager was configured wrongly (no backend, a name used twice, …).
-    #[error("invalid lock manager configuration: {0}")]
+    /// The manager or a backend was configured wrongly (no backend, a name used twice, a
+    /// malformed store URL, …).
+    #[error("invalid configuration: {0}")]
     InvalidConfig(String),
     /// The holder actor asked for a key it already holds. Waiting would deadlock, so this is
     /// an error at once.

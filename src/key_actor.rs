@@ -208,16 +208,14 @@ impl KeyState {
                 ctx.emit(&self.key, None, LockEventKind::Contended);
                 Ok(contention)
             }
-            Ok(Err(error)) => Err(error),
+            Ok(Err(error)) => {
+                if error.is_retryable() {
+                    self.take_back(owner).await;
+                }
+                Err(error)
+            }
             Err(_elapsed) => {
-                // The store may have applied the write we gave up on: take it back (it is
-                // ours only if the owner token matches) rather than leave it until its ttl.
-                let lease = Lease::new(self.key.to_string(), owner, 0);
-                let _ = timeout_at(
-                    Instant::now() + ctx.timing.op_timeout,
-                    ctx.store.release(&lease),
-                )
-                .await;
+                self.take_back(owner).await;
                 Err(StoreError::TimedOut {
                     op: "acquire",
                     after: ctx.timing.op_timeout,
@@ -225,6 +223,15 @@ impl KeyState {
             }
         };
         self.finish_attempt(myself, request, reply, outcome);
+    }
+
+    /// After an attempt that timed out or lost its connection, the store may still have applied
+    /// the write: take it back (it is ours only if the owner token matches) rather than leave
+    /// the key held by nobody until its ttl.
+    async fn take_back(&self, owner: OwnerToken) {
+        let lease = Lease::new(self.key.to_string(), owner, 0);
+        let budget = Instant::now() + self.ctx.timing.op_timeout;
+        let _ = timeout_at(budget, self.ctx.store.release(&lease)).await;
     }
 
     /// An attempt that did not acquire: answer the caller, or hand the request back to the

@@ -19,8 +19,9 @@
 //! - `backend_actor.rs`: routing per backend, per-key FIFO queues, release subscriptions.
 //! - `key_actor.rs`: one lock: the acquisition attempt, renewal, loss, release, holder monitor.
 //! - `client.rs` and `guard.rs`: [`LockClient`] and [`LockGuard`], the face for async code.
-//! - `backend.rs`: the [`LockBackend`] trait, the seam to the stores; `backend/memory.rs`:
-//!   [`MemoryBackend`].
+//! - `backend.rs`: the [`LockBackend`] trait, the seam to the stores, with one file per store:
+//!   `backend/memory.rs` ([`MemoryBackend`]), `backend/redis.rs` (`RedisBackend`, its Lua
+//!   scripts in `backend/redis/`).
 //! - `options.rs`, `event.rs`, `error.rs`, `fence.rs`: [`LockOptions`], [`LockEvent`],
 //!   [`Error`], [`Fence`].
 //! - `testing.rs` (feature `testing`): the conformance suite every backend passes.
@@ -51,7 +52,9 @@
 //! ```
 //!
 //! # Cargo features
-//! - `testing`: the public conformance suite, [`testing`].
+//! - `redis` (default): `RedisBackend`, on the `redis` crate's multiplexed connection.
+//! - `testing`: the public conformance suite, `testing`.
+//! - `cli`: the `leasehold` command line (`src/bin/leasehold/`).
 //! - `cluster`: turns on ractor's `cluster` feature and gives the message types explicit
 //!   `ractor::Message` impls. Turn it on whenever `ractor_cluster` is in the build, since that
 //!   removes ractor's blanket impl for every crate.
@@ -72,6 +75,8 @@ pub mod backend;
 pub mod testing;
 
 pub use backend::memory::MemoryBackend;
+#[cfg(feature = "redis")]
+pub use backend::redis::RedisBackend;
 pub use backend::{
     Acquisition, Contention, Lease, LockBackend, LockInfo, OwnerToken, ReleaseNotices, StoreEvent,
     StoreEventKind, StoreEvents,

@@ -8,7 +8,7 @@
 //! // tests/memory.rs: the memory store keeps tokio's clock, so time can be paused.
 //! leasehold::conformance_suite!(paused, leasehold::MemoryBackend::new());
 //! // tests/redis.rs: a real server keeps real time.
-//! leasehold::conformance_suite!(real, support::redis().await.backend());
+//! leasehold::conformance_suite!(real, redis_server::RedisServer::start().backend().await);
 //! ```
 //!
 //! The tests use ttls of a few hundred milliseconds where time is the subject, so they stay
@@ -66,6 +66,7 @@ macro_rules! conformance_suite {
             bad_input_is_rejected_naming_the_value,
             same_holder_asking_again_gets_an_error,
             release_twice_and_renew_after_release_fail,
+            watch_reports_acquisitions_and_releases_under_a_prefix,
         );
     };
     (@each $attr:tt, $backend:expr, $($name:ident),+ $(,)?) => {
@@ -777,4 +778,49 @@ pub async fn release_twice_and_renew_after_release_fail<B: LockBackend + Clone>(
     assert!(renew.is_err(), "{renew:?}");
     assert!(!guard.is_held());
     client.shutdown().await;
+}
+
+/// A watch on a prefix sees acquisitions (with their tokens) and releases of the keys under
+/// it, by any node, and nothing of other keys.
+pub async fn watch_reports_acquisitions_and_releases_under_a_prefix<B: LockBackend + Clone>(
+    backend: B,
+) {
+    use crate::StoreEventKind;
+    use futures::StreamExt;
+
+    let a = start(backend.clone()).await;
+    let b = start(backend).await;
+    let prefix = unique_key("watched");
+    let mut events = a.watch(&prefix).await.expect("watch opens");
+    let outside = b
+        .try_lock(&unique_key("elsewhere"), LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    let key = format!("{prefix}/job");
+    let guard = b.try_lock(&key, LockOptions::new()).await.unwrap().unwrap();
+    let token = guard.fencing_token();
+    guard.release().await.unwrap();
+    let mut next = async || {
+        tokio::time::timeout(PROMPT, events.next())
+            .await
+            .expect("store event within the limit")
+            .expect("watch still open")
+    };
+    let acquired = next().await;
+    assert_eq!(acquired.key, key);
+    assert_eq!(
+        acquired.kind,
+        StoreEventKind::Acquired {
+            fencing_token: token
+        }
+    );
+    let released = next().await;
+    assert_eq!(
+        (released.key.as_str(), released.kind),
+        (key.as_str(), StoreEventKind::Released)
+    );
+    drop(outside);
+    a.shutdown().await;
+    b.shutdown().await;
 }

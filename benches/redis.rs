@@ -1,0 +1,397 @@
+//! Lock+release throughput and contended handoff on Redis, against peers measured in the same
+//! run on the same `redis-server` (which this bench starts on a free loopback port).
+//!
+//! Run: `cargo bench --bench redis` (under a minute), or `cargo bench --bench redis -- --quick`
+//! (or `LEASEHOLD_BENCH_QUICK=1`) for a few seconds.
+//!
+//! - Throughput, 1 and 64 concurrent tasks, each on its own key, `try_lock` then release:
+//!   (a) leasehold through [`LockClient`]; (b) the raw `redis` crate running leasehold's own
+//!   acquire and release scripts on one `ConnectionManager`, the floor of what any client with
+//!   fencing tokens can do; (c) `rslock`, a Redlock client (its acquire is a plain
+//!   `SET NX PX`, less server work than a fencing acquire, so it can beat (b)). Prints each
+//!   figure and the ratios a/b and a/c, and for reference leasehold on the in-process store
+//!   (what the actors cost without a network).
+//! - Contended handoff: 16 tasks taking turns on one key, 1 ms hold each; the time from one
+//!   holder's release to the next holder's acquisition, median and p99, counted where the lock
+//!   went to another task (a task that takes the lock straight back hands nothing over; those
+//!   retakes are counted apart).
+//!
+//! Not criterion: the figures that matter are ratios between clients under concurrency in one
+//! run, which criterion's one-function-at-a-time sampling does not give.
+
+#[path = "../tests/support/redis_server.rs"]
+mod redis_server;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use leasehold::{LockClient, LockManager, LockOptions, MemoryBackend, Wait};
+use redis::aio::ConnectionManager;
+use redis::Script;
+use redis_server::RedisServer;
+
+/// How long each part runs: each client's throughput is measured in `rounds` turns of
+/// `warmup` + `measure`, and each handoff contest runs for `handoff`.
+struct Plan {
+    rounds: usize,
+    warmup: Duration,
+    measure: Duration,
+    handoff: Duration,
+}
+
+const FULL: Plan = Plan {
+    rounds: 6,
+    warmup: Duration::from_millis(100),
+    measure: Duration::from_millis(500),
+    handoff: Duration::from_secs(4),
+};
+
+const QUICK: Plan = Plan {
+    rounds: 1,
+    warmup: Duration::from_millis(100),
+    measure: Duration::from_millis(400),
+    handoff: Duration::from_millis(700),
+};
+
+const CONCURRENCY: [usize; 2] = [1, 64];
+const HANDOFF_TASKS: usize = 16;
+const HOLD: Duration = Duration::from_millis(1);
+const TTL: Duration = Duration::from_secs(30);
+
+fn main() {
+    let quick = std::env::args().any(|arg| arg == "--quick")
+        || std::env::var("LEASEHOLD_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let plan = if quick { QUICK } else { FULL };
+    let server = RedisServer::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(run(&server, &plan, quick));
+}
+
+async fn run(server: &RedisServer, plan: &Plan, quick: bool) {
+    let url = server.url();
+    println!(
+        "leasehold redis bench ({} run) against redis-server on {url}, {} tokio workers",
+        if quick { "quick" } else { "full" },
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+
+    let leasehold = LockManager::builder()
+        .with_name("bench-redis")
+        .with_backend("redis", server.backend().await)
+        .start()
+        .await
+        .expect("lock manager");
+    let raw = Raw::connect(&url).await;
+    let rslock = rslock::LockManager::new(vec![url.clone()]);
+
+    // For reference: the same calls on the in-process store, the cost of the actors alone.
+    let memory = LockManager::builder()
+        .with_name("bench-memory-reference")
+        .with_backend("memory", MemoryBackend::new())
+        .start()
+        .await
+        .expect("memory lock manager");
+    let clients = [
+        Contender::Leasehold(leasehold.clone()),
+        Contender::Raw(raw),
+        Contender::Rslock(rslock.clone()),
+        Contender::Memory(memory.clone()),
+    ];
+    let mut rows: Vec<[f64; 4]> = Vec::new();
+    for tasks in CONCURRENCY {
+        // Short turns in rotating order, so that a change in the machine's background load
+        // falls on every client alike instead of on whichever ran at that moment.
+        let mut cycles = [0u64; 4];
+        for round in 0..plan.rounds {
+            for turn in 0..clients.len() {
+                let i = (round + turn) % clients.len();
+                cycles[i] += throughput(tasks, plan, clients[i].clone()).await;
+            }
+        }
+        let seconds = (plan.measure * plan.rounds as u32).as_secs_f64();
+        rows.push(cycles.map(|n| n as f64 / seconds));
+    }
+
+    println!();
+    println!(
+        "lock+release cycles/s          {:>12}{:>12}",
+        "1 task", "64 tasks"
+    );
+    let names = [
+        "(a) leasehold LockClient",
+        "(b) raw redis, same scripts",
+        "(c) rslock 0.10",
+        "(ref) leasehold, memory store",
+    ];
+    for (i, name) in names.iter().enumerate() {
+        println!("{name:<30} {:>12.0}{:>12.0}", rows[0][i], rows[1][i]);
+    }
+    println!(
+        "{:<30} {:>12.2}{:>12.2}",
+        "a/b",
+        rows[0][0] / rows[0][1],
+        rows[1][0] / rows[1][1]
+    );
+    println!(
+        "{:<30} {:>12.2}{:>12.2}",
+        "a/c",
+        rows[0][0] / rows[0][2],
+        rows[1][0] / rows[1][2]
+    );
+
+    println!();
+    println!(
+        "contended handoff: {HANDOFF_TASKS} tasks, one key, {HOLD:?} hold; release -> next acquisition"
+    );
+    let one_node = handoff(plan.handoff, {
+        let client = leasehold.clone();
+        move |_task| leasehold_turns(client.clone())
+    })
+    .await;
+    report("leasehold, one node", &one_node);
+
+    let second = LockManager::builder()
+        .with_name("bench-redis-2")
+        .with_backend("redis", server.backend().await)
+        .start()
+        .await
+        .expect("second lock manager");
+    let two_nodes = handoff(plan.handoff, {
+        let nodes = [leasehold.clone(), second.clone()];
+        // Half the tasks on each node: a turn that crosses nodes goes by release notice.
+        move |task| leasehold_turns(nodes[task % 2].clone())
+    })
+    .await;
+    report("leasehold, two nodes", &two_nodes);
+
+    let rslock_turns = handoff(plan.handoff, {
+        let rslock = rslock.clone();
+        move |_task| {
+            let rslock = rslock.clone();
+            async move {
+                let guard = rslock
+                    .acquire("bench/handoff/rslock", TTL)
+                    .await
+                    .expect("rslock acquire");
+                Turn::hold(|| guard.release()).await
+            }
+        }
+    })
+    .await;
+    report("rslock 0.10", &rslock_turns);
+
+    leasehold.shutdown().await;
+    second.shutdown().await;
+    memory.shutdown().await;
+}
+
+/// One of the clients compared, doing one lock+release cycle on a key of the task's own.
+#[derive(Clone)]
+enum Contender {
+    Leasehold(LockClient),
+    Raw(Raw),
+    Rslock(rslock::LockManager),
+    Memory(LockClient),
+}
+
+impl Contender {
+    async fn cycle(&self, task: usize) {
+        match self {
+            Contender::Leasehold(client) | Contender::Memory(client) => {
+                let key = format!("bench/leasehold/{task}");
+                let guard = client
+                    .try_lock(&key, LockOptions::new().with_ttl(TTL))
+                    .await
+                    .expect("try_lock")
+                    .expect("a key of its own is free");
+                guard.release().await.expect("release");
+            }
+            Contender::Raw(raw) => raw.cycle(&format!("bench/raw/{task}")).await,
+            Contender::Rslock(rslock) => {
+                let key = format!("bench/rslock/{task}");
+                let lock = rslock.lock(key.as_str(), TTL).await.expect("rslock lock");
+                rslock.unlock(&lock).await;
+            }
+        }
+    }
+}
+
+/// Cycles completed within `plan.measure`, after `plan.warmup`, by `tasks` tasks each running
+/// cycles back to back.
+async fn throughput(tasks: usize, plan: &Plan, contender: Contender) -> u64 {
+    let started = Instant::now();
+    let (from, to) = (started + plan.warmup, started + plan.warmup + plan.measure);
+    let workers: Vec<_> = (0..tasks)
+        .map(|task| {
+            let contender = contender.clone();
+            tokio::spawn(async move {
+                let mut counted = 0u64;
+                loop {
+                    contender.cycle(task).await;
+                    let now = Instant::now();
+                    if now >= to {
+                        return counted;
+                    }
+                    if now >= from {
+                        counted += 1;
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for worker in workers {
+        total += worker.await.expect("bench task");
+    }
+    total
+}
+
+/// The raw client: leasehold's scripts and key names, nothing else.
+#[derive(Clone)]
+struct Raw {
+    conn: ConnectionManager,
+    acquire: Arc<Script>,
+    release: Arc<Script>,
+}
+
+impl Raw {
+    async fn connect(url: &str) -> Self {
+        let client = redis::Client::open(url).expect("redis url");
+        Raw {
+            conn: ConnectionManager::new(client).await.expect("connection"),
+            acquire: Arc::new(Script::new(include_str!(
+                "../src/backend/redis/acquire.lua"
+            ))),
+            release: Arc::new(Script::new(include_str!(
+                "../src/backend/redis/release.lua"
+            ))),
+        }
+    }
+
+    async fn cycle(&self, key: &str) {
+        let lock = format!("leasehold:{{{key}}}");
+        let owner = format!("{:032x}", rand::random::<u128>());
+        let mut conn = self.conn.clone();
+        let token: redis::Value = self
+            .acquire
+            .key(&lock)
+            .key(format!("{lock}:fence"))
+            .arg(&owner)
+            .arg(TTL.as_millis() as u64)
+            .arg(format!("{lock}:acquired"))
+            .invoke_async(&mut conn)
+            .await
+            .expect("acquire script");
+        assert!(matches!(token, redis::Value::BulkString(_)), "{token:?}");
+        let released: bool = self
+            .release
+            .key(&lock)
+            .arg(&owner)
+            .arg(format!("{lock}:released"))
+            .invoke_async(&mut conn)
+            .await
+            .expect("release script");
+        assert!(released);
+    }
+}
+
+/// One holder's turn: when it got the lock, and when it let go.
+#[derive(Clone, Copy)]
+struct Turn {
+    acquired: Instant,
+    released: Instant,
+}
+
+impl Turn {
+    /// Holds for [`HOLD`] from now (the lock was just acquired), then runs `release`.
+    async fn hold<R: Future>(release: impl FnOnce() -> R) -> Turn {
+        let acquired = Instant::now();
+        tokio::time::sleep(HOLD).await;
+        let released = Instant::now();
+        release().await;
+        Turn { acquired, released }
+    }
+}
+
+async fn leasehold_turns(client: LockClient) -> Turn {
+    let opts = LockOptions::new()
+        .with_ttl(TTL)
+        .with_wait(Wait::UpTo(Duration::from_secs(60)));
+    let guard = client
+        .lock("bench/handoff/leasehold", opts)
+        .await
+        .expect("lock");
+    Turn::hold(|| async { guard.release().await.expect("release") }).await
+}
+
+/// How the turns went: each release → next acquisition gap where the lock went to another task,
+/// and how many times a task took the lock straight back instead.
+struct Handoffs {
+    gaps: Vec<Duration>,
+    retakes: usize,
+}
+
+/// Runs [`HANDOFF_TASKS`] tasks, each taking turns (`turn(task)`) until `budget` is over.
+async fn handoff<F, Fut>(budget: Duration, turn: F) -> Handoffs
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Turn> + Send,
+{
+    let stop = Instant::now() + budget;
+    let turns = Arc::new(Mutex::new(Vec::new()));
+    let tasks: Vec<_> = (0..HANDOFF_TASKS)
+        .map(|task| {
+            let (turn, turns) = (turn.clone(), turns.clone());
+            tokio::spawn(async move {
+                while Instant::now() < stop {
+                    let taken = turn(task).await;
+                    turns.lock().unwrap().push((task, taken));
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("handoff task");
+    }
+    let mut turns = std::mem::take(&mut *turns.lock().unwrap());
+    turns.sort_by_key(|(_, turn)| turn.acquired);
+    let mut handoffs = Handoffs {
+        gaps: Vec::new(),
+        retakes: 0,
+    };
+    for pair in turns.windows(2) {
+        let ((before_task, before), (after_task, after)) = (pair[0], pair[1]);
+        assert!(
+            after.acquired >= before.released,
+            "two holders of the handoff key at once"
+        );
+        if before_task == after_task {
+            handoffs.retakes += 1;
+        } else {
+            handoffs.gaps.push(after.acquired - before.released);
+        }
+    }
+    handoffs
+}
+
+fn report(name: &str, handoffs: &Handoffs) {
+    let mut gaps = handoffs.gaps.clone();
+    if gaps.is_empty() {
+        println!("{name:<30} no handoffs");
+        return;
+    }
+    gaps.sort();
+    let median = gaps[gaps.len() / 2];
+    let p99 = gaps[(gaps.len() * 99 / 100).min(gaps.len() - 1)];
+    println!(
+        "{name:<30} median {:>8.3} ms   p99 {:>8.3} ms   ({} handoffs to another task, {} retakes by the same task)",
+        median.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3,
+        gaps.len(),
+        handoffs.retakes,
+    );
+}

@@ -1,0 +1,811 @@
+//! The Redis store: one multiplexed connection per backend for the lock scripts, and one
+//! pub/sub connection for release notices.
+//!
+//! # Keys
+//! For the lock key `K` under the prefix `P` (default [`DEFAULT_PREFIX`], `leasehold:`):
+//!
+//! | name            | Redis type                  | holds                                  |
+//! |-----------------|-----------------------------|----------------------------------------|
+//! | `P{K}`          | string, expires with lease  | `<owner> <token>[ <metadata>]`         |
+//! | `P{K}:fence`    | string, never expires       | the last fencing token handed out      |
+//! | `P{K}:released` | pub/sub channel             | one message on every release           |
+//! | `P{K}:acquired` | pub/sub channel             | the new fencing token, on every acquire |
+//!
+//! The lock key's value is the owner token (32 hex digits), the holder's fencing token, and
+//! the metadata if the holder gave any, separated by single spaces.
+//! Everything `inspect` shows lives in the one lock key, so it expires with the lease and a
+//! release deletes it whole. The braces make `K` the hash tag of both keys, so on Redis Cluster
+//! they live in one slot and the acquire script, which touches both, may run there. (A key that
+//! begins with `}` has an empty tag, which Cluster ignores; on a single server it makes no
+//! difference.)
+//!
+//! # Operations
+//! Acquire, release and renew are each one Lua script (the `.lua` files beside this one), which
+//! the server runs atomically, in one round trip:
+//! - **acquire**: if the lock key is free, advance the fence counter and
+//!   `SET P{K} "<owner> <token>[ <metadata>]" NX PX ttl`, and return the token; if it is held,
+//!   return its `PTTL`, which bounds how long a waiter sleeps without a notice.
+//! - **release**: compare the owner token, `DEL` the lock key, `PUBLISH` on the release channel.
+//! - **renew**: compare the owner token, `PEXPIRE` the lock key.
+//! - **inspect** is a read: `GET` and `PTTL` in one `MULTI`/`EXEC`.
+//!
+//! The scripts are loaded with `SCRIPT LOAD` when the backend connects and run by SHA
+//! (`EVALSHA`); a server that forgot them (a restart) answers `NOSCRIPT`, and the call loads
+//! the script again and repeats, which is safe because `NOSCRIPT` means nothing ran.
+//!
+//! # Fencing tokens
+//! A fencing token must be strictly greater than every token handed out for the key before,
+//! even when Redis loses its data (a restart without persistence, a failover to a replica that
+//! had not seen the counter): a counter that starts again at 1 would hand out tokens that
+//! fenced resources have already accepted. So when the acquire script finds the counter
+//! missing, it seeds it from the server's clock before incrementing it:
+//!
+//! ```text
+//! seed = (microseconds since the Unix epoch, from TIME) << 10
+//! ```
+//!
+//! That leaves 1024 tokens per microsecond of headroom: a new seed exceeds every token issued
+//! since the previous one unless the key was taken more than a billion times a second, or the
+//! server's clock went back. Redis counters are signed 64-bit integers, so the scheme lasts
+//! until about the year 2255. Tokens therefore look like `1838603795027981313` (a key first
+//! locked in 2026), not `1, 2, 3`; only their order means anything. The counter itself never expires (a few dozen
+//! bytes per lock name ever used).
+//!
+//! # Waiting
+//! The backend actor keeps at most one subscription per contended key and node; this backend
+//! keeps at most one Redis `SUBSCRIBE` per channel, on one pub/sub connection per backend
+//! (shared by clones). A task owns that connection: it is started by the first subscription,
+//! subscribes and unsubscribes channels as [`ReleaseNotices`] streams come and go, and is
+//! stopped when the last clone of the backend is dropped. If the connection breaks, every
+//! stream ends (the waiters' backstop timers take over) and the next subscription connects
+//! again. A lease that simply expires publishes nothing; the backstop timer covers that too.
+//!
+//! # Connections
+//! Calls go through one [`redis::aio::ConnectionManager`]: a multiplexed connection (every
+//! call of every clone pipelines onto it, which is faster than a pool of exclusive
+//! connections) that reconnects by itself. Configuration passes straight through the `redis`
+//! crate's own types: a URL or a [`ConnectionInfo`] (AUTH, DB, and TLS when the application
+//! turns on one of the `redis` crate's TLS features), and optionally a
+//! [`ConnectionManagerConfig`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::{Stream, StreamExt};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
+use redis::{
+    Client, ConnectionInfo, ErrorKind, IntoConnectionInfo, RedisError, Script, ServerErrorKind,
+    Value,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+
+use crate::backend::{
+    Acquisition, Contention, Lease, LockBackend, LockInfo, OwnerToken, ReleaseNotices, StoreEvent,
+    StoreEventKind, StoreEvents,
+};
+use crate::error::{Error, Result, StoreError};
+
+/// The key prefix used unless [`RedisBackend::with_prefix`] says otherwise.
+pub const DEFAULT_PREFIX: &str = "leasehold:";
+
+/// The longest the constructors wait for the server to answer before giving up with a
+/// retryable error.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The budget for one step on the pub/sub connection (connect, `SUBSCRIBE`, `UNSUBSCRIBE`).
+const PUBSUB_TIMEOUT: Duration = Duration::from_secs(5);
+
+static ACQUIRE: LazyLock<Script> = LazyLock::new(|| Script::new(ACQUIRE_LUA));
+static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_LUA));
+static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW_LUA));
+
+const ACQUIRE_LUA: &str = include_str!("redis/acquire.lua");
+const RELEASE_LUA: &str = include_str!("redis/release.lua");
+const RENEW_LUA: &str = include_str!("redis/renew.lua");
+
+/// Locks on a Redis server, as the module documentation describes.
+///
+/// It connects to one server (or a proxy in front of several). Its keys are laid out for Redis
+/// Cluster (one hash tag per lock), but it does not speak the cluster protocol itself.
+///
+/// Clones share one connection and one pub/sub connection, so two
+/// [`LockManager`](crate::LockManager)s given clones act as two nodes on one Redis; two
+/// backends connected separately are two clients of it.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), leasehold::Error> {
+/// use leasehold::{LockManager, RedisBackend};
+///
+/// let redis = RedisBackend::connect("redis://127.0.0.1:6379")
+///     .await?
+///     .with_prefix("billing:locks:");
+/// let locks = LockManager::builder()
+///     .with_backend("redis", redis)
+///     .start()
+///     .await?;
+/// # locks.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisBackend {
+    conn: ConnectionManager,
+    prefix: Arc<str>,
+    notices: Arc<NoticeHub>,
+}
+
+impl fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("addr", &self.notices.addr)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBackend {
+    /// Connects to the server at `url` (`redis://[user:password@]host[:port][/db]`, or
+    /// `rediss://` for TLS when a `redis` TLS feature is on).
+    ///
+    /// A malformed URL is rejected before any I/O with [`Error::InvalidConfig`] naming it (its
+    /// password hidden). A server that cannot be reached, or does not answer within
+    /// [`CONNECT_TIMEOUT`], gives a retryable [`Error::Store`] naming its address.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let info = url.into_connection_info().map_err(|error| {
+            Error::InvalidConfig(format!(
+                "redis URL {:?} is malformed: {error}",
+                hide_password(url)
+            ))
+        })?;
+        Self::connect_info(info).await
+    }
+
+    /// Connects with the `redis` crate's own connection settings (address, AUTH, DB, TLS,
+    /// protocol).
+    pub async fn connect_info(info: ConnectionInfo) -> Result<Self> {
+        Self::connect_with_config(info, default_config()).await
+    }
+
+    /// Connects with the `redis` crate's connection settings and its connection-manager
+    /// settings (reconnection backoff, connection and response timeouts). The default is the
+    /// `redis` crate's, except: 3 reconnection retries at most a second apart (so a call during
+    /// an outage fails within a lease's deadline rather than after it), and a 2 s response
+    /// timeout.
+    pub async fn connect_with_config(
+        info: ConnectionInfo,
+        config: ConnectionManagerConfig,
+    ) -> Result<Self> {
+        let addr = info.addr().to_string();
+        let client = Client::open(info).map_err(|error| {
+            Error::InvalidConfig(format!("redis connection to {addr} is invalid: {error}"))
+        })?;
+        let connecting = async {
+            let mut conn = ConnectionManager::new_with_config(client.clone(), config).await?;
+            // Loading the scripts now spares the first calls a NOSCRIPT round trip, and proves
+            // the server answers and accepted our AUTH and SELECT.
+            let mut load = redis::pipe();
+            for code in [ACQUIRE_LUA, RELEASE_LUA, RENEW_LUA] {
+                load.cmd("SCRIPT").arg("LOAD").arg(code);
+            }
+            load.query_async::<Vec<String>>(&mut conn).await?;
+            Ok::<_, RedisError>(conn)
+        };
+        let conn = match timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(error)) => {
+                let source = match store_error(error) {
+                    StoreError::Unavailable(why) => {
+                        StoreError::Unavailable(format!("cannot connect to redis at {addr}: {why}"))
+                    }
+                    StoreError::Protocol(why) => {
+                        StoreError::Protocol(format!("redis at {addr} refused us: {why}"))
+                    }
+                    other => other,
+                };
+                return Err(Error::Store {
+                    backend: "redis".to_owned(),
+                    source,
+                });
+            }
+            Err(_) => {
+                return Err(Error::Store {
+                    backend: "redis".to_owned(),
+                    source: StoreError::Unavailable(format!(
+                        "redis at {addr} did not answer within {CONNECT_TIMEOUT:?}"
+                    )),
+                })
+            }
+        };
+        Ok(RedisBackend {
+            conn,
+            prefix: DEFAULT_PREFIX.into(),
+            notices: Arc::new(NoticeHub::new(client, addr)),
+        })
+    }
+
+    /// Puts this backend's keys under `prefix` instead of [`DEFAULT_PREFIX`]. Two backends on
+    /// one server with different prefixes never see each other's locks.
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into().into();
+        self
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The name of the Redis key that holds `key`'s lock (its fence counter and release channel
+    /// add a suffix to it).
+    pub fn lock_key(&self, key: &str) -> String {
+        format!("{}{{{key}}}", self.prefix)
+    }
+}
+
+/// The connection-manager settings [`RedisBackend::connect_info`] uses.
+fn default_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        // A call made while the connection is down waits for the reconnection: a few quick
+        // retries keep that wait inside a lease's deadline.
+        .set_number_of_retries(3)
+        .set_max_delay(Duration::from_secs(1))
+        // Under the lock manager's 5 s operation budget, so a server that stopped answering
+        // shows up as a store error first; well above any busy server's reply time, since an
+        // acquire the client stopped waiting for may still have been applied.
+        .set_response_timeout(Some(Duration::from_secs(2)))
+}
+
+#[async_trait]
+impl LockBackend for RedisBackend {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn acquire(
+        &self,
+        key: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        let lock = self.lock_key(key);
+        let mut call = ACQUIRE.key(&lock);
+        call.key(format!("{lock}:fence"))
+            .arg(owner.to_string())
+            .arg(millis(ttl))
+            .arg(format!("{lock}:acquired"));
+        if let Some(metadata) = metadata {
+            call.arg(metadata);
+        }
+        // EVALSHA, with a reload on NOSCRIPT (see the module docs).
+        let reply: Value = call
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(store_error)?;
+        match reply {
+            Value::BulkString(token) => Ok(Acquisition::Acquired(Lease::new(
+                key,
+                owner,
+                parse_token(&token)?,
+            ))),
+            Value::Int(pttl) => Ok(Acquisition::Held(Contention::with_remaining_ttl(
+                remaining(pttl),
+            ))),
+            other => Err(unexpected("acquire", &other)),
+        }
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, StoreError> {
+        let lock = self.lock_key(&lease.key);
+        RENEW
+            .key(&lock)
+            .arg(lease.owner.to_string())
+            .arg(millis(ttl))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(store_error)
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {
+        let lock = self.lock_key(&lease.key);
+        RELEASE
+            .key(&lock)
+            .arg(lease.owner.to_string())
+            .arg(format!("{lock}:released"))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(store_error)
+    }
+
+    async fn inspect(&self, key: &str) -> Result<Option<LockInfo>, StoreError> {
+        let lock = self.lock_key(key);
+        // MULTI/EXEC, so the value and the ttl describe the same holder.
+        let (value, pttl): (Option<Vec<u8>>, i64) = redis::pipe()
+            .atomic()
+            .get(&lock)
+            .pttl(&lock)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(store_error)?;
+        // PTTL -2: no key. -1: a key without expiry, which only another client can have written.
+        let remaining_ttl = match pttl {
+            -2 => return Ok(None),
+            -1 => Duration::MAX,
+            pttl => remaining(pttl).unwrap_or_default(),
+        };
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        // "<owner> <token>[ <metadata>]". A value some other client wrote has no token.
+        let value = String::from_utf8_lossy(&value);
+        let mut fields = value.splitn(3, ' ').skip(1);
+        let fencing_token = fields.next().and_then(|t| t.parse().ok()).unwrap_or(0);
+        let metadata = fields.next().map(str::to_owned);
+        Ok(Some(LockInfo {
+            key: key.to_owned(),
+            fencing_token,
+            remaining_ttl,
+            metadata,
+        }))
+    }
+
+    async fn subscribe(&self, key: &str, _seen: &Contention) -> Result<ReleaseNotices, StoreError> {
+        let channel = format!("{}:released", self.lock_key(key));
+        Ok(self.notices.subscribe(channel).await?.boxed())
+    }
+
+    async fn watch_prefix(&self, prefix: &str) -> Result<StoreEvents, StoreError> {
+        // Every acquire publishes its token on `P{K}:acquired` and every release publishes on
+        // `P{K}:released`, so two PSUBSCRIBE patterns see every key under the prefix. A watch
+        // is a monitoring tool: it gets a pub/sub connection of its own, closed with the
+        // stream. An expiry publishes nothing, so a watch does not see one.
+        let opening = async {
+            let mut pubsub = self.notices.client.get_async_pubsub().await?;
+            let pattern = format!("{}{{{}*}}:", glob_escape(&self.prefix), glob_escape(prefix));
+            pubsub
+                .psubscribe(&[format!("{pattern}acquired"), format!("{pattern}released")])
+                .await?;
+            Ok::<_, RedisError>(pubsub)
+        };
+        let pubsub = match timeout(PUBSUB_TIMEOUT, opening).await {
+            Ok(pubsub) => pubsub.map_err(store_error)?,
+            Err(_) => {
+                return Err(StoreError::TimedOut {
+                    op: "watch",
+                    after: PUBSUB_TIMEOUT,
+                })
+            }
+        };
+        let lock_prefix = format!("{}{{", self.prefix);
+        let events = pubsub.into_on_message().filter_map(move |message| {
+            let event = store_event(&lock_prefix, &message);
+            async move { event }
+        });
+        Ok(events.boxed())
+    }
+}
+
+/// The key and event of a message on an acquisition or release channel.
+fn store_event(lock_prefix: &str, message: &redis::Msg) -> Option<StoreEvent> {
+    let channel = message.get_channel_name().strip_prefix(lock_prefix)?;
+    let (key, kind) = if let Some(key) = channel.strip_suffix("}:acquired") {
+        let token = std::str::from_utf8(message.get_payload_bytes()).ok()?;
+        let fencing_token = token.parse().ok()?;
+        (key, StoreEventKind::Acquired { fencing_token })
+    } else {
+        (
+            channel.strip_suffix("}:released")?,
+            StoreEventKind::Released,
+        )
+    };
+    Some(StoreEvent {
+        key: key.to_owned(),
+        kind,
+    })
+}
+
+/// Escapes the characters PSUBSCRIBE patterns give a meaning to.
+fn glob_escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+/// Redis takes whole milliseconds. Rounding up keeps the store's lease at least as long as the
+/// one the holder counts on.
+fn millis(ttl: Duration) -> u64 {
+    let millis = ttl.as_micros().div_ceil(1000).max(1);
+    u64::try_from(millis).unwrap_or(u64::MAX)
+}
+
+/// A `PTTL` reply as a remaining lease: -1 (no expiry) and -2 (no key) have none.
+fn remaining(pttl: i64) -> Option<Duration> {
+    u64::try_from(pttl).ok().map(Duration::from_millis)
+}
+
+fn parse_token(token: &[u8]) -> Result<u64, StoreError> {
+    std::str::from_utf8(token)
+        .ok()
+        .and_then(|token| token.parse().ok())
+        .ok_or_else(|| {
+            StoreError::Protocol(format!(
+                "fencing token {:?} is not a number",
+                String::from_utf8_lossy(token)
+            ))
+        })
+}
+
+fn unexpected(op: &str, reply: &Value) -> StoreError {
+    StoreError::Protocol(format!("{op} script answered {reply:?}"))
+}
+
+/// Sorts a `redis` error into the crate's two classes: the server could not be reached or did
+/// not answer in time, or is briefly unable to serve (loading, failing over) → `Unavailable`,
+/// retryable; anything else (a script error, a refused AUTH, a wrong reply) → `Protocol`.
+fn store_error(error: RedisError) -> StoreError {
+    let transient = error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_cluster_error()
+        || matches!(
+            error.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::BusyLoading
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::ReadOnly
+            )
+        );
+    if transient {
+        StoreError::Unavailable(error.to_string())
+    } else {
+        StoreError::Protocol(error.to_string())
+    }
+}
+
+/// The URL with the password of its user-info part replaced, for error messages.
+fn hide_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
+/// The pub/sub side of one backend (and its clones): the task that owns the pub/sub
+/// connection, started on the first subscription.
+struct NoticeHub {
+    client: Client,
+    addr: String,
+    next_id: AtomicU64,
+    task: Mutex<Option<HubTask>>,
+}
+
+struct HubTask {
+    commands: mpsc::UnboundedSender<HubCommand>,
+    handle: JoinHandle<()>,
+}
+
+enum HubCommand {
+    Subscribe {
+        channel: String,
+        id: u64,
+        notices: mpsc::Sender<()>,
+        done: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Unsubscribe {
+        channel: String,
+        id: u64,
+    },
+}
+
+impl NoticeHub {
+    fn new(client: Client, addr: String) -> Self {
+        NoticeHub {
+            client,
+            addr,
+            next_id: AtomicU64::new(0),
+            task: Mutex::new(None),
+        }
+    }
+
+    fn task(&self) -> MutexGuard<'_, Option<HubTask>> {
+        // Every update under this lock is a single assignment: a panic cannot leave it torn.
+        self.task
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The running task's command queue, starting the task if it is not running.
+    fn commands(&self) -> mpsc::UnboundedSender<HubCommand> {
+        let mut task = self.task();
+        match task.as_ref() {
+            Some(running) if !running.commands.is_closed() => running.commands.clone(),
+            _ => {
+                let (commands, queue) = mpsc::unbounded_channel();
+                let handle = tokio::spawn(run_hub(self.client.clone(), self.addr.clone(), queue));
+                *task = Some(HubTask {
+                    commands: commands.clone(),
+                    handle,
+                });
+                commands
+            }
+        }
+    }
+
+    async fn subscribe(&self, channel: String) -> Result<Notices, StoreError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Capacity 1: notices that arrive while one is pending add nothing (the waiter
+        // re-checks the key once either way).
+        let (notices, rx) = mpsc::channel(1);
+        let (done, answer) = oneshot::channel();
+        let commands = self.commands();
+        let gone = || StoreError::Unavailable("the release-notice task stopped".to_owned());
+        commands
+            .send(HubCommand::Subscribe {
+                channel: channel.clone(),
+                id,
+                notices,
+                done,
+            })
+            .map_err(|_| gone())?;
+        // Built before the answer comes, so that dropping this future while it waits still
+        // unsubscribes.
+        let stream = Notices {
+            rx,
+            channel,
+            id,
+            commands,
+        };
+        // The task bounds each of its steps; this bounds the wait behind other requests too.
+        let budget = PUBSUB_TIMEOUT * 2;
+        match timeout(budget, answer).await {
+            Ok(Ok(Ok(()))) => Ok(stream),
+            Ok(Ok(Err(error))) => Err(error),
+            Ok(Err(_)) => Err(gone()),
+            Err(_) => Err(StoreError::TimedOut {
+                op: "subscribe",
+                after: budget,
+            }),
+        }
+    }
+}
+
+impl Drop for NoticeHub {
+    fn drop(&mut self) {
+        // The last clone of the backend is gone: nobody can subscribe any more.
+        if let Some(task) = self.task().take() {
+            task.handle.abort();
+        }
+    }
+}
+
+/// One subscriber's release notices. Dropping it unsubscribes.
+struct Notices {
+    rx: mpsc::Receiver<()>,
+    channel: String,
+    id: u64,
+    commands: mpsc::UnboundedSender<HubCommand>,
+}
+
+impl Stream for Notices {
+    type Item = ();
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<()>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for Notices {
+    fn drop(&mut self) {
+        let _ = self.commands.send(HubCommand::Unsubscribe {
+            channel: std::mem::take(&mut self.channel),
+            id: self.id,
+        });
+    }
+}
+
+/// The task that owns the pub/sub connection.
+struct Hub {
+    client: Client,
+    addr: String,
+    /// `None` until the first subscription, and again after the connection broke.
+    conn: Option<(PubSubSink, PubSubStream)>,
+    /// Channel → its local subscribers. A channel is in this map exactly while the connection
+    /// is subscribed to it.
+    channels: HashMap<String, Vec<(u64, mpsc::Sender<()>)>>,
+}
+
+enum HubEvent {
+    Command(HubCommand),
+    Message(Option<redis::Msg>),
+}
+
+async fn run_hub(client: Client, addr: String, mut commands: mpsc::UnboundedReceiver<HubCommand>) {
+    let mut hub = Hub {
+        client,
+        addr,
+        conn: None,
+        channels: HashMap::new(),
+    };
+    loop {
+        let event = tokio::select! {
+            command = commands.recv() => match command {
+                Some(command) => HubEvent::Command(command),
+                None => return,
+            },
+            message = next_message(&mut hub.conn) => HubEvent::Message(message),
+        };
+        match event {
+            HubEvent::Command(HubCommand::Subscribe {
+                channel,
+                id,
+                notices,
+                done,
+            }) => {
+                let result = hub.subscribe(channel, id, notices).await;
+                let _ = done.send(result);
+            }
+            HubEvent::Command(HubCommand::Unsubscribe { channel, id }) => {
+                hub.unsubscribe(&channel, id).await;
+            }
+            HubEvent::Message(Some(message)) => {
+                if let Some(subscribers) = hub.channels.get(message.get_channel_name()) {
+                    for (_, notices) in subscribers {
+                        // Full: a notice is already pending. Closed: its stream was dropped
+                        // and the unsubscribe is on its way.
+                        let _ = notices.try_send(());
+                    }
+                }
+            }
+            HubEvent::Message(None) => {
+                tracing::warn!(addr = %hub.addr, "redis pub/sub connection closed; release notices end until the next subscription");
+                hub.disconnect();
+            }
+        }
+    }
+}
+
+/// The next pub/sub message; never, while there is no connection.
+async fn next_message(conn: &mut Option<(PubSubSink, PubSubStream)>) -> Option<redis::Msg> {
+    match conn {
+        Some((_, stream)) => stream.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Hub {
+    async fn subscribe(
+        &mut self,
+        channel: String,
+        id: u64,
+        notices: mpsc::Sender<()>,
+    ) -> Result<(), StoreError> {
+        if let Some(subscribers) = self.channels.get_mut(&channel) {
+            // Already subscribed for another local waiter: one Redis subscription serves both.
+            subscribers.push((id, notices));
+            return Ok(());
+        }
+        if self.conn.is_none() {
+            // A dedicated connection: one in SUBSCRIBE mode can run nothing but (un)subscribe
+            // commands, so it cannot be the multiplexed one the scripts use.
+            let connecting = timeout(PUBSUB_TIMEOUT, self.client.get_async_pubsub());
+            let pubsub = match connecting.await {
+                Ok(Ok(pubsub)) => pubsub,
+                Ok(Err(error)) => return Err(self.failed("connect", error)),
+                Err(_) => return Err(self.timed_out("connect")),
+            };
+            self.conn = Some(pubsub.split());
+        }
+        let (sink, _) = self.conn.as_mut().expect("connected above");
+        // SUBSCRIBE returns once the server confirms: from then on every PUBLISH on the
+        // channel reaches us, so the waiter's re-check after this cannot miss a release.
+        match timeout(PUBSUB_TIMEOUT, sink.subscribe(&channel)).await {
+            Ok(Ok(())) => {
+                self.channels.insert(channel, vec![(id, notices)]);
+                Ok(())
+            }
+            Ok(Err(error)) => {
+                let error = self.failed("subscribe", error);
+                if error.is_retryable() {
+                    self.disconnect();
+                }
+                Err(error)
+            }
+            Err(_) => {
+                self.disconnect();
+                Err(self.timed_out("subscribe"))
+            }
+        }
+    }
+
+    async fn unsubscribe(&mut self, channel: &str, id: u64) {
+        let Some(subscribers) = self.channels.get_mut(channel) else {
+            return;
+        };
+        subscribers.retain(|(subscriber, _)| *subscriber != id);
+        if !subscribers.is_empty() {
+            return;
+        }
+        self.channels.remove(channel);
+        let Some((sink, _)) = self.conn.as_mut() else {
+            return;
+        };
+        // UNSUBSCRIBE, so the server stops sending this node releases nobody here waits for.
+        // A connection that cannot even do that is replaced on the next subscription.
+        if !matches!(
+            timeout(PUBSUB_TIMEOUT, sink.unsubscribe(channel)).await,
+            Ok(Ok(()))
+        ) {
+            self.disconnect();
+        }
+    }
+
+    /// Drops the connection and ends every stream: their subscriptions went with it, and the
+    /// waiters' backstop timers take over.
+    fn disconnect(&mut self) {
+        self.conn = None;
+        self.channels.clear();
+    }
+
+    fn failed(&self, op: &str, error: RedisError) -> StoreError {
+        match store_error(error) {
+            StoreError::Unavailable(why) => {
+                StoreError::Unavailable(format!("redis pub/sub {op} at {}: {why}", self.addr))
+            }
+            StoreError::Protocol(why) => {
+                StoreError::Protocol(format!("redis pub/sub {op} at {}: {why}", self.addr))
+            }
+            other => other,
+        }
+    }
+
+    fn timed_out(&self, op: &str) -> StoreError {
+        StoreError::Unavailable(format!(
+            "redis pub/sub {op} at {} did not answer within {PUBSUB_TIMEOUT:?}",
+            self.addr
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hide_password_hides_only_the_password() {
+        assert_eq!(
+            hide_password("redis://user:secret@host:6379/2"),
+            "redis://user:***@host:6379/2"
+        );
+        assert_eq!(hide_password("redis://:secret@host"), "redis://:***@host");
+        assert_eq!(hide_password("redis://host:6379"), "redis://host:6379");
+        assert_eq!(hide_password("not a url"), "not a url");
+    }
+
+    #[test]
+    fn ttl_rounds_up_to_whole_milliseconds() {
+        assert_eq!(millis(Duration::from_micros(1500)), 2);
+        assert_eq!(millis(Duration::from_millis(300)), 300);
+        assert_eq!(millis(Duration::from_nanos(1)), 1);
+    }
+}

@@ -1,0 +1,532 @@
+//! The Redis backend on a real `redis-server` (one per test, started on a free loopback port):
+//! the whole conformance suite, then what only Redis can do to a lock — another client
+//! touching its keys, a restart that loses the data, a broken pub/sub connection.
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use leasehold::backend::redis::CONNECT_TIMEOUT;
+use leasehold::testing::{eventually, next_event, start, unique_key};
+use leasehold::{
+    Acquisition, Contention, LockBackend, LockClient, LockEventKind, LockManager, LockOptions,
+    LostReason, OwnerToken, RedisBackend, Wait,
+};
+use redis::aio::MultiplexedConnection;
+use redis_server::RedisServer;
+use tokio::time::timeout;
+
+// `RedisServer::start()` is a temporary of the statement that runs each test, so the server
+// lives until the test is over and is stopped when it ends.
+leasehold::conformance_suite!(real, redis_server::RedisServer::start().backend().await);
+
+/// A plain client of the same server: "another client" that knows nothing of leasehold.
+async fn other_client(server: &RedisServer) -> MultiplexedConnection {
+    redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// `try_lock` until it succeeds, riding out the errors of a connection that is reconnecting.
+async fn lock_when_reachable(node: &LockClient, key: &str) -> leasehold::LockGuard {
+    let give_up = Instant::now() + Duration::from_secs(20);
+    loop {
+        match node.try_lock(key, LockOptions::new()).await {
+            Ok(Some(guard)) => return guard,
+            Ok(None) => panic!("{key} is held after a restart without data"),
+            Err(e) if e.is_retryable() && Instant::now() < give_up => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{key} could not be locked: {e}"),
+        }
+    }
+}
+
+async fn subscribers(conn: &mut MultiplexedConnection, channel: &str) -> i64 {
+    let (_, count): (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(channel)
+        .query_async(conn)
+        .await
+        .unwrap();
+    count
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_deleted_by_another_client_is_lost_at_next_renewal() {
+    let server = RedisServer::start();
+    let backend = server.backend().await;
+    let node = start(backend.clone()).await;
+    let key = unique_key("deleted");
+    let ttl = Duration::from_secs(3);
+    let held = node
+        .try_lock(&key, LockOptions::new().with_ttl(ttl))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut other = other_client(&server).await;
+    let deleted: i64 = redis::cmd("DEL")
+        .arg(backend.lock_key(&key))
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+    let reason = timeout(ttl, held.lost())
+        .await
+        .expect("loss found by a renewal, before the ttl");
+    assert_eq!(reason, LostReason::NotOwner);
+    assert!(!held.is_held());
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_overwritten_by_another_client_is_lost_at_next_renewal() {
+    let server = RedisServer::start();
+    let backend = server.backend().await;
+    let node = start(backend.clone()).await;
+    let key = unique_key("overwritten");
+    let ttl = Duration::from_secs(3);
+    let held = node
+        .try_lock(&key, LockOptions::new().with_ttl(ttl))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut other = other_client(&server).await;
+    let _: () = redis::cmd("SET")
+        .arg(backend.lock_key(&key))
+        .arg("someone-else")
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    let reason = timeout(ttl, held.lost())
+        .await
+        .expect("loss found by a renewal, before the ttl");
+    assert_eq!(reason, LostReason::NotOwner);
+    // The other client's key is not ours to delete.
+    let value: String = redis::cmd("GET")
+        .arg(backend.lock_key(&key))
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    assert_eq!(value, "someone-else");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_without_data_mid_hold_is_lost() {
+    let mut server = RedisServer::start();
+    let node = start(server.backend().await).await;
+    let key = unique_key("restart");
+    let ttl = Duration::from_secs(3);
+    let held = node
+        .try_lock(&key, LockOptions::new().with_ttl(ttl))
+        .await
+        .unwrap()
+        .unwrap();
+    server.restart();
+    let reason = timeout(ttl * 2, held.lost())
+        .await
+        .expect("loss reported, never silence");
+    // A renewal on the new connection finds the key gone (NotOwner); a renewal that kept
+    // failing until the deadline would say Expired. Either way the holder knows.
+    assert!(
+        matches!(reason, LostReason::NotOwner | LostReason::Expired),
+        "{reason:?}"
+    );
+    assert!(!held.is_held());
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fencing_tokens_keep_increasing_across_a_restart_without_data() {
+    let mut server = RedisServer::start();
+    let node = start(server.backend().await).await;
+    let key = unique_key("fence-restart");
+    let mut newest = 0;
+    for _ in 0..3 {
+        let guard = lock_when_reachable(&node, &key).await;
+        newest = newest.max(guard.fencing_token());
+        guard.release().await.unwrap();
+    }
+    server.restart();
+    let guard = lock_when_reachable(&node, &key).await;
+    assert!(
+        guard.fencing_token() > newest,
+        "token {} after a restart, {newest} before it",
+        guard.fencing_token()
+    );
+    guard.release().await.unwrap();
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_fencing_token_is_seeded_from_the_server_clock() {
+    let server = RedisServer::start();
+    let backend = server.backend().await;
+    let mut other = other_client(&server).await;
+    let (seconds, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut other).await.unwrap();
+    let before = (seconds * 1_000_000 + micros) << 10;
+    let key = unique_key("seed");
+    let owner = OwnerToken::random();
+    let Acquisition::Acquired(lease) = backend
+        .acquire(&key, owner, Duration::from_secs(5), None)
+        .await
+        .unwrap()
+    else {
+        panic!("a fresh key is free");
+    };
+    assert!(
+        lease.fencing_token > before,
+        "token {} is not above the clock seed {before}",
+        lease.fencing_token
+    );
+    assert!(backend.release(&lease).await.unwrap());
+}
+
+/// One holder's time with a key, as the holder saw it.
+struct Held {
+    from: Instant,
+    to: Instant,
+    token: u64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_contending_for_the_same_keys_never_overlap() {
+    const TASKS_PER_NODE: usize = 4;
+    const ROUNDS: usize = 6;
+    let server = RedisServer::start();
+    // Two managers, each with its own connections: two nodes of one application.
+    let nodes = [
+        start(server.backend().await).await,
+        start(server.backend().await).await,
+    ];
+    let keys: Vec<String> = (0..3).map(|_| unique_key("overlap")).collect();
+    let held: Arc<Mutex<HashMap<String, Vec<Held>>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        for t in 0..TASKS_PER_NODE {
+            let (node, keys, held) = (node.clone(), keys.clone(), held.clone());
+            tasks.push(tokio::spawn(async move {
+                for round in 0..ROUNDS {
+                    let key = &keys[(n + t + round) % keys.len()];
+                    let opts = LockOptions::new().with_wait(Wait::UpTo(Duration::from_secs(60)));
+                    let guard = node.lock(key, opts).await.expect("lock");
+                    let from = Instant::now();
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    let to = Instant::now();
+                    let token = guard.fencing_token();
+                    guard.release().await.expect("release");
+                    held.lock()
+                        .unwrap()
+                        .entry(key.clone())
+                        .or_default()
+                        .push(Held { from, to, token });
+                }
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.expect("contender");
+    }
+    let held = std::mem::take(&mut *held.lock().unwrap());
+    let mut total = 0;
+    for (key, mut intervals) in held {
+        intervals.sort_by_key(|held| held.from);
+        total += intervals.len();
+        for pair in intervals.windows(2) {
+            let (before, after) = (&pair[0], &pair[1]);
+            assert!(after.from >= before.to, "two holders of {key} at once");
+            assert!(
+                after.token > before.token,
+                "{key}: token {} after {}",
+                after.token,
+                before.token
+            );
+        }
+    }
+    assert_eq!(total, 2 * TASKS_PER_NODE * ROUNDS);
+    for node in &nodes {
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_notice_hands_the_lock_to_another_node_before_its_backstop() {
+    let server = RedisServer::start();
+    let holder_node = start(server.backend().await).await;
+    // Ten minutes of lease and of backstop: within the 30 s wait budget, only the release
+    // notice can hand this node the lock.
+    let long = Duration::from_secs(600);
+    let waiter_node = LockManager::builder()
+        .with_name(format!("redis-handoff-{}", std::process::id()))
+        .with_backend("store", server.backend().await)
+        .with_backstop_cap(long)
+        .start()
+        .await
+        .unwrap();
+    let key = unique_key("handoff");
+    let held = holder_node
+        .try_lock(&key, LockOptions::new().with_ttl(long))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut events = waiter_node.events();
+    let waiting = tokio::spawn({
+        let (node, key) = (waiter_node.clone(), key.clone());
+        async move {
+            let opts = LockOptions::new().with_wait(Wait::UpTo(Duration::from_secs(30)));
+            node.lock(&key, opts).await
+        }
+    });
+    next_event(&mut events, Duration::from_secs(10), |event| {
+        matches!(event.kind, LockEventKind::Contended).then_some(())
+    })
+    .await;
+    let token = held.fencing_token();
+    held.release().await.unwrap();
+    let guard = waiting
+        .await
+        .unwrap()
+        .expect("handed over by the release notice");
+    assert!(guard.fencing_token() > token);
+    guard.release().await.unwrap();
+    holder_node.shutdown().await;
+    waiter_node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_redis_subscription_per_key_is_shared_and_ends_with_its_streams() {
+    let server = RedisServer::start();
+    let backend = server.backend().await;
+    let mut other = other_client(&server).await;
+    let key = unique_key("shared-watch");
+    let channel = format!("{}:released", backend.lock_key(&key));
+    let seen = Contention::default();
+    let mut first = backend.subscribe(&key, &seen).await.unwrap();
+    let mut second = backend.clone().subscribe(&key, &seen).await.unwrap();
+    assert_eq!(subscribers(&mut other, &channel).await, 1);
+    // One release wakes both local subscribers.
+    let owner = OwnerToken::random();
+    let Acquisition::Acquired(lease) = backend
+        .acquire(&key, owner, Duration::from_secs(5), None)
+        .await
+        .unwrap()
+    else {
+        panic!("a fresh key is free");
+    };
+    assert!(backend.release(&lease).await.unwrap());
+    for stream in [&mut first, &mut second] {
+        timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("notice delivered")
+            .expect("stream open");
+    }
+    drop(first);
+    drop(second);
+    eventually("unsubscribed", Duration::from_secs(5), || {
+        let mut other = other.clone();
+        let channel = channel.clone();
+        async move { subscribers(&mut other, &channel).await == 0 }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_pubsub_connection_ends_release_streams() {
+    let server = RedisServer::start();
+    let backend = server.backend().await;
+    let mut other = other_client(&server).await;
+    let key = unique_key("broken-watch");
+    let mut notices = backend
+        .subscribe(&key, &Contention::default())
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    let end = timeout(Duration::from_secs(5), notices.next())
+        .await
+        .expect("stream ends instead of going quiet");
+    assert!(end.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_after_a_broken_pubsub_connection_reconnects() {
+    let server = RedisServer::start();
+    let backend = server.backend().await;
+    let mut other = other_client(&server).await;
+    let key = unique_key("rewatch");
+    let mut notices = backend
+        .subscribe(&key, &Contention::default())
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    assert!(timeout(Duration::from_secs(5), notices.next())
+        .await
+        .unwrap()
+        .is_none());
+    let mut notices = backend
+        .subscribe(&key, &Contention::default())
+        .await
+        .unwrap();
+    let Acquisition::Acquired(lease) = backend
+        .acquire(&key, OwnerToken::random(), Duration::from_secs(5), None)
+        .await
+        .unwrap()
+    else {
+        panic!("a fresh key is free");
+    };
+    assert!(backend.release(&lease).await.unwrap());
+    timeout(Duration::from_secs(5), notices.next())
+        .await
+        .expect("notice on the new connection")
+        .expect("stream open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_key_holds_owner_token_and_metadata_beside_a_fence_counter_with_its_hash_tag() {
+    let server = RedisServer::start();
+    let backend = server.backend().await.with_prefix("app:");
+    let mut other = other_client(&server).await;
+    let key = unique_key("layout");
+    let owner = OwnerToken::random();
+    let ttl = Duration::from_secs(5);
+    let lease = match backend
+        .acquire(&key, owner, ttl, Some("a b"))
+        .await
+        .unwrap()
+    {
+        Acquisition::Acquired(lease) => lease,
+        held => panic!("a fresh key is free: {held:?}"),
+    };
+    let mut names: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    names.sort();
+    let tagged = format!("app:{{{key}}}");
+    assert_eq!(names, [tagged.clone(), format!("{tagged}:fence")]);
+    let value: String = redis::cmd("GET")
+        .arg(&tagged)
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    assert_eq!(value, format!("{owner} {} a b", lease.fencing_token));
+    assert!(backend.release(&lease).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_with_different_prefixes_do_not_contend() {
+    let server = RedisServer::start();
+    let a = start(server.backend().await.with_prefix("a:")).await;
+    let b = start(server.backend().await.with_prefix("b:")).await;
+    let key = unique_key("prefixed");
+    let held_a = a.try_lock(&key, LockOptions::new()).await.unwrap();
+    let held_b = b.try_lock(&key, LockOptions::new()).await.unwrap();
+    assert!(held_a.is_some() && held_b.is_some());
+    drop((held_a, held_b));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_url_is_rejected_before_any_io_naming_it() {
+    for url in ["redis://127.0.0.1:notaport", "localhost:6379", ""] {
+        let err = timeout(Duration::from_secs(1), RedisBackend::connect(url))
+            .await
+            .expect("no I/O, so no wait")
+            .unwrap_err();
+        assert!(err.is_invalid_input(), "{url}: {err:?}");
+        assert!(!err.is_retryable(), "{url}: {err:?}");
+        assert!(err.to_string().contains(&format!("{url:?}")), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn malformed_url_error_hides_the_password() {
+    let err = RedisBackend::connect("redis://app:hunter2@127.0.0.1:notaport")
+        .await
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(!message.contains("hunter2"), "{message}");
+    assert!(message.contains("app:***@127.0.0.1:notaport"), "{message}");
+}
+
+#[tokio::test]
+async fn unreachable_server_gives_a_retryable_error_naming_it() {
+    // A port nobody listens on: bound, noted, closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let err = timeout(CONNECT_TIMEOUT * 2, RedisBackend::connect(&url))
+        .await
+        .expect("an error, not a hang")
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(
+        err.to_string().contains(&format!("127.0.0.1:{port}")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn paused_server_gives_a_retryable_error_at_connect_instead_of_a_hang() {
+    let server = RedisServer::start();
+    server.pause();
+    let err = timeout(CONNECT_TIMEOUT * 2, RedisBackend::connect(&server.url()))
+        .await
+        .expect("an error, not a hang")
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains(&format!("127.0.0.1:{}", server.port())),
+        "{err}"
+    );
+    server.resume();
+}
+
+#[tokio::test]
+async fn refused_auth_is_an_error_that_is_not_retried() {
+    let server = RedisServer::start();
+    let mut other = other_client(&server).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("right-password")
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    let url = format!("redis://:wrong-password@127.0.0.1:{}", server.port());
+    let err = timeout(CONNECT_TIMEOUT * 2, RedisBackend::connect(&url))
+        .await
+        .expect("an error, not a hang")
+        .unwrap_err();
+    assert!(!err.is_retryable(), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("127.0.0.1:{}", server.port())),
+        "{message}"
+    );
+    assert!(!message.contains("wrong-password"), "{message}");
+}
