@@ -4,7 +4,8 @@
 //! never in this actor's handler, so one slow key cannot stall the others.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -19,8 +20,8 @@ use crate::backend::{Contention, LockBackend, LockInfo, OwnerToken};
 use crate::error::{Error, Result, StoreError};
 use crate::event::{EventBus, LockEventKind, ReleaseReason};
 use crate::guard::LockGuard;
-use crate::key_actor::{KeyActor, KeyArgs, KeyMsg};
-use crate::options::Wait;
+use crate::key_actor::{KeyActor, KeyArgs, KeyMsg, KeyState};
+use crate::options::{validate_key, LockOptions, Wait};
 use crate::task::AbortOnDrop;
 
 /// What a backend actor and its key actors share: the store, where events go, the timing.
@@ -29,9 +30,38 @@ pub(crate) struct BackendCtx {
     pub(crate) store: Arc<dyn LockBackend>,
     pub(crate) events: Arc<EventBus>,
     pub(crate) timing: Timing,
+    /// The running backend actor, `None` while it is down. Kept here, beside the store, so
+    /// that `LockClient`s send acquisitions straight to it: one actor hop less on the hot
+    /// path than routing each one through the manager.
+    actor: RwLock<Option<ActorRef<BackendMsg>>>,
 }
 
 impl BackendCtx {
+    pub(crate) fn new(
+        name: Arc<str>,
+        store: Arc<dyn LockBackend>,
+        events: Arc<EventBus>,
+        timing: Timing,
+    ) -> Self {
+        BackendCtx {
+            name,
+            store,
+            events,
+            timing,
+            actor: RwLock::new(None),
+        }
+    }
+
+    /// The running backend actor, if it is up.
+    pub(crate) fn actor(&self) -> Option<ActorRef<BackendMsg>> {
+        self.actor.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Records the backend actor that now serves this backend (`None`: it is down).
+    pub(crate) fn set_actor(&self, actor: Option<ActorRef<BackendMsg>>) {
+        *self.actor.write().unwrap_or_else(|e| e.into_inner()) = actor;
+    }
+
     pub(crate) fn emit(&self, key: &Arc<str>, fencing_token: Option<u64>, kind: LockEventKind) {
         self.events.emit(&self.name, Some(key), fencing_token, kind);
     }
@@ -77,6 +107,31 @@ pub(crate) struct AcquireRequest {
 }
 
 impl AcquireRequest {
+    /// Every check that needs no I/O, then the request as the backend actor takes it.
+    /// `options.wait` unset means try once.
+    pub(crate) fn new(ctx: &BackendCtx, key: &str, options: LockOptions) -> Result<Self> {
+        validate_key(key)?;
+        options.validate()?;
+        let requested_at = Instant::now();
+        let wait = options.wait.unwrap_or(Wait::No);
+        let deadline = match wait {
+            Wait::UpTo(budget) => Some(requested_at + budget),
+            _ => None,
+        };
+        let key: Arc<str> = key.into();
+        ctx.emit(&key, None, LockEventKind::Requested);
+        Ok(AcquireRequest {
+            key,
+            ttl: options.ttl,
+            wait,
+            deadline,
+            auto_renew: options.auto_renew,
+            holder: options.holder,
+            metadata: options.metadata,
+            requested_at,
+        })
+    }
+
     pub(crate) fn tries_once(&self) -> bool {
         self.wait == Wait::No
     }
@@ -93,13 +148,8 @@ impl AcquireRequest {
     }
 }
 
-/// A key actor is done: it released, lost, or failed to acquire. A request that is still
-/// waiting comes back for the key's queue.
-pub(crate) struct Finished {
-    pub(crate) key: Arc<str>,
-    pub(crate) actor: ActorId,
-    pub(crate) requeue: Option<(AcquireRequest, AcquireReply, Contention)>,
-}
+/// A waiting request whose attempt found the key held elsewhere, with what the attempt learned.
+pub(crate) type Requeue = (AcquireRequest, AcquireReply, Contention);
 
 type TimerResult = std::result::Result<(), ractor::MessagingErr<BackendMsg>>;
 
@@ -134,7 +184,6 @@ pub(crate) enum BackendMsg {
         ttl: Duration,
         reply: RpcReplyPort<Result<()>>,
     },
-    Finished(Box<Finished>),
     /// The key may be free: a release notice, a subscription that just became active, or the
     /// backstop timer.
     Wake(Arc<str>),
@@ -175,6 +224,22 @@ struct Slot {
 struct Busy {
     actor: ActorRef<KeyMsg>,
     holder: Option<ActorId>,
+    /// Set by the key actor once it has let the key go (before it answers anyone; its
+    /// termination event comes later).
+    done: Arc<AtomicBool>,
+}
+
+impl Slot {
+    /// Forgets a key actor that has let the key go, without waiting for its termination.
+    fn settle(&mut self) {
+        if self
+            .busy
+            .as_ref()
+            .is_some_and(|b| b.done.load(Ordering::Acquire))
+        {
+            self.busy = None;
+        }
+    }
 }
 
 struct Waiter {
@@ -233,7 +298,6 @@ impl Actor for BackendActor {
                 };
                 state.forward(&key, reply, msg);
             }
-            BackendMsg::Finished(finished) => state.finished(&myself, *finished),
             BackendMsg::Wake(key) => state.serve_next(&myself, &key),
             BackendMsg::WaiterTimedOut(key, id) => state.waiter_timed_out(&key, id),
             BackendMsg::Shutdown(reply) => {
@@ -250,15 +314,25 @@ impl Actor for BackendActor {
         event: SupervisionEvent,
         state: &mut BackendState,
     ) -> Result<(), ActorProcessingErr> {
-        // A key actor that stops normally has already sent `Finished`; only a panicking one
-        // needs cleaning up after. Either way this actor carries on (ractor's default would
-        // stop it with its child).
-        if let SupervisionEvent::ActorFailed(cell, error) = event {
-            if let Some(key) = state.children.remove(&cell.get_id()) {
-                tracing::error!(backend = %state.ctx.name, key = %key, %error, "key actor failed");
-                state.free(&key, cell.get_id());
-                state.serve_next(&myself, &key);
+        // A key actor is done: it released, lost, or failed to acquire; its final state says
+        // whether its request still waits. This actor carries on either way (ractor's default
+        // would stop it with its child).
+        let (cell, requeue) = match event {
+            SupervisionEvent::ActorTerminated(cell, last_state, _) => {
+                let requeue = last_state
+                    .and_then(|mut last| last.take::<KeyState>().ok())
+                    .and_then(|mut last| last.requeue.take());
+                (cell, requeue)
             }
+            SupervisionEvent::ActorFailed(cell, error) => {
+                tracing::error!(backend = %state.ctx.name, %error, "key actor failed");
+                (cell, None)
+            }
+            _ => return Ok(()),
+        };
+        let id = cell.get_id();
+        if let Some(key) = state.children.remove(&id) {
+            state.finished(&myself, key, id, requeue);
         }
         Ok(())
     }
@@ -276,6 +350,7 @@ impl BackendState {
             return;
         }
         let slot = self.slots.entry(request.key.clone()).or_default();
+        slot.settle();
         if let Some(holder) = request.holder_id() {
             let busy_for_holder = slot.busy.as_ref().is_some_and(|b| b.holder == Some(holder));
             if busy_for_holder
@@ -313,9 +388,10 @@ impl BackendState {
     ) {
         let key = request.key.clone();
         let holder = request.holder_id();
+        let done = Arc::new(AtomicBool::new(false));
         let args = KeyArgs {
             ctx: self.ctx.clone(),
-            backend: myself.clone(),
+            done: done.clone(),
             request,
             reply,
         };
@@ -324,7 +400,11 @@ impl BackendState {
         match ActorRuntime::spawn_linked_instant(None, KeyActor, args, myself.get_cell()) {
             Ok((actor, _start)) => {
                 self.children.insert(actor.get_id(), key.clone());
-                self.slots.entry(key).or_default().busy = Some(Busy { actor, holder });
+                self.slots.entry(key).or_default().busy = Some(Busy {
+                    actor,
+                    holder,
+                    done,
+                });
             }
             // Only a name clash can fail an instant spawn, and key actors have no names.
             Err(error) => {
@@ -361,13 +441,13 @@ impl BackendState {
         }
     }
 
-    fn finished(&mut self, myself: &ActorRef<BackendMsg>, finished: Finished) {
-        let Finished {
-            key,
-            actor,
-            requeue,
-        } = finished;
-        self.children.remove(&actor);
+    fn finished(
+        &mut self,
+        myself: &ActorRef<BackendMsg>,
+        key: Arc<str>,
+        actor: ActorId,
+        requeue: Option<Requeue>,
+    ) {
         self.free(&key, actor);
         match requeue {
             // The head waiter found the key held elsewhere: it keeps its place and waits for a
@@ -402,6 +482,7 @@ impl BackendState {
         let Some(slot) = self.slots.get_mut(key) else {
             return;
         };
+        slot.settle();
         if slot.busy.is_some() {
             return;
         }

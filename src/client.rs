@@ -10,6 +10,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use crate::backend::{LockInfo, StoreEvents};
+use crate::backend_actor::{AcquireRequest, BackendCtx, BackendMsg};
 use crate::error::{Error, Result};
 use crate::event::{EventBus, LockEvent, LockMetrics};
 use crate::guard::LockGuard;
@@ -40,22 +41,23 @@ use crate::options::{LockOptions, Wait};
 #[derive(Clone)]
 pub struct LockClient {
     manager: ActorRef<LockManagerMsg>,
-    backend: Arc<str>,
-    names: Arc<[Arc<str>]>,
+    /// The backend this handle uses.
+    backend: Arc<BackendCtx>,
+    /// Every backend of the manager, the default first.
+    backends: Arc<[Arc<BackendCtx>]>,
     events: Arc<EventBus>,
 }
 
 impl LockClient {
     pub(crate) fn new(
         manager: ActorRef<LockManagerMsg>,
-        backend: Arc<str>,
-        names: Arc<[Arc<str>]>,
+        backends: Arc<[Arc<BackendCtx>]>,
         events: Arc<EventBus>,
     ) -> Self {
         LockClient {
             manager,
-            backend,
-            names,
+            backend: backends[0].clone(),
+            backends,
             events,
         }
     }
@@ -78,15 +80,15 @@ impl LockClient {
 
     /// The name of the backend this handle uses.
     pub fn backend_name(&self) -> &str {
-        &self.backend
+        &self.backend.name
     }
 
     /// A handle on the same manager that uses the backend named `name`.
     pub fn backend(&self, name: &str) -> Result<LockClient> {
-        let Some(backend) = self.names.iter().find(|n| ***n == *name) else {
+        let Some(backend) = self.backends.iter().find(|b| *b.name == *name) else {
             return Err(Error::UnknownBackend {
                 name: name.to_owned(),
-                known: self.names.iter().map(|n| n.to_string()).collect(),
+                known: self.backends.iter().map(|b| b.name.to_string()).collect(),
             });
         };
         Ok(LockClient {
@@ -139,7 +141,7 @@ impl LockClient {
     /// True if anyone (on any node) holds `key`, according to the store.
     pub async fn is_locked(&self, key: &str) -> Result<bool> {
         self.call(|reply| LockManagerMsg::IsLocked {
-            backend: Some(self.backend.to_string()),
+            backend: Some(self.backend.name.to_string()),
             key: key.to_owned(),
             reply,
         })
@@ -149,7 +151,7 @@ impl LockClient {
     /// The current holder of `key`: fencing token, remaining ttl, metadata.
     pub async fn info(&self, key: &str) -> Result<Option<LockInfo>> {
         self.call(|reply| LockManagerMsg::Info {
-            backend: Some(self.backend.to_string()),
+            backend: Some(self.backend.name.to_string()),
             key: key.to_owned(),
             reply,
         })
@@ -160,7 +162,7 @@ impl LockClient {
     /// by any node. For monitoring; not every store supports it.
     pub async fn watch(&self, prefix: &str) -> Result<StoreEvents> {
         self.call(|reply| LockManagerMsg::Watch {
-            backend: Some(self.backend.to_string()),
+            backend: Some(self.backend.name.to_string()),
             prefix: prefix.to_owned(),
             reply,
         })
@@ -195,14 +197,31 @@ impl LockClient {
         self.manager.get_cell().wait(None).await.ok();
     }
 
+    /// Validates here and sends straight to the backend actor: the manager only routes, and
+    /// this handle already knows the route.
     async fn acquire(&self, key: &str, options: LockOptions) -> Result<Option<LockGuard>> {
-        self.call(|reply| LockManagerMsg::Acquire {
-            backend: Some(self.backend.to_string()),
-            key: key.to_owned(),
-            options,
-            reply,
-        })
-        .await
+        let request = AcquireRequest::new(&self.backend, key, options)?;
+        let Some(actor) = self.backend.actor() else {
+            return Err(self.unavailable());
+        };
+        match actor
+            .call(|reply| BackendMsg::Acquire(request, reply), None)
+            .await
+        {
+            Ok(CallResult::Success(result)) => result,
+            _ => Err(self.unavailable()),
+        }
+    }
+
+    /// Why a request went unanswered: the manager stopped, or only this backend is down.
+    fn unavailable(&self) -> Error {
+        if self.manager.get_status() == ractor::ActorStatus::Running {
+            Error::BackendDown {
+                backend: self.backend.name.to_string(),
+            }
+        } else {
+            Error::ManagerStopped
+        }
     }
 
     async fn call<T: Send + 'static>(
@@ -211,13 +230,7 @@ impl LockClient {
     ) -> Result<T> {
         match self.manager.call(msg, None).await {
             Ok(CallResult::Success(result)) => result,
-            // The request was dropped unanswered: its backend actor went down under it.
-            Ok(_) if self.manager.get_status() == ractor::ActorStatus::Running => {
-                Err(Error::BackendDown {
-                    backend: self.backend.to_string(),
-                })
-            }
-            _ => Err(Error::ManagerStopped),
+            _ => Err(self.unavailable()),
         }
     }
 }
@@ -226,7 +239,7 @@ impl std::fmt::Debug for LockClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LockClient")
             .field("manager", &self.manager.get_id())
-            .field("backend", &self.backend)
+            .field("backend", &self.backend.name)
             .finish()
     }
 }

@@ -2,7 +2,7 @@
 //! [`OutputPort`], a broadcast channel for plain async code, and `tracing`.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -207,6 +207,8 @@ impl Counters {
 pub(crate) struct EventBus {
     port: OutputPort<LockEvent>,
     broadcast: broadcast::Sender<LockEvent>,
+    /// Set once an actor subscribed to the port (ractor does not say how many listen).
+    port_subscribed: AtomicBool,
     counters: Counters,
 }
 
@@ -215,6 +217,7 @@ impl EventBus {
         EventBus {
             port: OutputPort::default(),
             broadcast: broadcast::channel(1024).0,
+            port_subscribed: AtomicBool::new(false),
             counters: Counters::default(),
         }
     }
@@ -226,6 +229,15 @@ impl EventBus {
         fencing_token: Option<u64>,
         kind: LockEventKind,
     ) {
+        self.counters.count(&kind);
+        trace_event(backend, key, fencing_token, &kind);
+        // The event itself (two clock reads, a few reference counts) is built only when
+        // someone listens: the hot path pays for events only when they were asked for.
+        let listened =
+            self.broadcast.receiver_count() > 0 || self.port_subscribed.load(Ordering::Relaxed);
+        if !listened {
+            return;
+        }
         let event = LockEvent {
             backend: backend.clone(),
             key: key.cloned(),
@@ -234,10 +246,6 @@ impl EventBus {
             instant: Instant::now(),
             kind,
         };
-        self.counters.count(&event.kind);
-        trace_event(&event);
-        // Both sends are cheap no-ops when nobody listens: the hot path pays for events only
-        // when someone asked for them.
         if self.broadcast.receiver_count() > 0 {
             let _ = self.broadcast.send(event.clone());
         }
@@ -258,14 +266,20 @@ impl EventBus {
         F: Fn(LockEvent) -> Option<M> + Send + 'static,
     {
         self.port.subscribe(actor, converter);
+        self.port_subscribed.store(true, Ordering::Relaxed);
     }
 }
 
-fn trace_event(e: &LockEvent) {
-    let key = e.key.as_deref().unwrap_or("");
-    let backend = &*e.backend;
-    let token = e.fencing_token.unwrap_or(0);
-    match &e.kind {
+fn trace_event(
+    backend: &Arc<str>,
+    key: Option<&Arc<str>>,
+    fencing_token: Option<u64>,
+    kind: &LockEventKind,
+) {
+    let key = key.map(|k| &**k).unwrap_or("");
+    let backend = &**backend;
+    let token = fencing_token.unwrap_or(0);
+    match kind {
         LockEventKind::Requested => tracing::trace!(backend, key, "lock requested"),
         LockEventKind::Acquired { waited } => {
             tracing::debug!(backend, key, token, ?waited, "lock acquired")

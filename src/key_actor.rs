@@ -3,6 +3,7 @@
 //! stops on release, on loss, or when its holder dies, and in every case the holder is told
 //! (through the guard's status channel) no later than the deadline.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use tokio::sync::watch;
 use tokio::time::{timeout_at, Instant};
 
 use crate::backend::{Acquisition, Contention, Lease, OwnerToken};
-use crate::backend_actor::{AcquireReply, AcquireRequest, BackendCtx, BackendMsg, Finished};
+use crate::backend_actor::{AcquireReply, AcquireRequest, BackendCtx, Requeue};
 use crate::error::{Error, Result, StoreError};
 use crate::event::{LockEventKind, LostReason, ReleaseReason};
 use crate::guard::{LeaseStatus, LockGuard};
@@ -44,18 +45,21 @@ pub(crate) struct KeyActor;
 
 pub(crate) struct KeyArgs {
     pub(crate) ctx: Arc<BackendCtx>,
-    pub(crate) backend: ActorRef<BackendMsg>,
+    pub(crate) done: Arc<AtomicBool>,
     pub(crate) request: AcquireRequest,
     pub(crate) reply: AcquireReply,
 }
 
 pub(crate) struct KeyState {
     ctx: Arc<BackendCtx>,
-    /// The backend actor this key actor reports to when it is done.
-    backend: ActorRef<BackendMsg>,
     key: Arc<str>,
     /// The request, until the attempt is over.
     pending: Option<(AcquireRequest, AcquireReply)>,
+    /// A request that found the key held elsewhere and goes back to wait in the queue.
+    pub(crate) requeue: Option<Requeue>,
+    /// Set when this actor no longer holds nor attempts the key (shared with the backend
+    /// actor's record of it).
+    done: Arc<AtomicBool>,
     held: Option<Held>,
 }
 
@@ -90,7 +94,8 @@ impl Actor for KeyActor {
     ) -> Result<KeyState, ActorProcessingErr> {
         Ok(KeyState {
             ctx: args.ctx,
-            backend: args.backend,
+            requeue: None,
+            done: args.done,
             key: args.request.key.clone(),
             pending: Some((args.request, args.reply)),
             held: None,
@@ -245,27 +250,23 @@ impl KeyState {
     ) {
         let now = Instant::now();
         let out_of_time = request.deadline.is_some_and(|d| d <= now);
-        let mut requeue = None;
-        match outcome {
-            Ok(_) if request.tries_once() => {
-                let _ = reply.send(Ok(None));
-            }
+        let answer = match outcome {
+            Ok(_) if request.tries_once() => Ok(None),
             Err(error) if request.tries_once() || !error.is_retryable() => {
-                let _ = reply.send(Err(self.ctx.store_error(error)));
+                Err(self.ctx.store_error(error))
             }
-            _ if out_of_time => {
-                let _ = reply.send(Err(request.timeout_error(now)));
-            }
-            Ok(contention) => requeue = Some((request, reply, contention)),
+            _ if out_of_time => Err(request.timeout_error(now)),
+            Ok(contention) => return self.finish(myself, Some((request, reply, contention))),
             // A waiting request rides out a store outage: it keeps its place in the queue and
             // tries again after a short pause, until its wait budget runs out.
             Err(error) => {
                 tracing::debug!(backend = %self.ctx.name, key = %self.key, %error, "acquire attempt failed; will retry");
                 let pause = Contention::with_remaining_ttl(Some(STORE_RETRY_PAUSE));
-                requeue = Some((request, reply, pause));
+                return self.finish(myself, Some((request, reply, pause)));
             }
-        }
-        self.finish(myself, requeue);
+        };
+        self.finish(myself, None);
+        let _ = reply.send(answer);
     }
 
     fn adopt(
@@ -507,19 +508,16 @@ impl KeyState {
         self.finish(myself, None);
     }
 
-    /// Tells the backend actor this key actor is done (handing a waiting request back, if
-    /// any), then stops.
-    fn finish(
-        &mut self,
-        myself: &ActorRef<KeyMsg>,
-        requeue: Option<(AcquireRequest, AcquireReply, Contention)>,
-    ) {
-        let finished = Finished {
-            key: self.key.clone(),
-            actor: myself.get_id(),
-            requeue,
-        };
-        let _ = self.backend.cast(BackendMsg::Finished(Box::new(finished)));
+    /// Stops, leaving in the final state a request that still waits, if any: ractor hands
+    /// that state to the backend actor with the termination event, which puts the request back
+    /// in the key's queue. Without one, the key is free here at once: `done` says so to the
+    /// backend actor before anyone is answered, so a caller that was just told "released" finds
+    /// the key free on its next request, however soon.
+    fn finish(&mut self, myself: &ActorRef<KeyMsg>, requeue: Option<Requeue>) {
+        if requeue.is_none() {
+            self.done.store(true, Ordering::Release);
+        }
+        self.requeue = requeue;
         myself.stop(None);
     }
 }

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use tokio::time::Instant;
 
 use crate::backend::{LockBackend, LockInfo, OwnerToken, StoreEvents};
 use crate::backend_actor::{
@@ -17,7 +16,7 @@ use crate::client::LockClient;
 use crate::error::{Error, Result};
 use crate::event::{EventBus, LockEvent, LockEventKind};
 use crate::guard::LockGuard;
-use crate::options::{validate_key, validate_ttl, LockOptions, Wait};
+use crate::options::{validate_key, validate_ttl, LockOptions};
 
 /// The name a manager registers under unless told otherwise.
 pub const DEFAULT_MANAGER_NAME: &str = "leasehold";
@@ -239,12 +238,12 @@ impl LockManagerBuilder {
             }
             let name: Arc<str> = name.into();
             names.push(name.clone());
-            backends.push(Arc::new(BackendCtx {
+            backends.push(Arc::new(BackendCtx::new(
                 name,
                 store,
-                events: events.clone(),
-                timing: self.timing,
-            }));
+                events.clone(),
+                self.timing,
+            )));
         }
         let default = match self.default {
             None => names[0].clone(),
@@ -258,10 +257,16 @@ impl LockManagerBuilder {
                 }
             },
         };
+        // The default backend goes first: that is how the manager and its clients know it.
+        let at = backends
+            .iter()
+            .position(|b| b.name == default)
+            .expect("default is one of the names");
+        backends[..=at].rotate_right(1);
+        let state_ctxs: Arc<[Arc<BackendCtx>]> = backends.clone().into();
         let args = ManagerArgs {
             name: self.name.clone(),
             backends,
-            default: default.clone(),
             events: events.clone(),
         };
         let spawned = match supervisor {
@@ -271,7 +276,7 @@ impl LockManagerBuilder {
         let (manager, _join) = spawned.map_err(|e| {
             Error::InvalidConfig(format!("could not start lock manager {:?}: {e}", self.name))
         })?;
-        Ok(LockClient::new(manager, default, names.into(), events))
+        Ok(LockClient::new(manager, state_ctxs, events))
     }
 }
 
@@ -279,7 +284,6 @@ impl LockManagerBuilder {
 pub struct ManagerArgs {
     name: String,
     backends: Vec<Arc<BackendCtx>>,
-    default: Arc<str>,
     events: Arc<EventBus>,
 }
 
@@ -287,16 +291,15 @@ pub struct ManagerArgs {
 pub struct ManagerState {
     name: String,
     backends: HashMap<Arc<str>, BackendEntry>,
-    default: Arc<str>,
-    names: Arc<[Arc<str>]>,
+    /// Every backend, the default first, as `LockClient`s see them.
+    ctxs: Arc<[Arc<BackendCtx>]>,
     events: Arc<EventBus>,
     shutting_down: bool,
 }
 
 struct BackendEntry {
+    /// The backend, with its running actor (`None` while it is down).
     ctx: Arc<BackendCtx>,
-    /// `None` while the actor is down and waiting for its restart.
-    actor: Option<ActorRef<BackendMsg>>,
     /// Failures since the last restart that stayed up; sets the backoff.
     failures: u32,
 }
@@ -315,12 +318,11 @@ impl Actor for LockManager {
         args: ManagerArgs,
     ) -> Result<ManagerState, ActorProcessingErr> {
         let mut backends = HashMap::new();
-        let names: Vec<Arc<str>> = args.backends.iter().map(|c| c.name.clone()).collect();
-        for ctx in args.backends {
-            let actor = spawn_backend(&myself, &args.name, &ctx).await?;
+        for ctx in &args.backends {
+            let actor = spawn_backend(&myself, &args.name, ctx).await?;
+            ctx.set_actor(Some(actor));
             let entry = BackendEntry {
                 ctx: ctx.clone(),
-                actor: Some(actor),
                 failures: 0,
             };
             backends.insert(ctx.name.clone(), entry);
@@ -328,8 +330,7 @@ impl Actor for LockManager {
         Ok(ManagerState {
             name: args.name,
             backends,
-            default: args.default,
-            names: names.into(),
+            ctxs: args.backends.into(),
             events: args.events,
             shutting_down: false,
         })
@@ -347,20 +348,25 @@ impl Actor for LockManager {
                 key,
                 options,
                 reply,
-            } => match state.acquire_request(backend.as_deref(), key, options) {
-                Ok((actor, request)) => {
-                    if let Err(ractor::MessagingErr::SendErr(BackendMsg::Acquire(_, reply))) =
-                        actor.cast(BackendMsg::Acquire(request, reply))
-                    {
-                        let _ = reply.send(Err(Error::BackendDown {
-                            backend: backend.unwrap_or_else(|| state.default.to_string()),
-                        }));
+            } => {
+                let routed = state.live(backend.as_deref()).and_then(|(ctx, actor)| {
+                    AcquireRequest::new(ctx, &key, options).map(|request| (actor, request))
+                });
+                match routed {
+                    Ok((actor, request)) => {
+                        if let Err(ractor::MessagingErr::SendErr(BackendMsg::Acquire(_, reply))) =
+                            actor.cast(BackendMsg::Acquire(request, reply))
+                        {
+                            let _ = reply.send(Err(Error::BackendDown {
+                                backend: backend.unwrap_or_else(|| state.default().to_string()),
+                            }));
+                        }
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
                     }
                 }
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-            },
+            }
             LockManagerMsg::Release {
                 backend,
                 key,
@@ -415,8 +421,8 @@ impl Actor for LockManager {
                 prefix,
                 reply,
             } => match state.live(backend.as_deref()) {
-                Ok((entry, _)) => {
-                    let ctx = entry.ctx.clone();
+                Ok((ctx, _)) => {
+                    let ctx = ctx.clone();
                     // Opening a watch is store I/O: not in this actor's loop.
                     tokio::spawn(async move {
                         let events = ctx.store.watch_prefix(&prefix).await;
@@ -429,12 +435,8 @@ impl Actor for LockManager {
             },
             LockManagerMsg::Subscribe(actor) => state.events.subscribe(actor, Some),
             LockManagerMsg::Client(reply) => {
-                let client = LockClient::new(
-                    myself.clone(),
-                    state.default.clone(),
-                    state.names.clone(),
-                    state.events.clone(),
-                );
+                let client =
+                    LockClient::new(myself.clone(), state.ctxs.clone(), state.events.clone());
                 let _ = reply.send(client);
             }
             LockManagerMsg::Shutdown(reply) => {
@@ -471,11 +473,11 @@ impl Actor for LockManager {
         let Some(entry) = state
             .backends
             .values_mut()
-            .find(|e| e.actor.as_ref().is_some_and(|a| a.get_id() == id))
+            .find(|e| e.ctx.actor().is_some_and(|a| a.get_id() == id))
         else {
             return Ok(());
         };
-        entry.actor = None;
+        entry.ctx.set_actor(None);
         let backoff = RESTART_BACKOFF_BASE
             .saturating_mul(1 << entry.failures.min(16))
             .min(RESTART_BACKOFF_CAP);
@@ -505,25 +507,29 @@ async fn spawn_backend(
 }
 
 impl ManagerState {
+    fn default(&self) -> &Arc<str> {
+        &self.ctxs[0].name
+    }
+
     fn backend(&self, name: Option<&str>) -> Result<&BackendEntry> {
-        let name = name.unwrap_or(&self.default);
+        let name = name.unwrap_or(self.default());
         self.backends
             .get(name)
             .ok_or_else(|| Error::UnknownBackend {
                 name: name.to_owned(),
-                known: self.names.iter().map(|n| n.to_string()).collect(),
+                known: self.ctxs.iter().map(|c| c.name.to_string()).collect(),
             })
     }
 
-    fn live(&self, name: Option<&str>) -> Result<(&BackendEntry, ActorRef<BackendMsg>)> {
+    fn live(&self, name: Option<&str>) -> Result<(&Arc<BackendCtx>, ActorRef<BackendMsg>)> {
         if self.shutting_down {
             return Err(Error::ManagerStopped);
         }
-        let entry = self.backend(name)?;
-        match &entry.actor {
-            Some(actor) => Ok((entry, actor.clone())),
+        let ctx = &self.backend(name)?.ctx;
+        match ctx.actor() {
+            Some(actor) => Ok((ctx, actor)),
             None => Err(Error::BackendDown {
-                backend: entry.ctx.name.to_string(),
+                backend: ctx.name.to_string(),
             }),
         }
     }
@@ -536,37 +542,6 @@ impl ManagerState {
         validate_key(&key)?;
         let (_, actor) = self.live(backend)?;
         Ok((actor, key.into()))
-    }
-
-    /// Every check that needs no I/O, then the request as the backend actor takes it.
-    fn acquire_request(
-        &self,
-        backend: Option<&str>,
-        key: String,
-        options: LockOptions,
-    ) -> Result<(ActorRef<BackendMsg>, AcquireRequest)> {
-        validate_key(&key)?;
-        options.validate()?;
-        let (entry, actor) = self.live(backend)?;
-        let requested_at = Instant::now();
-        let wait = options.wait.unwrap_or(Wait::No);
-        let deadline = match wait {
-            Wait::UpTo(budget) => Some(requested_at + budget),
-            _ => None,
-        };
-        let key: Arc<str> = key.into();
-        entry.ctx.emit(&key, None, LockEventKind::Requested);
-        let request = AcquireRequest {
-            key,
-            ttl: options.ttl,
-            wait,
-            deadline,
-            auto_renew: options.auto_renew,
-            holder: options.holder,
-            metadata: options.metadata,
-            requested_at,
-        };
-        Ok((actor, request))
     }
 
     fn inspect(&self, backend: Option<&str>, key: String, reply: InspectReply) {
@@ -587,7 +562,7 @@ impl ManagerState {
         };
         match spawn_backend(myself, &self.name, &entry.ctx).await {
             Ok(actor) => {
-                entry.actor = Some(actor);
+                entry.ctx.set_actor(Some(actor));
                 entry.failures = 0;
                 self.events
                     .emit(name, None, None, LockEventKind::BackendRestored);
@@ -606,8 +581,12 @@ impl ManagerState {
         self.shutting_down = true;
         let actors: Vec<_> = self
             .backends
-            .values_mut()
-            .filter_map(|e| e.actor.take())
+            .values()
+            .filter_map(|e| {
+                let actor = e.ctx.actor();
+                e.ctx.set_actor(None);
+                actor
+            })
             .collect();
         let releases = actors.iter().map(|actor| async move {
             let _ = actor.call(BackendMsg::Shutdown, None).await;
