@@ -29,6 +29,18 @@ step cargo build
 step cargo test --features testing
 step cargo test --all-features
 step cargo run --example quickstart
+
+# The store examples, each against a throwaway server on a free loopback port, stopped by pid.
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+scratch=$(mktemp -d)
+trap 'kill $(cat "$scratch"/*.pid 2>/dev/null) 2>/dev/null || true; rm -rf "$scratch"' EXIT
+
+port=$(free_port)
+redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$scratch" \
+    --logfile "$scratch/redis.log" --daemonize yes --pidfile "$scratch/redis.pid"
+wait_port "$port" || { cat "$scratch/redis.log"; exit 1; }
+LEASEHOLD_REDIS_URL="redis://127.0.0.1:$port" step cargo run --example redis
 step cargo bench --no-run --all-features
 echo
 echo "==> all checks passed"
