@@ -217,6 +217,9 @@ struct Slot {
     waiters: VecDeque<Waiter>,
     /// The key's one release subscription, while it has waiters.
     watch: Option<AbortOnDrop<()>>,
+    /// A wake came while an attempt was in flight: if that attempt finds the key held, the
+    /// release it raced with may be the one that notice was about, so it looks again at once.
+    woken: bool,
     /// Re-checks the key when no notice comes (a lease that expires publishes nothing).
     backstop: Option<AbortOnDrop<TimerResult>>,
 }
@@ -298,7 +301,7 @@ impl Actor for BackendActor {
                 };
                 state.forward(&key, reply, msg);
             }
-            BackendMsg::Wake(key) => state.serve_next(&myself, &key),
+            BackendMsg::Wake(key) => state.wake(&myself, &key),
             BackendMsg::WaiterTimedOut(key, id) => state.waiter_timed_out(&key, id),
             BackendMsg::Shutdown(reply) => {
                 state.shutdown().await;
@@ -400,7 +403,9 @@ impl BackendState {
         match ActorRuntime::spawn_linked_instant(None, KeyActor, args, myself.get_cell()) {
             Ok((actor, _start)) => {
                 self.children.insert(actor.get_id(), key.clone());
-                self.slots.entry(key).or_default().busy = Some(Busy {
+                let slot = self.slots.entry(key).or_default();
+                slot.woken = false;
+                slot.busy = Some(Busy {
                     actor,
                     holder,
                     done,
@@ -458,6 +463,9 @@ impl BackendState {
             Some((request, reply, contention)) => {
                 self.enqueue(myself, request, reply, true);
                 self.await_release(myself, &key, &contention);
+                if self.slots.get(&key).is_some_and(|slot| slot.woken) {
+                    self.serve_next(myself, &key);
+                }
             }
             // Released or lost here: hand over to the next local waiter at once.
             None => self.serve_next(myself, &key),
@@ -474,6 +482,14 @@ impl BackendState {
                 slot.busy = None;
             }
         }
+    }
+
+    /// A release notice, a fresh subscription or the backstop timer says the key may be free.
+    fn wake(&mut self, myself: &ActorRef<BackendMsg>, key: &Arc<str>) {
+        if let Some(slot) = self.slots.get_mut(key) {
+            slot.woken = true;
+        }
+        self.serve_next(myself, key);
     }
 
     /// Starts the next waiter's attempt if the key is not busy here; forgets the key when
@@ -581,12 +597,16 @@ impl BackendState {
 
     /// Passes a release or renew by message on to the key's actor, which checks the owner.
     fn forward(
-        &self,
+        &mut self,
         key: &Arc<str>,
         reply: RpcReplyPort<Result<()>>,
         msg: impl FnOnce(RpcReplyPort<Result<()>>) -> KeyMsg,
     ) {
-        match self.slots.get(key).and_then(|s| s.busy.as_ref()) {
+        let slot = self.slots.get_mut(key).map(|slot| {
+            slot.settle();
+            &*slot
+        });
+        match slot.and_then(|s| s.busy.as_ref()) {
             Some(busy) => {
                 if let Err(ractor::MessagingErr::SendErr(msg)) = busy.actor.cast(msg(reply)) {
                     reply_not_held(key, msg);

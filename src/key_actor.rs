@@ -419,6 +419,9 @@ impl KeyState {
         let Some(held) = self.held.take() else {
             return error;
         };
+        // Free here before the holder hears of the loss, so whatever it does next finds the
+        // key free on this node.
+        self.done.store(true, Ordering::Release);
         let _ = held.status.send(LeaseStatus::Gone(reason));
         self.ctx.emit(
             &self.key,
