@@ -9,6 +9,8 @@ use futures::stream::BoxStream;
 
 use crate::error::StoreError;
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;

@@ -21,7 +21,7 @@
 //! - `client.rs` and `guard.rs`: [`LockClient`] and [`LockGuard`], the face for async code.
 //! - `backend.rs`: the [`LockBackend`] trait, the seam to the stores, with one file per store:
 //!   `backend/memory.rs` ([`MemoryBackend`]), `backend/redis.rs` (`RedisBackend`, its Lua
-//!   scripts in `backend/redis/`).
+//!   scripts in `backend/redis/`), `backend/etcd.rs` (`EtcdBackend`).
 //! - `options.rs`, `event.rs`, `error.rs`, `fence.rs`: [`LockOptions`], [`LockEvent`],
 //!   [`Error`], [`Fence`].
 //! - `testing.rs` (feature `testing`): the conformance suite every backend passes.
@@ -53,6 +53,8 @@
 //!
 //! # Cargo features
 //! - `redis` (default): `RedisBackend`, on the `redis` crate's multiplexed connection.
+//! - `etcd`: `EtcdBackend`, transactions and leases or etcd's Lock service (its build needs
+//!   `protoc`).
 //! - `testing`: the public conformance suite, `testing`.
 //! - `cli`: the `leasehold` command line (`src/bin/leasehold/`).
 //! - `cluster`: turns on ractor's `cluster` feature and gives the message types explicit
@@ -74,6 +76,8 @@ pub mod backend;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+#[cfg(feature = "etcd")]
+pub use backend::etcd::{EtcdBackend, EtcdMode};
 pub use backend::memory::MemoryBackend;
 #[cfg(feature = "redis")]
 pub use backend::redis::RedisBackend;

@@ -1,0 +1,441 @@
+//! Lock+release throughput and contended handoff on etcd, in both modes, against the raw
+//! etcd-client making the same calls, measured in the same run on the same `etcd` (which this
+//! bench starts on free loopback ports, its data dir on `/dev/shm` when there is one).
+//!
+//! Run: `cargo bench --features etcd --bench etcd` (about a minute), or with
+//! `LEASEHOLD_BENCH_QUICK=1` (or `-- --quick`) for a few seconds.
+//!
+//! - Throughput, 1 and 64 concurrent tasks, each on its own key, `try_lock` then release:
+//!   leasehold through [`LockClient`] in `txn` and in `lock` mode, and the raw etcd-client
+//!   making the same etcd calls as each mode (`txn`: lease grant, put-if-absent transaction,
+//!   compare-and-delete transaction, lease revoke; `lock`: range of the lock's contenders,
+//!   lease grant, `Lock`, the transaction writing the holder's value, compare-and-delete, lease
+//!   revoke). Prints each figure and the ratio leasehold / raw. For reference, the bare Lock
+//!   service cycle (grant, `Lock`, `Unlock`, revoke), which skips leasehold's look-first read
+//!   and its owner token and metadata.
+//! - Contended handoff: 16 tasks taking turns on one key, 1 ms hold each; the time from one
+//!   holder's release to the next holder's acquisition, median and p99, counted where the lock
+//!   went to another task (retakes by the same task are counted apart). Leasehold in each mode
+//!   on one node and across two nodes, and the raw Lock service (each task with a lease of its
+//!   own, waiting inside etcd) for reference.
+//!
+//! Not criterion: the figures that matter are ratios between clients under concurrency in one
+//! run, which criterion's one-function-at-a-time sampling does not give.
+
+#[path = "../tests/support/etcd_server.rs"]
+mod etcd_server;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Client, Compare, CompareOp, DeleteOptions, GetOptions, LockOptions as EtcdLockOptions,
+    PutOptions, SortOrder, SortTarget, Txn, TxnOp,
+};
+use etcd_server::EtcdServer;
+use leasehold::{EtcdMode, LockClient, LockManager, LockOptions, Wait};
+
+/// How long each part runs: each client's throughput is measured in `rounds` turns of
+/// `warmup` + `measure`, and each handoff contest runs for `handoff`.
+struct Plan {
+    rounds: usize,
+    warmup: Duration,
+    measure: Duration,
+    handoff: Duration,
+}
+
+const FULL: Plan = Plan {
+    rounds: 4,
+    warmup: Duration::from_millis(200),
+    measure: Duration::from_millis(1000),
+    handoff: Duration::from_secs(4),
+};
+
+const QUICK: Plan = Plan {
+    rounds: 1,
+    warmup: Duration::from_millis(100),
+    measure: Duration::from_millis(300),
+    handoff: Duration::from_millis(600),
+};
+
+const CONCURRENCY: [usize; 2] = [1, 64];
+const HANDOFF_TASKS: usize = 16;
+const HOLD: Duration = Duration::from_millis(1);
+const TTL: Duration = Duration::from_secs(30);
+const TTL_SECONDS: i64 = 30;
+
+fn main() {
+    let quick = std::env::args().any(|arg| arg == "--quick")
+        || std::env::var("LEASEHOLD_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let plan = if quick { QUICK } else { FULL };
+    let server = EtcdServer::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(run(&server, &plan, quick));
+}
+
+async fn run(server: &EtcdServer, plan: &Plan, quick: bool) {
+    println!(
+        "leasehold etcd bench ({} run) against etcd on {}, {} tokio workers",
+        if quick { "quick" } else { "full" },
+        server.endpoint(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+    let txn = manager("bench-etcd-txn", server, EtcdMode::Txn).await;
+    let lock = manager("bench-etcd-lock", server, EtcdMode::Lock).await;
+    let raw = Client::connect([server.endpoint()], None)
+        .await
+        .expect("raw etcd client");
+    let clients = [
+        Contender::Leasehold(txn.clone()),
+        Contender::RawTxn(raw.clone()),
+        Contender::Leasehold(lock.clone()),
+        Contender::RawLock(raw.clone()),
+        Contender::BareLockService(raw.clone()),
+    ];
+    let mut rows: Vec<[f64; 5]> = Vec::new();
+    for tasks in CONCURRENCY {
+        // Short turns in rotating order, so that a change in the machine's background load
+        // falls on every client alike instead of on whichever ran at that moment.
+        let mut cycles = [0u64; 5];
+        for round in 0..plan.rounds {
+            for turn in 0..clients.len() {
+                let i = (round + turn) % clients.len();
+                cycles[i] += throughput(tasks, plan, &clients[i]).await;
+            }
+        }
+        let seconds = (plan.measure * plan.rounds as u32).as_secs_f64();
+        rows.push(cycles.map(|n| n as f64 / seconds));
+    }
+
+    println!();
+    println!(
+        "lock+release cycles/s                   {:>10}{:>10}",
+        "1 task", "64 tasks"
+    );
+    let names = [
+        "(a) leasehold, txn mode",
+        "(b) raw etcd-client, same calls as (a)",
+        "(c) leasehold, lock mode",
+        "(d) raw etcd-client, same calls as (c)",
+        "(ref) raw Lock service, bare cycle",
+    ];
+    for (i, name) in names.iter().enumerate() {
+        println!("{name:<40}{:>10.0}{:>10.0}", rows[0][i], rows[1][i]);
+    }
+    for (name, a, b) in [("a/b", 0, 1), ("c/d", 2, 3), ("c/ref", 2, 4)] {
+        println!(
+            "{name:<40}{:>10.2}{:>10.2}",
+            rows[0][a] / rows[0][b],
+            rows[1][a] / rows[1][b]
+        );
+    }
+
+    println!();
+    println!(
+        "contended handoff: {HANDOFF_TASKS} tasks, one key, {HOLD:?} hold; release -> next acquisition"
+    );
+    let txn2 = manager("bench-etcd-txn-2", server, EtcdMode::Txn).await;
+    let lock2 = manager("bench-etcd-lock-2", server, EtcdMode::Lock).await;
+    for (name, nodes) in [
+        ("leasehold txn, one node", [txn.clone(), txn.clone()]),
+        ("leasehold txn, two nodes", [txn.clone(), txn2.clone()]),
+        ("leasehold lock, one node", [lock.clone(), lock.clone()]),
+        ("leasehold lock, two nodes", [lock.clone(), lock2.clone()]),
+    ] {
+        let turns = handoff(plan.handoff, move |task| {
+            // Half the tasks on each node: a turn that crosses nodes goes by watch.
+            leasehold_turn(nodes[task % 2].clone())
+        })
+        .await;
+        report(name, &turns);
+    }
+    let raw_turns = handoff(plan.handoff, {
+        let raw = raw.clone();
+        move |_task| raw_lock_service_turn(raw.clone())
+    })
+    .await;
+    report("raw Lock service", &raw_turns);
+
+    for node in [txn, lock, txn2, lock2] {
+        node.shutdown().await;
+    }
+}
+
+async fn manager(name: &str, server: &EtcdServer, mode: EtcdMode) -> LockClient {
+    LockManager::builder()
+        .with_name(name)
+        .with_backend("etcd", server.backend(mode).await)
+        .start()
+        .await
+        .expect("lock manager")
+}
+
+/// One of the clients compared, doing one lock+release cycle on a key of the task's own.
+#[derive(Clone)]
+enum Contender {
+    Leasehold(LockClient),
+    RawTxn(Client),
+    RawLock(Client),
+    BareLockService(Client),
+}
+
+impl Contender {
+    async fn cycle(&self, task: usize) {
+        match self {
+            Contender::Leasehold(client) => {
+                let key = format!("bench/leasehold/{task}");
+                let guard = client
+                    .try_lock(&key, LockOptions::new().with_ttl(TTL))
+                    .await
+                    .expect("try_lock")
+                    .expect("a key of its own is free");
+                guard.release().await.expect("release");
+            }
+            Contender::RawTxn(client) => raw_txn_cycle(client, task).await,
+            Contender::RawLock(client) => raw_lock_cycle(client, task).await,
+            Contender::BareLockService(client) => bare_lock_service_cycle(client, task).await,
+        }
+    }
+}
+
+/// Cycles completed within `plan.measure`, after `plan.warmup`, by `tasks` tasks each running
+/// cycles back to back.
+async fn throughput(tasks: usize, plan: &Plan, contender: &Contender) -> u64 {
+    let started = Instant::now();
+    let (from, to) = (started + plan.warmup, started + plan.warmup + plan.measure);
+    let workers: Vec<_> = (0..tasks)
+        .map(|task| {
+            let contender = contender.clone();
+            tokio::spawn(async move {
+                let mut counted = 0u64;
+                loop {
+                    contender.cycle(task).await;
+                    let now = Instant::now();
+                    if now >= to {
+                        return counted;
+                    }
+                    if now >= from {
+                        counted += 1;
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for worker in workers {
+        total += worker.await.expect("bench task");
+    }
+    total
+}
+
+fn owner_value() -> (String, String) {
+    let owner = format!("{:032x}", rand::random::<u128>());
+    let value = format!("{owner}\n{TTL_SECONDS}");
+    (owner, value)
+}
+
+/// The compare-and-delete leasehold releases with: the value carries our owner token.
+fn compare_and_delete(key: &str, owner: &str) -> Txn {
+    Txn::new()
+        .when([
+            Compare::value(key, CompareOp::Greater, format!("{owner}\n")),
+            Compare::value(key, CompareOp::Less, format!("{owner}\x0b")),
+        ])
+        .and_then([TxnOp::delete(
+            key,
+            Some(DeleteOptions::new().with_prev_key()),
+        )])
+}
+
+/// Leasehold's `txn` mode cycle, by hand: grant, put-if-absent, compare-and-delete, revoke.
+async fn raw_txn_cycle(client: &Client, task: usize) {
+    let (mut kv, mut leases) = (client.kv_client(), client.lease_client());
+    let key = format!("leasehold/bench/raw-txn/{task}");
+    let (owner, value) = owner_value();
+    let lease = leases.grant(TTL_SECONDS, None).await.expect("grant").id();
+    let acquire = Txn::new()
+        .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(
+            key.as_str(),
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )])
+        .or_else([TxnOp::get(key.as_str(), None)]);
+    assert!(kv.txn(acquire).await.expect("acquire txn").succeeded());
+    let released = kv.txn(compare_and_delete(&key, &owner)).await;
+    assert!(released.expect("release txn").succeeded());
+    leases.revoke(lease).await.expect("revoke");
+}
+
+/// Leasehold's `lock` mode cycle, by hand: look, grant, `Lock`, write the value, compare-and-
+/// delete, revoke.
+async fn raw_lock_cycle(client: &Client, task: usize) {
+    let (mut kv, mut leases, mut locks) = (
+        client.kv_client(),
+        client.lease_client(),
+        client.lock_client(),
+    );
+    let name = format!("leasehold/bench%2Fraw-lock%2F{task}");
+    let contenders = format!("{name}/");
+    let first = GetOptions::new()
+        .with_prefix()
+        .with_sort(SortTarget::Create, SortOrder::Ascend)
+        .with_limit(1);
+    let held = kv
+        .get(contenders.as_str(), Some(first))
+        .await
+        .expect("look");
+    assert!(held.kvs().is_empty(), "a key of its own is free");
+    let (owner, value) = owner_value();
+    let lease = leases.grant(TTL_SECONDS, None).await.expect("grant").id();
+    let locked = locks
+        .lock(name, Some(EtcdLockOptions::new().with_lease(lease)))
+        .await
+        .expect("lock");
+    let key = String::from_utf8(locked.key().to_vec()).expect("utf-8 lock key");
+    let write = Txn::new()
+        .when([Compare::lease(key.as_str(), CompareOp::Equal, lease)])
+        .and_then([TxnOp::put(
+            key.as_str(),
+            value,
+            Some(PutOptions::new().with_lease(lease).with_prev_key()),
+        )]);
+    assert!(kv.txn(write).await.expect("write txn").succeeded());
+    let released = kv.txn(compare_and_delete(&key, &owner)).await;
+    assert!(released.expect("release txn").succeeded());
+    leases.revoke(lease).await.expect("revoke");
+}
+
+/// The Lock service as its own docs use it, with a lease per cycle: grant, `Lock`, `Unlock`,
+/// revoke.
+async fn bare_lock_service_cycle(client: &Client, task: usize) {
+    let (mut leases, mut locks) = (client.lease_client(), client.lock_client());
+    let name = format!("leasehold/bench%2Fbare-lock%2F{task}");
+    let lease = leases.grant(TTL_SECONDS, None).await.expect("grant").id();
+    let locked = locks
+        .lock(name, Some(EtcdLockOptions::new().with_lease(lease)))
+        .await
+        .expect("lock");
+    locks.unlock(locked.key()).await.expect("unlock");
+    leases.revoke(lease).await.expect("revoke");
+}
+
+/// One holder's turn: when it got the lock, and when it let go.
+#[derive(Clone, Copy)]
+struct Turn {
+    acquired: Instant,
+    released: Instant,
+}
+
+impl Turn {
+    /// Holds for [`HOLD`] from now (the lock was just acquired), then runs `release`.
+    async fn hold<R: Future>(release: impl FnOnce() -> R) -> Turn {
+        let acquired = Instant::now();
+        tokio::time::sleep(HOLD).await;
+        let released = Instant::now();
+        release().await;
+        Turn { acquired, released }
+    }
+}
+
+async fn leasehold_turn(client: LockClient) -> Turn {
+    let opts = LockOptions::new()
+        .with_ttl(TTL)
+        .with_wait(Wait::UpTo(Duration::from_secs(60)));
+    let guard = client
+        .lock("bench/handoff/leasehold", opts)
+        .await
+        .expect("lock");
+    Turn::hold(|| async { guard.release().await.expect("release") }).await
+}
+
+/// A turn on etcd's Lock service: the call waits inside etcd until it is this task's turn.
+async fn raw_lock_service_turn(client: Client) -> Turn {
+    let (mut leases, mut locks) = (client.lease_client(), client.lock_client());
+    let lease = leases.grant(TTL_SECONDS, None).await.expect("grant").id();
+    let locked = locks
+        .lock(
+            "leasehold/bench-handoff-raw",
+            Some(EtcdLockOptions::new().with_lease(lease)),
+        )
+        .await
+        .expect("lock");
+    let turn = Turn::hold(|| async {
+        locks.unlock(locked.key()).await.expect("unlock");
+    })
+    .await;
+    leases.revoke(lease).await.expect("revoke");
+    turn
+}
+
+/// How the turns went: each release → next acquisition gap where the lock went to another task,
+/// and how many times a task took the lock straight back instead.
+struct Handoffs {
+    gaps: Vec<Duration>,
+    retakes: usize,
+}
+
+/// Runs [`HANDOFF_TASKS`] tasks, each taking turns (`turn(task)`) until `budget` is over.
+async fn handoff<F, Fut>(budget: Duration, turn: F) -> Handoffs
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Turn> + Send,
+{
+    let stop = Instant::now() + budget;
+    let turns = Arc::new(Mutex::new(Vec::new()));
+    let tasks: Vec<_> = (0..HANDOFF_TASKS)
+        .map(|task| {
+            let (turn, turns) = (turn.clone(), turns.clone());
+            tokio::spawn(async move {
+                while Instant::now() < stop {
+                    let taken = turn(task).await;
+                    turns.lock().unwrap().push((task, taken));
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("handoff task");
+    }
+    let mut turns = std::mem::take(&mut *turns.lock().unwrap());
+    turns.sort_by_key(|(_, turn)| turn.acquired);
+    let mut handoffs = Handoffs {
+        gaps: Vec::new(),
+        retakes: 0,
+    };
+    for pair in turns.windows(2) {
+        let ((before_task, before), (after_task, after)) = (pair[0], pair[1]);
+        assert!(
+            after.acquired >= before.released,
+            "two holders of the handoff key at once"
+        );
+        if before_task == after_task {
+            handoffs.retakes += 1;
+        } else {
+            handoffs.gaps.push(after.acquired - before.released);
+        }
+    }
+    handoffs
+}
+
+fn report(name: &str, handoffs: &Handoffs) {
+    let mut gaps = handoffs.gaps.clone();
+    if gaps.is_empty() {
+        println!("{name:<30} no handoffs");
+        return;
+    }
+    gaps.sort();
+    let median = gaps[gaps.len() / 2];
+    let p99 = gaps[(gaps.len() * 99 / 100).min(gaps.len() - 1)];
+    println!(
+        "{name:<30} median {:>8.3} ms   p99 {:>8.3} ms   ({} handoffs to another task, {} retakes)",
+        median.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3,
+        gaps.len(),
+        handoffs.retakes,
+    );
+}

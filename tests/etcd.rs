@@ -1,0 +1,490 @@
+//! The etcd backend on real `etcd` servers (one per test, on free loopback ports): the whole
+//! conformance suite in both modes, then what only etcd can do to a lock — another client
+//! deleting its key or revoking its lease, a leader that dies, a cluster that loses quorum,
+//! etcd's own Lock service holding the same name.
+
+#[path = "support/etcd_server.rs"]
+mod etcd_server;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, GetOptions, LockOptions as EtcdLockOptions};
+use etcd_server::{EtcdCluster, EtcdServer};
+use leasehold::testing::{eventually, next_event, start, unique_key};
+use leasehold::{
+    EtcdBackend, EtcdMode, Fence, LockClient, LockEventKind, LockOptions, LostReason, Wait,
+};
+use tokio::time::{timeout, Instant};
+
+// `EtcdServer::start()` is a temporary of the statement that runs each test, so the server
+// lives until the test is over and is stopped when it ends.
+mod txn {
+    leasehold::conformance_suite!(
+        real,
+        super::EtcdServer::start()
+            .backend(leasehold::EtcdMode::Txn)
+            .await
+    );
+}
+
+mod lock {
+    leasehold::conformance_suite!(
+        real,
+        super::EtcdServer::start()
+            .backend(leasehold::EtcdMode::Lock)
+            .await
+    );
+}
+
+const MODES: [EtcdMode; 2] = [EtcdMode::Txn, EtcdMode::Lock];
+
+fn waiting(limit: Duration) -> LockOptions {
+    LockOptions::new().with_wait(Wait::UpTo(limit))
+}
+
+/// A plain etcd client of the same cluster: "another client" that knows nothing of leasehold.
+async fn other_client(endpoints: &[String]) -> Client {
+    Client::connect(endpoints, None)
+        .await
+        .expect("plain client")
+}
+
+/// The etcd keys that hold `key`'s lock: the key itself (txn mode), or every contender key
+/// under the Lock service's name (lock mode).
+async fn lock_keys(
+    etcd: &mut Client,
+    backend: &EtcdBackend,
+    key: &str,
+) -> Vec<etcd_client::KeyValue> {
+    let answer = match backend.mode() {
+        EtcdMode::Lock => {
+            let contenders = format!("{}/", backend.lock_key(key));
+            etcd.get(contenders, Some(GetOptions::new().with_prefix()))
+                .await
+        }
+        _ => etcd.get(backend.lock_key(key), None).await,
+    };
+    answer.expect("read lock keys").take_kvs()
+}
+
+/// Holds `key` on a fresh node with a 3 s ttl, then lets `interfere` (another client) touch
+/// etcd: the next renewal must find out, and `lost()` say `NotOwner`, within the ttl.
+async fn lost_when_another_client_interferes<F, Fut>(mode: EtcdMode, interfere: F)
+where
+    F: FnOnce(Client, Vec<etcd_client::KeyValue>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let server = EtcdServer::start();
+    let backend = server.backend(mode).await;
+    let node = start(backend.clone()).await;
+    let key = unique_key("interfered");
+    let ttl = Duration::from_secs(3);
+    let held = node
+        .try_lock(&key, LockOptions::new().with_ttl(ttl))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut etcd = other_client(&[server.endpoint()]).await;
+    let keys = lock_keys(&mut etcd, &backend, &key).await;
+    assert_eq!(keys.len(), 1, "{mode:?}: one key holds the lock");
+    interfere(etcd, keys).await;
+    let reason = timeout(ttl, held.lost())
+        .await
+        .expect("loss found by a renewal, before the ttl");
+    assert_eq!(reason, LostReason::NotOwner, "{mode:?}");
+    assert!(!held.is_held());
+    // The key is free for the next holder.
+    let next = node.lock(&key, waiting(Duration::from_secs(5))).await;
+    assert!(next.is_ok(), "{mode:?}: free after the loss: {next:?}");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_deleted_behind_the_holders_back_is_lost() {
+    for mode in MODES {
+        lost_when_another_client_interferes(mode, |mut etcd, keys| async move {
+            let deleted = etcd.delete(keys[0].key(), None).await.unwrap();
+            assert_eq!(deleted.deleted(), 1);
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_revoked_behind_the_holders_back_is_lost() {
+    for mode in MODES {
+        lost_when_another_client_interferes(mode, |mut etcd, keys| async move {
+            assert_ne!(keys[0].lease(), 0, "the lock key is on a lease");
+            etcd.lease_revoke(keys[0].lease()).await.unwrap();
+        })
+        .await;
+    }
+}
+
+/// Two managers with their own clients (two nodes), four tasks each, on one key: nobody is
+/// ever inside at the same time as anyone else, and every token is newer than the last.
+async fn two_nodes_never_overlap(mode: EtcdMode) {
+    const TASKS_PER_NODE: usize = 4;
+    const ROUNDS: usize = 6;
+    let server = EtcdServer::start();
+    let nodes = [
+        start(server.backend(mode).await).await,
+        start(server.backend(mode).await).await,
+    ];
+    let key = unique_key("contended");
+    let inside = Arc::new(AtomicBool::new(false));
+    let entries = Arc::new(AtomicUsize::new(0));
+    let fence = Arc::new(Fence::new());
+    let mut tasks = Vec::new();
+    for node in &nodes {
+        for _ in 0..TASKS_PER_NODE {
+            let (node, key) = (node.clone(), key.clone());
+            let (inside, entries, fence) = (inside.clone(), entries.clone(), fence.clone());
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..ROUNDS {
+                    let guard = node
+                        .lock(&key, waiting(Duration::from_secs(60)))
+                        .await
+                        .expect("lock");
+                    assert!(!inside.swap(true, Ordering::SeqCst), "two holders at once");
+                    fence
+                        .accept(guard.fencing_token())
+                        .expect("token not stale");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    entries.fetch_add(1, Ordering::SeqCst);
+                    inside.store(false, Ordering::SeqCst);
+                    guard.release().await.expect("release");
+                }
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.expect("contender task");
+    }
+    assert_eq!(entries.load(Ordering::SeqCst), 2 * TASKS_PER_NODE * ROUNDS);
+    for node in &nodes {
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_contending_never_overlap_in_txn_mode() {
+    two_nodes_never_overlap(EtcdMode::Txn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_contending_never_overlap_in_lock_mode() {
+    two_nodes_never_overlap(EtcdMode::Lock).await;
+}
+
+/// Renewals of `key` (on `node`'s events) until `count` have succeeded.
+async fn renewals(
+    events: &mut tokio::sync::broadcast::Receiver<leasehold::LockEvent>,
+    key: &str,
+    count: usize,
+) {
+    for _ in 0..count {
+        next_event(events, Duration::from_secs(20), |e| {
+            let ours = e.key.as_deref() == Some(key);
+            (ours && matches!(e.kind, LockEventKind::Renewed { .. })).then_some(())
+        })
+        .await;
+    }
+}
+
+/// In a 3-member cluster, the leader dies while a lock is held: after the re-election the
+/// renewals go on, the lock is never lost nor taken, and the next holder's token is newer.
+async fn leader_failover_keeps_the_lock(mode: EtcdMode) {
+    let mut cluster = EtcdCluster::start(3);
+    let node = start(cluster.backend(mode).await).await;
+    let other = start(cluster.backend(mode).await).await;
+    let key = unique_key("failover");
+    let ttl = Duration::from_secs(3);
+    let opts = LockOptions::new().with_ttl(ttl);
+    let earlier = node.try_lock(&key, opts.clone()).await.unwrap().unwrap();
+    let earlier_token = earlier.fencing_token();
+    earlier.release().await.unwrap();
+    let held = node.try_lock(&key, opts).await.unwrap().unwrap();
+    assert!(held.fencing_token() > earlier_token);
+    let mut events = node.events();
+    let leader = tokio::task::block_in_place(|| cluster.leader());
+    cluster.member(leader).stop();
+    tokio::select! {
+        reason = held.lost() => panic!("{mode:?}: lost across the failover: {reason}"),
+        () = renewals(&mut events, &key, 2) => {}
+    }
+    assert!(held.is_held());
+    let new_leader = tokio::task::block_in_place(|| cluster.leader());
+    assert_ne!(new_leader, leader);
+    assert!(
+        other
+            .try_lock(&key, LockOptions::new())
+            .await
+            .unwrap()
+            .is_none(),
+        "{mode:?}: another node took a held lock"
+    );
+    let held_token = held.fencing_token();
+    held.release().await.unwrap();
+    let next = other
+        .lock(&key, waiting(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(
+        next.fencing_token() > held_token,
+        "{mode:?}: token {} after {held_token}",
+        next.fencing_token()
+    );
+    next.release().await.unwrap();
+    node.shutdown().await;
+    other.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_leader_mid_hold_keeps_the_lock_in_txn_mode() {
+    leader_failover_keeps_the_lock(EtcdMode::Txn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_leader_mid_hold_keeps_the_lock_in_lock_mode() {
+    leader_failover_keeps_the_lock(EtcdMode::Lock).await;
+}
+
+/// In a 3-member cluster two members die while a lock is held: no quorum, no renewal. The
+/// holder is told `Expired` at its deadline, which comes before etcd could let the lease run
+/// out (and so before anyone else could be given the lock).
+async fn quorum_loss_is_lost_in_time(mode: EtcdMode) {
+    let mut cluster = EtcdCluster::start(3);
+    let node = start(cluster.backend(mode).await).await;
+    let key = unique_key("quorum");
+    // etcd grants ceil(2.5 s) = 3 s.
+    let ttl = Duration::from_millis(2500);
+    let lease_ttl = Duration::from_secs(3);
+    let held = node
+        .try_lock(&key, LockOptions::new().with_ttl(ttl))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut events = node.events();
+    let mut deadline = held.deadline().expect("held");
+    let leader = tokio::task::block_in_place(|| cluster.leader());
+    cluster.member(leader).stop();
+    cluster.member((leader + 1) % 3).stop();
+    let lost_at = loop {
+        let event = next_event(&mut events, ttl * 4, |e| {
+            (e.key.as_deref() == Some(key.as_str())).then(|| e.clone())
+        })
+        .await;
+        match event.kind {
+            // A leader that has not yet noticed it lost its quorum may still renew.
+            LockEventKind::Renewed { deadline: renewed } => deadline = renewed,
+            LockEventKind::Lost { reason } => {
+                assert_eq!(reason, LostReason::Expired, "{mode:?}");
+                break event.instant;
+            }
+            _ => {}
+        }
+    };
+    assert!(!held.is_held());
+    // deadline = sent + ttl × (1 − drift), and etcd's lease runs lease_ttl from after `sent`.
+    let store_expiry_at_earliest = deadline - ttl.mul_f64(0.99) + lease_ttl;
+    assert!(
+        lost_at < store_expiry_at_earliest,
+        "{mode:?}: told {:?} after the lease could have expired",
+        lost_at - store_expiry_at_earliest
+    );
+    assert_eq!(held.lost().await, LostReason::Expired);
+    drop(held);
+    drop(cluster);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_two_of_three_members_is_lost_before_the_lease_expires_in_txn_mode() {
+    quorum_loss_is_lost_in_time(EtcdMode::Txn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_two_of_three_members_is_lost_before_the_lease_expires_in_lock_mode() {
+    quorum_loss_is_lost_in_time(EtcdMode::Lock).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_endpoints_give_a_clear_error_within_the_connect_timeout() {
+    // A port nobody listens on: connections are refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("127.0.0.1:{port}");
+    let connect_timeout = Duration::from_secs(1);
+    let connecting = EtcdBackend::builder([endpoint.as_str()])
+        .with_connect_timeout(connect_timeout)
+        .connect();
+    let err = timeout(connect_timeout * 3, connecting)
+        .await
+        .expect("connect gives up by itself")
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(
+        err.to_string().contains(&endpoint),
+        "{err} should name {endpoint}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_does_not_answer_gives_a_clear_error_within_the_connect_timeout() {
+    let server = EtcdServer::start();
+    // Accepts connections (the kernel does), answers nothing.
+    server.pause();
+    let connect_timeout = Duration::from_secs(1);
+    let connecting = EtcdBackend::builder([server.endpoint()])
+        .with_connect_timeout(connect_timeout)
+        .connect();
+    let err = timeout(connect_timeout * 3, connecting)
+        .await
+        .expect("connect gives up by itself")
+        .unwrap_err();
+    server.resume();
+    assert!(err.is_retryable(), "{err:?}");
+    let message = err.to_string();
+    assert!(message.contains(&server.endpoint()), "{message}");
+    assert!(message.contains("did not answer within 1s"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_mode_shares_names_with_etcds_lock_service() {
+    let server = EtcdServer::start();
+    let backend = server.backend(EtcdMode::Lock).await;
+    let node = start(backend.clone()).await;
+    let key = unique_key("shared");
+    // Another program holds the lock through etcd's Lock service, under leasehold's name.
+    let mut etcd = other_client(&[server.endpoint()]).await;
+    let lease = etcd.lease_grant(30, None).await.unwrap().id();
+    let theirs = etcd
+        .lock(
+            backend.lock_key(&key),
+            Some(EtcdLockOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+    let info = node
+        .info(&key)
+        .await
+        .unwrap()
+        .expect("held by the other program");
+    assert_eq!(info.metadata, None);
+    let started = Instant::now();
+    assert!(node
+        .try_lock(&key, LockOptions::new())
+        .await
+        .unwrap()
+        .is_none());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "try_lock waited"
+    );
+    let waiter = {
+        let (node, key) = (node.clone(), key.clone());
+        tokio::spawn(async move { node.lock(&key, waiting(Duration::from_secs(20))).await })
+    };
+    etcd.unlock(theirs.key()).await.unwrap();
+    let guard = waiter
+        .await
+        .unwrap()
+        .expect("leasehold gets it after the unlock");
+    assert!(guard.fencing_token() > info.fencing_token);
+    // And while leasehold holds it, the Lock service makes the other program wait.
+    let lease = etcd.lease_grant(30, None).await.unwrap().id();
+    let name = backend.lock_key(&key);
+    let mut blocked = etcd.clone();
+    let pending = tokio::spawn(async move {
+        blocked
+            .lock(name, Some(EtcdLockOptions::new().with_lease(lease)))
+            .await
+    });
+    eventually("the other program queues", Duration::from_secs(5), || {
+        let (mut etcd, backend, key) = (etcd.clone(), backend.clone(), key.clone());
+        async move { lock_keys(&mut etcd, &backend, &key).await.len() == 2 }
+    })
+    .await;
+    assert!(
+        !pending.is_finished(),
+        "the Lock service gave away a held lock"
+    );
+    guard.release().await.unwrap();
+    let theirs = timeout(Duration::from_secs(10), pending)
+        .await
+        .expect("the other program gets it after the release")
+        .unwrap()
+        .unwrap();
+    etcd.unlock(theirs.key()).await.unwrap();
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_that_extend_each_other_are_separate_locks() {
+    let server = EtcdServer::start();
+    for mode in MODES {
+        let node: LockClient = start(server.backend(mode).await).await;
+        let parent = unique_key("nested");
+        let child = format!("{parent}/child");
+        let opts = |m: &str| LockOptions::new().with_metadata(m);
+        let p = node.try_lock(&parent, opts("parent")).await.unwrap();
+        let c = node.try_lock(&child, opts("child")).await.unwrap();
+        assert!(p.is_some() && c.is_some(), "{mode:?}: both free");
+        let info = node.info(&parent).await.unwrap().unwrap();
+        assert_eq!(info.metadata.as_deref(), Some("parent"), "{mode:?}");
+        let info = node.info(&child).await.unwrap().unwrap();
+        assert_eq!(info.metadata.as_deref(), Some("child"), "{mode:?}");
+        drop((p, c));
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewing_with_a_longer_ttl_moves_the_key_to_a_longer_lease() {
+    let server = EtcdServer::start();
+    for mode in MODES {
+        let backend = server.backend(mode).await;
+        let node = start(backend.clone()).await;
+        let key = unique_key("longer");
+        let held = node
+            .try_lock(&key, LockOptions::new().with_ttl(Duration::from_secs(2)))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut etcd = other_client(&[server.endpoint()]).await;
+        let before = lock_keys(&mut etcd, &backend, &key).await.remove(0);
+        // Auto-renewal then runs every 2 s, with the new ttl.
+        held.renew(Duration::from_secs(6)).await.unwrap();
+        let after = lock_keys(&mut etcd, &backend, &key).await.remove(0);
+        assert_ne!(
+            after.lease(),
+            before.lease(),
+            "{mode:?}: moved to a new lease"
+        );
+        assert_eq!(
+            after.create_revision(),
+            before.create_revision(),
+            "{mode:?}"
+        );
+        let granted = etcd.lease_time_to_live(after.lease(), None).await.unwrap();
+        assert!(granted.granted_ttl() >= 6, "{mode:?}: {granted:?}");
+        let old = etcd.lease_time_to_live(before.lease(), None).await.unwrap();
+        assert!(old.ttl() < 0, "{mode:?}: the old lease was revoked");
+        let info = node.info(&key).await.unwrap().unwrap();
+        assert_eq!(info.fencing_token, held.fencing_token(), "{mode:?}");
+        assert!(info.remaining_ttl > Duration::from_secs(3), "{mode:?}");
+        // Auto-renewal carries on with the new lease.
+        let mut events = node.events();
+        renewals(&mut events, &key, 1).await;
+        assert!(held.is_held());
+        held.release().await.unwrap();
+        assert!(lock_keys(&mut etcd, &backend, &key).await.is_empty());
+        node.shutdown().await;
+    }
+}
