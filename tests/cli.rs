@@ -1,0 +1,385 @@
+//! The `leasehold` command line, run as a user would: the built binary, as separate processes,
+//! against a real redis-server.
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use leasehold::testing::unique_key;
+use leasehold::{LockManager, LockOptions};
+use redis_server::RedisServer;
+
+const BIN: &str = env!("CARGO_BIN_EXE_leasehold");
+
+fn leasehold(server: &RedisServer) -> Command {
+    let mut command = Command::new(BIN);
+    command.env("LEASEHOLD_BACKEND", server.url());
+    command
+}
+
+fn output(command: &mut Command) -> Output {
+    command.output().expect("run leasehold")
+}
+
+/// Waits for a child to exit, or panics after `limit`.
+fn wait_exit(child: &mut Child, limit: Duration) -> ExitStatus {
+    let give_up = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for leasehold") {
+            return status;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "leasehold did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until `path` exists, or panics after `limit`.
+fn wait_file(path: &Path, limit: Duration) {
+    let give_up = Instant::now() + limit;
+    while !path.exists() {
+        assert!(
+            Instant::now() < give_up,
+            "{} did not appear within {limit:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn now_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(signal)
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn concurrent_runs_never_overlap_and_tokens_increase_in_start_order() {
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("intervals");
+    let key = unique_key("cli-mutex");
+    // Each run appends one line: start time, end time, fencing token.
+    let script = format!(
+        "s=$(date +%s%N); sleep 0.05; e=$(date +%s%N); echo \"$s $e $LEASEHOLD_FENCING_TOKEN\" >> {}",
+        log.display()
+    );
+    let mut runs: Vec<Child> = (0..8)
+        .map(|_| {
+            leasehold(&server)
+                .args(["run", "--wait", "60s", &key, "--", "sh", "-c", &script])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for run in &mut runs {
+        assert!(wait_exit(run, Duration::from_secs(60)).success());
+    }
+    let mut intervals: Vec<(u128, u128, u64)> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (
+                f[0].parse().unwrap(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(intervals.len(), 8, "{intervals:?}");
+    intervals.sort();
+    for pair in intervals.windows(2) {
+        let ((_, end, token), (start, _, next_token)) = (pair[0], pair[1]);
+        assert!(start >= end, "overlapping holds: {pair:?}");
+        assert!(next_token > token, "tokens out of order: {pair:?}");
+    }
+}
+
+#[test]
+fn run_passes_the_key_and_token_and_exits_with_the_command_code() {
+    let server = RedisServer::start();
+    let key = unique_key("cli-env");
+    let out = output(leasehold(&server).args([
+        "run",
+        &key,
+        "--",
+        "sh",
+        "-c",
+        "echo \"$LEASEHOLD_KEY $LEASEHOLD_FENCING_TOKEN\"; exit 3",
+    ]));
+    assert_eq!(out.status.code(), Some(3));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let (printed_key, token) = stdout.trim().split_once(' ').unwrap();
+    assert_eq!(printed_key, key);
+    assert!(token.parse::<u64>().unwrap() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_wait_on_a_held_key_exits_75() {
+    let server = RedisServer::start();
+    let client = LockManager::builder()
+        .with_name(unique_key("cli-holder"))
+        .with_backend("redis", server.backend().await)
+        .start()
+        .await
+        .unwrap();
+    let key = unique_key("cli-held");
+    let guard = client
+        .try_lock(&key, LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut command = leasehold(&server);
+    command.args(["run", "--no-wait", &key, "--", "true"]);
+    let out = tokio::task::spawn_blocking(move || output(&mut command))
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(75));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&key) && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+    let mut command = leasehold(&server);
+    command.args([
+        "run",
+        "--no-wait",
+        "--conflict-exit-code",
+        "9",
+        &key,
+        "--",
+        "true",
+    ]);
+    let out = tokio::task::spawn_blocking(move || output(&mut command))
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(9));
+    guard.release().await.unwrap();
+    client.shutdown().await;
+}
+
+#[test]
+fn a_paused_store_stops_the_command_before_the_lease_deadline_and_exits_76() {
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (started, termed) = (dir.path().join("started"), dir.path().join("termed"));
+    let key = unique_key("cli-lost");
+    let ttl = Duration::from_secs(2);
+    let script = format!(
+        "trap 'date +%s%N > {termed}; exit 0' TERM; touch {started}; while true; do sleep 0.02; done",
+        termed = termed.display(),
+        started = started.display()
+    );
+    let mut run = leasehold(&server)
+        .args([
+            "run",
+            "--ttl",
+            "2s",
+            "--kill-grace",
+            "5s",
+            &key,
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_file(&started, Duration::from_secs(10));
+    server.pause();
+    // Every renewal so far was sent before the pause, so the store's lease ends by then.
+    let store_deadline = now_nanos() + ttl.as_nanos();
+    let status = wait_exit(&mut run, ttl * 5);
+    server.resume();
+    assert_eq!(status.code(), Some(76));
+    let termed_at: u128 = std::fs::read_to_string(&termed)
+        .expect("the command got SIGTERM")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        termed_at < store_deadline,
+        "SIGTERM came after the lease deadline"
+    );
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut run.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("lost"), "{stderr}");
+}
+
+#[test]
+fn sigterm_to_leasehold_reaches_the_command_and_frees_the_key() {
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (started, termed) = (dir.path().join("started"), dir.path().join("termed"));
+    let key = unique_key("cli-sigterm");
+    let script = format!(
+        "trap 'touch {termed}; exit 0' TERM; touch {started}; while true; do sleep 0.02; done",
+        termed = termed.display(),
+        started = started.display()
+    );
+    let mut run = leasehold(&server)
+        .args(["run", &key, "--", "sh", "-c", &script])
+        .spawn()
+        .unwrap();
+    wait_file(&started, Duration::from_secs(10));
+    send_signal(run.id(), "-TERM");
+    let status = wait_exit(&mut run, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+    assert!(termed.exists(), "the command did not get SIGTERM");
+    let out = output(leasehold(&server).args(["status", "--json", &key]));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["held"], false, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_json_shows_the_holder_token_ttl_and_metadata() {
+    let server = RedisServer::start();
+    let client = LockManager::builder()
+        .with_name(unique_key("cli-status"))
+        .with_backend("redis", server.backend().await)
+        .start()
+        .await
+        .unwrap();
+    let key = unique_key("cli-status");
+    let guard = client
+        .try_lock(&key, LockOptions::new().with_metadata("backup on host-3"))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut command = leasehold(&server);
+    command.args(["status", "--json", &key]);
+    let out = tokio::task::spawn_blocking(move || output(&mut command))
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["held"], true);
+    assert_eq!(status["key"], key.as_str());
+    assert_eq!(status["fencing_token"], guard.fencing_token());
+    assert_eq!(status["metadata"], "backup on host-3");
+    let ttl_ms = status["remaining_ttl_ms"].as_u64().unwrap();
+    assert!(ttl_ms > 0 && ttl_ms <= 30_000, "{status}");
+    guard.release().await.unwrap();
+    client.shutdown().await;
+}
+
+#[test]
+fn usage_errors_exit_64_and_name_the_bad_argument() {
+    let server = RedisServer::start();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["run", "--backend", "redis://h:notaport", "k", "--", "true"],
+            "redis://h:notaport",
+        ),
+        (
+            &["run", "--backend", "etcd://nohostport", "k", "--", "true"],
+            "nohostport",
+        ),
+        (&["run", "--ttl", "5", "k", "--", "true"], "\"5\""),
+        (&["run", "--wait", "2 weeks", "k", "--", "true"], "2 weeks"),
+        (&["run", "k", "true"], "<CMD>"),
+    ];
+    for (args, named) in cases {
+        let out = output(leasehold(&server).args(args));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(named),
+            "{args:?} should name {named}: {stderr}"
+        );
+    }
+    let out = output(leasehold(&server).args(["run", "", "--", "true"]));
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("empty"));
+}
+
+#[test]
+fn an_unreachable_store_exits_69() {
+    let server = RedisServer::start();
+    let url = format!("redis://127.0.0.1:{}", server.port());
+    drop(server);
+    let out = output(Command::new(BIN).args(["run", "--backend", &url, "k", "--", "true"]));
+    assert_eq!(out.status.code(), Some(69));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("127.0.0.1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_an_acquisition_and_a_release() {
+    use std::io::{BufRead, BufReader};
+
+    let server = RedisServer::start();
+    let prefix = unique_key("cli-watch");
+    let mut watch = leasehold(&server)
+        .args(["watch", "--json", &prefix])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(watch.stderr.take().unwrap());
+    let ready = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        stderr.read_line(&mut line).map(|_| line)
+    });
+    let ready = tokio::time::timeout(Duration::from_secs(10), ready)
+        .await
+        .expect("watch ready within 10 s")
+        .unwrap()
+        .unwrap();
+    assert!(ready.contains("watching"), "{ready}");
+
+    let client = LockManager::builder()
+        .with_name(unique_key("cli-watch"))
+        .with_backend("redis", server.backend().await)
+        .start()
+        .await
+        .unwrap();
+    let key = format!("{prefix}/nightly");
+    let guard = client
+        .try_lock(&key, LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    let token = guard.fencing_token();
+    guard.release().await.unwrap();
+    client.shutdown().await;
+
+    let mut stdout = BufReader::new(watch.stdout.take().unwrap());
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        for _ in 0..2 {
+            let mut line = String::new();
+            stdout.read_line(&mut line).unwrap();
+            lines.push(serde_json::from_str::<serde_json::Value>(&line).unwrap());
+        }
+        lines
+    });
+    let lines = tokio::time::timeout(Duration::from_secs(10), lines)
+        .await
+        .expect("two events within 10 s")
+        .unwrap();
+    assert_eq!(lines[0]["event"], "acquired");
+    assert_eq!(lines[0]["key"], key.as_str());
+    assert_eq!(lines[0]["fencing_token"], token);
+    assert_eq!(lines[1]["event"], "released");
+    assert_eq!(lines[1]["key"], key.as_str());
+    send_signal(watch.id(), "-INT");
+    let status = wait_exit(&mut watch, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+}
