@@ -21,10 +21,12 @@
 //! - `client.rs` and `guard.rs`: [`LockClient`] and [`LockGuard`], the face for async code.
 //! - `backend.rs`: the [`LockBackend`] trait, the seam to the stores, with one file per store:
 //!   `backend/memory.rs` ([`MemoryBackend`]), `backend/redis.rs` (`RedisBackend`, its Lua
-//!   scripts in `backend/redis/`), `backend/etcd.rs` (`EtcdBackend`).
+//!   scripts in `backend/redis/`).
 //! - `options.rs`, `event.rs`, `error.rs`, `fence.rs`: [`LockOptions`], [`LockEvent`],
 //!   [`Error`], [`Fence`].
 //! - `testing.rs` (feature `testing`): the conformance suite every backend passes.
+//! - `cluster.rs` (feature `cluster`): `ClusterGateway`, the manager's face to other
+//!   `ractor_cluster` nodes, and the serialisable remote protocol (`cluster/`).
 //!
 //! # Example
 //! ```
@@ -53,11 +55,10 @@
 //!
 //! # Cargo features
 //! - `redis` (default): `RedisBackend`, on the `redis` crate's multiplexed connection.
-//! - `etcd`: `EtcdBackend`, transactions and leases or etcd's Lock service (its build needs
-//!   `protoc`).
 //! - `testing`: the public conformance suite, `testing`.
 //! - `cli`: the `leasehold` command line (`src/bin/leasehold/`).
-//! - `cluster`: turns on ractor's `cluster` feature and gives the message types explicit
+//! - `cluster`: the `cluster` module (lock messages from other `ractor_cluster` nodes); turns
+//!   on ractor's `cluster` feature and gives the message types explicit
 //!   `ractor::Message` impls. Turn it on whenever `ractor_cluster` is in the build, since that
 //!   removes ractor's blanket impl for every crate.
 
@@ -73,6 +74,8 @@ mod options;
 mod task;
 
 pub mod backend;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 #[cfg(feature = "testing")]
 pub mod testing;
 

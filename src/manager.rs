@@ -317,6 +317,11 @@ impl Actor for LockManager {
         myself: ActorRef<LockManagerMsg>,
         args: ManagerArgs,
     ) -> Result<ManagerState, ActorProcessingErr> {
+        #[cfg(feature = "cluster")]
+        ractor::pg::join(
+            crate::cluster::MANAGER_GROUP.into(),
+            vec![myself.get_cell()],
+        );
         let mut backends = HashMap::new();
         for ctx in &args.backends {
             let actor = spawn_backend(&myself, &args.name, ctx).await?;

@@ -1,0 +1,630 @@
+//! What crosses between nodes: requests, lease descriptors, errors and events, each with its
+//! byte encoding (see `wire.rs`).
+
+use std::fmt;
+use std::time::Duration;
+
+use ractor_cluster::RactorClusterMessage;
+
+use super::wire::{bytes_convertable, wire_struct, Wire};
+use super::RemoteHolder;
+use crate::backend::{LockInfo, OwnerToken};
+use crate::error::Error;
+use crate::event::{LockEvent, LockEventKind, LostReason, ReleaseReason};
+use crate::guard::LockGuard;
+use crate::options::Wait;
+
+/// A remote acquisition request: what [`LockOptions`](crate::LockOptions) says locally, plus
+/// the remote holder actor (mandatory: a lease whose holder nobody watches would be renewed
+/// forever after its node went away).
+#[derive(Debug, Clone)]
+pub struct RemoteAcquire {
+    pub(super) backend: Option<String>,
+    pub(super) key: String,
+    pub(super) ttl: Option<Duration>,
+    pub(super) wait: Option<Wait>,
+    pub(super) metadata: Option<String>,
+    pub(super) auto_renew: bool,
+    pub(super) holder: RemoteHolder,
+}
+
+impl RemoteAcquire {
+    /// Acquire `key` on the default backend, held by `holder`: the lock is released when that
+    /// actor stops or its node disconnects. Try once, ttl as the manager's default.
+    pub fn new(key: impl Into<String>, holder: &RemoteHolder) -> Self {
+        RemoteAcquire {
+            backend: None,
+            key: key.into(),
+            ttl: None,
+            wait: None,
+            metadata: None,
+            auto_renew: true,
+            holder: holder.clone(),
+        }
+    }
+
+    /// The backend, by its name on the manager's node.
+    pub fn with_backend(mut self, backend: impl Into<String>) -> Self {
+        self.backend = Some(backend.into());
+        self
+    }
+
+    /// The lease ttl.
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// How long to wait for a held key (unset: try once).
+    pub fn with_wait(mut self, wait: Wait) -> Self {
+        self.wait = Some(wait);
+        self
+    }
+
+    /// Metadata stored with the lock (see [`LockInfo::metadata`]).
+    pub fn with_metadata(mut self, metadata: impl Into<String>) -> Self {
+        self.metadata = Some(metadata.into());
+        self
+    }
+
+    /// Whether the manager renews the lease (default on). Turn it off where the holder's node
+    /// may go silent without its connection closing (a partition, a paused process):
+    /// ractor_cluster 0.16 notices a lost node only when its connection closes, while a lease
+    /// the holder renews itself ([`RemoteLockClient::renew`](super::RemoteLockClient::renew))
+    /// expires at its ttl once the renewals stop coming.
+    pub fn with_auto_renew(mut self, auto_renew: bool) -> Self {
+        self.auto_renew = auto_renew;
+        self
+    }
+
+    /// The key asked for.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The wait asked for.
+    pub fn wait(&self) -> Option<Wait> {
+        self.wait
+    }
+}
+
+/// A lease held for a remote holder: what it needs to use the lock (the fencing token) and to
+/// release or renew it by message (key, backend, owner token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LeaseDescriptor {
+    /// The key.
+    pub key: String,
+    /// The name of the backend that holds it, on the manager's node.
+    pub backend: String,
+    /// The owner token written with the key in the store.
+    pub owner: OwnerToken,
+    /// Strictly greater than the token of every earlier holder of this key on this store.
+    pub fencing_token: u64,
+    /// The ttl the manager renews the lease with.
+    pub ttl: Duration,
+}
+
+impl LeaseDescriptor {
+    pub(super) fn of(guard: &LockGuard) -> Self {
+        LeaseDescriptor {
+            key: guard.key().to_owned(),
+            backend: guard.backend().to_owned(),
+            owner: guard.owner(),
+            fencing_token: guard.fencing_token(),
+            ttl: guard.ttl(),
+        }
+    }
+}
+
+/// A lease named by message: release it, or renew it to `ttl`.
+#[derive(Debug, Clone)]
+pub struct LeaseRequest {
+    pub(super) backend: Option<String>,
+    pub(super) key: String,
+    pub(super) owner: OwnerToken,
+    /// For renewals; ignored by releases.
+    pub(super) ttl: Duration,
+}
+
+impl LeaseRequest {
+    /// The lease `lease` describes, renewed (if this is a renewal) to `ttl`.
+    pub fn new(lease: &LeaseDescriptor, ttl: Duration) -> Self {
+        LeaseRequest {
+            backend: Some(lease.backend.clone()),
+            key: lease.key.clone(),
+            owner: lease.owner,
+            ttl,
+        }
+    }
+}
+
+/// A key on a backend (`None`: the manager's default), for `IsLocked` and `Info`.
+#[derive(Debug, Clone)]
+pub struct KeyRequest {
+    pub(super) backend: Option<String>,
+    pub(super) key: String,
+}
+
+impl KeyRequest {
+    /// `key` on `backend` (`None` for the default).
+    pub fn new(backend: Option<&str>, key: impl Into<String>) -> Self {
+        KeyRequest {
+            backend: backend.map(str::to_owned),
+            key: key.into(),
+        }
+    }
+}
+
+/// [`LockInfo`], as it crosses the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RemoteLockInfo {
+    /// The key.
+    pub key: String,
+    /// The current holder's fencing token.
+    pub fencing_token: u64,
+    /// How long the current lease has left.
+    pub remaining_ttl: Duration,
+    /// The metadata the holder stored with the lock.
+    pub metadata: Option<String>,
+}
+
+impl From<LockInfo> for RemoteLockInfo {
+    fn from(info: LockInfo) -> Self {
+        RemoteLockInfo {
+            key: info.key,
+            fencing_token: info.fencing_token,
+            remaining_ttl: info.remaining_ttl,
+            metadata: info.metadata,
+        }
+    }
+}
+
+/// Which [`Error`] a [`RemoteError`] stands for, or which remote-only failure it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RemoteErrorKind {
+    /// [`Error::EmptyKey`].
+    EmptyKey,
+    /// [`Error::KeyTooLong`].
+    KeyTooLong,
+    /// [`Error::KeyHasControlChar`].
+    KeyHasControlChar,
+    /// [`Error::InvalidTtl`].
+    InvalidTtl,
+    /// [`Error::MetadataTooLong`].
+    MetadataTooLong,
+    /// [`Error::UnknownBackend`].
+    UnknownBackend,
+    /// [`Error::InvalidConfig`].
+    InvalidConfig,
+    /// [`Error::AlreadyHeld`].
+    AlreadyHeld,
+    /// [`Error::Timeout`].
+    Timeout,
+    /// [`Error::LeaseLost`].
+    LeaseLost,
+    /// [`Error::NotHeld`].
+    NotHeld,
+    /// [`Error::Store`] with a retryable store error.
+    StoreRetryable,
+    /// [`Error::Store`] with a store error that is not retryable.
+    StoreFatal,
+    /// [`Error::BackendDown`].
+    BackendDown,
+    /// [`Error::ManagerStopped`].
+    ManagerStopped,
+    /// The gateway could not find the holder (or subscriber) actor: it is not on a connected
+    /// node, or its message type cannot cross nodes, so ractor_cluster did not advertise it.
+    HolderNotFound,
+    /// The gateway did not answer (its node is unreachable, or the call timed out).
+    Unreachable,
+}
+
+/// An [`Error`] as it crosses the wire: its kind and its message (the local error's
+/// `Display`), with the same classifier methods.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+#[non_exhaustive]
+pub struct RemoteError {
+    /// Which error.
+    pub kind: RemoteErrorKind,
+    /// What the manager's node said.
+    pub message: String,
+}
+
+impl RemoteError {
+    pub(super) fn new(kind: RemoteErrorKind, message: impl Into<String>) -> Self {
+        RemoteError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// As [`Error::is_retryable`] (plus an unreachable gateway).
+    pub fn is_retryable(&self) -> bool {
+        use RemoteErrorKind::*;
+        matches!(
+            self.kind,
+            StoreRetryable | BackendDown | Timeout | Unreachable
+        )
+    }
+
+    /// As [`Error::is_invalid_input`] (plus a holder the gateway cannot see).
+    pub fn is_invalid_input(&self) -> bool {
+        use RemoteErrorKind::*;
+        matches!(
+            self.kind,
+            EmptyKey
+                | KeyTooLong
+                | KeyHasControlChar
+                | InvalidTtl
+                | MetadataTooLong
+                | UnknownBackend
+                | InvalidConfig
+                | AlreadyHeld
+                | HolderNotFound
+        )
+    }
+
+    /// As [`Error::is_fatal`].
+    pub fn is_fatal(&self) -> bool {
+        self.kind == RemoteErrorKind::ManagerStopped
+    }
+}
+
+impl From<&Error> for RemoteErrorKind {
+    fn from(error: &Error) -> Self {
+        use RemoteErrorKind as K;
+        match error {
+            Error::EmptyKey => K::EmptyKey,
+            Error::KeyTooLong { .. } => K::KeyTooLong,
+            Error::KeyHasControlChar { .. } => K::KeyHasControlChar,
+            Error::InvalidTtl { .. } => K::InvalidTtl,
+            Error::MetadataTooLong { .. } => K::MetadataTooLong,
+            Error::UnknownBackend { .. } => K::UnknownBackend,
+            Error::InvalidConfig(_) => K::InvalidConfig,
+            Error::AlreadyHeld { .. } => K::AlreadyHeld,
+            Error::Timeout { .. } => K::Timeout,
+            Error::LeaseLost { .. } => K::LeaseLost,
+            Error::NotHeld { .. } => K::NotHeld,
+            Error::Store { source, .. } if source.is_retryable() => K::StoreRetryable,
+            Error::Store { .. } => K::StoreFatal,
+            Error::BackendDown { .. } => K::BackendDown,
+            Error::ManagerStopped => K::ManagerStopped,
+        }
+    }
+}
+
+impl From<Error> for RemoteError {
+    fn from(error: Error) -> Self {
+        RemoteError::new(RemoteErrorKind::from(&error), error.to_string())
+    }
+}
+
+/// What [`RemoteLockEvent`] subscribers are told: a [`LockEvent`] without its local clocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RemoteEvent {
+    /// The backend's name on the manager's node.
+    pub backend: String,
+    /// The key, or `None` for backend-wide events.
+    pub key: Option<String>,
+    /// The lease's fencing token, once there is one.
+    pub fencing_token: Option<u64>,
+    /// What happened.
+    pub kind: RemoteEventKind,
+}
+
+/// What happened, in a [`RemoteEvent`] (as [`LockEventKind`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RemoteEventKind {
+    /// A lock was asked for.
+    Requested,
+    /// The lock was acquired after waiting this long.
+    Acquired {
+        /// From the request to the acquisition.
+        waited: Duration,
+    },
+    /// The key was held by someone else.
+    Contended,
+    /// The lease was extended.
+    Renewed,
+    /// A renewal failed and will be retried until the deadline.
+    RenewFailed {
+        /// How many renewals in a row have failed.
+        attempt: u32,
+        /// What the store said.
+        error: String,
+    },
+    /// The lease can no longer be trusted.
+    Lost {
+        /// Why.
+        reason: LostReason,
+    },
+    /// The lock was given back.
+    Released {
+        /// How long it was held.
+        held_for: Duration,
+        /// Why (a remote holder that stopped or disconnected: `HolderStopped`).
+        reason: ReleaseReason,
+    },
+    /// The backend actor failed.
+    BackendDown,
+    /// The backend actor was restarted.
+    BackendRestored,
+}
+
+impl From<LockEvent> for RemoteEvent {
+    fn from(event: LockEvent) -> Self {
+        let kind = match event.kind {
+            LockEventKind::Requested => RemoteEventKind::Requested,
+            LockEventKind::Acquired { waited } => RemoteEventKind::Acquired { waited },
+            LockEventKind::Contended => RemoteEventKind::Contended,
+            LockEventKind::Renewed { .. } => RemoteEventKind::Renewed,
+            LockEventKind::RenewFailed { attempt, error } => RemoteEventKind::RenewFailed {
+                attempt,
+                error: error.to_string(),
+            },
+            LockEventKind::Lost { reason } => RemoteEventKind::Lost { reason },
+            LockEventKind::Released { held_for, reason } => {
+                RemoteEventKind::Released { held_for, reason }
+            }
+            LockEventKind::BackendDown => RemoteEventKind::BackendDown,
+            LockEventKind::BackendRestored => RemoteEventKind::BackendRestored,
+        };
+        RemoteEvent {
+            backend: event.backend.to_string(),
+            key: event.key.map(|k| k.to_string()),
+            fencing_token: event.fencing_token,
+            kind,
+        }
+    }
+}
+
+/// The message type of an actor that subscribes to a remote manager's events (see
+/// [`RemoteLockClient::subscribe`](super::RemoteLockClient::subscribe)). Any actor with this
+/// message type can also be a remote holder.
+#[derive(RactorClusterMessage, Debug)]
+#[non_exhaustive]
+pub enum RemoteLockEvent {
+    /// One lifecycle event.
+    Event(RemoteEvent),
+}
+
+/// The answer to a remote request. (A named wrapper, because ractor's byte conversion trait
+/// cannot be implemented for `Result` outside ractor.)
+#[derive(Debug)]
+pub struct RemoteReply<T>(pub Result<T, RemoteError>);
+
+// ---- byte encodings ----
+
+impl Wire for () {
+    fn put(&self, _out: &mut Vec<u8>) {}
+    fn take(_input: &mut &[u8]) -> Option<Self> {
+        Some(())
+    }
+}
+
+impl Wire for OwnerToken {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.as_u128().put(out);
+    }
+    fn take(input: &mut &[u8]) -> Option<Self> {
+        Some(OwnerToken::from_u128(u128::take(input)?))
+    }
+}
+
+impl Wire for Wait {
+    fn put(&self, out: &mut Vec<u8>) {
+        match self {
+            Wait::No => out.push(0),
+            Wait::UpTo(d) => {
+                out.push(1);
+                d.put(out);
+            }
+            Wait::Forever => out.push(2),
+        }
+    }
+    fn take(input: &mut &[u8]) -> Option<Self> {
+        match u8::take(input)? {
+            0 => Some(Wait::No),
+            1 => Some(Wait::UpTo(Duration::take(input)?)),
+            2 => Some(Wait::Forever),
+            _ => None,
+        }
+    }
+}
+
+/// Enums without data: one byte, the position in the list.
+macro_rules! wire_unit_enum {
+    ($ty:ty { $($variant:path),* $(,)? }) => {
+        impl Wire for $ty {
+            fn put(&self, out: &mut Vec<u8>) {
+                let all = [$($variant),*];
+                out.push(all.iter().position(|v| v == self).expect("listed") as u8);
+            }
+            fn take(input: &mut &[u8]) -> Option<Self> {
+                [$($variant),*].get(usize::from(u8::take(input)?)).copied()
+            }
+        }
+    };
+}
+
+wire_unit_enum!(LostReason {
+    LostReason::NotOwner,
+    LostReason::Expired,
+    LostReason::Shutdown,
+    LostReason::HolderStopped,
+});
+wire_unit_enum!(ReleaseReason {
+    ReleaseReason::Requested,
+    ReleaseReason::Dropped,
+    ReleaseReason::HolderStopped,
+    ReleaseReason::Shutdown,
+    ReleaseReason::Abandoned,
+});
+wire_unit_enum!(RemoteErrorKind {
+    RemoteErrorKind::EmptyKey,
+    RemoteErrorKind::KeyTooLong,
+    RemoteErrorKind::KeyHasControlChar,
+    RemoteErrorKind::InvalidTtl,
+    RemoteErrorKind::MetadataTooLong,
+    RemoteErrorKind::UnknownBackend,
+    RemoteErrorKind::InvalidConfig,
+    RemoteErrorKind::AlreadyHeld,
+    RemoteErrorKind::Timeout,
+    RemoteErrorKind::LeaseLost,
+    RemoteErrorKind::NotHeld,
+    RemoteErrorKind::StoreRetryable,
+    RemoteErrorKind::StoreFatal,
+    RemoteErrorKind::BackendDown,
+    RemoteErrorKind::ManagerStopped,
+    RemoteErrorKind::HolderNotFound,
+    RemoteErrorKind::Unreachable,
+});
+
+impl Wire for RemoteEventKind {
+    fn put(&self, out: &mut Vec<u8>) {
+        use RemoteEventKind as K;
+        match self {
+            K::Requested => out.push(0),
+            K::Acquired { waited } => {
+                out.push(1);
+                waited.put(out);
+            }
+            K::Contended => out.push(2),
+            K::Renewed => out.push(3),
+            K::RenewFailed { attempt, error } => {
+                out.push(4);
+                attempt.put(out);
+                error.put(out);
+            }
+            K::Lost { reason } => {
+                out.push(5);
+                reason.put(out);
+            }
+            K::Released { held_for, reason } => {
+                out.push(6);
+                held_for.put(out);
+                reason.put(out);
+            }
+            K::BackendDown => out.push(7),
+            K::BackendRestored => out.push(8),
+        }
+    }
+    fn take(input: &mut &[u8]) -> Option<Self> {
+        use RemoteEventKind as K;
+        Some(match u8::take(input)? {
+            0 => K::Requested,
+            1 => K::Acquired {
+                waited: Wire::take(input)?,
+            },
+            2 => K::Contended,
+            3 => K::Renewed,
+            4 => K::RenewFailed {
+                attempt: Wire::take(input)?,
+                error: Wire::take(input)?,
+            },
+            5 => K::Lost {
+                reason: Wire::take(input)?,
+            },
+            6 => K::Released {
+                held_for: Wire::take(input)?,
+                reason: Wire::take(input)?,
+            },
+            7 => K::BackendDown,
+            8 => K::BackendRestored,
+            _ => return None,
+        })
+    }
+}
+
+impl<T: Wire> Wire for Result<T, RemoteError> {
+    fn put(&self, out: &mut Vec<u8>) {
+        match self {
+            Ok(value) => {
+                out.push(0);
+                value.put(out);
+            }
+            Err(error) => {
+                out.push(1);
+                error.put(out);
+            }
+        }
+    }
+    fn take(input: &mut &[u8]) -> Option<Self> {
+        match u8::take(input)? {
+            0 => Some(Ok(T::take(input)?)),
+            1 => Some(Err(RemoteError::take(input)?)),
+            _ => None,
+        }
+    }
+}
+
+impl<T: Wire> Wire for RemoteReply<T> {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.0.put(out);
+    }
+    fn take(input: &mut &[u8]) -> Option<Self> {
+        Some(RemoteReply(Wire::take(input)?))
+    }
+}
+
+wire_struct!(RemoteHolder { group });
+wire_struct!(RemoteAcquire {
+    backend,
+    key,
+    ttl,
+    wait,
+    metadata,
+    auto_renew,
+    holder,
+});
+wire_struct!(LeaseDescriptor {
+    key,
+    backend,
+    owner,
+    fencing_token,
+    ttl,
+});
+wire_struct!(LeaseRequest {
+    backend,
+    key,
+    owner,
+    ttl
+});
+wire_struct!(KeyRequest { backend, key });
+wire_struct!(RemoteLockInfo {
+    key,
+    fencing_token,
+    remaining_ttl,
+    metadata,
+});
+wire_struct!(RemoteError { kind, message });
+wire_struct!(RemoteEvent {
+    backend,
+    key,
+    fencing_token,
+    kind,
+});
+
+bytes_convertable!(
+    RemoteHolder,
+    RemoteAcquire,
+    LeaseRequest,
+    KeyRequest,
+    RemoteEvent,
+    RemoteReply<Option<LeaseDescriptor>>,
+    RemoteReply<()>,
+    RemoteReply<bool>,
+    RemoteReply<Option<RemoteLockInfo>>,
+);
+
+impl fmt::Display for RemoteHolder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.group)
+    }
+}
