@@ -41,6 +41,17 @@ redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$s
     --logfile "$scratch/redis.log" --daemonize yes --pidfile "$scratch/redis.pid"
 wait_port "$port" || { cat "$scratch/redis.log"; exit 1; }
 LEASEHOLD_REDIS_URL="redis://127.0.0.1:$port" step cargo run --example redis
+
+port=$(free_port)
+peer="http://127.0.0.1:$(free_port)"
+etcd --name example --data-dir "$scratch/etcd" \
+    --listen-client-urls "http://127.0.0.1:$port" --advertise-client-urls "http://127.0.0.1:$port" \
+    --listen-peer-urls "$peer" --initial-advertise-peer-urls "$peer" \
+    --initial-cluster "example=$peer" >"$scratch/etcd.log" 2>&1 &
+echo $! >"$scratch/etcd.pid"
+wait_port "$port" || { cat "$scratch/etcd.log"; exit 1; }
+LEASEHOLD_ETCD_ENDPOINTS="127.0.0.1:$port" step cargo run --features etcd --example etcd
+step cargo run --features cluster --example cluster
 step cargo bench --no-run --all-features
 echo
 echo "==> all checks passed"
