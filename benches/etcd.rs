@@ -24,9 +24,9 @@
 
 #[path = "../tests/support/etcd_server.rs"]
 mod etcd_server;
+#[path = "support/handoff.rs"]
+mod handoff;
 
-use std::future::Future;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
@@ -34,7 +34,8 @@ use etcd_client::{
     PutOptions, SortOrder, SortTarget, Txn, TxnOp,
 };
 use etcd_server::EtcdServer;
-use leasehold::{EtcdMode, LockClient, LockManager, LockOptions, Wait};
+use handoff::{handoff, leasehold_turn, report, Turn, HANDOFF_TASKS, HOLD};
+use leasehold::{EtcdMode, LockClient, LockManager, LockOptions};
 
 /// How long each part runs: each client's throughput is measured in `rounds` turns of
 /// `warmup` + `measure`, and each handoff contest runs for `handoff`.
@@ -60,8 +61,6 @@ const QUICK: Plan = Plan {
 };
 
 const CONCURRENCY: [usize; 2] = [1, 64];
-const HANDOFF_TASKS: usize = 16;
-const HOLD: Duration = Duration::from_millis(1);
 const TTL: Duration = Duration::from_secs(30);
 const TTL_SECONDS: i64 = 30;
 
@@ -148,7 +147,7 @@ async fn run(server: &EtcdServer, plan: &Plan, quick: bool) {
     ] {
         let turns = handoff(plan.handoff, move |task| {
             // Half the tasks on each node: a turn that crosses nodes goes by watch.
-            leasehold_turn(nodes[task % 2].clone())
+            leasehold_turn(nodes[task % 2].clone(), TTL)
         })
         .await;
         report(name, &turns);
@@ -324,35 +323,6 @@ async fn bare_lock_service_cycle(client: &Client, task: usize) {
     leases.revoke(lease).await.expect("revoke");
 }
 
-/// One holder's turn: when it got the lock, and when it let go.
-#[derive(Clone, Copy)]
-struct Turn {
-    acquired: Instant,
-    released: Instant,
-}
-
-impl Turn {
-    /// Holds for [`HOLD`] from now (the lock was just acquired), then runs `release`.
-    async fn hold<R: Future>(release: impl FnOnce() -> R) -> Turn {
-        let acquired = Instant::now();
-        tokio::time::sleep(HOLD).await;
-        let released = Instant::now();
-        release().await;
-        Turn { acquired, released }
-    }
-}
-
-async fn leasehold_turn(client: LockClient) -> Turn {
-    let opts = LockOptions::new()
-        .with_ttl(TTL)
-        .with_wait(Wait::UpTo(Duration::from_secs(60)));
-    let guard = client
-        .lock("bench/handoff/leasehold", opts)
-        .await
-        .expect("lock");
-    Turn::hold(|| async { guard.release().await.expect("release") }).await
-}
-
 /// A turn on etcd's Lock service: the call waits inside etcd until it is this task's turn.
 async fn raw_lock_service_turn(client: Client) -> Turn {
     let (mut leases, mut locks) = (client.lease_client(), client.lock_client());
@@ -370,72 +340,4 @@ async fn raw_lock_service_turn(client: Client) -> Turn {
     .await;
     leases.revoke(lease).await.expect("revoke");
     turn
-}
-
-/// How the turns went: each release → next acquisition gap where the lock went to another task,
-/// and how many times a task took the lock straight back instead.
-struct Handoffs {
-    gaps: Vec<Duration>,
-    retakes: usize,
-}
-
-/// Runs [`HANDOFF_TASKS`] tasks, each taking turns (`turn(task)`) until `budget` is over.
-async fn handoff<F, Fut>(budget: Duration, turn: F) -> Handoffs
-where
-    F: Fn(usize) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = Turn> + Send,
-{
-    let stop = Instant::now() + budget;
-    let turns = Arc::new(Mutex::new(Vec::new()));
-    let tasks: Vec<_> = (0..HANDOFF_TASKS)
-        .map(|task| {
-            let (turn, turns) = (turn.clone(), turns.clone());
-            tokio::spawn(async move {
-                while Instant::now() < stop {
-                    let taken = turn(task).await;
-                    turns.lock().unwrap().push((task, taken));
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.expect("handoff task");
-    }
-    let mut turns = std::mem::take(&mut *turns.lock().unwrap());
-    turns.sort_by_key(|(_, turn)| turn.acquired);
-    let mut handoffs = Handoffs {
-        gaps: Vec::new(),
-        retakes: 0,
-    };
-    for pair in turns.windows(2) {
-        let ((before_task, before), (after_task, after)) = (pair[0], pair[1]);
-        assert!(
-            after.acquired >= before.released,
-            "two holders of the handoff key at once"
-        );
-        if before_task == after_task {
-            handoffs.retakes += 1;
-        } else {
-            handoffs.gaps.push(after.acquired - before.released);
-        }
-    }
-    handoffs
-}
-
-fn report(name: &str, handoffs: &Handoffs) {
-    let mut gaps = handoffs.gaps.clone();
-    if gaps.is_empty() {
-        println!("{name:<30} no handoffs");
-        return;
-    }
-    gaps.sort();
-    let median = gaps[gaps.len() / 2];
-    let p99 = gaps[(gaps.len() * 99 / 100).min(gaps.len() - 1)];
-    println!(
-        "{name:<30} median {:>8.3} ms   p99 {:>8.3} ms   ({} handoffs to another task, {} retakes)",
-        median.as_secs_f64() * 1e3,
-        p99.as_secs_f64() * 1e3,
-        gaps.len(),
-        handoffs.retakes,
-    );
 }

@@ -19,14 +19,16 @@
 //! Not criterion: the figures that matter are ratios between clients under concurrency in one
 //! run, which criterion's one-function-at-a-time sampling does not give.
 
+#[path = "support/handoff.rs"]
+mod handoff;
 #[path = "../tests/support/redis_server.rs"]
 mod redis_server;
 
-use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use leasehold::{LockClient, LockManager, LockOptions, MemoryBackend, Wait};
+use handoff::{handoff, leasehold_turn, report, Turn, HANDOFF_TASKS, HOLD};
+use leasehold::{LockClient, LockManager, LockOptions, MemoryBackend};
 use redis::aio::ConnectionManager;
 use redis::Script;
 use redis_server::RedisServer;
@@ -55,8 +57,6 @@ const QUICK: Plan = Plan {
 };
 
 const CONCURRENCY: [usize; 2] = [1, 64];
-const HANDOFF_TASKS: usize = 16;
-const HOLD: Duration = Duration::from_millis(1);
 const TTL: Duration = Duration::from_secs(30);
 
 fn main() {
@@ -149,7 +149,7 @@ async fn run(server: &RedisServer, plan: &Plan, quick: bool) {
     );
     let one_node = handoff(plan.handoff, {
         let client = leasehold.clone();
-        move |_task| leasehold_turns(client.clone())
+        move |_task| leasehold_turn(client.clone(), TTL)
     })
     .await;
     report("leasehold, one node", &one_node);
@@ -163,7 +163,7 @@ async fn run(server: &RedisServer, plan: &Plan, quick: bool) {
     let two_nodes = handoff(plan.handoff, {
         let nodes = [leasehold.clone(), second.clone()];
         // Half the tasks on each node: a turn that crosses nodes goes by release notice.
-        move |task| leasehold_turns(nodes[task % 2].clone())
+        move |task| leasehold_turn(nodes[task % 2].clone(), TTL)
     })
     .await;
     report("leasehold, two nodes", &two_nodes);
@@ -297,101 +297,4 @@ impl Raw {
             .expect("release script");
         assert!(released);
     }
-}
-
-/// One holder's turn: when it got the lock, and when it let go.
-#[derive(Clone, Copy)]
-struct Turn {
-    acquired: Instant,
-    released: Instant,
-}
-
-impl Turn {
-    /// Holds for [`HOLD`] from now (the lock was just acquired), then runs `release`.
-    async fn hold<R: Future>(release: impl FnOnce() -> R) -> Turn {
-        let acquired = Instant::now();
-        tokio::time::sleep(HOLD).await;
-        let released = Instant::now();
-        release().await;
-        Turn { acquired, released }
-    }
-}
-
-async fn leasehold_turns(client: LockClient) -> Turn {
-    let opts = LockOptions::new()
-        .with_ttl(TTL)
-        .with_wait(Wait::UpTo(Duration::from_secs(60)));
-    let guard = client
-        .lock("bench/handoff/leasehold", opts)
-        .await
-        .expect("lock");
-    Turn::hold(|| async { guard.release().await.expect("release") }).await
-}
-
-/// How the turns went: each release → next acquisition gap where the lock went to another task,
-/// and how many times a task took the lock straight back instead.
-struct Handoffs {
-    gaps: Vec<Duration>,
-    retakes: usize,
-}
-
-/// Runs [`HANDOFF_TASKS`] tasks, each taking turns (`turn(task)`) until `budget` is over.
-async fn handoff<F, Fut>(budget: Duration, turn: F) -> Handoffs
-where
-    F: Fn(usize) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = Turn> + Send,
-{
-    let stop = Instant::now() + budget;
-    let turns = Arc::new(Mutex::new(Vec::new()));
-    let tasks: Vec<_> = (0..HANDOFF_TASKS)
-        .map(|task| {
-            let (turn, turns) = (turn.clone(), turns.clone());
-            tokio::spawn(async move {
-                while Instant::now() < stop {
-                    let taken = turn(task).await;
-                    turns.lock().unwrap().push((task, taken));
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.expect("handoff task");
-    }
-    let mut turns = std::mem::take(&mut *turns.lock().unwrap());
-    turns.sort_by_key(|(_, turn)| turn.acquired);
-    let mut handoffs = Handoffs {
-        gaps: Vec::new(),
-        retakes: 0,
-    };
-    for pair in turns.windows(2) {
-        let ((before_task, before), (after_task, after)) = (pair[0], pair[1]);
-        assert!(
-            after.acquired >= before.released,
-            "two holders of the handoff key at once"
-        );
-        if before_task == after_task {
-            handoffs.retakes += 1;
-        } else {
-            handoffs.gaps.push(after.acquired - before.released);
-        }
-    }
-    handoffs
-}
-
-fn report(name: &str, handoffs: &Handoffs) {
-    let mut gaps = handoffs.gaps.clone();
-    if gaps.is_empty() {
-        println!("{name:<30} no handoffs");
-        return;
-    }
-    gaps.sort();
-    let median = gaps[gaps.len() / 2];
-    let p99 = gaps[(gaps.len() * 99 / 100).min(gaps.len() - 1)];
-    println!(
-        "{name:<30} median {:>8.3} ms   p99 {:>8.3} ms   ({} handoffs to another task, {} retakes by the same task)",
-        median.as_secs_f64() * 1e3,
-        p99.as_secs_f64() * 1e3,
-        gaps.len(),
-        handoffs.retakes,
-    );
 }

@@ -1,0 +1,114 @@
+//! The contended-handoff measurement both store benches share: tasks take turns on one key,
+//! and the gap from each release to the next holder's acquisition is what is reported.
+//!
+//! Included with `#[path = "support/handoff.rs"] mod handoff;` (no `mod.rs`: clippy's
+//! `mod_module_files` is on).
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use leasehold::{LockClient, LockOptions, Wait};
+
+/// Tasks taking turns on the handoff key.
+pub const HANDOFF_TASKS: usize = 16;
+/// How long each turn holds the key.
+pub const HOLD: Duration = Duration::from_millis(1);
+
+/// One holder's turn: when it got the lock, and when it let go.
+#[derive(Clone, Copy)]
+pub struct Turn {
+    pub acquired: Instant,
+    pub released: Instant,
+}
+
+impl Turn {
+    /// Holds for [`HOLD`] from now (the lock was just acquired), then runs `release`.
+    pub async fn hold<R: Future>(release: impl FnOnce() -> R) -> Turn {
+        let acquired = Instant::now();
+        tokio::time::sleep(HOLD).await;
+        let released = Instant::now();
+        release().await;
+        Turn { acquired, released }
+    }
+}
+
+/// A turn through leasehold: wait for the shared key, hold it, release it.
+pub async fn leasehold_turn(client: LockClient, ttl: Duration) -> Turn {
+    let opts = LockOptions::new()
+        .with_ttl(ttl)
+        .with_wait(Wait::UpTo(Duration::from_secs(60)));
+    let guard = client
+        .lock("bench/handoff/leasehold", opts)
+        .await
+        .expect("lock");
+    Turn::hold(|| async { guard.release().await.expect("release") }).await
+}
+
+/// How the turns went: each release → next acquisition gap where the lock went to another task,
+/// and how many times a task took the lock straight back instead.
+pub struct Handoffs {
+    pub gaps: Vec<Duration>,
+    pub retakes: usize,
+}
+
+/// Runs [`HANDOFF_TASKS`] tasks, each taking turns (`turn(task)`) until `budget` is over.
+pub async fn handoff<F, Fut>(budget: Duration, turn: F) -> Handoffs
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Turn> + Send,
+{
+    let stop = Instant::now() + budget;
+    let turns = Arc::new(Mutex::new(Vec::new()));
+    let tasks: Vec<_> = (0..HANDOFF_TASKS)
+        .map(|task| {
+            let (turn, turns) = (turn.clone(), turns.clone());
+            tokio::spawn(async move {
+                while Instant::now() < stop {
+                    let taken = turn(task).await;
+                    turns.lock().unwrap().push((task, taken));
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("handoff task");
+    }
+    let mut turns = std::mem::take(&mut *turns.lock().unwrap());
+    turns.sort_by_key(|(_, turn)| turn.acquired);
+    let mut handoffs = Handoffs {
+        gaps: Vec::new(),
+        retakes: 0,
+    };
+    for pair in turns.windows(2) {
+        let ((before_task, before), (after_task, after)) = (pair[0], pair[1]);
+        assert!(
+            after.acquired >= before.released,
+            "two holders of the handoff key at once"
+        );
+        if before_task == after_task {
+            handoffs.retakes += 1;
+        } else {
+            handoffs.gaps.push(after.acquired - before.released);
+        }
+    }
+    handoffs
+}
+
+pub fn report(name: &str, handoffs: &Handoffs) {
+    let mut gaps = handoffs.gaps.clone();
+    if gaps.is_empty() {
+        println!("{name:<30} no handoffs");
+        return;
+    }
+    gaps.sort();
+    let median = gaps[gaps.len() / 2];
+    let p99 = gaps[(gaps.len() * 99 / 100).min(gaps.len() - 1)];
+    println!(
+        "{name:<30} median {:>8.3} ms   p99 {:>8.3} ms   ({} handoffs to another task, {} retakes by the same task)",
+        median.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3,
+        gaps.len(),
+        handoffs.retakes,
+    );
+}
