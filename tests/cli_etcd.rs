@@ -14,20 +14,35 @@ const BIN: &str = env!("CARGO_BIN_EXE_leasehold");
 fn run_and_status(url: &str) {
     let key = unique_key("cli-etcd");
     let out = Command::new(BIN)
-        .args(["run", "--backend", url, "--metadata", "etcd run", &key, "--"])
+        .args([
+            "run",
+            "--backend",
+            url,
+            "--metadata",
+            "etcd run",
+            &key,
+            "--",
+        ])
         .args(["sh", "-c", "echo $LEASEHOLD_FENCING_TOKEN"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{url}: {stderr}");
-    let token: u64 = String::from_utf8(out.stdout).unwrap().trim().parse().unwrap();
+    let token: u64 = String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert!(token > 0);
     let out = Command::new(BIN)
         .args(["status", "--json", "--backend", url, &key])
         .output()
         .unwrap();
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(status["held"], false, "released after the command: {status}");
+    assert_eq!(
+        status["held"], false,
+        "released after the command: {status}"
+    );
 }
 
 #[test]
