@@ -24,17 +24,17 @@
 
 #[path = "../tests/support/etcd_server.rs"]
 mod etcd_server;
-#[path = "support/handoff.rs"]
-mod handoff;
+#[path = "support/harness.rs"]
+mod harness;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use etcd_client::{
     Client, Compare, CompareOp, DeleteOptions, GetOptions, LockOptions as EtcdLockOptions,
     PutOptions, SortOrder, SortTarget, Txn, TxnOp,
 };
 use etcd_server::EtcdServer;
-use handoff::{handoff, leasehold_turn, report, Turn, HANDOFF_TASKS, HOLD};
+use harness::{handoff, leasehold_turn, report, throughput, Turn, HANDOFF_TASKS, HOLD};
 use leasehold::{EtcdMode, LockClient, LockManager, LockOptions};
 
 /// How long each part runs: each client's throughput is measured in `rounds` turns of
@@ -103,7 +103,12 @@ async fn run(server: &EtcdServer, plan: &Plan, quick: bool) {
         for round in 0..plan.rounds {
             for turn in 0..clients.len() {
                 let i = (round + turn) % clients.len();
-                cycles[i] += throughput(tasks, plan, &clients[i]).await;
+                let contender = clients[i].clone();
+                let cycle = move |task| {
+                    let contender = contender.clone();
+                    async move { contender.cycle(task).await }
+                };
+                cycles[i] += throughput(tasks, plan.warmup, plan.measure, cycle).await;
             }
         }
         let seconds = (plan.measure * plan.rounds as u32).as_secs_f64();
@@ -199,36 +204,6 @@ impl Contender {
             Contender::BareLockService(client) => bare_lock_service_cycle(client, task).await,
         }
     }
-}
-
-/// Cycles completed within `plan.measure`, after `plan.warmup`, by `tasks` tasks each running
-/// cycles back to back.
-async fn throughput(tasks: usize, plan: &Plan, contender: &Contender) -> u64 {
-    let started = Instant::now();
-    let (from, to) = (started + plan.warmup, started + plan.warmup + plan.measure);
-    let workers: Vec<_> = (0..tasks)
-        .map(|task| {
-            let contender = contender.clone();
-            tokio::spawn(async move {
-                let mut counted = 0u64;
-                loop {
-                    contender.cycle(task).await;
-                    let now = Instant::now();
-                    if now >= to {
-                        return counted;
-                    }
-                    if now >= from {
-                        counted += 1;
-                    }
-                }
-            })
-        })
-        .collect();
-    let mut total = 0;
-    for worker in workers {
-        total += worker.await.expect("bench task");
-    }
-    total
 }
 
 fn owner_value() -> (String, String) {

@@ -19,15 +19,15 @@
 //! Not criterion: the figures that matter are ratios between clients under concurrency in one
 //! run, which criterion's one-function-at-a-time sampling does not give.
 
-#[path = "support/handoff.rs"]
-mod handoff;
+#[path = "support/harness.rs"]
+mod harness;
 #[path = "../tests/support/redis_server.rs"]
 mod redis_server;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use handoff::{handoff, leasehold_turn, report, Turn, HANDOFF_TASKS, HOLD};
+use harness::{handoff, leasehold_turn, report, throughput, Turn, HANDOFF_TASKS, HOLD};
 use leasehold::{LockClient, LockManager, LockOptions, MemoryBackend};
 use redis::aio::ConnectionManager;
 use redis::Script;
@@ -109,7 +109,12 @@ async fn run(server: &RedisServer, plan: &Plan, quick: bool) {
         for round in 0..plan.rounds {
             for turn in 0..clients.len() {
                 let i = (round + turn) % clients.len();
-                cycles[i] += throughput(tasks, plan, clients[i].clone()).await;
+                let contender = clients[i].clone();
+                let cycle = move |task| {
+                    let contender = contender.clone();
+                    async move { contender.cycle(task).await }
+                };
+                cycles[i] += throughput(tasks, plan.warmup, plan.measure, cycle).await;
             }
         }
         let seconds = (plan.measure * plan.rounds as u32).as_secs_f64();
@@ -218,36 +223,6 @@ impl Contender {
             }
         }
     }
-}
-
-/// Cycles completed within `plan.measure`, after `plan.warmup`, by `tasks` tasks each running
-/// cycles back to back.
-async fn throughput(tasks: usize, plan: &Plan, contender: Contender) -> u64 {
-    let started = Instant::now();
-    let (from, to) = (started + plan.warmup, started + plan.warmup + plan.measure);
-    let workers: Vec<_> = (0..tasks)
-        .map(|task| {
-            let contender = contender.clone();
-            tokio::spawn(async move {
-                let mut counted = 0u64;
-                loop {
-                    contender.cycle(task).await;
-                    let now = Instant::now();
-                    if now >= to {
-                        return counted;
-                    }
-                    if now >= from {
-                        counted += 1;
-                    }
-                }
-            })
-        })
-        .collect();
-    let mut total = 0;
-    for worker in workers {
-        total += worker.await.expect("bench task");
-    }
-    total
 }
 
 /// The raw client: leasehold's scripts and key names, nothing else.

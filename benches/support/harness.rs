@@ -1,7 +1,8 @@
-//! The contended-handoff measurement both store benches share: tasks take turns on one key,
-//! and the gap from each release to the next holder's acquisition is what is reported.
+//! The measurements both store benches share: throughput of back-to-back cycles, and
+//! contended handoff (tasks take turns on one key; the gap from each release to the next
+//! holder's acquisition is what is reported).
 //!
-//! Included with `#[path = "support/handoff.rs"] mod handoff;` (no `mod.rs`: clippy's
+//! Included with `#[path = "support/harness.rs"] mod harness;` (no `mod.rs`: clippy's
 //! `mod_module_files` is on).
 
 use std::future::Future;
@@ -14,6 +15,40 @@ use leasehold::{LockClient, LockOptions, Wait};
 pub const HANDOFF_TASKS: usize = 16;
 /// How long each turn holds the key.
 pub const HOLD: Duration = Duration::from_millis(1);
+
+/// Cycles completed within `measure`, after `warmup`, by `tasks` tasks each running
+/// `cycle(task)` back to back.
+pub async fn throughput<F, Fut>(tasks: usize, warmup: Duration, measure: Duration, cycle: F) -> u64
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let started = Instant::now();
+    let (from, to) = (started + warmup, started + warmup + measure);
+    let workers: Vec<_> = (0..tasks)
+        .map(|task| {
+            let cycle = cycle.clone();
+            tokio::spawn(async move {
+                let mut counted = 0u64;
+                loop {
+                    cycle(task).await;
+                    let now = Instant::now();
+                    if now >= to {
+                        return counted;
+                    }
+                    if now >= from {
+                        counted += 1;
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for worker in workers {
+        total += worker.await.expect("bench task");
+    }
+    total
+}
 
 /// One holder's turn: when it got the lock, and when it let go.
 #[derive(Clone, Copy)]
