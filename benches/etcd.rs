@@ -34,7 +34,7 @@ use etcd_client::{
     PutOptions, SortOrder, SortTarget, Txn, TxnOp,
 };
 use etcd_server::EtcdServer;
-use harness::{handoff, leasehold_turn, report, throughput, Turn, HANDOFF_TASKS, HOLD};
+use harness::{handoff, leasehold_turn, rates, report, Turn, HANDOFF_TASKS, HOLD};
 use leasehold::{EtcdMode, LockClient, LockManager, LockOptions};
 
 /// How long each part runs: each client's throughput is measured in `rounds` turns of
@@ -95,24 +95,11 @@ async fn run(server: &EtcdServer, plan: &Plan, quick: bool) {
         Contender::RawLock(raw.clone()),
         Contender::BareLockService(raw.clone()),
     ];
-    let mut rows: Vec<[f64; 5]> = Vec::new();
+    let mut rows = Vec::new();
     for tasks in CONCURRENCY {
-        // Short turns in rotating order, so that a change in the machine's background load
-        // falls on every client alike instead of on whichever ran at that moment.
-        let mut cycles = [0u64; 5];
-        for round in 0..plan.rounds {
-            for turn in 0..clients.len() {
-                let i = (round + turn) % clients.len();
-                let contender = clients[i].clone();
-                let cycle = move |task| {
-                    let contender = contender.clone();
-                    async move { contender.cycle(task).await }
-                };
-                cycles[i] += throughput(tasks, plan.warmup, plan.measure, cycle).await;
-            }
-        }
-        let seconds = (plan.measure * plan.rounds as u32).as_secs_f64();
-        rows.push(cycles.map(|n| n as f64 / seconds));
+        let cycle = |contender: Contender, task| async move { contender.cycle(task).await };
+        let window = (plan.warmup, plan.measure);
+        rows.push(rates(&clients, tasks, plan.rounds, window, cycle).await);
     }
 
     println!();

@@ -27,7 +27,7 @@ mod redis_server;
 use std::sync::Arc;
 use std::time::Duration;
 
-use harness::{handoff, leasehold_turn, report, throughput, Turn, HANDOFF_TASKS, HOLD};
+use harness::{handoff, leasehold_turn, rates, report, Turn, HANDOFF_TASKS, HOLD};
 use leasehold::{LockClient, LockManager, LockOptions, MemoryBackend};
 use redis::aio::ConnectionManager;
 use redis::Script;
@@ -101,24 +101,11 @@ async fn run(server: &RedisServer, plan: &Plan, quick: bool) {
         Contender::Rslock(rslock.clone()),
         Contender::Memory(memory.clone()),
     ];
-    let mut rows: Vec<[f64; 4]> = Vec::new();
+    let mut rows = Vec::new();
     for tasks in CONCURRENCY {
-        // Short turns in rotating order, so that a change in the machine's background load
-        // falls on every client alike instead of on whichever ran at that moment.
-        let mut cycles = [0u64; 4];
-        for round in 0..plan.rounds {
-            for turn in 0..clients.len() {
-                let i = (round + turn) % clients.len();
-                let contender = clients[i].clone();
-                let cycle = move |task| {
-                    let contender = contender.clone();
-                    async move { contender.cycle(task).await }
-                };
-                cycles[i] += throughput(tasks, plan.warmup, plan.measure, cycle).await;
-            }
-        }
-        let seconds = (plan.measure * plan.rounds as u32).as_secs_f64();
-        rows.push(cycles.map(|n| n as f64 / seconds));
+        let cycle = |contender: Contender, task| async move { contender.cycle(task).await };
+        let window = (plan.warmup, plan.measure);
+        rows.push(rates(&clients, tasks, plan.rounds, window, cycle).await);
     }
 
     println!();

@@ -16,9 +16,38 @@ pub const HANDOFF_TASKS: usize = 16;
 /// How long each turn holds the key.
 pub const HOLD: Duration = Duration::from_millis(1);
 
+/// Cycles per second of each contender with `tasks` concurrent tasks, each running
+/// `cycle(contender, task)` back to back. The contenders take short turns in rotating order,
+/// `rounds` times, so that a change in the machine's background load falls on every one alike
+/// instead of on whichever ran at that moment.
+pub async fn rates<C, F, Fut>(
+    contenders: &[C],
+    tasks: usize,
+    rounds: usize,
+    (warmup, measure): (Duration, Duration),
+    cycle: F,
+) -> Vec<f64>
+where
+    C: Clone + Send + Sync + 'static,
+    F: Fn(C, usize) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let mut cycles = vec![0u64; contenders.len()];
+    for round in 0..rounds {
+        for turn in 0..contenders.len() {
+            let i = (round + turn) % contenders.len();
+            let (contender, cycle) = (contenders[i].clone(), cycle.clone());
+            let one = move |task| cycle(contender.clone(), task);
+            cycles[i] += throughput(tasks, warmup, measure, one).await;
+        }
+    }
+    let seconds = (measure * rounds as u32).as_secs_f64();
+    cycles.into_iter().map(|n| n as f64 / seconds).collect()
+}
+
 /// Cycles completed within `measure`, after `warmup`, by `tasks` tasks each running
 /// `cycle(task)` back to back.
-pub async fn throughput<F, Fut>(tasks: usize, warmup: Duration, measure: Duration, cycle: F) -> u64
+async fn throughput<F, Fut>(tasks: usize, warmup: Duration, measure: Duration, cycle: F) -> u64
 where
     F: Fn(usize) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send,
