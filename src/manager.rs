@@ -230,38 +230,25 @@ impl LockManagerBuilder {
             return invalid("timeouts must be above zero".into());
         }
         let events = Arc::new(EventBus::new());
-        let mut names: Vec<Arc<str>> = Vec::new();
-        let mut backends = Vec::new();
+        let mut backends: Vec<Arc<BackendCtx>> = Vec::new();
         for (name, store) in self.backends {
-            if name.is_empty() || names.iter().any(|n| **n == *name) {
+            if name.is_empty() || backends.iter().any(|b| *b.name == *name) {
                 return invalid(format!("backend name {name:?} is empty or used twice"));
             }
-            let name: Arc<str> = name.into();
-            names.push(name.clone());
-            backends.push(Arc::new(BackendCtx::new(
-                name,
-                store,
-                events.clone(),
-                self.timing,
-            )));
+            let ctx = BackendCtx::new(name.into(), store, events.clone(), self.timing);
+            backends.push(Arc::new(ctx));
         }
-        let default = match self.default {
-            None => names[0].clone(),
-            Some(d) => match names.iter().find(|n| ***n == *d) {
-                Some(n) => n.clone(),
-                None => {
-                    return Err(Error::UnknownBackend {
-                        name: d,
-                        known: names.iter().map(|n| n.to_string()).collect(),
-                    })
-                }
-            },
-        };
         // The default backend goes first: that is how the manager and its clients know it.
-        let at = backends
-            .iter()
-            .position(|b| b.name == default)
-            .expect("default is one of the names");
+        let at = match &self.default {
+            None => 0,
+            Some(name) => backends
+                .iter()
+                .position(|b| *b.name == **name)
+                .ok_or_else(|| Error::UnknownBackend {
+                    name: name.clone(),
+                    known: backends.iter().map(|b| b.name.to_string()).collect(),
+                })?,
+        };
         backends[..=at].rotate_right(1);
         let state_ctxs: Arc<[Arc<BackendCtx>]> = backends.clone().into();
         let args = ManagerArgs {
