@@ -347,13 +347,7 @@ async fn broken_pubsub_connection_ends_release_streams() {
         .subscribe(&key, &Contention::default())
         .await
         .unwrap();
-    let _: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut other)
-        .await
-        .unwrap();
+    kill_pubsub_connections(&mut other).await;
     let end = timeout(Duration::from_secs(5), notices.next())
         .await
         .expect("stream ends instead of going quiet");
@@ -370,13 +364,7 @@ async fn subscription_after_a_broken_pubsub_connection_reconnects() {
         .subscribe(&key, &Contention::default())
         .await
         .unwrap();
-    let _: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut other)
-        .await
-        .unwrap();
+    kill_pubsub_connections(&mut other).await;
     assert!(timeout(Duration::from_secs(5), notices.next())
         .await
         .unwrap()
@@ -529,4 +517,15 @@ async fn refused_auth_is_an_error_that_is_not_retried() {
         "{message}"
     );
     assert!(!message.contains("wrong-password"), "{message}");
+}
+
+/// Drops every pub/sub connection the server has, as a network fault would.
+async fn kill_pubsub_connections(other: &mut MultiplexedConnection) {
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(other)
+        .await
+        .unwrap();
 }
