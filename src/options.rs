@@ -16,6 +16,9 @@ pub const MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 pub const MIN_TTL: Duration = Duration::from_millis(1);
 /// The longest metadata string accepted, in bytes.
 pub const MAX_METADATA_LEN: usize = 1024;
+/// A wait budget at least this long is [`Wait::Forever`]: nobody waits a century for a lock,
+/// and a budget near `Duration::MAX` cannot be added to the clock to make a deadline.
+const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
 /// How long an acquisition may wait for a held key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -24,7 +27,8 @@ pub enum Wait {
     /// Try once; if the key is held, give up at once.
     #[default]
     No,
-    /// Wait up to this long, then fail with [`Error::Timeout`].
+    /// Wait up to this long, then fail with [`Error::Timeout`]. A budget of a hundred years
+    /// or more (`Duration::MAX`, say) is the same as [`Wait::Forever`].
     UpTo(Duration),
     /// Wait until the key is free, however long that takes.
     Forever,
@@ -80,7 +84,10 @@ impl LockOptions {
     /// How long to wait for a held key. Unset, [`LockClient::try_lock`](crate::LockClient::try_lock)
     /// tries once and [`LockClient::lock`](crate::LockClient::lock) waits forever.
     pub fn with_wait(mut self, wait: Wait) -> Self {
-        self.wait = Some(wait);
+        self.wait = Some(match wait {
+            Wait::UpTo(budget) if budget >= FOREVER => Wait::Forever,
+            wait => wait,
+        });
         self
     }
 
@@ -201,5 +208,14 @@ mod tests {
             assert!(err.to_string().contains(&format!("{ttl:?}")), "{err}");
         }
         assert!(validate_ttl(MIN_TTL).is_ok());
+    }
+
+    #[test]
+    fn wait_budget_too_long_for_the_clock_is_forever() {
+        let opts = LockOptions::new().with_wait(Wait::UpTo(Duration::MAX));
+        assert_eq!(opts.wait(), Some(Wait::Forever));
+        let day = Duration::from_secs(24 * 60 * 60);
+        let opts = LockOptions::new().with_wait(Wait::UpTo(day));
+        assert_eq!(opts.wait(), Some(Wait::UpTo(day)));
     }
 }

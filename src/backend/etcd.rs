@@ -267,6 +267,13 @@ impl EtcdBackendBuilder {
         if endpoints.is_empty() {
             return Err(Error::InvalidConfig("no etcd endpoints given".to_owned()));
         }
+        for endpoint in &endpoints {
+            if let Err(why) = check_endpoint(endpoint) {
+                return Err(Error::InvalidConfig(format!(
+                    "etcd endpoint {endpoint:?} is malformed: {why}"
+                )));
+            }
+        }
         let options = options.unwrap_or_else(|| {
             ConnectOptions::new()
                 .with_connect_timeout(DEFAULT_CONNECT_TIMEOUT.min(connect_timeout))
@@ -1261,6 +1268,58 @@ fn store_error(op: &'static str, error: etcd_client::Error) -> StoreError {
     }
 }
 
+/// Checks one endpoint (`host:port`, `http://host:port` or `https://host:port`) before any
+/// I/O. etcd-client does not refuse a port it cannot read (`host:notaport`, `host:65536`): it
+/// dials some other port instead, and the refused connection looks like an outage (retryable)
+/// rather than a mistake in the configuration.
+fn check_endpoint(endpoint: &str) -> std::result::Result<(), &'static str> {
+    let rest = match endpoint.split_once("://") {
+        Some(("http" | "https", rest)) => rest,
+        Some(_) => return Err("the scheme is not http:// or https://"),
+        None => endpoint,
+    };
+    let authority = rest
+        .split_once('/')
+        .map_or(rest, |(authority, _path)| authority);
+    if authority
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err("it contains a space or a control character");
+    }
+    let (host, port) = match authority.strip_prefix('[') {
+        // An IPv6 address: `[::1]:2379`.
+        Some(bracketed) => {
+            let (host, after) = bracketed
+                .split_once(']')
+                .ok_or("the IPv6 address has no closing ']'")?;
+            let port = match after {
+                "" => None,
+                _ => Some(
+                    after
+                        .strip_prefix(':')
+                        .ok_or("']' is not followed by ':'")?,
+                ),
+            };
+            (host, port)
+        }
+        None if authority.matches(':').count() > 1 => {
+            return Err("an IPv6 address must be written in brackets, as [::1]:2379")
+        }
+        None => match authority.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    if host.is_empty() {
+        return Err("there is no host");
+    }
+    match port.map(str::parse::<u16>) {
+        None | Some(Ok(1..)) => Ok(()),
+        Some(_) => Err("the port is not a number from 1 to 65535"),
+    }
+}
+
 /// An etcd-client error in a line: for a gRPC status, its message, code and the failure at
 /// the bottom of its cause (`tcp connect error (Unavailable): Connection refused`).
 fn describe(error: &etcd_client::Error) -> String {
@@ -1329,6 +1388,31 @@ mod tests {
         }
         assert!(escape_name("a/b/c").starts_with(&escape_name("a/b")));
         assert!(!escape_name("a/b").starts_with(&format!("{}/", escape_name("a"))));
+    }
+
+    #[test]
+    fn well_formed_endpoints_pass_the_check() {
+        for endpoint in [
+            "127.0.0.1:2379",
+            "etcd-0.etcd:2379",
+            "etcd.example.com",
+            "http://127.0.0.1:2379",
+            "https://etcd.example.com:443/",
+            "[::1]:2379",
+            "http://[::1]",
+        ] {
+            assert_eq!(check_endpoint(endpoint), Ok(()), "{endpoint}");
+        }
+        for endpoint in [
+            "[::1",
+            "[::1]2379",
+            "::1:2379",
+            "etcd://h:1",
+            "h:0",
+            ":2379",
+        ] {
+            assert!(check_endpoint(endpoint).is_err(), "{endpoint}");
+        }
     }
 
     #[test]
