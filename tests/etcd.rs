@@ -1,7 +1,7 @@
 //! The etcd backend on real `etcd` servers (one per test, on free loopback ports): the whole
 //! conformance suite in both modes, then what only etcd can do to a lock — another client
-//! deleting its key or revoking its lease, a leader that dies, a cluster that loses quorum,
-//! etcd's own Lock service holding the same name.
+//! deleting its key or revoking its lease, a leader that dies, a cluster that loses quorum and
+//! gets it back, etcd's own Lock service holding the same name.
 
 #[path = "support/etcd_server.rs"]
 mod etcd_server;
@@ -309,6 +309,74 @@ async fn stopping_two_of_three_members_is_lost_before_the_lease_expires_in_txn_m
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_two_of_three_members_is_lost_before_the_lease_expires_in_lock_mode() {
     quorum_loss_is_lost_in_time(EtcdMode::Lock).await;
+}
+
+/// In a 3-member cluster two members die while a lock is held, and the holder is told it lost
+/// it; then both come back. The cluster serves locks again: the lost key to another node once
+/// the dead holder's lease has run out there, a fresh key to the node that lost its lock, each
+/// with a token newer than every one handed out before.
+async fn quorum_back_serves_acquisitions_again(mode: EtcdMode) {
+    let mut cluster = EtcdCluster::start(3);
+    let node = start(cluster.backend(mode).await).await;
+    let other = start(cluster.backend(mode).await).await;
+    let key = unique_key("quorum-back");
+    let ttl = Duration::from_secs(2);
+    let opts = LockOptions::new().with_ttl(ttl);
+    let earlier = other.try_lock(&key, opts.clone()).await.unwrap().unwrap();
+    let earlier_token = earlier.fencing_token();
+    earlier.release().await.unwrap();
+    let held = node.try_lock(&key, opts.clone()).await.unwrap().unwrap();
+    let newest = held.fencing_token();
+    assert!(newest > earlier_token, "{mode:?}");
+    let leader = tokio::task::block_in_place(|| cluster.leader());
+    let down = [leader, (leader + 1) % 3];
+    for member in down {
+        cluster.member(member).stop();
+    }
+    let reason = timeout(ttl * 4, held.lost())
+        .await
+        .unwrap_or_else(|_| panic!("{mode:?}: no loss without a quorum"));
+    assert_eq!(reason, LostReason::Expired, "{mode:?}");
+    for member in down {
+        tokio::task::block_in_place(|| cluster.member(member).restart());
+    }
+    // The store may keep the dead holder's key until its lease runs out (a new leader gives
+    // every lease its full ttl again): the wait budget covers that, and the reconnections.
+    let retaken = opts.with_wait(Wait::UpTo(Duration::from_secs(20)));
+    let next = other
+        .lock(&key, retaken.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{mode:?}: the lost key after the quorum came back: {e}"));
+    assert!(
+        next.fencing_token() > newest,
+        "{mode:?}: token {} after the lost {newest}",
+        next.fencing_token()
+    );
+    let fresh = node
+        .lock(&unique_key("quorum-fresh"), retaken)
+        .await
+        .unwrap_or_else(|e| panic!("{mode:?}: a fresh key after the quorum came back: {e}"));
+    // Tokens are etcd revisions, which grow across every key of the cluster.
+    assert!(
+        fresh.fencing_token() > newest,
+        "{mode:?}: token {} after {newest}",
+        fresh.fencing_token()
+    );
+    next.release().await.unwrap();
+    fresh.release().await.unwrap();
+    drop(held);
+    node.shutdown().await;
+    other.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_quorum_is_back_locks_are_served_again_in_txn_mode() {
+    quorum_back_serves_acquisitions_again(EtcdMode::Txn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_quorum_is_back_locks_are_served_again_in_lock_mode() {
+    quorum_back_serves_acquisitions_again(EtcdMode::Lock).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,9 +72,26 @@ impl RedisServer {
             .unwrap_or_else(|e| panic!("connect to {}: {e}\n{}", self.url(), read_log(&self.dir)))
     }
 
-    /// Freezes the server (SIGSTOP): connections stay open, nothing is answered.
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is answered. Returns once
+    /// the kernel shows the process stopped.
     pub fn pause(&self) {
         self.signal("-STOP");
+        let stat = format!("/proc/{}/stat", self.child.id());
+        let give_up = Instant::now() + READY_WITHIN;
+        loop {
+            // The state is the field after the command name, which is in parentheses.
+            let state = std::fs::read_to_string(&stat).unwrap_or_default();
+            let state = state.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
+            if state == Some(Some('T')) {
+                return;
+            }
+            assert!(
+                Instant::now() < give_up,
+                "redis-server {} did not stop: {state:?}",
+                self.child.id()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Thaws a paused server (SIGCONT).
