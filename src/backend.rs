@@ -189,6 +189,12 @@ pub trait LockBackend: Send + Sync + 'static {
     /// subscription per contended key and shares it among the key's local waiters.
     async fn subscribe(&self, key: &str, seen: &Contention) -> Result<ReleaseNotices, StoreError>;
 
+    /// Answers if the store can be reached. A restarted backend actor probes with this before
+    /// it takes requests again. The default reads one key.
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inspect("leasehold-probe").await.map(drop)
+    }
+
     /// Acquisitions and releases of every key that starts with `prefix`, from now on, for
     /// monitoring. Stores that cannot watch say [`StoreError::Unsupported`].
     async fn watch_prefix(&self, prefix: &str) -> Result<StoreEvents, StoreError> {

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use ractor::rpc::CallResult;
-use ractor::{ActorRef, Message, RpcReplyPort};
+use ractor::{ActorRef, ActorStatus, Message, RpcReplyPort};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
@@ -201,16 +201,24 @@ impl LockClient {
     /// this handle already knows the route.
     async fn acquire(&self, key: &str, options: LockOptions) -> Result<Option<LockGuard>> {
         let request = AcquireRequest::new(&self.backend, key, options)?;
-        let Some(actor) = self.backend.actor() else {
-            return Err(self.unavailable());
-        };
-        match actor
-            .call(|reply| BackendMsg::Acquire(request, reply), None)
-            .await
-        {
-            Ok(CallResult::Success(result)) => result,
-            _ => Err(self.unavailable()),
+        loop {
+            let actor = self.backend.actor_for(&request).await?;
+            let call = actor
+                .call(|reply| BackendMsg::Acquire(request.clone(), reply), None)
+                .await;
+            match call {
+                Ok(CallResult::Success(result)) => return result,
+                // The backend actor went away with this request still in its mailbox, or
+                // was killed: a waiting request waits for its successor and asks again.
+                _ if request.waits() && actor.get_status() >= ActorStatus::Stopping => continue,
+                _ => return Err(self.unavailable()),
+            }
         }
+    }
+
+    #[cfg(feature = "testing")]
+    pub(crate) fn backend_ctx(&self) -> &Arc<BackendCtx> {
+        &self.backend
     }
 
     /// Why a request went unanswered: the manager stopped, or only this backend is down.

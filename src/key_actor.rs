@@ -3,7 +3,7 @@
 //! stops on release, on loss, or when its holder dies, and in every case the holder is told
 //! (through the guard's status channel) no later than the deadline.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::time::{timeout_at, Instant};
 
 use crate::backend::{Acquisition, Contention, Lease, OwnerToken};
-use crate::backend_actor::{AcquireReply, AcquireRequest, BackendCtx, Requeue};
+use crate::backend_actor::{AcquireReply, AcquireRequest, BackendCtx, KeyOutcome, Requeue};
 use crate::error::{Error, Result, StoreError};
 use crate::event::{LockEventKind, LostReason, ReleaseReason};
 use crate::guard::{LeaseStatus, LockGuard};
@@ -45,7 +45,7 @@ pub(crate) struct KeyActor;
 
 pub(crate) struct KeyArgs {
     pub(crate) ctx: Arc<BackendCtx>,
-    pub(crate) done: Arc<AtomicBool>,
+    pub(crate) outcome: Arc<KeyOutcome>,
     pub(crate) request: AcquireRequest,
     pub(crate) reply: AcquireReply,
 }
@@ -55,11 +55,9 @@ pub(crate) struct KeyState {
     key: Arc<str>,
     /// The request, until the attempt is over.
     pending: Option<(AcquireRequest, AcquireReply)>,
-    /// A request that found the key held elsewhere and goes back to wait in the queue.
-    pub(crate) requeue: Option<Requeue>,
-    /// Set when this actor no longer holds nor attempts the key (shared with the backend
-    /// actor's record of it).
-    done: Arc<AtomicBool>,
+    /// What this actor leaves for the backend actor when it stops (shared with the backend's
+    /// record of it).
+    outcome: Arc<KeyOutcome>,
     held: Option<Held>,
 }
 
@@ -94,8 +92,7 @@ impl Actor for KeyActor {
     ) -> Result<KeyState, ActorProcessingErr> {
         Ok(KeyState {
             ctx: args.ctx,
-            requeue: None,
-            done: args.done,
+            outcome: args.outcome,
             key: args.request.key.clone(),
             pending: Some((args.request, args.reply)),
             held: None,
@@ -203,28 +200,27 @@ impl KeyState {
             ctx.store
                 .acquire(&self.key, owner, request.ttl, request.metadata.as_deref()),
         )
-        .await;
+        .await
+        .unwrap_or(Err(StoreError::TimedOut {
+            op: "acquire",
+            after: ctx.timing.op_timeout,
+        }));
+        ctx.record(&attempt);
         let outcome = match attempt {
-            Ok(Ok(Acquisition::Acquired(lease))) => {
+            Ok(Acquisition::Acquired(lease)) => {
                 self.adopt(myself, lease, &request, sent_at, reply);
                 return;
             }
-            Ok(Ok(Acquisition::Held(contention))) => {
+            Ok(Acquisition::Held(contention)) => {
                 ctx.emit(&self.key, None, LockEventKind::Contended);
                 Ok(contention)
             }
-            Ok(Err(error)) => {
+            Err(error) => {
+                // A timeout or a broken connection may still have let the write through.
                 if error.is_retryable() {
                     self.take_back(owner).await;
                 }
                 Err(error)
-            }
-            Err(_elapsed) => {
-                self.take_back(owner).await;
-                Err(StoreError::TimedOut {
-                    op: "acquire",
-                    after: ctx.timing.op_timeout,
-                })
             }
         };
         self.finish_attempt(myself, request, reply, outcome);
@@ -381,7 +377,15 @@ impl KeyState {
         }
         let sent_at = Instant::now();
         let token = held.lease.fencing_token;
-        match timeout_at(held.deadline, ctx.store.renew(&held.lease, held.ttl)).await {
+        let renewed = timeout_at(held.deadline, ctx.store.renew(&held.lease, held.ttl)).await;
+        match &renewed {
+            Ok(outcome) => ctx.record(outcome),
+            Err(_) => ctx.record::<()>(&Err(StoreError::TimedOut {
+                op: "renew",
+                after: held.deadline.saturating_duration_since(sent_at),
+            })),
+        }
+        match renewed {
             Ok(Ok(true)) => {
                 held.failures = 0;
                 held.deadline = ctx.timing.deadline(sent_at, held.ttl);
@@ -421,7 +425,7 @@ impl KeyState {
         };
         // Free here before the holder hears of the loss, so whatever it does next finds the
         // key free on this node.
-        self.done.store(true, Ordering::Release);
+        self.outcome.done.store(true, Ordering::Release);
         let _ = held.status.send(LeaseStatus::Gone(reason));
         self.ctx.emit(
             &self.key,
@@ -450,9 +454,16 @@ impl KeyState {
         let ctx = self.ctx.clone();
         let token = held.lease.fencing_token;
         let budget = Instant::now() + ctx.timing.op_timeout;
-        let result = match timeout_at(budget, ctx.store.release(&held.lease)).await {
-            Ok(Ok(true)) => Ok(()),
-            Ok(Ok(false)) => {
+        let released = timeout_at(budget, ctx.store.release(&held.lease))
+            .await
+            .unwrap_or(Err(StoreError::TimedOut {
+                op: "release",
+                after: ctx.timing.op_timeout,
+            }));
+        ctx.record(&released);
+        let result = match released {
+            Ok(true) => Ok(()),
+            Ok(false) => {
                 // It was taken away between renewals, and nobody had noticed yet.
                 let reason = LostReason::NotOwner;
                 let _ = held.status.send(LeaseStatus::Gone(reason));
@@ -464,11 +475,7 @@ impl KeyState {
             }
             // The lease will expire in the store by itself; the caller still learns the
             // release did not reach it.
-            Ok(Err(error)) => Err(ctx.store_error(error)),
-            Err(_) => Err(ctx.store_error(StoreError::TimedOut {
-                op: "release",
-                after: ctx.timing.op_timeout,
-            })),
+            Err(error) => Err(ctx.store_error(error)),
         };
         let status = match reason {
             ReleaseReason::Shutdown => LeaseStatus::Gone(LostReason::Shutdown),
@@ -511,16 +518,23 @@ impl KeyState {
         self.finish(myself, None);
     }
 
-    /// Stops, leaving in the final state a request that still waits, if any: ractor hands
-    /// that state to the backend actor with the termination event, which puts the request back
-    /// in the key's queue. Without one, the key is free here at once: `done` says so to the
-    /// backend actor before anyone is answered, so a caller that was just told "released" finds
-    /// the key free on its next request, however soon.
+    /// Stops, leaving in the outcome a request that still waits, if any: the backend actor
+    /// takes it on this actor's termination event and puts it back in the key's queue. Without
+    /// one, the key is free here at once: `done` says so to the backend actor before anyone is
+    /// answered, so a caller that was just told "released" finds the key free on its next
+    /// request, however soon.
     fn finish(&mut self, myself: &ActorRef<KeyMsg>, requeue: Option<Requeue>) {
-        if requeue.is_none() {
-            self.done.store(true, Ordering::Release);
+        match requeue {
+            None => self.outcome.done.store(true, Ordering::Release),
+            Some(requeue) => {
+                let mut slot = self
+                    .outcome
+                    .requeue
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                *slot = Some(requeue);
+            }
         }
-        self.requeue = requeue;
         myself.stop(None);
     }
 }

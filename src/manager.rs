@@ -10,7 +10,8 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, Super
 
 use crate::backend::{LockBackend, LockInfo, OwnerToken, StoreEvents};
 use crate::backend_actor::{
-    AcquireRequest, BackendActor, BackendCtx, BackendMsg, InspectReply, Timing,
+    AcquireRequest, BackendActor, BackendArgs, BackendCtx, BackendMsg, InspectReply, Serving,
+    Timing,
 };
 use crate::client::LockClient;
 use crate::error::{Error, Result};
@@ -112,12 +113,29 @@ pub enum LockManagerMsg {
     /// Release every lock, stop every actor, then answer.
     Shutdown(RpcReplyPort<()>),
     #[doc(hidden)]
-    RestartBackend(RestartBackend),
+    Backend(BackendNotice),
 }
 
-/// Internal: the backoff timer of a failed backend actor fired.
+/// Internal: news of a backend actor's restart.
 #[doc(hidden)]
-pub struct RestartBackend(Arc<str>);
+pub struct BackendNotice(Notice);
+
+enum Notice {
+    /// The backoff after a failure is over: start a new backend actor.
+    Restart(Arc<str>),
+    /// A restarted backend actor reached its store and took over.
+    Up(Arc<str>),
+}
+
+impl LockManagerMsg {
+    pub(crate) fn backend_up(name: Arc<str>) -> Self {
+        LockManagerMsg::Backend(BackendNotice(Notice::Up(name)))
+    }
+
+    fn restart_backend(name: Arc<str>) -> Self {
+        LockManagerMsg::Backend(BackendNotice(Notice::Restart(name)))
+    }
+}
 
 #[cfg(feature = "cluster")]
 impl ractor::Message for LockManagerMsg {}
@@ -159,6 +177,7 @@ impl LockManager {
                 drift: 0.01,
                 op_timeout: Duration::from_secs(5),
                 backstop_cap: Duration::from_secs(5),
+                store_budget: Duration::from_secs(5),
             },
         }
     }
@@ -205,6 +224,16 @@ impl LockManagerBuilder {
         self
     }
 
+    /// How long a store may keep failing (every operation, no success between) before its
+    /// backend actor is restarted (default 5 s). While it is down, the manager probes the store
+    /// with capped exponential backoff; `try_lock` fails at once with
+    /// [`Error::BackendDown`] and waiting acquisitions wait for it. Held locks are not affected:
+    /// their key actors go on renewing until their own deadlines.
+    pub fn with_store_retry_budget(mut self, budget: Duration) -> Self {
+        self.timing.store_budget = budget;
+        self
+    }
+
     /// Starts the manager and its backend actors, and returns a handle on it.
     pub async fn start(self) -> Result<LockClient> {
         self.spawn(None).await
@@ -226,8 +255,15 @@ impl LockManagerBuilder {
                 self.timing.drift
             ));
         }
-        if self.timing.op_timeout.is_zero() || self.timing.backstop_cap.is_zero() {
-            return invalid("timeouts must be above zero".into());
+        let timing = &self.timing;
+        for (what, value) in [
+            ("operation timeout", timing.op_timeout),
+            ("backstop cap", timing.backstop_cap),
+            ("store retry budget", timing.store_budget),
+        ] {
+            if value.is_zero() {
+                return invalid(format!("{what} {value:?} must be above zero"));
+            }
         }
         let events = Arc::new(EventBus::new());
         let mut backends: Vec<Arc<BackendCtx>> = Vec::new();
@@ -285,10 +321,13 @@ pub struct ManagerState {
 }
 
 struct BackendEntry {
-    /// The backend, with its running actor (`None` while it is down).
     ctx: Arc<BackendCtx>,
-    /// Failures since the last restart that stayed up; sets the backoff.
+    /// The backend's actor: serving, or (after a restart) still probing its store.
+    actor: Option<ActorRef<BackendMsg>>,
+    /// Failures since the backend was last up; sets the backoff.
     failures: u32,
+    /// Down since a failure, until a restarted actor reports up.
+    down: bool,
 }
 
 const RESTART_BACKOFF_BASE: Duration = Duration::from_millis(100);
@@ -311,11 +350,12 @@ impl Actor for LockManager {
         );
         let mut backends = HashMap::new();
         for ctx in &args.backends {
-            let actor = spawn_backend(&myself, &args.name, ctx).await?;
-            ctx.set_actor(Some(actor));
+            let actor = spawn_backend(&myself, &args.name, ctx, false).await?;
             let entry = BackendEntry {
                 ctx: ctx.clone(),
+                actor: Some(actor),
                 failures: 0,
+                down: false,
             };
             backends.insert(ctx.name.clone(), entry);
         }
@@ -341,19 +381,26 @@ impl Actor for LockManager {
                 options,
                 reply,
             } => {
-                let routed = state.live(backend.as_deref()).and_then(|(ctx, actor)| {
-                    AcquireRequest::new(ctx, &key, options).map(|request| (actor, request))
+                let routed = state.running().and_then(|()| {
+                    let ctx = &state.backend(backend.as_deref())?.ctx;
+                    let request = AcquireRequest::new(ctx, &key, options)?;
+                    Ok((ctx.clone(), request))
                 });
                 match routed {
-                    Ok((actor, request)) => {
-                        if let Err(ractor::MessagingErr::SendErr(BackendMsg::Acquire(_, reply))) =
-                            actor.cast(BackendMsg::Acquire(request, reply))
-                        {
-                            let _ = reply.send(Err(Error::BackendDown {
-                                backend: backend.unwrap_or_else(|| state.default().to_string()),
-                            }));
+                    Ok((ctx, request)) => match ctx.actor() {
+                        Some(actor) => send_acquire(&ctx, actor, request, reply),
+                        // Waiting for a backend to come back is not this actor's to do.
+                        None => {
+                            tokio::spawn(async move {
+                                match ctx.actor_for(&request).await {
+                                    Ok(actor) => send_acquire(&ctx, actor, request, reply),
+                                    Err(e) => {
+                                        let _ = reply.send(Err(e));
+                                    }
+                                }
+                            });
                         }
-                    }
+                    },
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }
@@ -436,9 +483,10 @@ impl Actor for LockManager {
                 let _ = reply.send(());
                 myself.stop(Some("shutdown".into()));
             }
-            LockManagerMsg::RestartBackend(RestartBackend(name)) => {
+            LockManagerMsg::Backend(BackendNotice(Notice::Restart(name))) => {
                 state.restart(&myself, &name).await;
             }
+            LockManagerMsg::Backend(BackendNotice(Notice::Up(name))) => state.up(&name),
         }
         Ok(())
     }
@@ -462,27 +510,42 @@ impl Actor for LockManager {
             return Ok(());
         }
         let id = cell.get_id();
+        // Key actors are linked here while their backend is down; their ends need nothing
+        // from this actor (the next backend actor reads them from its record).
         let Some(entry) = state
             .backends
             .values_mut()
-            .find(|e| e.ctx.actor().is_some_and(|a| a.get_id() == id))
+            .find(|e| e.actor.as_ref().is_some_and(|a| a.get_id() == id))
         else {
             return Ok(());
         };
-        entry.ctx.set_actor(None);
-        let backoff = RESTART_BACKOFF_BASE
-            .saturating_mul(1 << entry.failures.min(16))
-            .min(RESTART_BACKOFF_CAP);
-        entry.failures += 1;
+        entry.actor = None;
+        entry.ctx.set_serving(Serving::Down);
         let name = entry.ctx.name.clone();
-        tracing::error!(backend = %name, reason = %why, ?backoff, "backend actor down; restarting");
-        state
-            .events
-            .emit(&name, None, None, LockEventKind::BackendDown);
-        myself.send_after(backoff, move || {
-            LockManagerMsg::RestartBackend(RestartBackend(name))
-        });
+        if !entry.down {
+            entry.down = true;
+            tracing::error!(backend = %name, reason = %why, "backend actor down; restarting");
+            state
+                .events
+                .emit(&name, None, None, LockEventKind::BackendDown);
+        } else {
+            tracing::warn!(backend = %name, reason = %why, "backend restart failed");
+        }
+        state.retry_later(&myself, &name);
         Ok(())
+    }
+}
+
+fn send_acquire(
+    ctx: &BackendCtx,
+    actor: ActorRef<BackendMsg>,
+    request: AcquireRequest,
+    reply: crate::backend_actor::AcquireReply,
+) {
+    if let Err(ractor::MessagingErr::SendErr(BackendMsg::Acquire(_, reply))) =
+        actor.cast(BackendMsg::Acquire(request, reply))
+    {
+        let _ = reply.send(Err(ctx.down()));
     }
 }
 
@@ -490,11 +553,17 @@ async fn spawn_backend(
     manager: &ActorRef<LockManagerMsg>,
     manager_name: &str,
     ctx: &Arc<BackendCtx>,
+    restart: bool,
 ) -> Result<ActorRef<BackendMsg>, ActorProcessingErr> {
     // Named under the manager, so `registry::where_is("leasehold/redis")` finds it.
     let name = format!("{manager_name}/{}", ctx.name);
+    let args = BackendArgs {
+        ctx: ctx.clone(),
+        restart,
+        manager: manager.clone(),
+    };
     let (actor, _join) =
-        Actor::spawn_linked(Some(name), BackendActor, ctx.clone(), manager.get_cell()).await?;
+        Actor::spawn_linked(Some(name), BackendActor, args, manager.get_cell()).await?;
     Ok(actor)
 }
 
@@ -513,10 +582,15 @@ impl ManagerState {
             })
     }
 
-    fn live(&self, name: Option<&str>) -> Result<(&Arc<BackendCtx>, ActorRef<BackendMsg>)> {
-        if self.shutting_down {
-            return Err(Error::ManagerStopped);
+    fn running(&self) -> Result<()> {
+        match self.shutting_down {
+            true => Err(Error::ManagerStopped),
+            false => Ok(()),
         }
+    }
+
+    fn live(&self, name: Option<&str>) -> Result<(&Arc<BackendCtx>, ActorRef<BackendMsg>)> {
+        self.running()?;
         let ctx = &self.backend(name)?.ctx;
         match ctx.actor() {
             Some(actor) => Ok((ctx, actor)),
@@ -545,6 +619,8 @@ impl ManagerState {
         }
     }
 
+    /// Starts a new actor for a failed backend. It probes the store first, and says when it
+    /// is up; a failed probe fails it, and brings another try after a longer pause.
     async fn restart(&mut self, myself: &ActorRef<LockManagerMsg>, name: &Arc<str>) {
         if self.shutting_down {
             return;
@@ -552,38 +628,55 @@ impl ManagerState {
         let Some(entry) = self.backends.get_mut(name) else {
             return;
         };
-        match spawn_backend(myself, &self.name, &entry.ctx).await {
-            Ok(actor) => {
-                entry.ctx.set_actor(Some(actor));
-                entry.failures = 0;
-                self.events
-                    .emit(name, None, None, LockEventKind::BackendRestored);
-            }
+        match spawn_backend(myself, &self.name, &entry.ctx, true).await {
+            Ok(actor) => entry.actor = Some(actor),
             Err(error) => {
                 tracing::error!(backend = %name, %error, "backend actor restart failed");
-                let name = name.clone();
-                myself.send_after(RESTART_BACKOFF_CAP, move || {
-                    LockManagerMsg::RestartBackend(RestartBackend(name))
-                });
+                self.retry_later(myself, name);
             }
+        }
+    }
+
+    /// Schedules the next restart, with capped exponential backoff.
+    fn retry_later(&mut self, myself: &ActorRef<LockManagerMsg>, name: &Arc<str>) {
+        let Some(entry) = self.backends.get_mut(name) else {
+            return;
+        };
+        let backoff = RESTART_BACKOFF_BASE
+            .saturating_mul(1 << entry.failures.min(16))
+            .min(RESTART_BACKOFF_CAP);
+        entry.failures += 1;
+        let name = name.clone();
+        myself.send_after(backoff, move || LockManagerMsg::restart_backend(name));
+    }
+
+    fn up(&mut self, name: &Arc<str>) {
+        let Some(entry) = self.backends.get_mut(name) else {
+            return;
+        };
+        entry.failures = 0;
+        if std::mem::take(&mut entry.down) {
+            tracing::info!(backend = %name, "backend restored");
+            self.events
+                .emit(name, None, None, LockEventKind::BackendRestored);
         }
     }
 
     async fn shutdown(&mut self) {
         self.shutting_down = true;
-        let actors: Vec<_> = self
-            .backends
-            .values()
-            .filter_map(|e| {
-                let actor = e.ctx.actor();
-                e.ctx.set_actor(None);
-                actor
-            })
-            .collect();
+        let mut actors = Vec::new();
+        for entry in self.backends.values_mut() {
+            entry.ctx.set_serving(Serving::Stopped);
+            actors.extend(entry.actor.take());
+        }
         let releases = actors.iter().map(|actor| async move {
             let _ = actor.call(BackendMsg::Shutdown, None).await;
             let _ = actor.stop_and_wait(None, None).await;
         });
         futures::future::join_all(releases).await;
+        // A backend that was down (or whose restart failed its probe) has locks and requests
+        // that no backend actor answered for.
+        let ctxs = self.backends.values().map(|e| e.ctx.clone());
+        futures::future::join_all(ctxs.map(|ctx| async move { ctx.release_all().await })).await;
     }
 }

@@ -96,6 +96,14 @@ pub async fn start<B: LockBackend + Clone>(backend: B) -> LockClient {
         .expect("lock manager starts")
 }
 
+/// Fault injection: makes the backend actor behind `client` panic in its message handler, as
+/// a bug in it would. The manager restarts it; held locks and waiting requests survive.
+pub fn panic_backend_actor(client: &LockClient) {
+    if let Some(actor) = client.backend_ctx().actor() {
+        let _ = actor.cast(crate::backend_actor::BackendMsg::Panic);
+    }
+}
+
 /// A key no other test uses (real stores are shared by the tests of one run).
 pub fn unique_key(what: &str) -> String {
     format!("{what}/{:016x}", rand::random::<u64>())
