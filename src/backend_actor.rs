@@ -110,6 +110,9 @@ impl BackendCtx {
     /// waits waits for it to come back, until its wait budget runs out; one that tries once
     /// fails at once (retryably).
     pub(crate) async fn actor_for(&self, request: &AcquireRequest) -> Result<ActorRef<BackendMsg>> {
+        if let Some(actor) = self.actor() {
+            return Ok(actor);
+        }
         let mut serving = self.serving.subscribe();
         let up = serving.wait_for(|s| request.tries_once() || !matches!(s, Serving::Down));
         let answer = match request.deadline {
@@ -274,8 +277,9 @@ impl AcquireRequest {
         options.validate()?;
         let requested_at = Instant::now();
         let wait = options.wait.unwrap_or(Wait::No);
+        // A budget too long for the clock is no budget: wait forever.
         let deadline = match wait {
-            Wait::UpTo(budget) => Some(requested_at + budget),
+            Wait::UpTo(budget) => requested_at.checked_add(budget),
             _ => None,
         };
         let key: Arc<str> = key.into();

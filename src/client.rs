@@ -65,7 +65,9 @@ impl LockClient {
     /// A handle on the manager registered under `name` on this node.
     pub async fn connect(name: &str) -> Result<LockClient> {
         let manager: ActorRef<LockManagerMsg> = ractor::registry::where_is(name)
-            .ok_or(Error::ManagerStopped)?
+            .ok_or_else(|| Error::ManagerNotFound {
+                name: name.to_owned(),
+            })?
             .into();
         match manager.call(LockManagerMsg::Client, None).await {
             Ok(CallResult::Success(client)) => Ok(client),

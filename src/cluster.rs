@@ -144,7 +144,7 @@ impl RemoteLockClient {
     ) -> Result<Option<LeaseDescriptor>, RemoteError> {
         let timeout = match request.wait() {
             None | Some(Wait::No) => Some(self.timeout),
-            Some(Wait::UpTo(wait)) => Some(self.timeout + wait),
+            Some(Wait::UpTo(wait)) => Some(self.timeout.saturating_add(wait)),
             Some(Wait::Forever) => None,
         };
         self.call(|reply| RemoteLockMsg::Acquire(request, reply), timeout)

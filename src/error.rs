@@ -115,6 +115,12 @@ pub enum Error {
     /// The lock manager has stopped; no call will succeed again.
     #[error("the lock manager has stopped")]
     ManagerStopped,
+    /// No lock manager is registered under this name on this node.
+    #[error("no lock manager is registered as {name:?} on this node")]
+    ManagerNotFound {
+        /// The name asked for.
+        name: String,
+    },
 }
 
 impl Error {
@@ -140,6 +146,7 @@ impl Error {
                 | Error::UnknownBackend { .. }
                 | Error::InvalidConfig(_)
                 | Error::AlreadyHeld { .. }
+                | Error::ManagerNotFound { .. }
         )
     }
 

@@ -1,7 +1,7 @@
 //! `KeyActor`: one per attempted or held key. It makes the acquisition attempt, then owns the
 //! lease: owner token, fencing token, monotonic deadline, renewal timer, holder monitor. It
 //! stops on release, on loss, or when its holder dies, and in every case the holder is told
-//! (through the guard's status channel) no later than the deadline.
+//! (through the guard's status channel) by the deadline: the loss check runs a little before it.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -75,6 +75,10 @@ struct Held {
     failures: u32,
     /// The guard's view of this lease.
     status: watch::Sender<LeaseStatus>,
+    /// When the holder is told of the loss if no renewal got through: a little before the
+    /// deadline (half its drift margin), so that the latency of the timer that notices cannot
+    /// make the news late.
+    lose_at: Instant,
     /// The next renewal or deadline check. Aborted when replaced and when the actor stops, so
     /// no renewal outlives its lock.
     timer: Option<AbortOnDrop<std::result::Result<(), ractor::MessagingErr<KeyMsg>>>>,
@@ -180,6 +184,13 @@ impl Actor for KeyActor {
             }
         }
         Ok(())
+    }
+}
+
+impl Held {
+    fn set_deadline(&mut self, deadline: Instant, drift: f64) {
+        self.deadline = deadline;
+        self.lose_at = deadline - self.ttl.mul_f64(drift / 2.0);
     }
 }
 
@@ -297,17 +308,20 @@ impl KeyState {
         if let Some(holder) = &request.holder {
             myself.get_cell().monitor(holder.clone());
         }
-        self.held = Some(Held {
+        let mut held = Held {
             lease,
             ttl: request.ttl,
             auto_renew: request.auto_renew,
             holder: request.holder.clone(),
             acquired_at: now,
             deadline,
+            lose_at: deadline,
             failures: 0,
             status,
             timer: None,
-        });
+        };
+        held.set_deadline(deadline, ctx.timing.drift);
+        self.held = Some(held);
         self.schedule(myself, sent_at);
         let holder_gone = request
             .holder
@@ -329,7 +343,7 @@ impl KeyState {
     }
 
     /// Arms the timer: the next renewal (ttl/3 after the last one was sent) if auto-renew is
-    /// on, else the deadline itself. Never later than the deadline.
+    /// on, else the loss check just before the deadline. Never later than that check.
     fn schedule(&mut self, myself: &ActorRef<KeyMsg>, last_sent: Instant) {
         let Some(held) = self.held.as_mut() else {
             return;
@@ -341,9 +355,9 @@ impl KeyState {
                 // Retry quickly, several times before the deadline.
                 (held.ttl / 12).max(Duration::from_millis(1))
             };
-            (last_sent + step).min(held.deadline)
+            (last_sent + step).min(held.lose_at)
         } else {
-            held.deadline
+            held.lose_at
         };
         let delay = at.saturating_duration_since(Instant::now());
         held.timer = Some(AbortOnDrop(myself.send_after(delay, || KeyMsg::Tick)));
@@ -353,7 +367,7 @@ impl KeyState {
         let Some(held) = self.held.as_ref() else {
             return;
         };
-        if Instant::now() >= held.deadline {
+        if Instant::now() >= held.lose_at {
             self.lose(myself, LostReason::Expired).await;
         } else if held.auto_renew {
             let _ = self.renew(myself, None).await;
@@ -377,18 +391,18 @@ impl KeyState {
         }
         let sent_at = Instant::now();
         let token = held.lease.fencing_token;
-        let renewed = timeout_at(held.deadline, ctx.store.renew(&held.lease, held.ttl)).await;
+        let renewed = timeout_at(held.lose_at, ctx.store.renew(&held.lease, held.ttl)).await;
         match &renewed {
             Ok(outcome) => ctx.record(outcome),
             Err(_) => ctx.record::<()>(&Err(StoreError::TimedOut {
                 op: "renew",
-                after: held.deadline.saturating_duration_since(sent_at),
+                after: held.lose_at.saturating_duration_since(sent_at),
             })),
         }
         match renewed {
             Ok(Ok(true)) => {
                 held.failures = 0;
-                held.deadline = ctx.timing.deadline(sent_at, held.ttl);
+                held.set_deadline(ctx.timing.deadline(sent_at, held.ttl), ctx.timing.drift);
                 let deadline = held.deadline;
                 let _ = held.status.send(LeaseStatus::Held { deadline });
                 ctx.emit(&self.key, Some(token), LockEventKind::Renewed { deadline });

@@ -17,7 +17,7 @@ use crate::client::LockClient;
 use crate::error::{Error, Result};
 use crate::event::{EventBus, LockEvent, LockEventKind};
 use crate::guard::LockGuard;
-use crate::options::{validate_key, validate_ttl, LockOptions};
+use crate::options::{validate_key, validate_ttl, LockOptions, MAX_TTL};
 
 /// The name a manager registers under unless told otherwise.
 pub const DEFAULT_MANAGER_NAME: &str = "leasehold";
@@ -261,8 +261,10 @@ impl LockManagerBuilder {
             ("backstop cap", timing.backstop_cap),
             ("store retry budget", timing.store_budget),
         ] {
-            if value.is_zero() {
-                return invalid(format!("{what} {value:?} must be above zero"));
+            if value.is_zero() || value > MAX_TTL {
+                return invalid(format!(
+                    "{what} {value:?} is not between zero and the longest ttl, {MAX_TTL:?}"
+                ));
             }
         }
         let events = Arc::new(EventBus::new());
@@ -459,7 +461,7 @@ impl Actor for LockManager {
                 backend,
                 prefix,
                 reply,
-            } => match state.live(backend.as_deref()) {
+            } => match validate_prefix(&prefix).and_then(|()| state.live(backend.as_deref())) {
                 Ok((ctx, _)) => {
                     let ctx = ctx.clone();
                     // Opening a watch is store I/O: not in this actor's loop.
@@ -533,6 +535,15 @@ impl Actor for LockManager {
         }
         state.retry_later(&myself, &name);
         Ok(())
+    }
+}
+
+/// A watch prefix is a key's beginning: the key rules apply, except that it may be empty
+/// (every key).
+fn validate_prefix(prefix: &str) -> Result<()> {
+    match prefix.is_empty() {
+        true => Ok(()),
+        false => validate_key(prefix),
     }
 }
 

@@ -126,10 +126,10 @@ async fn connect_finds_a_manager_by_its_registered_name() {
     assert!(started.is_locked(&key).await.unwrap());
     drop(guard);
     started.shutdown().await;
-    assert!(matches!(
-        LockClient::connect(&name).await,
-        Err(Error::ManagerStopped)
-    ));
+    // Stopped, it is no longer registered.
+    let gone = LockClient::connect(&name).await.unwrap_err();
+    assert!(matches!(&gone, Error::ManagerNotFound { name: n } if *n == name));
+    assert!(gone.to_string().contains(&name), "{gone}");
 }
 
 /// An application actor that collects the events it is sent.

@@ -220,6 +220,8 @@ pub enum RemoteErrorKind {
     HolderNotFound,
     /// The gateway did not answer (its node is unreachable, or the call timed out).
     Unreachable,
+    /// [`Error::ManagerNotFound`].
+    ManagerNotFound,
 }
 
 /// An [`Error`] as it crosses the wire: its kind and its message (the local error's
@@ -293,6 +295,7 @@ impl From<&Error> for RemoteErrorKind {
             Error::Store { .. } => K::StoreFatal,
             Error::BackendDown { .. } => K::BackendDown,
             Error::ManagerStopped => K::ManagerStopped,
+            Error::ManagerNotFound { .. } => K::ManagerNotFound,
         }
     }
 }
@@ -484,6 +487,7 @@ wire_unit_enum!(RemoteErrorKind {
     RemoteErrorKind::ManagerStopped,
     RemoteErrorKind::HolderNotFound,
     RemoteErrorKind::Unreachable,
+    RemoteErrorKind::ManagerNotFound,
 });
 
 impl Wire for RemoteEventKind {
