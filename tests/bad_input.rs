@@ -39,10 +39,6 @@ const PAUSED_LIMIT: Duration = Duration::from_secs(2);
 /// The backend name every test node is started with (`leasehold::testing::start`).
 const STORE: &str = "store";
 
-/// Why the watch rows with a bad prefix do not pass yet.
-const UNCHECKED_PREFIX: &str =
-    "watch prefixes are not validated (manager.rs, LockManagerMsg::Watch)";
-
 /// A backend name no node has.
 const UNKNOWN: &str = "no-such-store";
 
@@ -476,9 +472,6 @@ struct Case {
     /// The call is the whole row: nothing is set up in the store first, so the answer must
     /// come even while the store is paused.
     alone: bool,
-    /// Why the library does not pass this row yet (a fix outside this test's reach). Such a
-    /// row is run and reported, and fails the test once it passes, so the mark is removed.
-    blocked: Option<&'static str>,
 }
 
 impl Case {
@@ -492,14 +485,7 @@ impl Case {
             call: Box::new(call),
             expect,
             alone,
-            blocked: None,
         }
-    }
-
-    /// Marks the row as not passed yet, for the reason given.
-    fn blocked(mut self, why: &'static str) -> Self {
-        self.blocked = Some(why);
-        self
     }
 
     /// A row that calls `entry` once on a fresh node, with `key` built from the row's keys.
@@ -667,7 +653,7 @@ fn request_cases() -> Vec<Case> {
             let key = move |keys: &Keys| bad.key(keys);
             let expect = move |keys: &Keys| bad.expect(keys);
             let case = Case::entry(entry, &what, None, key, ok(), expect);
-            cases.push(case.blocked(UNCHECKED_PREFIX));
+            cases.push(case);
         }
     }
 
@@ -812,12 +798,21 @@ fn request_cases() -> Vec<Case> {
     cases.push(Case::new(
         "LockClient::connect to a manager that shut down",
         Keys::new(),
-        Expect::Stopped,
+        Expect::Invalid(
+            variant!(Error::ManagerNotFound { .. }),
+            vec!["shut-down-manager".to_owned()],
+        ),
         false,
-        |node| {
+        |_| {
             async move {
-                let name = node.manager().get_name().expect("test managers have names");
-                node.shutdown().await;
+                // Its own manager: the row's node must stay up for the checks after it.
+                let name = unique_key("shut-down-manager");
+                let other = LockManager::builder()
+                    .with_name(name.clone())
+                    .with_backend(STORE, MemoryBackend::new())
+                    .start()
+                    .await?;
+                other.shutdown().await;
                 LockClient::connect(&name).await.map(drop)?;
                 Ok(())
             }
@@ -827,11 +822,14 @@ fn request_cases() -> Vec<Case> {
     cases.push(Case::new(
         "LockClient::connect to a name no manager has",
         Keys::new(),
-        Expect::Stopped,
+        Expect::Invalid(
+            variant!(Error::ManagerNotFound { .. }),
+            vec!["no-such-manager".to_owned()],
+        ),
         true,
         |_| {
             async move {
-                LockClient::connect(&unique_key("no-such-manager")).await?;
+                LockClient::connect("no-such-manager").await?;
                 Ok(())
             }
             .boxed()
@@ -900,21 +898,10 @@ async fn check_free(observer: &LockClient, keys: &Keys) -> Result<(), String> {
     Ok(())
 }
 
-/// Notes a row's result: a failure, or for a blocked row, that it still fails (printed) or that
-/// it passes now (a failure: the mark is stale).
-fn tally(
-    failures: &mut Vec<String>,
-    row: &str,
-    blocked: Option<&str>,
-    checked: Result<(), String>,
-) {
-    match (blocked, checked) {
-        (None, Ok(())) => {}
-        (None, Err(why)) => failures.push(format!("{row}: {why}")),
-        (Some(reason), Err(why)) => eprintln!("blocked ({reason}): {row}: {why}"),
-        (Some(reason), Ok(())) => {
-            failures.push(format!("{row}: passes now; remove its mark \"{reason}\""))
-        }
+/// Notes a row's failure, if it failed.
+fn tally(failures: &mut Vec<String>, row: &str, checked: Result<(), String>) {
+    if let Err(why) = checked {
+        failures.push(format!("{row}: {why}"));
     }
 }
 
@@ -948,7 +935,7 @@ async fn every_request_row_on<B: LockBackend + Clone>(what: &str, store: B) {
                 checked = Err(format!("then is_locked answered {answer:?}"));
             }
         }
-        tally(&mut failures, &case.name, case.blocked, checked);
+        tally(&mut failures, &case.name, checked);
         node.shutdown().await;
     }
     observer.shutdown().await;
@@ -968,7 +955,7 @@ async fn invalid_rows_while_paused<B: LockBackend + Clone>(
     let node = start(store).await;
     let cases: Vec<Case> = request_cases()
         .into_iter()
-        .filter(|case| case.alone && case.expect.is_invalid() && case.blocked.is_none())
+        .filter(|case| case.alone && case.expect.is_invalid())
         .collect();
     let rows = cases.len();
     // At least every bad key at every keyed entry point: the filter cannot quietly empty the
@@ -1039,8 +1026,6 @@ struct Setup {
     expect: Expect,
     /// A manager name the row used: free again after it.
     manager: Option<String>,
-    /// As `Case::blocked`.
-    blocked: Option<&'static str>,
 }
 
 /// A manager name no other row or test uses.
@@ -1077,14 +1062,7 @@ impl Setup {
             call: call(manager.clone()),
             expect,
             manager: Some(manager),
-            blocked: None,
         }
-    }
-
-    /// As `Case::blocked`.
-    fn blocked(mut self, why: &'static str) -> Self {
-        self.blocked = Some(why);
-        self
     }
 }
 
@@ -1092,12 +1070,6 @@ impl Setup {
 fn bad_config<const N: usize>(names: [&str; N]) -> Expect {
     invalid(variant!(Error::InvalidConfig(_)), names)
 }
-
-/// Why the timeout rows do not pass yet.
-const UNNAMED_TIMEOUT: &str =
-    "manager.rs says \"timeouts must be above zero\", naming neither the setting nor the value";
-const UNBOUNDED_TIMEOUT: &str = "manager.rs accepts any timeout; adding Duration::MAX to the \
-     clock panics in key_actor.rs and backend_actor.rs";
 
 fn manager_settings() -> Vec<Setup> {
     let row = Setup::manager;
@@ -1134,26 +1106,32 @@ fn manager_settings() -> Vec<Setup> {
             "operation timeout 0",
             bad_config(["operation timeout", "0ns"]),
             |name| start_manager(builder(&name).with_operation_timeout(Duration::ZERO)),
-        )
-        .blocked(UNNAMED_TIMEOUT),
+        ),
         row(
             "backstop cap 0",
             bad_config(["backstop cap", "0ns"]),
             |name| start_manager(builder(&name).with_backstop_cap(Duration::ZERO)),
-        )
-        .blocked(UNNAMED_TIMEOUT),
+        ),
+        row(
+            "store retry budget 0",
+            bad_config(["store retry budget", "0ns"]),
+            |name| start_manager(builder(&name).with_store_retry_budget(Duration::ZERO)),
+        ),
         row(
             "operation timeout Duration::MAX",
             bad_config(["operation timeout", &format!("{:?}", Duration::MAX)]),
             |name| start_and_lock(builder(&name).with_operation_timeout(Duration::MAX)),
-        )
-        .blocked(UNBOUNDED_TIMEOUT),
+        ),
         row(
             "backstop cap Duration::MAX",
             bad_config(["backstop cap", &format!("{:?}", Duration::MAX)]),
             |name| start_and_lock(builder(&name).with_backstop_cap(Duration::MAX)),
-        )
-        .blocked(UNBOUNDED_TIMEOUT),
+        ),
+        row(
+            "store retry budget Duration::MAX",
+            bad_config(["store retry budget", &format!("{:?}", Duration::MAX)]),
+            |name| start_and_lock(builder(&name).with_store_retry_budget(Duration::MAX)),
+        ),
         row(
             "manager name already taken",
             bad_config(["could not start", "bad-input-manager"]),
@@ -1213,7 +1191,6 @@ fn store_addresses(paused_redis: u16, closed: u16) -> Vec<Setup> {
             .boxed(),
             expect,
             manager: None,
-            blocked: None,
         }
     };
     for url in [
@@ -1239,7 +1216,6 @@ fn store_addresses(paused_redis: u16, closed: u16) -> Vec<Setup> {
         .boxed(),
         expect,
         manager: None,
-        blocked: None,
     };
     rows.push(etcd(
         Vec::new(),
@@ -1281,7 +1257,7 @@ async fn run_setup_rows(what: &str, rows: Vec<Setup>) {
                 Err(e) => Err(format!("then a good manager named {name:?}: {e}")),
             };
         }
-        tally(&mut failures, &row.name, row.blocked, checked);
+        tally(&mut failures, &row.name, checked);
     }
     report(what, count, failures);
 }
