@@ -794,3 +794,46 @@ async fn kill_pubsub_connections(other: &mut MultiplexedConnection) {
         .await
         .unwrap();
 }
+
+/// With a restart quarantine, a restart that loses the data grants nobody the key until the
+/// quarantine has passed, by which time its old holder has been told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_quarantine_keeps_a_key_from_everyone_until_its_old_holder_knows() {
+    let mut server = RedisServer::start();
+    let quarantine = Duration::from_secs(2);
+    let ttl = LockOptions::new().with_ttl(quarantine);
+    let a = start(server.backend().await.with_restart_quarantine(quarantine)).await;
+    let b = start(server.backend().await.with_restart_quarantine(quarantine)).await;
+    let key = unique_key("quarantine");
+    // A new server is quarantined too, from its first acquisition on.
+    let first = a.lock(&key, ttl.clone().with_wait(Wait::UpTo(quarantine * 5)));
+    let held = first.await.unwrap();
+    let before = held.fencing_token();
+
+    let (mut a_events, mut b_events) = (a.events(), b.events());
+    server.restart();
+    let restarted = Instant::now();
+    let taken = b
+        .lock(&key, ttl.with_wait(Wait::UpTo(quarantine * 5)))
+        .await
+        .unwrap();
+    let limit = Duration::from_secs(5);
+    let lost = next_event(&mut a_events, limit, |e| {
+        matches!(e.kind, LockEventKind::Lost { .. }).then_some(e.instant)
+    })
+    .await;
+    let acquired = next_event(&mut b_events, limit, |e| {
+        matches!(e.kind, LockEventKind::Acquired { .. }).then_some(e.instant)
+    })
+    .await;
+    assert!(
+        lost < acquired,
+        "the old holder was told only after another took the key"
+    );
+    assert!(
+        acquired >= restarted + quarantine,
+        "granted inside the quarantine"
+    );
+    assert!(!held.is_held());
+    assert!(taken.fencing_token() > before);
+}

@@ -10,6 +10,7 @@
 //! | `P{K}:fence`    | string, never expires       | the last fencing token handed out      |
 //! | `P{K}:released` | pub/sub channel             | one message on every release           |
 //! | `P{K}:acquired` | pub/sub channel             | the new fencing token, on every acquire |
+//! | `Pepoch`        | string, never expires       | with a restart quarantine only: when the server first served leasehold since it lost its data |
 //!
 //! The lock key's value is the owner token (32 hex digits), the holder's fencing token, and
 //! the metadata if the holder gave any, separated by single spaces.
@@ -139,6 +140,8 @@ const RENEW_LUA: &str = include_str!("redis/renew.lua");
 pub struct RedisBackend {
     conn: ConnectionManager,
     prefix: Arc<str>,
+    /// See [`RedisBackend::with_restart_quarantine`]; zero when off.
+    quarantine: Duration,
     notices: Arc<NoticeHub>,
 }
 
@@ -227,6 +230,7 @@ impl RedisBackend {
         Ok(RedisBackend {
             conn,
             prefix: DEFAULT_PREFIX.into(),
+            quarantine: Duration::ZERO,
             notices: Arc::new(NoticeHub::new(client, addr)),
         })
     }
@@ -235,6 +239,20 @@ impl RedisBackend {
     /// one server with different prefixes never see each other's locks.
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into().into();
+        self
+    }
+
+    /// Keeps locks exclusive across a Redis restart that loses the data (no persistence, or a
+    /// `FLUSHALL`): for `quarantine` after the server first serves leasehold again, every key
+    /// answers as held, so no one is granted a key whose holder has not yet learned that its
+    /// lease is gone. Set it to the longest ttl any node uses on this server; every node must
+    /// set it. The price is that wait, once after each data loss, and on a new server's first
+    /// start. Off by default.
+    ///
+    /// It relies on one server-wide key (`<prefix>epoch`), so it is for a single server, not
+    /// Redis Cluster.
+    pub fn with_restart_quarantine(mut self, quarantine: Duration) -> Self {
+        self.quarantine = quarantine;
         self
     }
 
@@ -281,7 +299,11 @@ impl LockBackend for RedisBackend {
         call.key(format!("{lock}:fence"))
             .arg(owner.to_string())
             .arg(millis(ttl))
-            .arg(format!("{lock}:acquired"));
+            .arg(format!("{lock}:acquired"))
+            .arg(u64::try_from(self.quarantine.as_millis()).unwrap_or(u64::MAX));
+        if !self.quarantine.is_zero() {
+            call.key(format!("{}epoch", self.prefix));
+        }
         if let Some(metadata) = metadata {
             call.arg(metadata);
         }

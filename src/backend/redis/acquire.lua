@@ -5,7 +5,10 @@
 -- ARGV[1]  owner token (32 hex digits)
 -- ARGV[2]  ttl in milliseconds
 -- ARGV[3]  the lock's acquisition channel, where the new token is published for watchers
--- ARGV[4]  metadata (absent when the holder gave none)
+-- ARGV[4]  restart quarantine in milliseconds; 0 turns it off
+-- ARGV[5]  metadata (absent when the holder gave none)
+-- KEYS[3]  with a quarantine: when this server first served leasehold since it last lost its
+--          data (milliseconds, server clock); never expires
 --
 -- Returns the fencing token, as a string, when the lock was taken; otherwise the lock key's
 -- PTTL, as an integer.
@@ -15,6 +18,21 @@
 local pttl = redis.call('PTTL', KEYS[1])
 if pttl ~= -2 then
   return pttl
+end
+
+-- Free, but a server that lost its data (a restart without persistence) has forgotten the
+-- leases it granted, and their holders may not have noticed yet. With a quarantine, grant
+-- nothing until that long after the server first served leasehold again: every lease granted
+-- before the loss has expired by then. The answer looks like a held key with that much left.
+local quarantine = tonumber(ARGV[4])
+if quarantine > 0 then
+  local now = redis.call('TIME')
+  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  redis.call('SET', KEYS[3], now_ms, 'NX')
+  local left = tonumber(redis.call('GET', KEYS[3])) + quarantine - now_ms
+  if left > 0 then
+    return left
+  end
 end
 
 -- Free. Advance the counter first: the token goes into the lock key's value.
@@ -38,8 +56,8 @@ end
 local token = redis.call('GET', KEYS[2])
 
 local value = ARGV[1] .. ' ' .. token
-if ARGV[4] then
-  value = value .. ' ' .. ARGV[4]
+if ARGV[5] then
+  value = value .. ' ' .. ARGV[5]
 end
 -- PX is the lease: a holder that dies without releasing frees the key when it expires. NX
 -- cannot fail after the PTTL check (a script runs alone), but keeps this write from ever
