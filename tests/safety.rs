@@ -1,0 +1,1074 @@
+//! Safety checked from outside the library, under faults.
+//!
+//! Workers contend for one key on one real Redis server: two per lock manager in this process
+//! (two managers, two nodes) and one in a second OS process (this test binary, started again to
+//! run one `#[ignore]`d child entry). Under the lock each does a read-modify-write of a shared
+//! register (`support/register.rs`), presenting its fencing token, and records the interval in
+//! which the library told it the lock was held. Mid-run Redis is paused past the ttl, or killed
+//! and restarted without its data; the history must still show no two holders at once, tokens
+//! increasing in hold order, and no stale token accepted nor update lost by the register. Every
+//! contender's backend has a restart quarantine of one ttl
+//! (`RedisBackend::with_restart_quarantine`): without it, a restart that loses the data lets
+//! another node take a key while its holder is still told "held".
+//!
+//! Then the faults of a holder's own process: paused past its ttl (it must see `is_held()`
+//! false, and the register must refuse its late write), and killed while holding (the key is
+//! free only once the ttl has run out).
+//!
+//! (A holder *actor* that panics releases at once: that is the conformance suite's
+//! `holder_actor_panic_releases`, run against Redis by `tests/redis.rs`.)
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+#[path = "support/register.rs"]
+mod register;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use leasehold::testing::{start, unique_key};
+use leasehold::{Error, LockClient, LockGuard, LockOptions, RedisBackend, Wait};
+use redis_server::RedisServer;
+use register::{Op, OpKind, Register, RegisterClient};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+/// The lease of every hold in the contention runs.
+const TTL: Duration = Duration::from_secs(1);
+/// How long the contention runs last, fault included.
+const RUN_FOR: Duration = Duration::from_secs(14);
+/// How long one `lock()` may wait before the worker asks again.
+const WAIT_BUDGET: Duration = Duration::from_secs(2);
+/// The pause after a retryable error before asking again (a backoff, not a wait for a state).
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// A long hold: past one renewal, and past the deadline of a holder whose renewals stopped.
+const LONG_HOLD: Duration = Duration::from_millis(1500);
+/// How often a holder asks `is_held()` while it works.
+const LOOK_EVERY: Duration = Duration::from_millis(5);
+/// A child has to start (a fresh test binary), connect and report within this.
+const CHILD_REPORTS_WITHIN: Duration = Duration::from_secs(30);
+
+/// The entry points that run in the child process, named for `--exact`.
+const CHILD_CONTENDER: &str = "child_contender";
+const CHILD_PAUSED_HOLDER: &str = "child_holder_paused_past_its_ttl";
+const CHILD_KILLED_HOLDER: &str = "child_holder_killed_while_holding";
+
+/// What the parent tells a child.
+const ENV_REDIS: &str = "LEASEHOLD_SAFETY_REDIS_URL";
+const ENV_REGISTER: &str = "LEASEHOLD_SAFETY_REGISTER";
+const ENV_KEY: &str = "LEASEHOLD_SAFETY_KEY";
+const ENV_WORKER: &str = "LEASEHOLD_SAFETY_WORKER";
+const ENV_TTL_MS: &str = "LEASEHOLD_SAFETY_TTL_MS";
+/// Set for contenders: their backend's restart quarantine.
+const ENV_QUARANTINE_MS: &str = "LEASEHOLD_SAFETY_QUARANTINE_MS";
+/// The end of a contention run, in nanoseconds since the Unix epoch: both processes read the
+/// same wall clock, so they stop together.
+const ENV_RUN_UNTIL: &str = "LEASEHOLD_SAFETY_RUN_UNTIL_NANOS";
+
+/// Marks the child's stdout reports meant for the parent (the test harness prints its own).
+const REPORT: &str = "safety-report:";
+
+// ---------------------------------------------------------------------------------------------
+// The contention runs.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_overlap_stale_write_or_lost_update_when_redis_is_paused_past_the_ttl() {
+    contend_through(Fault::PauseRedis).await;
+}
+
+/// Redis without persistence forgets every lock when it restarts; the quarantine keeps the
+/// key from anyone until its holder has learned that (at its next renewal, or its deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_overlap_stale_write_or_lost_update_when_redis_restarts_without_data() {
+    contend_through(Fault::RestartRedisWithoutData).await;
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// SIGSTOP for twice the ttl, then SIGCONT: every lease runs out while nothing answers.
+    PauseRedis,
+    /// SIGKILL and a fresh server on the same port: every lease and counter is forgotten.
+    RestartRedisWithoutData,
+}
+
+/// What the in-process workers share with the fault injector.
+#[derive(Default)]
+struct Progress {
+    /// Their holds so far.
+    holds: Mutex<Vec<Hold>>,
+    in_long_hold: AtomicUsize,
+}
+
+async fn contend_through(fault: Fault) {
+    let mut server = RedisServer::start();
+    let register = Register::start().await;
+    let key = unique_key("safety");
+    let started = SystemTime::now();
+    let until = started + RUN_FOR;
+    let nodes = [
+        start(server.backend().await.with_restart_quarantine(TTL)).await,
+        start(server.backend().await.with_restart_quarantine(TTL)).await,
+    ];
+    let child = ChildTest::spawn(
+        CHILD_CONTENDER,
+        &[
+            (ENV_REDIS, server.url()),
+            (ENV_REGISTER, register.addr().to_string()),
+            (ENV_KEY, key.clone()),
+            (ENV_WORKER, "child".to_owned()),
+            (ENV_TTL_MS, TTL.as_millis().to_string()),
+            (ENV_QUARANTINE_MS, TTL.as_millis().to_string()),
+            (ENV_RUN_UNTIL, nanos(until).to_string()),
+        ],
+    );
+    let progress = Arc::new(Progress::default());
+    let mut workers = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        for w in 0..2 {
+            let (node, key, progress) = (node.clone(), key.clone(), progress.clone());
+            let (addr, name) = (register.addr(), format!("node{n}-worker{w}"));
+            workers.push(tokio::spawn(async move {
+                contend(&node, addr, &key, &name, until, &progress, |hold| {
+                    progress.holds.lock().unwrap().push(hold)
+                })
+                .await
+            }));
+        }
+    }
+
+    // Strike while a long hold is under way (a worker's second hold, so the run is going), so
+    // the fault hits a held lease, not only waiters.
+    let strike = async {
+        while progress.in_long_hold.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(LOOK_EVERY).await;
+        }
+    };
+    if timeout(RUN_FOR / 2, strike).await.is_err() {
+        let so_far = History {
+            started,
+            fault: "none yet".to_owned(),
+            holds: progress.holds.lock().unwrap().clone(),
+            ops: register.log(),
+            value: register.value(),
+        };
+        panic!(
+            "no long hold under way within {:?} (child output follows the history)\n{so_far}\n{}",
+            RUN_FOR / 2,
+            child.output()
+        );
+    }
+    let fault_from = match fault {
+        Fault::PauseRedis => {
+            // At once: the pause then always outlasts that holder's deadline, which falls
+            // before its hold ends.
+            let from = SystemTime::now();
+            server.pause();
+            // The sleep is the fault: every lease outlives its deadline while Redis is frozen.
+            tokio::time::sleep(TTL * 2).await;
+            server.resume();
+            from
+        }
+        Fault::RestartRedisWithoutData => {
+            // Late in the lease's first ttl, where the other nodes' backstop timers (set from
+            // the PTTL they read as the hold began) fire close to the holder's renewals: the
+            // stretch in which a restart can give two holders at once.
+            let into_the_hold = Duration::from_millis(rand::random_range(600..1000));
+            tokio::time::sleep(into_the_hold).await;
+            let from = SystemTime::now();
+            tokio::task::block_in_place(|| server.restart());
+            from
+        }
+    };
+    let fault_to = SystemTime::now();
+
+    let mut tally = Tally::default();
+    for worker in workers {
+        tally.add(&worker.await.expect("worker task"));
+    }
+    let mut holds = std::mem::take(&mut *progress.holds.lock().unwrap());
+    let reports = child.finish(RUN_FOR + CHILD_REPORTS_WITHIN).await;
+    let mut child_holds = 0;
+    for report in &reports {
+        if let Some(hold) = Hold::parse(report) {
+            holds.push(hold);
+            child_holds += 1;
+        } else if let Some(child_tally) = Tally::parse(report) {
+            tally.add(&child_tally);
+        }
+    }
+    for node in &nodes {
+        node.shutdown().await;
+    }
+
+    let history = History {
+        started,
+        fault: format!(
+            "{fault:?} from {} to {}",
+            since(started, fault_from),
+            since(started, fault_to)
+        ),
+        holds,
+        ops: register.log(),
+        value: register.value(),
+    };
+    let violations = history.violations();
+    assert!(
+        violations.is_empty(),
+        "{} violations:\n  {}\n{history}",
+        violations.len(),
+        violations.join("\n  ")
+    );
+    // The run has to have tested something: enough holds, the other process among them, a
+    // hold cut short by the fault (lost, or its release refused), and holds again once the
+    // fault was over.
+    assert!(history.holds.len() >= 10, "too few holds\n{history}");
+    assert!(
+        child_holds >= 1,
+        "the child process never held the key\n{history}"
+    );
+    let overtaken = history.holds.iter().any(|hold| {
+        hold.outcome != Outcome::Released && hold.from.is_some_and(|from| from < fault_from)
+    });
+    assert!(overtaken, "no hold was cut short by the fault\n{history}");
+    let after = history
+        .holds
+        .iter()
+        .filter(|hold| hold.from.is_some_and(|from| from > fault_to))
+        .count();
+    assert!(after >= 1, "no hold after the fault\n{history}");
+    eprintln!(
+        "{fault:?}: {} holds ({child_holds} by the child), {} writes accepted, {} refused, \
+         tally {tally:?}",
+        history.holds.len(),
+        history.value,
+        history
+            .ops
+            .iter()
+            .filter(|op| op.kind == OpKind::Write && !op.accepted)
+            .count()
+    );
+}
+
+/// What went wrong without breaking the worker: how it retried.
+#[derive(Debug, Default)]
+struct Tally {
+    /// Waits that ran out (the key stayed held, or the store did not answer in time).
+    timeouts: u64,
+    /// Other retryable errors: the store unreachable or the backend down.
+    store_errors: u64,
+}
+
+impl Tally {
+    fn add(&mut self, other: &Tally) {
+        self.timeouts += other.timeouts;
+        self.store_errors += other.store_errors;
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "TALLY timeouts={} store_errors={}",
+            self.timeouts, self.store_errors
+        )
+    }
+
+    fn parse(line: &str) -> Option<Tally> {
+        let fields = fields(line, "TALLY")?;
+        Some(Tally {
+            timeouts: fields.get("timeouts")?.parse().ok()?,
+            store_errors: fields.get("store_errors")?.parse().ok()?,
+        })
+    }
+}
+
+/// One worker's loop until `until`: lock, read, work, write value + 1, release. Every hold is
+/// handed to `report` as it ends.
+async fn contend(
+    client: &LockClient,
+    register: SocketAddr,
+    key: &str,
+    name: &str,
+    until: SystemTime,
+    progress: &Progress,
+    mut report: impl FnMut(Hold),
+) -> Tally {
+    let mut register = RegisterClient::connect(register)
+        .await
+        .expect("connect to the register");
+    let options = LockOptions::new()
+        .with_ttl(TTL)
+        .with_wait(Wait::UpTo(WAIT_BUDGET));
+    let mut tally = Tally::default();
+    let mut round = 0;
+    while SystemTime::now() < until {
+        let guard = match client.lock(key, options.clone()).await {
+            Ok(guard) => guard,
+            // The key stayed held, or the store is paused, restarting or reconnecting: the
+            // next attempt may succeed.
+            Err(Error::Timeout { .. }) => {
+                tally.timeouts += 1;
+                continue;
+            }
+            Err(e) if e.is_retryable() => {
+                tally.store_errors += 1;
+                tokio::time::sleep(RETRY_PAUSE).await;
+                continue;
+            }
+            Err(e) => panic!("{name}: lock({key}) failed for good: {e}"),
+        };
+        // Every fourth hold is long enough to span renewals, and a fault.
+        let long = round % 4 == 1;
+        let work = if long {
+            LONG_HOLD
+        } else {
+            Duration::from_millis(rand::random_range(0..20))
+        };
+        round += 1;
+        if long {
+            progress.in_long_hold.fetch_add(1, Ordering::SeqCst);
+        }
+        let hold = hold_once(guard, &mut register, name, work).await;
+        if long {
+            progress.in_long_hold.fetch_sub(1, Ordering::SeqCst);
+        }
+        report(hold);
+    }
+    tally
+}
+
+/// One hold: a fenced read, `work` of holding on (asking `is_held()` all along, as a careful
+/// holder would), a fenced write of the value read plus one, and the release.
+async fn hold_once(
+    guard: LockGuard,
+    register: &mut RegisterClient,
+    name: &str,
+    work: Duration,
+) -> Hold {
+    let token = guard.fencing_token();
+    let mut seen = Witness::default();
+    // `Some`: the hold ended before the write. `None`: written, so release it.
+    let stopped = 'work: {
+        if !seen.look(&guard) {
+            break 'work Some(Outcome::Lost);
+        }
+        let value = match register.read_fenced(token, name).await.expect("read") {
+            Ok(value) => value,
+            Err(_) => break 'work Some(Outcome::Refused),
+        };
+        let working = Instant::now();
+        while working.elapsed() < work {
+            if !seen.look(&guard) {
+                break 'work Some(Outcome::Lost);
+            }
+            tokio::time::sleep(LOOK_EVERY).await;
+        }
+        if !seen.look(&guard) {
+            break 'work Some(Outcome::Lost);
+        }
+        let written = register.write(token, value + 1, name).await;
+        if written.expect("write").is_err() {
+            break 'work Some(Outcome::Refused);
+        }
+        seen.look(&guard);
+        None
+    };
+    let ended = SystemTime::now();
+    let outcome = match stopped {
+        // Dropping the guard gives the lock back, if it is still ours.
+        Some(outcome) => outcome,
+        None => match guard.release().await {
+            Ok(()) => Outcome::Released,
+            // The store did not confirm (paused, restarted): the lease ends at its ttl.
+            Err(_) => Outcome::ReleaseFailed,
+        },
+    };
+    Hold {
+        worker: name.to_owned(),
+        token,
+        from: seen.from,
+        to: seen.to,
+        ended,
+        outcome,
+    }
+}
+
+/// The stretch of wall-clock time in which the library told one holder "held", as that holder
+/// saw it. Wall time, because it is comparable across the processes of one machine.
+#[derive(Default)]
+struct Witness {
+    from: Option<SystemTime>,
+    to: Option<SystemTime>,
+}
+
+impl Witness {
+    /// Asks the guard. `from` is read just after the first "held" and `to` just before the
+    /// last one, so `[from, to]` lies inside the time the library said "held": an overlap of
+    /// two such intervals is two holders at once, never an artefact of when the clock was read.
+    fn look(&mut self, guard: &LockGuard) -> bool {
+        let before = SystemTime::now();
+        let held = guard.is_held();
+        if held {
+            match self.from {
+                None => self.from = Some(SystemTime::now()),
+                Some(_) => self.to = Some(before),
+            }
+        }
+        held
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Wrote, and released.
+    Released,
+    /// Wrote; the release did not reach the store, where the lease ends at its ttl.
+    ReleaseFailed,
+    /// `is_held()` turned false: the holder stopped working at once.
+    Lost,
+    /// The register refused the token: a newer holder had used it.
+    Refused,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 4] = [
+        Outcome::Released,
+        Outcome::ReleaseFailed,
+        Outcome::Lost,
+        Outcome::Refused,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Outcome::Released => "released",
+            Outcome::ReleaseFailed => "release-failed",
+            Outcome::Lost => "lost",
+            Outcome::Refused => "refused",
+        }
+    }
+}
+
+/// One hold of the key, as its holder reports it.
+#[derive(Debug, Clone, PartialEq)]
+struct Hold {
+    worker: String,
+    token: u64,
+    /// See [`Witness`]; `None` if the library never said "held" (twice).
+    from: Option<SystemTime>,
+    to: Option<SystemTime>,
+    /// When the holder stopped: before calling `release`, or when it learned of the loss.
+    ended: SystemTime,
+    outcome: Outcome,
+}
+
+impl Hold {
+    /// One line of a child's report.
+    fn line(&self) -> String {
+        let time = |t: Option<SystemTime>| t.map_or("-".to_owned(), |t| nanos(t).to_string());
+        format!(
+            "HOLD worker={} token={} from={} to={} ended={} outcome={}",
+            self.worker,
+            self.token,
+            time(self.from),
+            time(self.to),
+            nanos(self.ended),
+            self.outcome.name()
+        )
+    }
+
+    fn parse(line: &str) -> Option<Hold> {
+        let fields = fields(line, "HOLD")?;
+        let time = |name: &str| -> Option<Option<SystemTime>> {
+            match *fields.get(name)? {
+                "-" => Some(None),
+                n => Some(Some(from_nanos(n.parse().ok()?))),
+            }
+        };
+        let outcome = *fields.get("outcome")?;
+        Some(Hold {
+            worker: fields.get("worker")?.to_string(),
+            token: fields.get("token")?.parse().ok()?,
+            from: time("from")?,
+            to: time("to")?,
+            ended: time("ended")??,
+            outcome: *Outcome::ALL.iter().find(|o| o.name() == outcome)?,
+        })
+    }
+
+    /// `[from, to]`, if the holder saw "held" at two instants.
+    fn interval(&self) -> Option<(SystemTime, SystemTime)> {
+        match (self.from, self.to) {
+            (Some(from), Some(to)) if from <= to => Some((from, to)),
+            _ => None,
+        }
+    }
+}
+
+/// A contention run, for the checker and for a reader when it fails.
+struct History {
+    started: SystemTime,
+    fault: String,
+    holds: Vec<Hold>,
+    ops: Vec<Op>,
+    value: u64,
+}
+
+impl History {
+    fn violations(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        let mut timed: Vec<(&Hold, SystemTime, SystemTime)> = self
+            .holds
+            .iter()
+            .filter_map(|hold| hold.interval().map(|(from, to)| (hold, from, to)))
+            .collect();
+        timed.sort_by_key(|&(_, from, _)| from);
+
+        // (1) No two holders at once: each hold begins after every earlier one ended.
+        let mut latest: Option<(&Hold, SystemTime)> = None;
+        for &(hold, from, to) in &timed {
+            if let Some((before, before_to)) = latest {
+                if from < before_to {
+                    found.push(format!(
+                        "two holders at once: {} (token {}) held until {}, {} (token {}) from {}",
+                        before.worker,
+                        before.token,
+                        since(self.started, before_to),
+                        hold.worker,
+                        hold.token,
+                        since(self.started, from),
+                    ));
+                }
+            }
+            if latest.is_none_or(|(_, before_to)| to > before_to) {
+                latest = Some((hold, to));
+            }
+        }
+
+        // (2) Tokens strictly increase in hold order, and no token is handed out twice.
+        for pair in timed.windows(2) {
+            let ((before, ..), (after, ..)) = (pair[0], pair[1]);
+            if after.token <= before.token {
+                found.push(format!(
+                    "token {} of {} follows token {} of {}",
+                    after.token, after.worker, before.token, before.worker
+                ));
+            }
+        }
+        let mut by_token: HashMap<u64, &Hold> = HashMap::new();
+        for hold in &self.holds {
+            if let Some(other) = by_token.insert(hold.token, hold) {
+                found.push(format!(
+                    "token {} handed to both {} and {}",
+                    hold.token, other.worker, hold.worker
+                ));
+            }
+        }
+
+        // (3) The register accepted no stale token and lost no update: accepted accesses
+        // carry non-decreasing tokens of reported holds, and each accepted write is one more
+        // than the one before.
+        let mut newest = 0;
+        let mut writes = 0;
+        for op in self.ops.iter().filter(|op| op.accepted) {
+            if op.token < newest {
+                found.push(format!(
+                    "stale token {} accepted from {} after token {newest}",
+                    op.token, op.client
+                ));
+            }
+            newest = newest.max(op.token);
+            if !by_token.contains_key(&op.token) {
+                found.push(format!(
+                    "{:?} by {} with token {}, which no worker reported holding",
+                    op.kind, op.client, op.token
+                ));
+            }
+            if op.kind == OpKind::Write {
+                writes += 1;
+                if op.value != writes {
+                    found.push(format!(
+                        "lost update: accepted write number {writes} by {} set {}",
+                        op.client, op.value
+                    ));
+                }
+            }
+        }
+        if self.value != writes {
+            found.push(format!(
+                "the register holds {} after {writes} accepted writes",
+                self.value
+            ));
+        }
+        found
+    }
+}
+
+impl fmt::Display for History {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let at = |t: Option<SystemTime>| t.map_or("-".to_owned(), |t| since(self.started, t));
+        writeln!(f, "fault: {}", self.fault)?;
+        writeln!(f, "holds, by the time they began (held from..to, ended):")?;
+        let mut holds: Vec<&Hold> = self.holds.iter().collect();
+        holds.sort_by_key(|hold| hold.from.unwrap_or(hold.ended));
+        for hold in holds {
+            writeln!(
+                f,
+                "  {:>10}..{:<10} ended {:<10} token {} {:<14} {}",
+                at(hold.from),
+                at(hold.to),
+                at(Some(hold.ended)),
+                hold.token,
+                hold.worker,
+                hold.outcome.name()
+            )?;
+        }
+        writeln!(f, "register accesses, in the order the fence saw them:")?;
+        for op in &self.ops {
+            writeln!(
+                f,
+                "  {:>10} {:?} {} token {} by {} {}",
+                at(Some(op.at)),
+                op.kind,
+                op.value,
+                op.token,
+                op.client,
+                if op.accepted { "accepted" } else { "REFUSED" }
+            )?;
+        }
+        write!(f, "register value: {}", self.value)
+    }
+}
+
+/// The `key=value` words of a report line that starts with `tag`.
+fn fields<'a>(line: &'a str, tag: &str) -> Option<HashMap<&'a str, &'a str>> {
+    let mut words = line.split_whitespace();
+    if words.next()? != tag {
+        return None;
+    }
+    words.map(|word| word.split_once('=')).collect()
+}
+
+fn nanos(t: SystemTime) -> u64 {
+    let since_epoch = t.duration_since(UNIX_EPOCH).expect("clock after 1970");
+    u64::try_from(since_epoch.as_nanos()).expect("before 2554")
+}
+
+fn from_nanos(nanos: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(nanos)
+}
+
+/// `t` as seconds since `origin`, for reading a history.
+fn since(origin: SystemTime, t: SystemTime) -> String {
+    match t.duration_since(origin) {
+        Ok(after) => format!("+{:.6}s", after.as_secs_f64()),
+        Err(before) => format!("-{:.6}s", before.duration().as_secs_f64()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Faults of the holder's own process.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holder_process_paused_past_its_ttl_sees_its_lock_lost_and_its_late_write_refused() {
+    let ttl = Duration::from_secs(1);
+    let server = RedisServer::start();
+    let register = Register::start().await;
+    let node = start(server.backend().await).await;
+    let key = unique_key("paused-holder");
+    let mut child = ChildTest::spawn(
+        CHILD_PAUSED_HOLDER,
+        &[
+            (ENV_REDIS, server.url()),
+            (ENV_REGISTER, register.addr().to_string()),
+            (ENV_KEY, key.clone()),
+            (ENV_WORKER, "child".to_owned()),
+            (ENV_TTL_MS, ttl.as_millis().to_string()),
+        ],
+    );
+    let ready = child.next_report(CHILD_REPORTS_WITHIN).await;
+    let child_token: u64 = fields(&ready, "READY")
+        .and_then(|fields| fields.get("token")?.parse().ok())
+        .unwrap_or_else(|| panic!("not a READY report: {ready:?}\n{}", child.output()));
+
+    child.signal("-STOP");
+    let stopped_at = tokio::time::Instant::now();
+    // Renewals stop with the process: the lease runs out, and another holder takes the key.
+    let guard = node
+        .lock(
+            &key,
+            LockOptions::new()
+                .with_ttl(ttl)
+                .with_wait(Wait::UpTo(ttl * 3)),
+        )
+        .await
+        .expect("the key is free once the stopped holder's lease ran out");
+    let token = guard.fencing_token();
+    assert!(token > child_token, "token {token} after {child_token}");
+    let mut client = RegisterClient::connect(register.addr()).await.unwrap();
+    let value = client
+        .read_fenced(token, "parent")
+        .await
+        .unwrap()
+        .expect("the newer holder reads");
+    client
+        .write(token, value + 1, "parent")
+        .await
+        .unwrap()
+        .expect("the newer holder writes");
+    guard.release().await.unwrap();
+    // The sleep is the fault: the holder stays stopped for three ttls in all.
+    tokio::time::sleep_until(stopped_at + ttl * 3).await;
+    child.signal("-CONT");
+    child.send("go").await;
+
+    let held = child.next_report(CHILD_REPORTS_WITHIN).await;
+    assert_eq!(
+        held,
+        "HELD false",
+        "the woken holder was told it still holds the lock\n{}",
+        child.output()
+    );
+    let late = child.next_report(CHILD_REPORTS_WITHIN).await;
+    assert_eq!(
+        late,
+        format!("WRITE stale newest={token}"),
+        "{}",
+        child.output()
+    );
+    let log = register.log();
+    let refused = log
+        .iter()
+        .rfind(|op| op.client == "child")
+        .expect("the child's late write reached the register");
+    assert!(
+        refused.kind == OpKind::Write && refused.token == child_token && !refused.accepted,
+        "{refused:?}"
+    );
+    assert_eq!(register.value(), 2, "{log:?}");
+    child.finish(CHILD_REPORTS_WITHIN).await;
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holder_process_killed_while_holding_frees_the_key_only_when_its_ttl_runs_out() {
+    // Long enough that reading the child's report, killing it and asking again all fit well
+    // inside it on a loaded machine.
+    let ttl = Duration::from_secs(3);
+    let server = RedisServer::start();
+    let node = start(server.backend().await).await;
+    let key = unique_key("killed-holder");
+    let mut child = ChildTest::spawn(
+        CHILD_KILLED_HOLDER,
+        &[
+            (ENV_REDIS, server.url()),
+            (ENV_KEY, key.clone()),
+            (ENV_WORKER, "child".to_owned()),
+            (ENV_TTL_MS, ttl.as_millis().to_string()),
+        ],
+    );
+    let acquired = child.next_report(CHILD_REPORTS_WITHIN).await;
+    let parsed = fields(&acquired, "ACQUIRED").and_then(|fields| {
+        let token: u64 = fields.get("token")?.parse().ok()?;
+        let asked_at: u64 = fields.get("asked_at")?.parse().ok()?;
+        Some((token, from_nanos(asked_at)))
+    });
+    let (child_token, asked_at) = parsed
+        .unwrap_or_else(|| panic!("not an ACQUIRED report: {acquired:?}\n{}", child.output()));
+
+    child.kill().await;
+    // The holder is gone, but nothing released its lease: the key stays held.
+    let options = LockOptions::new().with_ttl(ttl);
+    let right_after = node.try_lock(&key, options.clone()).await.unwrap();
+    assert!(
+        right_after.is_none(),
+        "the key was free right after its holder was killed, before its ttl ran out"
+    );
+    let guard = node
+        .lock(&key, options.with_wait(Wait::UpTo(ttl * 3)))
+        .await
+        .expect("the key is free once the killed holder's ttl ran out");
+    let taken_at = SystemTime::now();
+    // The child asked before Redis started its ttl, so its lease cannot end before this.
+    assert!(
+        taken_at >= asked_at + ttl,
+        "taken {:?} after the killed holder asked, within its ttl of {ttl:?}",
+        taken_at.duration_since(asked_at).unwrap_or_default()
+    );
+    assert!(guard.fencing_token() > child_token);
+    guard.release().await.unwrap();
+    node.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The child process.
+
+/// This test binary, started again to run one child entry, with its stdout read line by line.
+struct ChildTest {
+    entry: &'static str,
+    process: Child,
+    stdin: Option<ChildStdin>,
+    /// Lines that start with [`REPORT`], without it.
+    reports: mpsc::UnboundedReceiver<String>,
+    /// Everything the child wrote, stdout and stderr, for failure messages.
+    output: Arc<Mutex<Vec<String>>>,
+}
+
+impl ChildTest {
+    fn spawn(entry: &'static str, env: &[(&str, String)]) -> ChildTest {
+        let exe = std::env::current_exe().expect("path of this test binary");
+        let mut process = Command::new(exe)
+            .args(["--ignored", "--exact", entry, "--nocapture"])
+            .args(["--test-threads", "1"])
+            .envs(env.iter().map(|(name, value)| (name, value)))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // A failed test must not leave a stopped or holding child behind.
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start this test binary again as a child");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let (sender, reports) = mpsc::unbounded_channel();
+        read_lines(process.stdout.take().unwrap(), output.clone(), Some(sender));
+        read_lines(process.stderr.take().unwrap(), output.clone(), None);
+        ChildTest {
+            entry,
+            stdin: process.stdin.take(),
+            process,
+            reports,
+            output,
+        }
+    }
+
+    /// The next report, or a panic with the child's output.
+    async fn next_report(&mut self, limit: Duration) -> String {
+        match timeout(limit, self.reports.recv()).await {
+            Ok(Some(report)) => report,
+            Ok(None) => panic!(
+                "child {} ended without reporting\n{}",
+                self.entry,
+                self.output()
+            ),
+            Err(_) => panic!(
+                "child {} reported nothing within {limit:?}\n{}",
+                self.entry,
+                self.output()
+            ),
+        }
+    }
+
+    async fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .expect("write to the child");
+        stdin.flush().await.expect("flush to the child");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.process.id().expect("the child is running");
+        let status = std::process::Command::new("kill")
+            .arg(signal)
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
+    /// SIGKILL, and reap.
+    async fn kill(&mut self) {
+        self.process.kill().await.expect("kill the child");
+    }
+
+    /// Closes its stdin, waits for it to exit, asserts it passed, and returns the reports it
+    /// had not handed out yet.
+    async fn finish(mut self, limit: Duration) -> Vec<String> {
+        drop(self.stdin.take());
+        let status = match timeout(limit, self.process.wait()).await {
+            Ok(status) => status.expect("wait for the child"),
+            Err(_) => panic!(
+                "child {} still running after {limit:?}\n{}",
+                self.entry,
+                self.output()
+            ),
+        };
+        assert!(
+            status.success(),
+            "child {} failed: {status}\n{}",
+            self.entry,
+            self.output()
+        );
+        let mut reports = Vec::new();
+        // The readers end at EOF, which follows the exit.
+        while let Some(report) = self.reports.recv().await {
+            reports.push(report);
+        }
+        reports
+    }
+
+    fn output(&self) -> String {
+        format!(
+            "--- output of child {} ---\n{}",
+            self.entry,
+            self.output.lock().unwrap().join("\n")
+        )
+    }
+}
+
+fn read_lines(
+    from: impl AsyncRead + Unpin + Send + 'static,
+    output: Arc<Mutex<Vec<String>>>,
+    reports: Option<mpsc::UnboundedSender<String>>,
+) {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(from).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            // Not only at the start: libtest prints `test NAME ... ` without a newline before
+            // the test's own first line.
+            if let (Some(reports), Some((_, report))) = (&reports, line.split_once(REPORT)) {
+                let _ = reports.send(report.trim().to_owned());
+            }
+            output.lock().unwrap().push(line);
+        }
+    });
+}
+
+/// What a child is told through its environment.
+struct ChildEnv {
+    redis_url: String,
+    key: String,
+    worker: String,
+    ttl: Duration,
+}
+
+impl ChildEnv {
+    /// Panics naming the first variable missing: run by hand (`--ignored`), an entry fails
+    /// instead of passing without having done anything.
+    fn read() -> ChildEnv {
+        ChildEnv {
+            redis_url: var(ENV_REDIS),
+            key: var(ENV_KEY),
+            worker: var(ENV_WORKER),
+            ttl: Duration::from_millis(var(ENV_TTL_MS).parse().expect(ENV_TTL_MS)),
+        }
+    }
+
+    fn register(&self) -> SocketAddr {
+        var(ENV_REGISTER).parse().expect(ENV_REGISTER)
+    }
+
+    async fn node(&self) -> LockClient {
+        let mut backend = RedisBackend::connect(&self.redis_url)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.redis_url));
+        if let Ok(millis) = std::env::var(ENV_QUARANTINE_MS) {
+            let millis = millis.parse().expect(ENV_QUARANTINE_MS);
+            backend = backend.with_restart_quarantine(Duration::from_millis(millis));
+        }
+        start(backend).await
+    }
+}
+
+fn var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: this is a child process of the safety tests, started by them")
+    })
+}
+
+fn report(line: &str) {
+    println!("{REPORT} {line}");
+}
+
+/// Contends like the in-process workers, and reports each hold on stdout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "child process of the safety tests; started by them"]
+async fn child_contender() {
+    let env = ChildEnv::read();
+    let until = from_nanos(var(ENV_RUN_UNTIL).parse().expect(ENV_RUN_UNTIL));
+    assert_eq!(
+        env.ttl, TTL,
+        "the parent and the child run the same workers"
+    );
+    let node = env.node().await;
+    let tally = contend(
+        &node,
+        env.register(),
+        &env.key,
+        &env.worker,
+        until,
+        &Progress::default(),
+        |hold| report(&hold.line()),
+    )
+    .await;
+    report(&tally.line());
+    node.shutdown().await;
+}
+
+/// Takes the key and writes once, says READY, and waits for "go" (the parent stops and
+/// resumes this process meanwhile); then says whether it still holds the lock, and tries to
+/// write again with its token, saying what the register answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "child process of the safety tests; started by them"]
+async fn child_holder_paused_past_its_ttl() {
+    let env = ChildEnv::read();
+    let node = env.node().await;
+    let mut register = RegisterClient::connect(env.register()).await.unwrap();
+    let options = LockOptions::new()
+        .with_ttl(env.ttl)
+        .with_wait(Wait::UpTo(Duration::from_secs(10)));
+    let guard = node.lock(&env.key, options).await.expect("lock");
+    let token = guard.fencing_token();
+    let value = register
+        .read_fenced(token, &env.worker)
+        .await
+        .unwrap()
+        .expect("the first holder reads");
+    register
+        .write(token, value + 1, &env.worker)
+        .await
+        .unwrap()
+        .expect("the first holder writes");
+    report(&format!("READY token={token}"));
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    let go = stdin.next_line().await.expect("read stdin");
+    assert_eq!(go.as_deref(), Some("go"), "the parent says go");
+    // Before any more protected work: is the lock still held?
+    report(&format!("HELD {}", guard.is_held()));
+    // A holder that went on regardless: the register must refuse its old token.
+    match register.write(token, value + 2, &env.worker).await.unwrap() {
+        Ok(()) => report("WRITE accepted"),
+        Err(stale) => report(&format!("WRITE stale newest={}", stale.newest)),
+    }
+    drop(guard);
+    node.shutdown().await;
+}
+
+/// Takes the key and holds it (renewing) until the parent kills this process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "child process of the safety tests; started by them"]
+async fn child_holder_killed_while_holding() {
+    let env = ChildEnv::read();
+    let node = env.node().await;
+    let options = LockOptions::new()
+        .with_ttl(env.ttl)
+        .with_wait(Wait::UpTo(Duration::from_secs(10)));
+    let asked_at = SystemTime::now();
+    let guard = node.lock(&env.key, options).await.expect("lock");
+    report(&format!(
+        "ACQUIRED token={} asked_at={}",
+        guard.fencing_token(),
+        nanos(asked_at)
+    ));
+    // Hold until killed. Should the parent die instead, its end of stdin closes and this
+    // returns, so no child outlives it.
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    let _ = stdin.next_line().await;
+    drop(guard);
+    node.shutdown().await;
+}
