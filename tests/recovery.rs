@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use leasehold::testing::{next_event, panic_backend_actor, unique_key};
 use leasehold::{
     Acquisition, Contention, Error, Lease, LockBackend, LockClient, LockEvent, LockEventKind,
-    LockInfo, LockManager, LockManagerMsg, LockOptions, LostReason, MemoryBackend, OwnerToken,
-    ReleaseNotices, StoreError, Wait,
+    LockGuard, LockInfo, LockManager, LockManagerMsg, LockOptions, LostReason, MemoryBackend,
+    OwnerToken, ReleaseNotices, StoreError, Wait,
 };
 use tokio::sync::broadcast;
 use tokio::time::Instant;
@@ -137,6 +137,27 @@ fn losses(events: &mut broadcast::Receiver<LockEvent>) -> Vec<LockEvent> {
     lost
 }
 
+/// After an outage: `held` is renewed again, under its token, nothing was lost, and both
+/// guards release (the held one through its re-adopted key actor).
+async fn kept_through_the_outage(
+    events: &mut broadcast::Receiver<LockEvent>,
+    held: LockGuard,
+    other: LockGuard,
+) {
+    let token = held.fencing_token();
+    next_event(events, LIMIT, |e| {
+        matches!(e.kind, LockEventKind::Renewed { .. } if e.fencing_token == Some(token))
+            .then_some(())
+    })
+    .await;
+    assert!(held.is_held());
+    assert!(losses(events).is_empty());
+    held.release()
+        .await
+        .expect("the re-adopted key actor releases");
+    other.release().await.unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_outage_past_the_retry_budget_takes_the_backend_down_and_back_without_losing_locks() {
     let store = Switched::default();
@@ -166,18 +187,7 @@ async fn an_outage_past_the_retry_budget_takes_the_backend_down_and_back_without
         .await
         .unwrap()
         .expect("the waiting acquire gets the lock");
-    let token = held.fencing_token();
-    next_event(&mut events, LIMIT, |e| {
-        matches!(e.kind, LockEventKind::Renewed { .. } if e.fencing_token == Some(token))
-            .then_some(())
-    })
-    .await;
-    assert!(held.is_held());
-    assert!(losses(&mut events).is_empty());
-    held.release()
-        .await
-        .expect("the re-adopted key actor releases");
-    other.release().await.unwrap();
+    kept_through_the_outage(&mut events, held, other).await;
     assert!(client.try_lock("jobs/held", ttl()).await.unwrap().is_some());
     client.shutdown().await;
 }
@@ -376,15 +386,6 @@ async fn a_paused_redis_takes_the_backend_down_and_back_and_a_lock_held_through_
         .await
         .unwrap()
         .expect("the waiter gets the lock once Redis answers");
-    let token = held.fencing_token();
-    next_event(&mut events, LIMIT, |e| {
-        matches!(e.kind, LockEventKind::Renewed { .. } if e.fencing_token == Some(token))
-            .then_some(())
-    })
-    .await;
-    assert!(held.is_held());
-    assert!(losses(&mut events).is_empty());
-    held.release().await.unwrap();
-    other.release().await.unwrap();
+    kept_through_the_outage(&mut events, held, other).await;
     client.shutdown().await;
 }
