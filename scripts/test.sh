@@ -29,6 +29,7 @@ step cargo build
 step cargo test --features testing
 step cargo test --all-features
 step cargo run --example quickstart
+step cargo run --all-features --example loadtest -- --smoke --out target/loadtest-smoke
 
 # The store examples, each against a throwaway server on a free loopback port, stopped by pid.
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }

@@ -159,20 +159,30 @@ where
     handoffs
 }
 
+impl Handoffs {
+    /// The median and 99th percentile of the gaps; `None` if no turn went to another task.
+    pub fn median_p99(&self) -> Option<(Duration, Duration)> {
+        let mut gaps = self.gaps.clone();
+        if gaps.is_empty() {
+            return None;
+        }
+        gaps.sort();
+        let median = gaps[gaps.len() / 2];
+        let p99 = gaps[(gaps.len() * 99 / 100).min(gaps.len() - 1)];
+        Some((median, p99))
+    }
+}
+
 pub fn report(name: &str, handoffs: &Handoffs) {
-    let mut gaps = handoffs.gaps.clone();
-    if gaps.is_empty() {
+    let Some((median, p99)) = handoffs.median_p99() else {
         println!("{name:<30} no handoffs");
         return;
-    }
-    gaps.sort();
-    let median = gaps[gaps.len() / 2];
-    let p99 = gaps[(gaps.len() * 99 / 100).min(gaps.len() - 1)];
+    };
     println!(
         "{name:<30} median {:>8.3} ms   p99 {:>8.3} ms   ({} handoffs to another task, {} retakes by the same task)",
         median.as_secs_f64() * 1e3,
         p99.as_secs_f64() * 1e3,
-        gaps.len(),
+        handoffs.gaps.len(),
         handoffs.retakes,
     );
 }

@@ -1,0 +1,313 @@
+//! Many locks held at once, with auto-renew: the resident memory each costs, the CPU renewing
+//! them takes, and whether every renewal came on time — "on time" meaning that no key ever went
+//! longer than ttl/2 without a renewal, from its acquisition to the end of the window (renewal
+//! runs every ttl/3, so ttl/2 leaves room for the store's answer but not for a skipped turn).
+//!
+//! The memory figures follow `benches/held_locks.rs`: the growth of the resident set from just
+//! before the first acquisition, divided by the number of locks.
+
+use std::collections::HashMap;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use futures::StreamExt;
+use leasehold::{LockClient, LockEvent, LockEventKind, LockGuard, LockOptions};
+use tokio::sync::{broadcast, oneshot};
+use tokio::time::Instant;
+
+use crate::progress::Progress;
+use crate::report::{Held, Renewals, RssSample, Store};
+
+/// One held-locks scenario.
+pub struct HeldPlan {
+    pub store: Store,
+    pub locks: usize,
+    pub ttl: Duration,
+    /// How long to keep them all after the last is taken; zero measures memory only.
+    pub hold: Duration,
+    /// Acquisitions in flight at once.
+    pub parallel: usize,
+    /// A guess at how long taking them all takes, and again releasing them (for the bar).
+    pub estimate: Duration,
+}
+
+impl HeldPlan {
+    pub fn planned(&self) -> Duration {
+        self.estimate * 2 + self.hold.max(SETTLE)
+    }
+}
+
+/// Time for the key actors to finish starting (timers armed) before the resident set is read.
+const SETTLE: Duration = Duration::from_millis(500);
+/// Resident-set readings through the hold window, after the first one.
+const RSS_SAMPLES: u32 = 6;
+
+/// Takes `plan.locks` locks through `client` (a manager of their own), holds them, reads the
+/// figures, and releases them all, shutting the manager down.
+pub async fn measure(client: LockClient, plan: &HeldPlan, progress: &Progress) -> Held {
+    let what = format!("{} locks on {}", plan.locks, plan.store);
+    let slug = plan.store.to_string().replace(' ', "-");
+    let keys: Vec<String> = (0..plan.locks)
+        .map(|i| format!("loadtest/held/{slug}/{i:06}"))
+        .collect();
+    // The bookkeeping is allocated before the baseline, so it does not count as the locks'.
+    let mut sent_at = vec![Instant::now(); plan.locks];
+    let watcher = (!plan.hold.is_zero()).then(|| Watcher::start(client.events(), &keys));
+    let opts = LockOptions::new().with_ttl(plan.ttl);
+    // Warm up the allocator and the runtime so the baseline is not the cost of the first lock.
+    drop(
+        client
+            .try_lock("loadtest/held/warm-up", opts.clone())
+            .await
+            .expect("warm-up lock"),
+    );
+    trim_heap();
+    let baseline = resident_bytes();
+
+    let metrics_before = client.metrics();
+    let started = Instant::now();
+    let mut guards: Vec<Option<LockGuard>> = (0..plan.locks).map(|_| None).collect();
+    let taking = futures::stream::iter(keys.iter().enumerate())
+        .map(|(i, key)| {
+            let (client, opts) = (client.clone(), opts.clone());
+            async move {
+                let sent = Instant::now();
+                let guard = client
+                    .try_lock(key, opts)
+                    .await
+                    .unwrap_or_else(|e| panic!("try_lock {key}: {e}"))
+                    .unwrap_or_else(|| panic!("{key} is free"));
+                (i, sent, guard)
+            }
+        })
+        .buffer_unordered(plan.parallel)
+        .for_each(|(i, sent, guard)| {
+            sent_at[i] = sent;
+            guards[i] = Some(guard);
+            futures::future::ready(())
+        });
+    progress
+        .step(format!("taking {what}"), plan.estimate, taking)
+        .await;
+    let take = started.elapsed();
+
+    let held_from = Instant::now();
+    let cpu_before = cpu_time();
+    let per_lock = |at: Instant| RssSample {
+        at_s: (at - held_from).as_secs_f64(),
+        kib: resident_bytes().saturating_sub(baseline) as f64 / plan.locks as f64 / 1024.0,
+    };
+    // Samples through the window show whether the resident set settles or keeps growing.
+    let holding = async {
+        tokio::time::sleep(SETTLE).await;
+        let mut samples = vec![per_lock(Instant::now())];
+        let readings = if plan.hold > SETTLE { RSS_SAMPLES } else { 0 };
+        for i in 1..=readings {
+            tokio::time::sleep_until(held_from + plan.hold * i / RSS_SAMPLES).await;
+            samples.push(per_lock(Instant::now()));
+        }
+        samples
+    };
+    let rss_per_lock = progress
+        .step(format!("holding {what}"), plan.hold.max(SETTLE), holding)
+        .await;
+    let held_until = Instant::now();
+    let cpu = cpu_time() - cpu_before;
+    let renewed = client.metrics().renewed - metrics_before.renewed;
+    let guards: Vec<LockGuard> = guards.into_iter().flatten().collect();
+    let still_held: Vec<bool> = guards.iter().map(LockGuard::is_held).collect();
+    let renewals = watcher.map(|watcher| {
+        let log = watcher.stop(held_until);
+        log.judge(&keys, &sent_at, &still_held, held_until, plan.ttl, renewed)
+    });
+
+    let releasing = Instant::now();
+    let release = async {
+        drop(guards);
+        client.shutdown().await;
+    };
+    progress
+        .step(format!("releasing {what}"), plan.estimate, release)
+        .await;
+
+    Held {
+        store: plan.store,
+        locks: plan.locks,
+        ttl_s: plan.ttl.as_secs_f64(),
+        take_s: take.as_secs_f64(),
+        hold_s: (held_until - held_from).as_secs_f64(),
+        still_held: still_held.iter().filter(|held| **held).count(),
+        rss_per_lock,
+        cpu_s: cpu.as_secs_f64(),
+        release_s: releasing.elapsed().as_secs_f64(),
+        renewals,
+    }
+}
+
+/// Receives every event of the manager on a thread of its own, so that the busy runtime
+/// cannot starve it into falling behind (the broadcast channel keeps only the newest 1024),
+/// and keeps per key only what the on-time check needs.
+struct Watcher {
+    /// Sends the end of the window.
+    stop: oneshot::Sender<Instant>,
+    thread: JoinHandle<RenewalLog>,
+}
+
+#[derive(Default)]
+struct RenewalLog {
+    /// Per key: the first and the latest renewal, and the longest gap between two renewals.
+    tracks: HashMap<String, Track>,
+    events: u64,
+    missed: u64,
+    failed: u64,
+    lost: u64,
+}
+
+#[derive(Default)]
+struct Track {
+    first: Option<Instant>,
+    last: Option<Instant>,
+    longest: Duration,
+}
+
+impl Watcher {
+    fn start(mut events: broadcast::Receiver<LockEvent>, keys: &[String]) -> Self {
+        let mut log = RenewalLog {
+            tracks: keys.iter().map(|k| (k.clone(), Track::default())).collect(),
+            ..RenewalLog::default()
+        };
+        let (stop, mut stopped) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("renewal-watcher".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .expect("watcher runtime");
+                runtime.block_on(async move {
+                    let until = loop {
+                        tokio::select! {
+                            // Checked first: once the window has ended, what is left is drained.
+                            biased;
+                            until = &mut stopped => break until.ok(),
+                            received = events.recv() => match received {
+                                Ok(event) => log.record(&event),
+                                Err(broadcast::error::RecvError::Lagged(n)) => log.missed += n,
+                                Err(broadcast::error::RecvError::Closed) => break None,
+                            },
+                        }
+                    };
+                    // What was sent before the window ended and not yet received. (Anything
+                    // received above is at most a few events past the end, which can only
+                    // lengthen the gaps seen, never hide one.)
+                    loop {
+                        match events.try_recv() {
+                            Ok(event) if until.is_some_and(|until| event.instant <= until) => {
+                                log.record(&event)
+                            }
+                            Ok(_) => {}
+                            Err(broadcast::error::TryRecvError::Lagged(n)) => log.missed += n,
+                            Err(_) => break,
+                        }
+                    }
+                    log
+                })
+            })
+            .expect("spawn the renewal watcher");
+        Watcher { stop, thread }
+    }
+
+    /// Stops at `until`, the end of the window, and hands over what was seen.
+    fn stop(self, until: Instant) -> RenewalLog {
+        let _ = self.stop.send(until);
+        self.thread.join().expect("renewal watcher")
+    }
+}
+
+impl RenewalLog {
+    fn record(&mut self, event: &LockEvent) {
+        match event.kind {
+            LockEventKind::Renewed { .. } => {
+                self.events += 1;
+                let key = event.key.as_deref().unwrap_or_default();
+                if let Some(track) = self.tracks.get_mut(key) {
+                    if let Some(last) = track.last {
+                        track.longest = track.longest.max(event.instant - last);
+                    }
+                    track.first.get_or_insert(event.instant);
+                    track.last = Some(event.instant);
+                }
+            }
+            LockEventKind::RenewFailed { .. } => self.failed += 1,
+            LockEventKind::Lost { .. } => self.lost += 1,
+            _ => {}
+        }
+    }
+
+    /// Judges each key from its acquisition (`sent_at`, when it was asked for) to `until`.
+    fn judge(
+        &self,
+        keys: &[String],
+        sent_at: &[Instant],
+        still_held: &[bool],
+        until: Instant,
+        ttl: Duration,
+        metrics_renewed: u64,
+    ) -> Renewals {
+        let mut on_time = 0;
+        let mut max_gap = Duration::ZERO;
+        for ((key, &taken), &held) in keys.iter().zip(sent_at).zip(still_held) {
+            let track = &self.tracks[key];
+            let first = track.first.unwrap_or(until) - taken;
+            let tail = until.saturating_duration_since(track.last.unwrap_or(taken));
+            let gap = first.max(track.longest).max(tail);
+            max_gap = max_gap.max(gap);
+            if held && gap <= ttl / 2 {
+                on_time += 1;
+            }
+        }
+        Renewals {
+            events: self.events,
+            metrics_renewed,
+            events_missed: self.missed,
+            renew_failed: self.failed,
+            lost: self.lost,
+            keys_on_time: on_time,
+            on_time_pct: 100.0 * on_time as f64 / keys.len().max(1) as f64,
+            max_gap_s: max_gap.as_secs_f64(),
+        }
+    }
+}
+
+/// The process's resident set, from `/proc/self/status` (as `benches/held_locks.rs` reads it).
+fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status");
+    kib * 1024
+}
+
+/// CPU time of this process so far, user and system, every thread.
+fn cpu_time() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF is always valid.
+    let usage = unsafe {
+        assert_eq!(libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()), 0);
+        usage.assume_init()
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// Gives the memory freed by earlier scenarios back to the system, so the next baseline is
+/// what is live: otherwise the next locks would reuse freed pages that are still resident, and
+/// look cheaper than they are.
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap memory to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -1,0 +1,291 @@
+//! Run: `cargo run --release --features etcd --example loadtest -- --out target/report`
+//! (about 4 minutes), or with `--smoke` for every scenario at a tiny size (a few seconds).
+//!
+//! The performance report: starts its own `redis-server` and `etcd` on free loopback ports,
+//! runs every scenario, prints the figures, and writes `report.json` and `throughput.svg` to
+//! the `--out` directory.
+//!
+//! - Throughput: lock+release cycles/s at 1, 4, 16, 64 and 256 tasks, each task on its own
+//!   key, for leasehold on the memory store, on Redis and on etcd in `txn` and `lock` mode,
+//!   and for its peers on the same servers: the raw `redis` client running leasehold's own
+//!   scripts, `rslock`, and the raw etcd-client making leasehold's calls in each mode. Every
+//!   leasehold figure comes with its ratio to its peers at the same concurrency.
+//! - Contended handoff: 16 tasks taking turns on one key; release → next acquisition.
+//! - Held locks: 10,000 locks on Redis and on etcd (`txn`) held with auto-renew for 60 s:
+//!   renewals on time, CPU time, resident memory per lock; 100,000 on the memory store.
+//!
+//! Performance targets are printed PASS or MISS, not asserted: the run fails (exits non-zero)
+//! only when something does not work — a server that does not start, a store error, a lock
+//! that is not granted, two holders at once in a handoff.
+
+#[path = "../../tests/support/etcd_server.rs"]
+mod etcd_server;
+// The benches print handoffs with the harness's `report`; this example prints its own table.
+#[allow(dead_code)]
+#[path = "../../benches/support/harness.rs"]
+mod harness;
+#[path = "../../tests/support/redis_server.rs"]
+mod redis_server;
+
+mod handoff;
+mod held;
+mod plot;
+mod progress;
+mod raw;
+mod report;
+mod throughput;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use etcd_server::EtcdServer;
+use held::HeldPlan;
+use leasehold::{EtcdMode, LockClient, LockManager, MemoryBackend};
+use progress::Progress;
+use redis_server::RedisServer;
+use report::{Report, Store};
+
+/// How big and how long each scenario is.
+pub struct Plan {
+    name: &'static str,
+    concurrency: &'static [usize],
+    /// Each throughput point is `rounds` turns of `warmup` + `measure` per client.
+    rounds: usize,
+    warmup: Duration,
+    measure: Duration,
+    /// How long each handoff contest runs.
+    handoff: Duration,
+    held: [HeldPlan; 3],
+}
+
+fn full() -> Plan {
+    Plan {
+        name: "full",
+        concurrency: &[1, 4, 16, 64, 256],
+        rounds: 3,
+        warmup: Duration::from_millis(200),
+        measure: Duration::from_millis(600),
+        handoff: Duration::from_secs(3),
+        held: [
+            HeldPlan {
+                store: Store::Memory,
+                locks: 100_000,
+                // As in `benches/held_locks.rs`; nothing is held past the memory reading.
+                ttl: Duration::from_secs(30),
+                hold: Duration::ZERO,
+                parallel: 1000,
+                estimate: Duration::from_secs(2),
+            },
+            HeldPlan {
+                store: Store::Redis,
+                locks: 10_000,
+                ttl: Duration::from_secs(10),
+                hold: Duration::from_secs(60),
+                parallel: 1000,
+                estimate: Duration::from_secs(2),
+            },
+            HeldPlan {
+                store: Store::EtcdTxn,
+                locks: 10_000,
+                ttl: Duration::from_secs(10),
+                hold: Duration::from_secs(60),
+                // Each acquisition is two raft writes (lease grant, put): only many in flight
+                // at once take 10,000 in seconds rather than a minute.
+                parallel: 500,
+                estimate: Duration::from_secs(8),
+            },
+        ],
+    }
+}
+
+fn smoke() -> Plan {
+    // A ttl of 2 s renews every 667 ms, so even a 2 s hold sees renewals.
+    let ttl = Duration::from_secs(2);
+    let hold = Duration::from_secs(2);
+    Plan {
+        name: "smoke",
+        concurrency: &[1, 4],
+        rounds: 1,
+        warmup: Duration::from_millis(50),
+        measure: Duration::from_millis(150),
+        handoff: Duration::from_millis(300),
+        held: [
+            HeldPlan {
+                store: Store::Memory,
+                locks: 1000,
+                ttl: Duration::from_secs(30),
+                hold: Duration::ZERO,
+                parallel: 100,
+                estimate: Duration::from_millis(100),
+            },
+            HeldPlan {
+                store: Store::Redis,
+                locks: 100,
+                ttl,
+                hold,
+                parallel: 100,
+                estimate: Duration::from_millis(100),
+            },
+            HeldPlan {
+                store: Store::EtcdTxn,
+                locks: 100,
+                ttl,
+                hold,
+                parallel: 100,
+                estimate: Duration::from_millis(300),
+            },
+        ],
+    }
+}
+
+/// The servers this run started.
+pub struct Stores {
+    redis: RedisServer,
+    etcd: EtcdServer,
+}
+
+impl Stores {
+    /// A lock manager of its own on `store` (so each scenario's events and metrics are its own).
+    async fn manager(&self, name: &str, store: Store) -> LockClient {
+        let builder = LockManager::builder().with_name(name);
+        let builder = match store {
+            Store::Memory => builder.with_backend("memory", MemoryBackend::new()),
+            Store::Redis => builder.with_backend("redis", self.redis.backend().await),
+            Store::EtcdTxn => builder.with_backend("etcd", self.etcd.backend(EtcdMode::Txn).await),
+            Store::EtcdLock => {
+                builder.with_backend("etcd", self.etcd.backend(EtcdMode::Lock).await)
+            }
+        };
+        builder.start().await.expect("lock manager")
+    }
+}
+
+/// The lock managers the throughput and handoff scenarios share, one per store.
+pub struct Nodes {
+    memory: LockClient,
+    redis: LockClient,
+    etcd_txn: LockClient,
+    etcd_lock: LockClient,
+}
+
+struct Args {
+    plan: Plan,
+    out: PathBuf,
+}
+
+fn parse_args() -> Args {
+    let usage = "usage: loadtest [--smoke] [--out DIR]   (default DIR: target/report)";
+    let mut args = Args {
+        plan: full(),
+        out: PathBuf::from("target/report"),
+    };
+    let mut given = std::env::args().skip(1);
+    while let Some(arg) = given.next() {
+        match arg.as_str() {
+            "--smoke" => args.plan = smoke(),
+            "--out" => match given.next() {
+                Some(dir) => args.out = PathBuf::from(dir),
+                None => fail(&format!("--out takes a directory\n{usage}")),
+            },
+            "--help" | "-h" => {
+                println!("{usage}");
+                std::process::exit(0);
+            }
+            other => fail(&format!("unknown argument {other:?}\n{usage}")),
+        }
+    }
+    args
+}
+
+fn fail(message: &str) -> ! {
+    eprintln!("loadtest: {message}");
+    std::process::exit(2);
+}
+
+fn main() {
+    let started = Instant::now();
+    let Args { plan, out } = parse_args();
+    std::fs::create_dir_all(&out)
+        .unwrap_or_else(|e| fail(&format!("cannot create {}: {e}", out.display())));
+    let stores = Stores {
+        redis: RedisServer::start(),
+        etcd: EtcdServer::start(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let mut report = runtime.block_on(run(&stores, &plan));
+    drop(stores);
+    report.seconds = started.elapsed().as_secs_f64();
+
+    let json = out.join("report.json");
+    let text = serde_json::to_string_pretty(&report).expect("report as JSON");
+    std::fs::write(&json, text + "\n").unwrap_or_else(|e| panic!("write {}: {e}", json.display()));
+    let svg = out.join("throughput.svg");
+    plot::draw(&svg, &report).unwrap_or_else(|e| panic!("draw {}: {e}", svg.display()));
+    println!("wrote {} and {}", json.display(), svg.display());
+    let seconds = report.seconds.round() as u64;
+    println!(
+        "the whole {} run took {seconds} s ({}m {:02}s)",
+        plan.name,
+        seconds / 60,
+        seconds % 60
+    );
+}
+
+async fn run(stores: &Stores, plan: &Plan) -> Report {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "leasehold load test ({} run): redis-server on {}, etcd on {}, {cores} cores",
+        plan.name,
+        stores.redis.url(),
+        stores.etcd.endpoint(),
+    );
+    let nodes = Nodes {
+        memory: stores.manager("loadtest-memory", Store::Memory).await,
+        redis: stores.manager("loadtest-redis", Store::Redis).await,
+        etcd_txn: stores.manager("loadtest-etcd-txn", Store::EtcdTxn).await,
+        etcd_lock: stores.manager("loadtest-etcd-lock", Store::EtcdLock).await,
+    };
+    let lineup = throughput::lineup(&nodes, stores).await;
+    let total = throughput::planned(plan, lineup.len())
+        + handoff::planned(plan)
+        + plan.held.iter().map(HeldPlan::planned).sum::<Duration>();
+    let progress = Progress::new(total);
+
+    let throughput = throughput::measure(lineup, plan, &progress).await;
+    progress.print(&format!("\n{}", report::throughput_table(&throughput)));
+    let handoff = handoff::measure(&nodes, stores, plan, &progress).await;
+    progress.print(&report::handoff_table(&handoff));
+    for node in [
+        &nodes.memory,
+        &nodes.redis,
+        &nodes.etcd_txn,
+        &nodes.etcd_lock,
+    ] {
+        node.shutdown().await;
+    }
+
+    let mut held = Vec::new();
+    for scenario in &plan.held {
+        let name = format!("loadtest-held-{}", scenario.store).replace(' ', "-");
+        let client = stores.manager(&name, scenario.store).await;
+        let result = held::measure(client, scenario, &progress).await;
+        progress.print(&report::held_lines(&result));
+        held.push(result);
+    }
+    progress.finish();
+
+    let targets = report::targets(&throughput, &held);
+    println!("{}", report::targets_table(&targets));
+    Report {
+        mode: plan.name,
+        cores,
+        seconds: 0.0,
+        throughput,
+        handoff,
+        held,
+        targets,
+    }
+}
