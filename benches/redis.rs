@@ -245,6 +245,7 @@ impl Raw {
             .arg(&owner)
             .arg(TTL.as_millis() as u64)
             .arg(format!("{lock}:acquired"))
+            .arg(0) // no restart quarantine
             .invoke_async(&mut conn)
             .await
             .expect("acquire script");

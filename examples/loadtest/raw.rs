@@ -53,6 +53,7 @@ impl RawRedis {
             .arg(&owner)
             .arg(TTL.as_millis() as u64)
             .arg(format!("{lock}:acquired"))
+            .arg(0) // no restart quarantine
             .invoke_async(&mut conn)
             .await
             .expect("acquire script");
