@@ -338,6 +338,10 @@ async fn contend(
             progress.in_long_hold.fetch_sub(1, Ordering::SeqCst);
         }
         report(hold);
+        // Other work between holds. Without it the worker that just released would take the
+        // key straight back, before the waiters on other nodes (woken by the release notice;
+        // there is no queue across nodes) get there, and one process could starve the rest.
+        tokio::time::sleep(Duration::from_millis(rand::random_range(2..10))).await;
     }
     tally
 }
