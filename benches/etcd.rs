@@ -26,16 +26,16 @@
 mod etcd_server;
 #[path = "support/harness.rs"]
 mod harness;
+#[path = "support/raw_etcd.rs"]
+mod raw_etcd;
 
 use std::time::Duration;
 
-use etcd_client::{
-    Client, Compare, CompareOp, DeleteOptions, GetOptions, LockOptions as EtcdLockOptions,
-    PutOptions, SortOrder, SortTarget, Txn, TxnOp,
-};
+use etcd_client::{Client, LockOptions as EtcdLockOptions};
 use etcd_server::EtcdServer;
 use harness::{handoff, leasehold_turn, rates, report, Turn, HANDOFF_TASKS, HOLD};
 use leasehold::{EtcdMode, LockClient, LockManager, LockOptions};
+use raw_etcd::RawEtcd;
 
 /// How long each part runs: each client's throughput is measured in `rounds` turns of
 /// `warmup` + `measure`, and each handoff contest runs for `handoff`.
@@ -88,11 +88,12 @@ async fn run(server: &EtcdServer, plan: &Plan, quick: bool) {
     let raw = Client::connect([server.endpoint()], None)
         .await
         .expect("raw etcd client");
+    let by_hand = RawEtcd::connect(&server.endpoint()).await;
     let clients = [
         Contender::Leasehold(txn.clone()),
-        Contender::RawTxn(raw.clone()),
+        Contender::RawTxn(by_hand.clone()),
         Contender::Leasehold(lock.clone()),
-        Contender::RawLock(raw.clone()),
+        Contender::RawLock(by_hand),
         Contender::BareLockService(raw.clone()),
     ];
     let mut rows = Vec::new();
@@ -169,8 +170,8 @@ async fn manager(name: &str, server: &EtcdServer, mode: EtcdMode) -> LockClient 
 #[derive(Clone)]
 enum Contender {
     Leasehold(LockClient),
-    RawTxn(Client),
-    RawLock(Client),
+    RawTxn(RawEtcd),
+    RawLock(RawEtcd),
     BareLockService(Client),
 }
 
@@ -186,89 +187,11 @@ impl Contender {
                     .expect("a key of its own is free");
                 guard.release().await.expect("release");
             }
-            Contender::RawTxn(client) => raw_txn_cycle(client, task).await,
-            Contender::RawLock(client) => raw_lock_cycle(client, task).await,
+            Contender::RawTxn(raw) => raw.txn_cycle(&format!("bench/raw-txn/{task}")).await,
+            Contender::RawLock(raw) => raw.lock_cycle(&format!("bench/raw-lock/{task}")).await,
             Contender::BareLockService(client) => bare_lock_service_cycle(client, task).await,
         }
     }
-}
-
-fn owner_value() -> (String, String) {
-    let owner = format!("{:032x}", rand::random::<u128>());
-    let value = format!("{owner}\n{TTL_SECONDS}");
-    (owner, value)
-}
-
-/// The compare-and-delete leasehold releases with: the value carries our owner token.
-fn compare_and_delete(key: &str, owner: &str) -> Txn {
-    Txn::new()
-        .when([
-            Compare::value(key, CompareOp::Greater, format!("{owner}\n")),
-            Compare::value(key, CompareOp::Less, format!("{owner}\x0b")),
-        ])
-        .and_then([TxnOp::delete(
-            key,
-            Some(DeleteOptions::new().with_prev_key()),
-        )])
-}
-
-/// Leasehold's `txn` mode cycle, by hand: grant, put-if-absent, compare-and-delete, revoke.
-async fn raw_txn_cycle(client: &Client, task: usize) {
-    let (mut kv, mut leases) = (client.kv_client(), client.lease_client());
-    let key = format!("leasehold/bench/raw-txn/{task}");
-    let (owner, value) = owner_value();
-    let lease = leases.grant(TTL_SECONDS, None).await.expect("grant").id();
-    let acquire = Txn::new()
-        .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-        .and_then([TxnOp::put(
-            key.as_str(),
-            value,
-            Some(PutOptions::new().with_lease(lease)),
-        )])
-        .or_else([TxnOp::get(key.as_str(), None)]);
-    assert!(kv.txn(acquire).await.expect("acquire txn").succeeded());
-    let released = kv.txn(compare_and_delete(&key, &owner)).await;
-    assert!(released.expect("release txn").succeeded());
-    leases.revoke(lease).await.expect("revoke");
-}
-
-/// Leasehold's `lock` mode cycle, by hand: look, grant, `Lock`, write the value, compare-and-
-/// delete, revoke.
-async fn raw_lock_cycle(client: &Client, task: usize) {
-    let (mut kv, mut leases, mut locks) = (
-        client.kv_client(),
-        client.lease_client(),
-        client.lock_client(),
-    );
-    let name = format!("leasehold/bench%2Fraw-lock%2F{task}");
-    let contenders = format!("{name}/");
-    let first = GetOptions::new()
-        .with_prefix()
-        .with_sort(SortTarget::Create, SortOrder::Ascend)
-        .with_limit(1);
-    let held = kv
-        .get(contenders.as_str(), Some(first))
-        .await
-        .expect("look");
-    assert!(held.kvs().is_empty(), "a key of its own is free");
-    let (owner, value) = owner_value();
-    let lease = leases.grant(TTL_SECONDS, None).await.expect("grant").id();
-    let locked = locks
-        .lock(name, Some(EtcdLockOptions::new().with_lease(lease)))
-        .await
-        .expect("lock");
-    let key = String::from_utf8(locked.key().to_vec()).expect("utf-8 lock key");
-    let write = Txn::new()
-        .when([Compare::lease(key.as_str(), CompareOp::Equal, lease)])
-        .and_then([TxnOp::put(
-            key.as_str(),
-            value,
-            Some(PutOptions::new().with_lease(lease).with_prev_key()),
-        )]);
-    assert!(kv.txn(write).await.expect("write txn").succeeded());
-    let released = kv.txn(compare_and_delete(&key, &owner)).await;
-    assert!(released.expect("release txn").succeeded());
-    leases.revoke(lease).await.expect("revoke");
 }
 
 /// The Lock service as its own docs use it, with a lease per cycle: grant, `Lock`, `Unlock`,

@@ -21,16 +21,16 @@
 
 #[path = "support/harness.rs"]
 mod harness;
+#[path = "support/raw_redis.rs"]
+mod raw_redis;
 #[path = "../tests/support/redis_server.rs"]
 mod redis_server;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use harness::{handoff, leasehold_turn, rates, report, Turn, HANDOFF_TASKS, HOLD};
 use leasehold::{LockClient, LockManager, LockOptions, MemoryBackend};
-use redis::aio::ConnectionManager;
-use redis::Script;
+use raw_redis::RawRedis;
 use redis_server::RedisServer;
 
 /// How long each part runs: each client's throughput is measured in `rounds` turns of
@@ -85,7 +85,7 @@ async fn run(server: &RedisServer, plan: &Plan, quick: bool) {
         .start()
         .await
         .expect("lock manager");
-    let raw = Raw::connect(&url).await;
+    let raw = RawRedis::connect(&url).await;
     let rslock = rslock::LockManager::new(vec![url.clone()]);
 
     // For reference: the same calls on the in-process store, the cost of the actors alone.
@@ -185,7 +185,7 @@ async fn run(server: &RedisServer, plan: &Plan, quick: bool) {
 #[derive(Clone)]
 enum Contender {
     Leasehold(LockClient),
-    Raw(Raw),
+    Raw(RawRedis),
     Rslock(rslock::LockManager),
     Memory(LockClient),
 }
@@ -209,55 +209,5 @@ impl Contender {
                 rslock.unlock(&lock).await;
             }
         }
-    }
-}
-
-/// The raw client: leasehold's scripts and key names, nothing else.
-#[derive(Clone)]
-struct Raw {
-    conn: ConnectionManager,
-    acquire: Arc<Script>,
-    release: Arc<Script>,
-}
-
-impl Raw {
-    async fn connect(url: &str) -> Self {
-        let client = redis::Client::open(url).expect("redis url");
-        Raw {
-            conn: ConnectionManager::new(client).await.expect("connection"),
-            acquire: Arc::new(Script::new(include_str!(
-                "../src/backend/redis/acquire.lua"
-            ))),
-            release: Arc::new(Script::new(include_str!(
-                "../src/backend/redis/release.lua"
-            ))),
-        }
-    }
-
-    async fn cycle(&self, key: &str) {
-        let lock = format!("leasehold:{{{key}}}");
-        let owner = format!("{:032x}", rand::random::<u128>());
-        let mut conn = self.conn.clone();
-        let token: redis::Value = self
-            .acquire
-            .key(&lock)
-            .key(format!("{lock}:fence"))
-            .arg(&owner)
-            .arg(TTL.as_millis() as u64)
-            .arg(format!("{lock}:acquired"))
-            .arg(0) // no restart quarantine
-            .invoke_async(&mut conn)
-            .await
-            .expect("acquire script");
-        assert!(matches!(token, redis::Value::BulkString(_)), "{token:?}");
-        let released: bool = self
-            .release
-            .key(&lock)
-            .arg(&owner)
-            .arg(format!("{lock}:released"))
-            .invoke_async(&mut conn)
-            .await
-            .expect("release script");
-        assert!(released);
     }
 }

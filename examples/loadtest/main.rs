@@ -24,6 +24,10 @@ mod etcd_server;
 #[allow(dead_code)]
 #[path = "../../benches/support/harness.rs"]
 mod harness;
+#[path = "../../benches/support/raw_etcd.rs"]
+mod raw_etcd;
+#[path = "../../benches/support/raw_redis.rs"]
+mod raw_redis;
 #[path = "../../tests/support/redis_server.rs"]
 mod redis_server;
 
@@ -31,7 +35,6 @@ mod handoff;
 mod held;
 mod plot;
 mod progress;
-mod raw;
 mod report;
 mod throughput;
 

@@ -9,7 +9,8 @@ use leasehold::{LockClient, LockOptions};
 
 use crate::harness;
 use crate::progress::Progress;
-use crate::raw::{RawEtcd, RawRedis};
+use crate::raw_etcd::RawEtcd;
+use crate::raw_redis::RawRedis;
 use crate::report::{Client, Point, Series, Store};
 use crate::{Nodes, Plan, Stores};
 

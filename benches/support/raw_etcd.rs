@@ -1,77 +1,16 @@
-//! The raw store clients leasehold is compared with: the same store calls leasehold makes for
-//! one lock+release cycle, written by hand on the store's own client, with nothing around
-//! them. They are what `benches/redis.rs` and `benches/etcd.rs` call "raw".
+//! The raw etcd-client leasehold is compared with: the same calls leasehold makes for one
+//! lock+release cycle in each mode, by hand, with nothing around them. Shared by
+//! `benches/etcd.rs` and `examples/loadtest`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
     Client, Compare, CompareOp, DeleteOptions, GetOptions, LockOptions as EtcdLockOptions,
     PutOptions, SortOrder, SortTarget, Txn, TxnOp,
 };
-use redis::aio::ConnectionManager;
-use redis::Script;
 
 /// The ttl every raw cycle asks for (the cycle releases long before it matters).
 const TTL: Duration = Duration::from_secs(30);
-
-/// The raw `redis` client on one multiplexed connection: leasehold's own acquire and release
-/// scripts and key layout, nothing else. The floor of what a client with fencing tokens can do.
-#[derive(Clone)]
-pub struct RawRedis {
-    conn: ConnectionManager,
-    acquire: Arc<Script>,
-    release: Arc<Script>,
-}
-
-impl RawRedis {
-    pub async fn connect(url: &str) -> Self {
-        let client = redis::Client::open(url).expect("redis url");
-        RawRedis {
-            conn: ConnectionManager::new(client)
-                .await
-                .expect("redis connection"),
-            acquire: Arc::new(Script::new(include_str!(
-                "../../src/backend/redis/acquire.lua"
-            ))),
-            release: Arc::new(Script::new(include_str!(
-                "../../src/backend/redis/release.lua"
-            ))),
-        }
-    }
-
-    /// Acquire script (`SET NX PX` + fence counter), then release script (compare-and-delete +
-    /// `PUBLISH`): the two round trips of a leasehold cycle.
-    pub async fn cycle(&self, key: &str) {
-        let lock = format!("leasehold:{{{key}}}");
-        let owner = format!("{:032x}", rand::random::<u128>());
-        let mut conn = self.conn.clone();
-        let token: redis::Value = self
-            .acquire
-            .key(&lock)
-            .key(format!("{lock}:fence"))
-            .arg(&owner)
-            .arg(TTL.as_millis() as u64)
-            .arg(format!("{lock}:acquired"))
-            .arg(0) // no restart quarantine
-            .invoke_async(&mut conn)
-            .await
-            .expect("acquire script");
-        assert!(
-            matches!(token, redis::Value::BulkString(_)),
-            "a key of its own is free: {token:?}"
-        );
-        let released: bool = self
-            .release
-            .key(&lock)
-            .arg(&owner)
-            .arg(format!("{lock}:released"))
-            .invoke_async(&mut conn)
-            .await
-            .expect("release script");
-        assert!(released, "the release script deletes our own key");
-    }
-}
 
 /// The raw etcd-client, one shared `Client` (one HTTP/2 connection), as leasehold's backend has.
 #[derive(Clone)]
