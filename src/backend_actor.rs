@@ -209,8 +209,7 @@ struct Health {
 impl Health {
     fn succeeded(&self) {
         if self.failing.load(Ordering::Relaxed) {
-            *self.since.lock().unwrap_or_else(|e| e.into_inner()) = None;
-            self.failing.store(false, Ordering::Relaxed);
+            self.reset();
         }
     }
 
@@ -221,10 +220,10 @@ impl Health {
         since.get_or_insert_with(Instant::now).elapsed()
     }
 
-    /// Forgets past failures (a probe just got through).
+    /// Forgets past failures (an operation or a probe just got through).
     fn reset(&self) {
-        self.failing.store(true, Ordering::Relaxed);
-        self.succeeded();
+        *self.since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.failing.store(false, Ordering::Relaxed);
     }
 
     /// Whether failures have run for at least `budget`, without recording one.
