@@ -34,6 +34,33 @@ pub enum Wait {
     Forever,
 }
 
+/// Which entry point asked for a lock: it decides how long to wait when [`LockOptions`] leave
+/// the wait unset. This is the one place those defaults are decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Caller {
+    /// [`LockClient::try_lock`](crate::LockClient::try_lock): always tries once, whatever the
+    /// options say.
+    TryLock,
+    /// [`LockClient::lock`](crate::LockClient::lock) and
+    /// [`LockClient::with_lock`](crate::LockClient::with_lock): wait forever unless told.
+    Lock,
+    /// [`LockManagerMsg::Acquire`](crate::LockManagerMsg::Acquire) (and the cluster gateway):
+    /// try once unless told, since a message caller picks its own wait.
+    Message,
+}
+
+impl Caller {
+    /// The wait this caller uses, given what the options asked for.
+    pub(crate) fn wait(self, asked: Option<Wait>) -> Wait {
+        match (self, asked) {
+            (Caller::TryLock, _) => Wait::No,
+            (_, Some(wait)) => wait,
+            (Caller::Lock, None) => Wait::Forever,
+            (Caller::Message, None) => Wait::No,
+        }
+    }
+}
+
 /// How to take a lock: ttl, waiting, renewal, holder actor, metadata.
 ///
 /// ```
@@ -81,8 +108,11 @@ impl LockOptions {
         self
     }
 
-    /// How long to wait for a held key. Unset, [`LockClient::try_lock`](crate::LockClient::try_lock)
-    /// tries once and [`LockClient::lock`](crate::LockClient::lock) waits forever.
+    /// How long to wait for a held key. Unset, each entry point decides:
+    /// [`LockClient::lock`](crate::LockClient::lock) and
+    /// [`LockClient::with_lock`](crate::LockClient::with_lock) wait forever, and
+    /// [`LockManagerMsg::Acquire`](crate::LockManagerMsg::Acquire) tries once.
+    /// [`LockClient::try_lock`](crate::LockClient::try_lock) always tries once.
     pub fn with_wait(mut self, wait: Wait) -> Self {
         self.wait = Some(match wait {
             Wait::UpTo(budget) if budget >= FOREVER => Wait::Forever,
@@ -208,6 +238,17 @@ mod tests {
             assert!(err.to_string().contains(&format!("{ttl:?}")), "{err}");
         }
         assert!(validate_ttl(MIN_TTL).is_ok());
+    }
+
+    #[test]
+    fn each_caller_decides_an_unset_wait_and_only_try_lock_overrides_a_set_one() {
+        let budget = Wait::UpTo(Duration::from_secs(3));
+        assert_eq!(Caller::TryLock.wait(None), Wait::No);
+        assert_eq!(Caller::TryLock.wait(Some(budget)), Wait::No);
+        assert_eq!(Caller::Lock.wait(None), Wait::Forever);
+        assert_eq!(Caller::Lock.wait(Some(Wait::No)), Wait::No);
+        assert_eq!(Caller::Message.wait(None), Wait::No);
+        assert_eq!(Caller::Message.wait(Some(budget)), budget);
     }
 
     #[test]
