@@ -1,341 +1,56 @@
 //! `BackendActor`: one per configured backend service. It owns the per-key FIFO queues of local
-//! waiters and at most one release subscription per contended key, and spawns a `KeyActor` for
-//! each acquisition attempt. Store I/O happens in the key actors (and in short request tasks),
-//! never in this actor's handler, so one slow key cannot stall the others.
+//! waiters, at most one release subscription per contended key, and the key actors: it gives
+//! each acquisition attempt to an idle key actor (starting one only when none is idle), and
+//! takes it back when the key actor reports its job done. Store I/O happens in the key actors
+//! (and in short request tasks), never in this actor's handler, so one slow key cannot stall
+//! the others.
+//!
+//! # One record per key
+//!
+//! A key's slot says which key actor is attempting or holding it (`busy`), who waits, and the
+//! key's one subscription. The slot changes only in this actor's handler, on messages: an
+//! acquisition marks it busy, and the key actor's `KeyDone` (sent before it answers anyone)
+//! frees it. A key actor that stops without reporting (stopped from outside, or panicked)
+//! frees it through its termination event.
 //!
 //! # Failure and restart
 //!
 //! The backend actor fails when its store stays unreachable longer than the retry budget, or
 //! when its own code panics. Its locks must not go down with it: before it stops, it hands its
-//! key actors to the manager (ractor would otherwise kill them as its children) and its waiting
-//! requests to the [`BackendCtx`], which outlives it. The actor the manager restarts first
-//! probes the store, then adopts the key actors back (they never stopped renewing) and takes up
-//! the waiting requests in their order. Only a `kill` skips the hand-over: a killed supervisor
-//! kills its children, and their guards turn un-held at their deadline, as the store's leases
-//! expire.
+//! busy key actors to the manager (ractor would otherwise kill them as its children) and them
+//! and its waiting requests to the [`BackendCtx`], which outlives it. The actor the manager
+//! restarts first probes the store, then adopts the key actors back (they never stopped
+//! renewing; one whose job ended meanwhile says so again) and takes up the waiting requests in
+//! their order. Only a `kill` skips the hand-over: a killed supervisor kills its children, and
+//! their guards turn un-held at their deadline, as the store's leases expire.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use ractor::{
     Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, ActorRuntime, ActorStatus,
-    RpcReplyPort, SupervisionEvent,
+    MessagingErr, RpcReplyPort, SupervisionEvent,
 };
 use rand::Rng;
-use tokio::sync::watch;
-use tokio::time::{timeout, timeout_at, Instant};
+use tokio::time::{timeout, Instant};
 
-use crate::backend::{Contention, LockBackend, LockInfo, OwnerToken};
+use crate::backend::{Contention, OwnerToken};
+use crate::backend_ctx::{BackendCtx, Handover, Serving};
 use crate::error::{Error, Result, StoreError};
-use crate::event::{EventBus, LockEventKind, ReleaseReason};
-use crate::guard::LockGuard;
-use crate::key_actor::{KeyActor, KeyArgs, KeyMsg};
+use crate::event::{LockEventKind, ReleaseReason};
+use crate::key_actor::{KeyActor, KeyArgs, KeyMsg, KeyState};
 use crate::manager::LockManagerMsg;
-use crate::options::{validate_key, LockOptions, Wait};
+use crate::request::{AcquireReply, AcquireRequest, InspectReply, Requeue};
 use crate::task::AbortOnDrop;
 
-/// What a backend actor and its key actors share: the store, where events go, the timing. It
-/// outlives any one backend actor, so it also carries what a restarted one takes over.
-pub(crate) struct BackendCtx {
-    pub(crate) name: Arc<str>,
-    pub(crate) store: Arc<dyn LockBackend>,
-    pub(crate) events: Arc<EventBus>,
-    pub(crate) timing: Timing,
-    /// The running backend actor, or why there is none. Kept here, beside the store, so that
-    /// `LockClient`s send acquisitions straight to it (one actor hop less on the hot path than
-    /// routing each one through the manager), and wait here for it while it is down.
-    serving: watch::Sender<Serving>,
-    /// Every key actor of this backend that has not been accounted for: the record a restarted
-    /// backend actor re-adopts them from.
-    keys: Mutex<HashMap<ActorId, KeyEntry>>,
-    /// Waiting requests a failed backend actor handed over, oldest first.
-    stash: Mutex<Vec<(AcquireRequest, AcquireReply)>>,
-    /// How long the store has been failing, as the key actors see it.
-    health: Health,
-}
+/// How many idle key actors a backend keeps for its next acquisitions. Past that, a key
+/// actor whose job is done stops (an idle one costs a few KiB).
+const MAX_IDLE_KEY_ACTORS: usize = 1024;
 
-/// Whether a backend has an actor to take requests.
-#[derive(Clone)]
-pub(crate) enum Serving {
-    Up(ActorRef<BackendMsg>),
-    /// Failed; the manager is restarting it.
-    Down,
-    /// The manager shut down.
-    Stopped,
-}
-
-impl BackendCtx {
-    pub(crate) fn new(
-        name: Arc<str>,
-        store: Arc<dyn LockBackend>,
-        events: Arc<EventBus>,
-        timing: Timing,
-    ) -> Self {
-        BackendCtx {
-            name,
-            store,
-            events,
-            timing,
-            serving: watch::Sender::new(Serving::Down),
-            keys: Mutex::default(),
-            stash: Mutex::default(),
-            health: Health::default(),
-        }
-    }
-
-    /// The running backend actor, if it is up.
-    pub(crate) fn actor(&self) -> Option<ActorRef<BackendMsg>> {
-        match &*self.serving.borrow() {
-            Serving::Up(actor) => Some(actor.clone()),
-            _ => None,
-        }
-    }
-
-    /// Records whether this backend has an actor. Once stopped, it stays stopped.
-    pub(crate) fn set_serving(&self, serving: Serving) {
-        self.serving.send_if_modified(|now| {
-            let change = !matches!(now, Serving::Stopped);
-            if change {
-                *now = serving;
-            }
-            change
-        });
-    }
-
-    /// The backend actor to send `request` to. While the backend is down, a request that
-    /// waits waits for it to come back, until its wait budget runs out; one that tries once
-    /// fails at once (retryably).
-    pub(crate) async fn actor_for(&self, request: &AcquireRequest) -> Result<ActorRef<BackendMsg>> {
-        if let Some(actor) = self.actor() {
-            return Ok(actor);
-        }
-        let mut serving = self.serving.subscribe();
-        let up = serving.wait_for(|s| request.tries_once() || !matches!(s, Serving::Down));
-        let answer = match request.deadline {
-            Some(deadline) => timeout_at(deadline, up).await.ok(),
-            None => Some(up.await),
-        };
-        match answer {
-            Some(Ok(serving)) => match &*serving {
-                Serving::Up(actor) => Ok(actor.clone()),
-                Serving::Down => Err(self.down()),
-                Serving::Stopped => Err(Error::ManagerStopped),
-            },
-            // The manager and its backends are gone.
-            Some(Err(_)) => Err(Error::ManagerStopped),
-            // The wait budget ran out first.
-            None => Err(self.down()),
-        }
-    }
-
-    pub(crate) fn down(&self) -> Error {
-        Error::BackendDown {
-            backend: self.name.to_string(),
-        }
-    }
-
-    pub(crate) fn emit(&self, key: &Arc<str>, fencing_token: Option<u64>, kind: LockEventKind) {
-        self.events.emit(&self.name, Some(key), fencing_token, kind);
-    }
-
-    pub(crate) fn store_error(&self, source: StoreError) -> Error {
-        Error::Store {
-            backend: self.name.to_string(),
-            source,
-        }
-    }
-
-    /// Counts a store operation's outcome towards the backend's health. After failures (and no
-    /// success) for longer than the retry budget, tells the backend actor the store is down.
-    pub(crate) fn record<T>(&self, outcome: &std::result::Result<T, StoreError>) {
-        match outcome {
-            Ok(_) => self.health.succeeded(),
-            Err(error) if error.is_retryable() => {
-                if self.health.failing_for() >= self.timing.store_budget {
-                    if let Some(actor) = self.actor() {
-                        let _ = actor.cast(BackendMsg::StoreDown(error.clone()));
-                    }
-                }
-            }
-            Err(_) => {}
-        }
-    }
-
-    fn keys(&self) -> MutexGuard<'_, HashMap<ActorId, KeyEntry>> {
-        self.keys.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn stash(&self) -> MutexGuard<'_, Vec<(AcquireRequest, AcquireReply)>> {
-        self.stash.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Releases every lock of this backend and fails every request it still has, then waits
-    /// (bounded) for the key actors to stop. For shutdown, whether or not a backend actor is up.
-    pub(crate) async fn release_all(&self) {
-        for (_, reply) in self.stash().drain(..) {
-            let _ = reply.send(Err(Error::ManagerStopped));
-        }
-        let entries: Vec<KeyEntry> = self.keys().drain().map(|(_, entry)| entry).collect();
-        for entry in &entries {
-            let _ = entry.actor.cast(KeyMsg::Release {
-                reason: ReleaseReason::Shutdown,
-                owner: None,
-                reply: None,
-            });
-        }
-        // Each key actor's release is bounded by the operation timeout; wait a little longer.
-        let budget = Some(self.timing.op_timeout * 2);
-        let stopped = entries.iter().map(|entry| {
-            let cell = entry.actor.get_cell();
-            async move { cell.wait(budget).await }
-        });
-        futures::future::join_all(stopped).await;
-    }
-}
-
-/// A run of store failures, as the key actors report them.
-#[derive(Default)]
-struct Health {
-    /// Set while `since` is: the success path only reads this.
-    failing: AtomicBool,
-    /// When the current run of failures began.
-    since: Mutex<Option<Instant>>,
-}
-
-impl Health {
-    fn succeeded(&self) {
-        if self.failing.load(Ordering::Relaxed) {
-            self.reset();
-        }
-    }
-
-    /// Records one failure; how long the store has been failing.
-    fn failing_for(&self) -> Duration {
-        let mut since = self.since.lock().unwrap_or_else(|e| e.into_inner());
-        self.failing.store(true, Ordering::Relaxed);
-        since.get_or_insert_with(Instant::now).elapsed()
-    }
-
-    /// Forgets past failures (an operation or a probe just got through).
-    fn reset(&self) {
-        *self.since.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        self.failing.store(false, Ordering::Relaxed);
-    }
-
-    /// Whether failures have run for at least `budget`, without recording one.
-    fn down_for(&self, budget: Duration) -> bool {
-        let since = self.since.lock().unwrap_or_else(|e| e.into_inner());
-        since.is_some_and(|since| since.elapsed() >= budget)
-    }
-}
-
-/// The time rules of DESIGN.md section 4.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Timing {
-    /// Fraction of the ttl held back for clock drift between this node and the store.
-    pub(crate) drift: f64,
-    /// Budget for one store operation (acquire attempt, release, inspect).
-    pub(crate) op_timeout: Duration,
-    /// Longest a waiter sleeps before re-checking a key without a release notice.
-    pub(crate) backstop_cap: Duration,
-    /// How long the store may keep failing before the backend actor is restarted.
-    pub(crate) store_budget: Duration,
-}
-
-impl Timing {
-    /// `deadline = sent_at + ttl × (1 − drift)`, on the monotonic clock, from when the request
-    /// that set the ttl was sent.
-    pub(crate) fn deadline(&self, sent_at: Instant, ttl: Duration) -> Instant {
-        sent_at + ttl.mul_f64(1.0 - self.drift)
-    }
-}
-
-/// One acquisition request, validated and resolved to a backend.
-#[derive(Clone)]
-pub(crate) struct AcquireRequest {
-    pub(crate) key: Arc<str>,
-    pub(crate) ttl: Duration,
-    pub(crate) wait: Wait,
-    /// When a waiting request gives up (`None`: try once, or wait forever).
-    pub(crate) deadline: Option<Instant>,
-    pub(crate) auto_renew: bool,
-    pub(crate) holder: Option<ActorCell>,
-    pub(crate) metadata: Option<String>,
-    pub(crate) requested_at: Instant,
-}
-
-impl AcquireRequest {
-    /// Every check that needs no I/O, then the request as the backend actor takes it.
-    /// `options.wait` unset means try once.
-    pub(crate) fn new(ctx: &BackendCtx, key: &str, options: LockOptions) -> Result<Self> {
-        validate_key(key)?;
-        options.validate()?;
-        let requested_at = Instant::now();
-        let wait = options.wait.unwrap_or(Wait::No);
-        // A budget too long for the clock is no budget: wait forever.
-        let deadline = match wait {
-            Wait::UpTo(budget) => requested_at.checked_add(budget),
-            _ => None,
-        };
-        let key: Arc<str> = key.into();
-        ctx.emit(&key, None, LockEventKind::Requested);
-        Ok(AcquireRequest {
-            key,
-            ttl: options.ttl,
-            wait,
-            deadline,
-            auto_renew: options.auto_renew,
-            holder: options.holder,
-            metadata: options.metadata,
-            requested_at,
-        })
-    }
-
-    pub(crate) fn tries_once(&self) -> bool {
-        self.wait == Wait::No
-    }
-
-    pub(crate) fn waits(&self) -> bool {
-        !self.tries_once()
-    }
-
-    pub(crate) fn timeout_error(&self, now: Instant) -> Error {
-        Error::Timeout {
-            key: self.key.to_string(),
-            waited: now - self.requested_at,
-        }
-    }
-
-    fn holder_id(&self) -> Option<ActorId> {
-        self.holder.as_ref().map(ActorCell::get_id)
-    }
-}
-
-/// A waiting request whose attempt found the key held elsewhere, with what the attempt learned.
-pub(crate) type Requeue = (AcquireRequest, AcquireReply, Contention);
-
-type TimerResult = std::result::Result<(), ractor::MessagingErr<BackendMsg>>;
-
-pub(crate) type AcquireReply = RpcReplyPort<Result<Option<LockGuard>>>;
-
-/// Who asked about a key: `info` wants the whole answer, `is_locked` only whether there is one.
-pub(crate) enum InspectReply {
-    Info(RpcReplyPort<Result<Option<LockInfo>>>),
-    IsLocked(RpcReplyPort<Result<bool>>),
-}
-
-impl InspectReply {
-    pub(crate) fn send(self, answer: Result<Option<LockInfo>>) {
-        let _ = match self {
-            InspectReply::Info(reply) => reply.send(answer).is_ok(),
-            InspectReply::IsLocked(reply) => reply.send(answer.map(|info| info.is_some())).is_ok(),
-        };
-    }
-}
+type TimerResult = std::result::Result<(), MessagingErr<BackendMsg>>;
 
 pub(crate) enum BackendMsg {
     Acquire(AcquireRequest, AcquireReply),
@@ -355,15 +70,26 @@ pub(crate) enum BackendMsg {
     /// backstop timer.
     Wake(Arc<str>),
     WaiterTimedOut(Arc<str>, u64),
+    /// A key actor ended its job `job` on `key` (an attempt that did not win, a release, a
+    /// loss) and is idle. With `requeue`, the attempt was for a waiting request that found
+    /// the key held elsewhere (or the store failing): it goes back to the front of the queue.
+    KeyDone {
+        key: Arc<str>,
+        job: u64,
+        actor: ActorRef<KeyMsg>,
+        requeue: Option<Requeue>,
+    },
     /// Release every held lock, fail every waiter, and answer when the key actors stopped.
     Shutdown(RpcReplyPort<()>),
     /// The store has failed for longer than the retry budget (the last error).
     StoreDown(StoreError),
-    /// A key actor that may have stopped before this actor was watching it.
-    KeyActorEnded(ActorId),
     /// Fault injection for tests: panic in this actor's handler.
     #[cfg(feature = "testing")]
     Panic,
+    /// Fault injection for tests: panic in this actor's handler when an acquisition of this
+    /// key comes (with the request's reply port still in hand).
+    #[cfg(feature = "testing")]
+    PanicOnAcquire(Arc<str>),
 }
 
 #[cfg(feature = "cluster")]
@@ -386,17 +112,31 @@ pub(crate) struct BackendState {
     /// Set until a restarted actor has probed its store and taken over.
     restarting: bool,
     slots: HashMap<Arc<str>, Slot>,
+    /// Key actors with no job, for the next acquisitions (some may have been stopped from
+    /// outside since: those are dropped when picked).
+    idle: Vec<ActorRef<KeyMsg>>,
     next_waiter: u64,
     /// Set by `Shutdown`: requests still in flight are answered "manager stopped".
     stopping: bool,
+    #[cfg(feature = "testing")]
+    panic_on_acquire: Option<Arc<str>>,
+}
+
+/// The key actor a key is busy with on this node: at most one per key, so local waiters never
+/// race each other at the store.
+#[derive(Clone)]
+pub(crate) struct Busy {
+    pub(crate) key: Arc<str>,
+    /// The job it was given; its `KeyDone` names it.
+    pub(crate) job: u64,
+    pub(crate) actor: ActorRef<KeyMsg>,
+    holder: Option<ActorId>,
 }
 
 /// A key this node is attempting, holding or waiting for.
 #[derive(Default)]
 struct Slot {
-    /// The key actor attempting or holding the key; at most one per key per node, so local
-    /// waiters never race each other at the store.
-    busy: Option<KeyEntry>,
+    busy: Option<Busy>,
     /// Local waiters, served first come first served.
     waiters: VecDeque<Waiter>,
     /// The key's one release subscription, while it has waiters.
@@ -406,52 +146,6 @@ struct Slot {
     woken: bool,
     /// Re-checks the key when no notice comes (a lease that expires publishes nothing).
     backstop: Option<AbortOnDrop<TimerResult>>,
-}
-
-/// A key actor, as its backend records it.
-#[derive(Clone)]
-pub(crate) struct KeyEntry {
-    key: Arc<str>,
-    actor: ActorRef<KeyMsg>,
-    holder: Option<ActorId>,
-    outcome: Arc<KeyOutcome>,
-}
-
-/// What a key actor leaves for its backend actor when it stops. Shared rather than passed in
-/// the key actor's final state, because the backend actor that started it may have been
-/// replaced by then.
-#[derive(Default)]
-pub(crate) struct KeyOutcome {
-    /// Set once the key actor has let the key go (before it answers anyone; its termination
-    /// event comes later).
-    pub(crate) done: AtomicBool,
-    /// A waiting request whose attempt found the key held elsewhere: it goes back to the
-    /// front of the key's queue.
-    pub(crate) requeue: Mutex<Option<Requeue>>,
-}
-
-impl KeyEntry {
-    fn is_done(&self) -> bool {
-        self.outcome.done.load(Ordering::Acquire)
-    }
-
-    fn take_requeue(&self) -> Option<Requeue> {
-        let mut requeue = self
-            .outcome
-            .requeue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        requeue.take()
-    }
-}
-
-impl Slot {
-    /// Forgets a key actor that has let the key go, without waiting for its termination.
-    fn settle(&mut self) {
-        if self.busy.as_ref().is_some_and(KeyEntry::is_done) {
-            self.busy = None;
-        }
-    }
 }
 
 struct Waiter {
@@ -476,8 +170,11 @@ impl Actor for BackendActor {
             manager: args.manager,
             restarting: args.restart,
             slots: HashMap::new(),
+            idle: Vec::new(),
             next_waiter: 0,
             stopping: false,
+            #[cfg(feature = "testing")]
+            panic_on_acquire: None,
         };
         if !args.restart {
             // Up before the manager's `start` returns, so the first request finds it.
@@ -502,7 +199,7 @@ impl Actor for BackendActor {
             Ok(Err(error)) => return Err(format!("store probe failed: {error}").into()),
             Err(_) => return Err(format!("store probe timed out after {budget:?}").into()),
         }
-        state.ctx.health.reset();
+        state.ctx.store_answered();
         state.restarting = false;
         state.take_over(&myself);
         let name = state.ctx.name.clone();
@@ -528,18 +225,26 @@ impl Actor for BackendActor {
         event: SupervisionEvent,
         state: &mut BackendState,
     ) -> Result<(), ActorProcessingErr> {
-        // A key actor is done: it released, lost, or failed to acquire; its outcome says
-        // whether its request still waits. This actor carries on either way (ractor's default
-        // would stop it with its child).
-        let id = match event {
-            SupervisionEvent::ActorTerminated(cell, ..) => cell.get_id(),
+        // A key actor stopped. Normally that is one this actor retired, or one that stopped
+        // after shutdown; one that stopped in the middle of a job frees its key here. This
+        // actor carries on either way (ractor's default would stop it with its child).
+        let handled = std::panic::catch_unwind(AssertUnwindSafe(|| match event {
+            SupervisionEvent::ActorTerminated(_, Some(mut last), _) => {
+                if let Some((key, job)) = last.take::<KeyState>().ok().and_then(|s| s.job()) {
+                    if state.free(&key, |busy| busy.job == job) {
+                        state.serve_next(&myself, &key);
+                    }
+                }
+            }
+            SupervisionEvent::ActorTerminated(cell, None, _) => {
+                state.key_actor_gone(&myself, &cell)
+            }
             SupervisionEvent::ActorFailed(cell, error) => {
                 tracing::error!(backend = %state.ctx.name, %error, "key actor failed");
-                cell.get_id()
+                state.key_actor_gone(&myself, &cell);
             }
-            _ => return Ok(()),
-        };
-        let handled = std::panic::catch_unwind(AssertUnwindSafe(|| state.ended(&myself, id)));
+            _ => {}
+        }));
         state.fail_over(&myself, handled.map(Ok))
     }
 
@@ -550,7 +255,7 @@ impl Actor for BackendActor {
     ) -> Result<(), ActorProcessingErr> {
         // Stopped from outside, not by shutdown: hand over like a failure does.
         if !state.stopping {
-            state.hand_over(&myself);
+            state.hand_over(&myself, None);
         }
         Ok(())
     }
@@ -588,6 +293,12 @@ impl BackendState {
             }
             BackendMsg::Wake(key) => self.wake(myself, &key),
             BackendMsg::WaiterTimedOut(key, id) => self.waiter_timed_out(&key, id),
+            BackendMsg::KeyDone {
+                key,
+                job,
+                actor,
+                requeue,
+            } => self.key_done(myself, key, job, actor, requeue),
             BackendMsg::Shutdown(reply) => {
                 self.shutdown().await;
                 let _ = reply.send(());
@@ -596,14 +307,15 @@ impl BackendState {
                 let budget = self.ctx.timing.store_budget;
                 // A late report may reach the actor that replaced the one it was meant for:
                 // only a store that is still failing takes this one down.
-                if self.ctx.health.down_for(budget) {
+                if self.ctx.store_down_for(budget) {
                     let why = format!("store failing for over {budget:?}, last: {error}");
                     return Err(why.into());
                 }
             }
-            BackendMsg::KeyActorEnded(id) => self.ended(myself, id),
             #[cfg(feature = "testing")]
             BackendMsg::Panic => panic!("backend actor panic injected by a test"),
+            #[cfg(feature = "testing")]
+            BackendMsg::PanicOnAcquire(key) => self.panic_on_acquire = Some(key),
         }
         Ok(())
     }
@@ -615,36 +327,40 @@ impl BackendState {
         myself: &ActorRef<BackendMsg>,
         handled: std::thread::Result<Result<(), ActorProcessingErr>>,
     ) -> Result<(), ActorProcessingErr> {
-        let error = match handled {
+        let (error, panic) = match handled {
             Ok(Ok(())) => return Ok(()),
-            Ok(Err(error)) => error,
-            Err(panic) => panic_message(panic).into(),
+            Ok(Err(error)) => (error, None),
+            Err(panic) => {
+                let what = panic_message(panic);
+                (format!("backend actor panicked: {what}").into(), Some(what))
+            }
         };
         if !self.stopping {
-            self.hand_over(myself);
+            self.hand_over(myself, panic);
         }
         Err(error)
     }
 
-    /// This actor is going away (not by shutdown). Its key actors are linked to the manager
-    /// instead, since ractor kills a stopping actor's children, and its waiting requests go to
-    /// the backend's stash: the actor that replaces it takes both back.
-    fn hand_over(&mut self, myself: &ActorRef<BackendMsg>) {
-        if self
-            .ctx
-            .actor()
-            .is_some_and(|a| a.get_id() == myself.get_id())
-        {
-            self.ctx.set_serving(Serving::Down);
-        }
+    /// This actor is going away (not by shutdown). Its busy key actors are linked to the
+    /// manager instead, since ractor kills a stopping actor's children, and they and the
+    /// waiting requests go to the backend's hand-over record: the actor that replaces it takes
+    /// both back. Idle key actors hold nothing and just stop.
+    fn hand_over(&mut self, myself: &ActorRef<BackendMsg>, panic: Option<String>) {
+        self.ctx.set_down(myself, panic.map(Into::into));
         let manager = self.manager.get_cell();
-        for entry in self.ctx.keys().values() {
-            entry.actor.get_cell().link(manager.clone());
-        }
-        let mut stash = self.ctx.stash();
+        let mut handover = self.ctx.handover();
         for (_, slot) in self.slots.drain() {
+            if let Some(busy) = slot.busy {
+                busy.actor.get_cell().link(manager.clone());
+                handover.keys.push(busy);
+            }
             let waiters = slot.waiters.into_iter();
-            stash.extend(waiters.map(|waiter| (waiter.request, waiter.reply)));
+            handover
+                .waiting
+                .extend(waiters.map(|waiter| (waiter.request, waiter.reply)));
+        }
+        for actor in self.idle.drain(..) {
+            actor.stop(None);
         }
     }
 
@@ -652,34 +368,28 @@ impl BackendState {
     /// its predecessor handed over, which never stopped renewing), takes up the handed-over
     /// requests in their order, and starts taking new ones.
     fn take_over(&mut self, myself: &ActorRef<BackendMsg>) {
+        let Handover { keys, waiting } = std::mem::take(&mut *self.ctx.handover());
         let me = myself.get_cell();
-        let entries: Vec<KeyEntry> = self.ctx.keys().values().cloned().collect();
-        for entry in entries {
-            let cell = entry.actor.get_cell();
-            cell.link(me.clone());
+        for busy in keys {
+            let cell = busy.actor.get_cell();
             if cell.get_status() >= ActorStatus::Stopping {
-                // It may have stopped while nobody watched: no event would come for it.
-                // (Should one come after all, the second report finds nothing to do.)
-                let _ = myself.cast(BackendMsg::KeyActorEnded(cell.get_id()));
-            } else if !entry.is_done() {
-                let key = entry.key.clone();
-                self.slots.entry(key).or_default().busy = Some(entry);
+                continue; // it stopped with its lease while nobody watched
+            }
+            cell.link(me.clone());
+            let adopt = KeyMsg::Adopt {
+                backend: myself.clone(),
+                key: busy.key.clone(),
+                job: busy.job,
+            };
+            if busy.actor.cast(adopt).is_ok() {
+                let key = busy.key.clone();
+                self.slots.entry(key).or_default().busy = Some(busy);
             }
         }
-        let stashed = std::mem::take(&mut *self.ctx.stash());
-        for (request, reply) in stashed {
+        for (request, reply) in waiting {
             self.acquire(myself, request, reply);
         }
         self.ctx.set_serving(Serving::Up(myself.clone()));
-    }
-
-    /// A key actor stopped: forget it, and put back the request it leaves, if any.
-    fn ended(&mut self, myself: &ActorRef<BackendMsg>, id: ActorId) {
-        let Some(entry) = self.ctx.keys().remove(&id) else {
-            return;
-        };
-        let requeue = entry.take_requeue();
-        self.finished(myself, entry.key, id, requeue);
     }
 
     fn acquire(
@@ -692,8 +402,14 @@ impl BackendState {
             let _ = reply.send(Err(Error::ManagerStopped));
             return;
         }
+        #[cfg(feature = "testing")]
+        if self.panic_on_acquire.as_ref() == Some(&request.key) {
+            panic!(
+                "backend actor panic injected by a test, on acquiring {}",
+                request.key
+            );
+        }
         let slot = self.slots.entry(request.key.clone()).or_default();
-        slot.settle();
         if let Some(holder) = request.holder_id() {
             let busy_for_holder = slot.busy.as_ref().is_some_and(|b| b.holder == Some(holder));
             if busy_for_holder
@@ -723,6 +439,7 @@ impl BackendState {
         }
     }
 
+    /// Gives the attempt to an idle key actor, or to a new one.
     fn start_attempt(
         &mut self,
         myself: &ActorRef<BackendMsg>,
@@ -731,31 +448,52 @@ impl BackendState {
     ) {
         let key = request.key.clone();
         let holder = request.holder_id();
-        let outcome = Arc::new(KeyOutcome::default());
-        let args = KeyArgs {
-            ctx: self.ctx.clone(),
-            outcome: outcome.clone(),
+        let job = self.ctx.next_job();
+        let mut msg = KeyMsg::Attempt {
+            job,
             request,
             reply,
         };
-        // Not waiting for the key actor's `pre_start` keeps this actor's loop free; the
-        // attempt itself runs in the key actor's `post_start`.
-        match ActorRuntime::spawn_linked_instant(None, KeyActor, args, myself.get_cell()) {
-            Ok((actor, _start)) => {
-                let entry = KeyEntry {
-                    key: key.clone(),
-                    actor,
-                    holder,
-                    outcome,
-                };
-                self.ctx.keys().insert(entry.actor.get_id(), entry.clone());
-                let slot = self.slots.entry(key).or_default();
-                slot.woken = false;
-                slot.busy = Some(entry);
+        loop {
+            let actor = match self.idle.pop() {
+                Some(actor) => actor,
+                None => match self.spawn_key_actor(myself) {
+                    Some(actor) => actor,
+                    None => return, // logged; the reply port closes with `msg`
+                },
+            };
+            // An idle actor stopped from outside gives the message back: try the next one.
+            match actor.cast(msg) {
+                Ok(()) => {
+                    let slot = self.slots.entry(key.clone()).or_default();
+                    slot.woken = false;
+                    slot.busy = Some(Busy {
+                        key,
+                        job,
+                        actor,
+                        holder,
+                    });
+                    return;
+                }
+                Err(MessagingErr::SendErr(back)) => msg = back,
+                Err(_) => return,
             }
+        }
+    }
+
+    fn spawn_key_actor(&self, myself: &ActorRef<BackendMsg>) -> Option<ActorRef<KeyMsg>> {
+        let args = KeyArgs {
+            ctx: self.ctx.clone(),
+            backend: myself.clone(),
+        };
+        // Not waiting for the key actor's `pre_start` keeps this actor's loop free; messages
+        // sent meanwhile wait in its mailbox.
+        match ActorRuntime::spawn_linked_instant(None, KeyActor, args, myself.get_cell()) {
+            Ok((actor, _start)) => Some(actor),
             // Only a name clash can fail an instant spawn, and key actors have no names.
             Err(error) => {
-                tracing::error!(backend = %self.ctx.name, %key, %error, "could not spawn key actor")
+                tracing::error!(backend = %self.ctx.name, %error, "could not spawn key actor");
+                None
             }
         }
     }
@@ -788,21 +526,41 @@ impl BackendState {
         }
     }
 
-    fn finished(
+    /// A key actor's report that its job is over: the key is free here, and the actor idle.
+    fn key_done(
         &mut self,
         myself: &ActorRef<BackendMsg>,
         key: Arc<str>,
-        actor: ActorId,
+        job: u64,
+        actor: ActorRef<KeyMsg>,
         requeue: Option<Requeue>,
     ) {
-        self.free(&key, actor);
+        if self.stopping {
+            // Shutdown stops every key actor; a request still waiting has nothing to wait for.
+            if let Some(requeue) = requeue {
+                let _ = requeue.reply.send(Err(Error::ManagerStopped));
+            }
+            return;
+        }
+        if !self.free(&key, |busy| busy.job == job) {
+            // About a job this actor does not know (one a failed predecessor had already
+            // heard the end of): nothing to free, and the actor is accounted for elsewhere.
+            tracing::debug!(backend = %self.ctx.name, %key, job, "late report of a finished job");
+            return;
+        }
+        if self.idle.len() < MAX_IDLE_KEY_ACTORS {
+            self.idle.push(actor);
+        } else {
+            actor.stop(None);
+        }
         match requeue {
             // The head waiter found the key held elsewhere: it keeps its place and waits for a
             // release notice (or the backstop).
-            Some((_, reply, _)) if self.stopping => {
-                let _ = reply.send(Err(Error::ManagerStopped));
-            }
-            Some((request, reply, contention)) => {
+            Some(Requeue {
+                request,
+                reply,
+                contention,
+            }) => {
                 self.enqueue(myself, request, reply, true);
                 self.await_release(myself, &key, &contention);
                 if self.slots.get(&key).is_some_and(|slot| slot.woken) {
@@ -814,15 +572,29 @@ impl BackendState {
         }
     }
 
-    fn free(&mut self, key: &Arc<str>, actor: ActorId) {
-        if let Some(slot) = self.slots.get_mut(key) {
-            if slot
-                .busy
-                .as_ref()
-                .is_some_and(|b| b.actor.get_id() == actor)
-            {
-                slot.busy = None;
-            }
+    /// Frees `key` if it is busy with the job `is_it` picks; false if it was not.
+    fn free(&mut self, key: &Arc<str>, is_it: impl Fn(&Busy) -> bool) -> bool {
+        let Some(slot) = self.slots.get_mut(key) else {
+            return false;
+        };
+        let freed = slot.busy.as_ref().is_some_and(is_it);
+        if freed {
+            slot.busy = None;
+        }
+        freed
+    }
+
+    /// A key actor stopped without a last state to read (killed, or failed): free its key if
+    /// it was busy with one. Rare, so a search over the keys is fine.
+    fn key_actor_gone(&mut self, myself: &ActorRef<BackendMsg>, cell: &ActorCell) {
+        let id = cell.get_id();
+        let key = self.slots.iter().find_map(|(key, slot)| {
+            let busy = slot.busy.as_ref()?;
+            (busy.actor.get_id() == id).then(|| key.clone())
+        });
+        if let Some(key) = key {
+            self.free(&key, |busy| busy.actor.get_id() == id);
+            self.serve_next(myself, &key);
         }
     }
 
@@ -840,7 +612,6 @@ impl BackendState {
         let Some(slot) = self.slots.get_mut(key) else {
             return;
         };
-        slot.settle();
         if slot.busy.is_some() {
             return;
         }
@@ -849,7 +620,7 @@ impl BackendState {
             if waiter.reply.is_closed() {
                 continue; // the caller gave up
             }
-            if waiter.request.deadline.is_some_and(|d| d <= now) {
+            if waiter.request.out_of_time(now) {
                 let _ = waiter.reply.send(Err(waiter.request.timeout_error(now)));
                 continue;
             }
@@ -944,53 +715,44 @@ impl BackendState {
         reply: RpcReplyPort<Result<()>>,
         msg: impl FnOnce(RpcReplyPort<Result<()>>) -> KeyMsg,
     ) {
-        let slot = self.slots.get_mut(key).map(|slot| {
-            slot.settle();
-            &*slot
-        });
-        match slot.and_then(|s| s.busy.as_ref()) {
-            Some(busy) => {
-                if let Err(ractor::MessagingErr::SendErr(msg)) = busy.actor.cast(msg(reply)) {
-                    reply_not_held(key, msg);
-                }
+        let busy = self.slots.get(key).and_then(|slot| slot.busy.as_ref());
+        let not_held = || Error::NotHeld {
+            key: key.to_string(),
+        };
+        let Some(busy) = busy else {
+            let _ = reply.send(Err(not_held()));
+            return;
+        };
+        // A key actor that has just stopped gives the message back: nobody holds the key here.
+        if let Err(MessagingErr::SendErr(
+            KeyMsg::Release {
+                reply: Some(reply), ..
             }
-            None => {
-                let _ = reply.send(Err(Error::NotHeld {
-                    key: key.to_string(),
-                }));
-            }
+            | KeyMsg::Renew { reply, .. },
+        )) = busy.actor.cast(msg(reply))
+        {
+            let _ = reply.send(Err(not_held()));
         }
     }
 
     async fn shutdown(&mut self) {
         self.stopping = true;
+        let mut actors = Vec::new();
         for (_, slot) in self.slots.drain() {
             for waiter in slot.waiters {
                 let _ = waiter.reply.send(Err(Error::ManagerStopped));
             }
+            actors.extend(slot.busy.map(|busy| busy.actor));
         }
-        self.ctx.release_all().await;
+        actors.append(&mut self.idle);
+        self.ctx.stop_key_actors(&actors).await;
     }
 }
 
 fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
-    let what = panic
+    panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic".into());
-    format!("backend actor panicked: {what}")
-}
-
-fn reply_not_held(key: &Arc<str>, msg: KeyMsg) {
-    let reply = match msg {
-        KeyMsg::Release { reply, .. } => reply,
-        KeyMsg::Renew { reply, .. } => Some(reply),
-        KeyMsg::Tick => None,
-    };
-    if let Some(reply) = reply {
-        let _ = reply.send(Err(Error::NotHeld {
-            key: key.to_string(),
-        }));
-    }
+        .unwrap_or_else(|| "a panic".into())
 }

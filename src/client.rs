@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ractor::rpc::CallResult;
 use ractor::{ActorRef, ActorStatus, Message, RpcReplyPort};
@@ -10,12 +11,14 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use crate::backend::{LockInfo, StoreEvents};
-use crate::backend_actor::{AcquireRequest, BackendCtx, BackendMsg};
+use crate::backend_actor::BackendMsg;
+use crate::backend_ctx::BackendCtx;
 use crate::error::{Error, Result};
 use crate::event::{EventBus, LockEvent, LockMetrics};
 use crate::guard::LockGuard;
 use crate::manager::LockManagerMsg;
-use crate::options::{LockOptions, Wait};
+use crate::options::{Caller, LockOptions};
+use crate::request::AcquireRequest;
 
 /// A cheap, cloneable handle on a running [`LockManager`](crate::LockManager), scoped to one
 /// backend (the default one unless [`LockClient::backend`] chose another).
@@ -100,17 +103,18 @@ impl LockClient {
     }
 
     /// Tries once to take `key`. `Ok(None)`: someone else holds it. (`options.wait` is
-    /// ignored.)
+    /// ignored: this never waits.)
     pub async fn try_lock(&self, key: &str, options: LockOptions) -> Result<Option<LockGuard>> {
-        self.acquire(key, options.with_wait(Wait::No)).await
+        self.acquire(key, options, Caller::TryLock).await
     }
 
     /// Takes `key`, waiting as `options.wait` says (forever if unset). Waiting is by release
-    /// notice, not by polling; local waiters are served in the order they asked.
+    /// notice, not by polling; local waiters are served in the order they asked. The guard
+    /// it returns is held: an acquisition whose store answer came too late to trust is given
+    /// back and tried again within the wait budget.
     pub async fn lock(&self, key: &str, options: LockOptions) -> Result<LockGuard> {
-        let wait = options.wait.unwrap_or(Wait::Forever);
         let asked_at = Instant::now();
-        match self.acquire(key, options.with_wait(wait)).await? {
+        match self.acquire(key, options, Caller::Lock).await? {
             Some(guard) => Ok(guard),
             // Only `Wait::No` answers "held" instead of waiting.
             None => Err(Error::Timeout {
@@ -120,10 +124,15 @@ impl LockClient {
         }
     }
 
-    /// Takes `key` (as [`lock`](Self::lock) does), runs `body` with the fencing token while
-    /// the lock is held, and releases it. If the lease is lost while `body` runs, `body` is
-    /// stopped at once (dropped at its next await) and the loss is returned as
-    /// [`Error::LeaseLost`].
+    /// Takes `key` (as [`lock`](Self::lock) does: waiting forever unless `options` say),
+    /// runs `body` with the fencing token while the lock is held, and releases it. If the
+    /// lease is lost while `body` runs, `body` is stopped at once (dropped at its next await)
+    /// and the loss is returned as [`Error::LeaseLost`].
+    ///
+    /// Once `body` has finished while the lease was held, its result is returned even if the
+    /// release after it fails: the work is done, and a lease the store did not hear released
+    /// expires there by itself. Such a failure is logged, and a release that finds the lease
+    /// taken away is a [`LockEventKind::Lost`](crate::LockEventKind::Lost) event.
     pub async fn with_lock<F, Fut, T>(&self, key: &str, options: LockOptions, body: F) -> Result<T>
     where
         F: FnOnce(u64) -> Fut,
@@ -136,7 +145,9 @@ impl LockClient {
                 return Err(Error::LeaseLost { key: key.to_owned(), reason });
             }
         };
-        guard.release().await?;
+        if let Err(error) = guard.release().await {
+            tracing::warn!(backend = %self.backend.name, key, %error, "with_lock: the release after the body failed");
+        }
         Ok(outcome)
     }
 
@@ -201,20 +212,33 @@ impl LockClient {
 
     /// Validates here and sends straight to the backend actor: the manager only routes, and
     /// this handle already knows the route.
-    async fn acquire(&self, key: &str, options: LockOptions) -> Result<Option<LockGuard>> {
-        let request = AcquireRequest::new(&self.backend, key, options)?;
+    async fn acquire(
+        &self,
+        key: &str,
+        options: LockOptions,
+        caller: Caller,
+    ) -> Result<Option<LockGuard>> {
+        let ctx = &self.backend;
+        let request = AcquireRequest::new(ctx, key, options, caller)?;
+        let mut gone = None;
         loop {
-            let actor = self.backend.actor_for(&request).await?;
+            let actor = ctx.actor_for(&request, gone.as_ref()).await?;
             let call = actor
                 .call(|reply| BackendMsg::Acquire(request.clone(), reply), None)
                 .await;
-            match call {
-                Ok(CallResult::Success(result)) => return result,
-                // The backend actor went away with this request still in its mailbox, or
-                // was killed: a waiting request waits for its successor and asks again.
-                _ if request.waits() && actor.get_status() >= ActorStatus::Stopping => continue,
-                _ => return Err(self.unavailable()),
+            if let Ok(CallResult::Success(result)) = call {
+                return result;
             }
+            // The request went unanswered: the backend actor went away with it (in its
+            // mailbox, or in the hands of one of its key actors), or panicked over it.
+            let left = ctx.left(&actor, SETTLE).await;
+            if ctx.panic().is_some() || request.tries_once() {
+                return Err(ctx.dropped());
+            }
+            // A waiting request asks again; not the same actor if that one is gone (killed,
+            // say, and still recorded as serving): it waits for its successor.
+            let stopping = actor.get_status() >= ActorStatus::Stopping;
+            gone = (left || stopping).then_some(actor);
         }
     }
 
@@ -223,7 +247,8 @@ impl LockClient {
         &self.backend
     }
 
-    /// Why a request went unanswered: the manager stopped, or only this backend is down.
+    /// Why a request to the manager went unanswered: the manager stopped, or only this
+    /// backend is down.
     fn unavailable(&self) -> Error {
         if self.manager.get_status() == ractor::ActorStatus::Running {
             Error::BackendDown {
@@ -244,6 +269,10 @@ impl LockClient {
         }
     }
 }
+
+/// How long a caller whose request went unanswered waits for the backend actor to be recorded
+/// as failed, if it is failing.
+const SETTLE: Duration = Duration::from_millis(50);
 
 impl std::fmt::Debug for LockClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -112,6 +112,16 @@ pub enum Error {
         /// The backend name.
         backend: String,
     },
+    /// The backend actor panicked (a bug, in leasehold or in the store's client) while it had
+    /// this request. Not retryable: the same request may panic it again. The manager restarts
+    /// the backend actor for everyone else, and the locks it held are kept.
+    #[error("backend {backend:?} panicked while handling the request: {panic}")]
+    BackendPanicked {
+        /// The backend name.
+        backend: String,
+        /// What it panicked with.
+        panic: String,
+    },
     /// The lock manager has stopped; no call will succeed again.
     #[error("the lock manager has stopped")]
     ManagerStopped,

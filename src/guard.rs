@@ -18,8 +18,8 @@ use crate::options::validate_ttl;
 /// What the key actor tells its guard about the lease.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum LeaseStatus {
-    /// Held, and trusted until `deadline` (monotonic).
-    Held { deadline: Instant },
+    /// Held, and trusted until `deadline` (monotonic); renewed with `ttl`.
+    Held { deadline: Instant, ttl: Duration },
     /// Given back by the guard's own `release` or drop.
     Released,
     /// Not held any more, through no act of the guard.
@@ -32,12 +32,14 @@ pub(crate) enum LeaseStatus {
 /// Protect the resource with [`LockGuard::fencing_token`] (see [`Fence`](crate::Fence)): a
 /// guard can be overtaken by events (a paused process, a partition) and only the resource can
 /// refuse a stale holder's late write.
+#[must_use = "dropping the guard releases the lock at once"]
 pub struct LockGuard {
     key: Arc<str>,
     backend: Arc<str>,
     owner: OwnerToken,
     fencing_token: u64,
-    ttl: Duration,
+    /// The key actor holding the lease. It holds other leases after this one, so every
+    /// message to it names this lease's owner token.
     actor: ActorRef<KeyMsg>,
     status: watch::Receiver<LeaseStatus>,
     /// Set once `release` ran, so drop does not release again.
@@ -50,7 +52,6 @@ impl LockGuard {
         backend: Arc<str>,
         owner: OwnerToken,
         fencing_token: u64,
-        ttl: Duration,
         actor: ActorRef<KeyMsg>,
         status: watch::Receiver<LeaseStatus>,
     ) -> Self {
@@ -59,7 +60,6 @@ impl LockGuard {
             backend,
             owner,
             fencing_token,
-            ttl,
             actor,
             status,
             released: false,
@@ -86,15 +86,19 @@ impl LockGuard {
         self.owner
     }
 
-    /// The ttl the lease is renewed with.
-    pub fn ttl(&self) -> Duration {
-        self.ttl
+    /// The ttl the lease is renewed with: the one it was taken with, or the one the last
+    /// [`renew`](Self::renew) set. `None` once the lease is not held.
+    pub fn ttl(&self) -> Option<Duration> {
+        match *self.status.borrow() {
+            LeaseStatus::Held { ttl, .. } => Some(ttl),
+            _ => None,
+        }
     }
 
     /// The local deadline up to which the lease is trusted, while it is held.
     pub fn deadline(&self) -> Option<Instant> {
         match *self.status.borrow() {
-            LeaseStatus::Held { deadline } => Some(deadline),
+            LeaseStatus::Held { deadline, .. } => Some(deadline),
             _ => None,
         }
     }
@@ -115,7 +119,7 @@ impl LockGuard {
             match current {
                 LeaseStatus::Gone(reason) => return reason,
                 LeaseStatus::Released => std::future::pending::<()>().await,
-                LeaseStatus::Held { deadline } => {
+                LeaseStatus::Held { deadline, .. } => {
                     tokio::select! {
                         changed = status.changed() => {
                             if changed.is_err() {
@@ -151,7 +155,7 @@ impl LockGuard {
             .call(
                 |reply| KeyMsg::Release {
                     reason: ReleaseReason::Requested,
-                    owner: None,
+                    owner: Some(self.owner),
                     reply: Some(reply),
                 },
                 None,
@@ -160,14 +164,17 @@ impl LockGuard {
         self.answer(call)
     }
 
-    /// The key actor's answer, or, if it has stopped, what its last status says.
+    /// The key actor's answer; or, if it has stopped or holds this lease no longer, why the
+    /// lease ended, as its last status says.
     fn answer<M>(
         &self,
         call: Result<CallResult<Result<()>>, ractor::MessagingErr<M>>,
     ) -> Result<()> {
         match call {
-            Ok(CallResult::Success(result)) => result,
-            _ => Err(match *self.status.borrow() {
+            Ok(CallResult::Success(Err(Error::NotHeld { .. })))
+            | Ok(CallResult::SenderError)
+            | Ok(CallResult::Timeout)
+            | Err(_) => Err(match *self.status.borrow() {
                 LeaseStatus::Gone(LostReason::Shutdown) => Error::ManagerStopped,
                 LeaseStatus::Gone(reason) => Error::LeaseLost {
                     key: self.key.to_string(),
@@ -177,6 +184,7 @@ impl LockGuard {
                     key: self.key.to_string(),
                 },
             }),
+            Ok(CallResult::Success(result)) => result,
         }
     }
 }
@@ -186,7 +194,7 @@ impl Drop for LockGuard {
         if !self.released {
             let _ = self.actor.cast(KeyMsg::Release {
                 reason: ReleaseReason::Dropped,
-                owner: None,
+                owner: Some(self.owner),
                 reply: None,
             });
         }

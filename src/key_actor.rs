@@ -1,9 +1,18 @@
-//! `KeyActor`: one per attempted or held key. It makes the acquisition attempt, then owns the
-//! lease: owner token, fencing token, monotonic deadline, renewal timer, holder monitor. It
-//! stops on release, on loss, or when its holder dies, and in every case the holder is told
-//! (through the guard's status channel) by the deadline: the loss check runs a little before it.
+//! `KeyActor`: one lease at a time. Given an acquisition request by its backend actor, it makes
+//! the attempt; if the key is taken, it owns the lease: owner token, fencing token, monotonic
+//! deadline, renewal timer, holder monitor. It lets the lease go on release, on loss, or when
+//! its holder dies, and in every case the holder is told (through the guard's status channel)
+//! by the deadline: the loss check runs a little before it.
+//!
+//! Whatever ends its job (an attempt that found the key held, a release, a loss), the key
+//! actor first tells its backend actor by one message, `KeyDone`, and only then answers the
+//! caller: by mailbox order, the backend knows the key is free on this node before anyone who
+//! was just told "released" can ask for it again. That message is the one record of the end
+//! of a job; the backend actor then reuses the idle key actor for its next acquisition rather
+//! than starting a new actor per lock.
 
-use std::sync::atomic::Ordering;
+mod timer;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,16 +21,26 @@ use tokio::sync::watch;
 use tokio::time::{timeout_at, Instant};
 
 use crate::backend::{Acquisition, Contention, Lease, OwnerToken};
-use crate::backend_actor::{AcquireReply, AcquireRequest, BackendCtx, KeyOutcome, Requeue};
+use crate::backend_actor::BackendMsg;
+use crate::backend_ctx::BackendCtx;
 use crate::error::{Error, Result, StoreError};
 use crate::event::{LockEventKind, LostReason, ReleaseReason};
 use crate::guard::{LeaseStatus, LockGuard};
-use crate::task::AbortOnDrop;
+use crate::request::{AcquireReply, AcquireRequest, Requeue};
+use timer::RenewalTimer;
 
-/// Messages to a key actor. Sent by its [`LockGuard`], by the backend actor (release by
-/// message, shutdown) and by its own timer.
+/// Messages to a key actor. Sent by its backend actor (an attempt, a release or renewal by
+/// message, a takeover, shutdown), by the [`LockGuard`] of the lease it holds, and by its
+/// renewal timer.
 pub(crate) enum KeyMsg {
-    /// Give the lock back. `owner`, when given, must match (release by descriptor).
+    /// Try to take `request.key`, as the backend actor's job `job`.
+    Attempt {
+        job: u64,
+        request: AcquireRequest,
+        reply: AcquireReply,
+    },
+    /// Give the lock back, if `owner` (when given) holds it. Guards always name their owner:
+    /// a key actor holds lease after lease, and an old guard must not touch a newer one.
     Release {
         reason: ReleaseReason,
         owner: Option<OwnerToken>,
@@ -33,9 +52,18 @@ pub(crate) enum KeyMsg {
         owner: Option<OwnerToken>,
         reply: RpcReplyPort<Result<()>>,
     },
-    /// The timer fired: renew if auto-renew is on, declare the lease lost if the deadline has
-    /// come.
+    /// The renewal timer fired: renew if auto-renew is on, declare the lease lost if the
+    /// deadline has come.
     Tick,
+    /// A restarted backend actor took over job `job`: report to `backend` from now on. If
+    /// that job is over already (its `KeyDone` went to the actor that failed), report again.
+    Adopt {
+        backend: ActorRef<BackendMsg>,
+        key: Arc<str>,
+        job: u64,
+    },
+    /// Release whatever is held (the manager is shutting down), then stop.
+    Shutdown,
 }
 
 #[cfg(feature = "cluster")]
@@ -45,20 +73,23 @@ pub(crate) struct KeyActor;
 
 pub(crate) struct KeyArgs {
     pub(crate) ctx: Arc<BackendCtx>,
-    pub(crate) outcome: Arc<KeyOutcome>,
-    pub(crate) request: AcquireRequest,
-    pub(crate) reply: AcquireReply,
+    pub(crate) backend: ActorRef<BackendMsg>,
 }
 
 pub(crate) struct KeyState {
     ctx: Arc<BackendCtx>,
-    key: Arc<str>,
-    /// The request, until the attempt is over.
-    pending: Option<(AcquireRequest, AcquireReply)>,
-    /// What this actor leaves for the backend actor when it stops (shared with the backend's
-    /// record of it).
-    outcome: Arc<KeyOutcome>,
+    /// Where `KeyDone` goes: the backend actor that gave the current job, or the one that
+    /// adopted this actor since.
+    backend: ActorRef<BackendMsg>,
+    /// The job under way (an attempt, then the lease if it was won); `None` while idle.
+    job: Option<Job>,
     held: Option<Held>,
+    timer: RenewalTimer,
+}
+
+struct Job {
+    id: u64,
+    key: Arc<str>,
 }
 
 /// Everything about a lease that is held.
@@ -71,17 +102,24 @@ struct Held {
     /// Local deadline: computed from when the last successful acquire/renew was SENT, so store
     /// latency eats into it rather than extending it.
     deadline: Instant,
-    /// Consecutive failed renewals.
-    failures: u32,
-    /// The guard's view of this lease.
-    status: watch::Sender<LeaseStatus>,
     /// When the holder is told of the loss if no renewal got through: a little before the
     /// deadline (half its drift margin), so that the latency of the timer that notices cannot
     /// make the news late.
     lose_at: Instant,
-    /// The next renewal or deadline check. Aborted when replaced and when the actor stops, so
-    /// no renewal outlives its lock.
-    timer: Option<AbortOnDrop<std::result::Result<(), ractor::MessagingErr<KeyMsg>>>>,
+    /// When the timer is armed for: the next renewal, or the loss check.
+    tick_at: Instant,
+    /// Consecutive failed renewals.
+    failures: u32,
+    /// The guard's view of this lease.
+    status: watch::Sender<LeaseStatus>,
+}
+
+impl KeyState {
+    /// The key of the job this actor had when it stopped, if any (read from the state ractor
+    /// hands the backend actor with the termination event).
+    pub(crate) fn job(&self) -> Option<(Arc<str>, u64)> {
+        self.job.as_ref().map(|job| (job.key.clone(), job.id))
+    }
 }
 
 impl Actor for KeyActor {
@@ -91,27 +129,16 @@ impl Actor for KeyActor {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<KeyMsg>,
+        myself: ActorRef<KeyMsg>,
         args: KeyArgs,
     ) -> Result<KeyState, ActorProcessingErr> {
         Ok(KeyState {
             ctx: args.ctx,
-            outcome: args.outcome,
-            key: args.request.key.clone(),
-            pending: Some((args.request, args.reply)),
+            backend: args.backend,
+            job: None,
             held: None,
+            timer: RenewalTimer::start(myself),
         })
-    }
-
-    async fn post_start(
-        &self,
-        myself: ActorRef<KeyMsg>,
-        state: &mut KeyState,
-    ) -> Result<(), ActorProcessingErr> {
-        if let Some((request, reply)) = state.pending.take() {
-            state.attempt(&myself, request, reply).await;
-        }
-        Ok(())
     }
 
     async fn handle(
@@ -121,6 +148,11 @@ impl Actor for KeyActor {
         state: &mut KeyState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            KeyMsg::Attempt {
+                job,
+                request,
+                reply,
+            } => state.attempt(&myself, job, request, reply).await,
             KeyMsg::Release {
                 reason,
                 owner,
@@ -142,6 +174,24 @@ impl Actor for KeyActor {
                 let _ = reply.send(result);
             }
             KeyMsg::Tick => state.tick(&myself).await,
+            KeyMsg::Adopt { backend, key, job } => {
+                state.backend = backend;
+                if state.job.as_ref().is_none_or(|current| current.id != job) {
+                    // That job ended while no backend actor was there to hear it.
+                    let _ = state.backend.cast(BackendMsg::KeyDone {
+                        key,
+                        job,
+                        actor: myself.clone(),
+                        requeue: None,
+                    });
+                }
+            }
+            KeyMsg::Shutdown => {
+                if state.held.is_some() {
+                    let _ = state.release(&myself, ReleaseReason::Shutdown).await;
+                }
+                myself.stop(None);
+            }
         }
         Ok(())
     }
@@ -153,7 +203,8 @@ impl Actor for KeyActor {
         state: &mut KeyState,
     ) -> Result<(), ActorProcessingErr> {
         // The only events a key actor receives are from the holder it monitors: whether the
-        // holder stopped or panicked, its locks go at once rather than after the ttl.
+        // holder stopped or panicked, its locks go at once rather than after the ttl. A late
+        // event about the holder of an earlier lease matches no current holder.
         let stopped = match &event {
             SupervisionEvent::ActorTerminated(cell, ..) => Some(cell.get_id()),
             SupervisionEvent::ActorFailed(cell, _) => Some(cell.get_id()),
@@ -176,8 +227,8 @@ impl Actor for KeyActor {
         state: &mut KeyState,
     ) -> Result<(), ActorProcessingErr> {
         if let Some(held) = state.held.take() {
-            // Stopped from outside while still holding (the backend actor is going away): the
-            // guard must not go on believing. The store lease expires by itself.
+            // Stopped from outside while still holding: the guard must not go on believing.
+            // The store lease expires by itself.
             let _ = held.status.send(LeaseStatus::Gone(LostReason::Shutdown));
             if let Some(holder) = &held.holder {
                 myself.get_cell().unmonitor(holder.clone());
@@ -190,7 +241,7 @@ impl Actor for KeyActor {
 impl Held {
     fn set_deadline(&mut self, deadline: Instant, drift: f64) {
         self.deadline = deadline;
-        self.lose_at = deadline - self.ttl.mul_f64(drift / 2.0);
+        self.lose_at = lose_at(deadline, self.ttl, drift);
     }
 }
 
@@ -198,18 +249,27 @@ impl KeyState {
     async fn attempt(
         &mut self,
         myself: &ActorRef<KeyMsg>,
+        job: u64,
         request: AcquireRequest,
         reply: AcquireReply,
     ) {
         let ctx = self.ctx.clone();
+        self.job = Some(Job {
+            id: job,
+            key: request.key.clone(),
+        });
         let owner = OwnerToken::random();
         let sent_at = Instant::now();
         // One attempt always gets its full operation budget, even if it overruns the wait
         // budget: a short wait must still try at least once.
         let attempt = timeout_at(
             sent_at + ctx.timing.op_timeout,
-            ctx.store
-                .acquire(&self.key, owner, request.ttl, request.metadata.as_deref()),
+            ctx.store.acquire(
+                &request.key,
+                owner,
+                request.ttl,
+                request.metadata.as_deref(),
+            ),
         )
         .await
         .unwrap_or(Err(StoreError::TimedOut {
@@ -219,17 +279,29 @@ impl KeyState {
         ctx.record(&attempt);
         let outcome = match attempt {
             Ok(Acquisition::Acquired(lease)) => {
-                self.adopt(myself, lease, &request, sent_at, reply);
-                return;
+                let deadline = ctx.timing.deadline(sent_at, request.ttl);
+                let now = Instant::now();
+                if now < lose_at(deadline, request.ttl, ctx.timing.drift) {
+                    return self.hold(myself, lease, request, sent_at, reply);
+                }
+                // The store's answer came too late to be of use: the lease it granted may
+                // already have expired there. Give it back and treat this as a slow store,
+                // rather than hand the caller a guard that is not held.
+                self.take_back(lease).await;
+                Err(StoreError::TimedOut {
+                    op: "acquire",
+                    after: now - sent_at,
+                })
             }
             Ok(Acquisition::Held(contention)) => {
-                ctx.emit(&self.key, None, LockEventKind::Contended);
+                ctx.emit(&request.key, None, LockEventKind::Contended);
                 Ok(contention)
             }
             Err(error) => {
                 // A timeout or a broken connection may still have let the write through.
                 if error.is_retryable() {
-                    self.take_back(owner).await;
+                    self.take_back(Lease::new(request.key.to_string(), owner, 0))
+                        .await;
                 }
                 Err(error)
             }
@@ -237,11 +309,10 @@ impl KeyState {
         self.finish_attempt(myself, request, reply, outcome);
     }
 
-    /// After an attempt that timed out or lost its connection, the store may still have applied
-    /// the write: take it back (it is ours only if the owner token matches) rather than leave
-    /// the key held by nobody until its ttl.
-    async fn take_back(&self, owner: OwnerToken) {
-        let lease = Lease::new(self.key.to_string(), owner, 0);
+    /// Gives back a lease the caller will not get: it is ours only if the owner token
+    /// matches, so this never touches another holder's key. Better than leaving the key held
+    /// by nobody until its ttl.
+    async fn take_back(&self, lease: Lease) {
         let budget = Instant::now() + self.ctx.timing.op_timeout;
         let _ = timeout_at(budget, self.ctx.store.release(&lease)).await;
     }
@@ -256,52 +327,65 @@ impl KeyState {
         outcome: std::result::Result<Contention, StoreError>,
     ) {
         let now = Instant::now();
-        let out_of_time = request.deadline.is_some_and(|d| d <= now);
         let answer = match outcome {
             Ok(_) if request.tries_once() => Ok(None),
             Err(error) if request.tries_once() || !error.is_retryable() => {
                 Err(self.ctx.store_error(error))
             }
-            _ if out_of_time => Err(request.timeout_error(now)),
-            Ok(contention) => return self.finish(myself, Some((request, reply, contention))),
+            _ if request.out_of_time(now) => Err(request.timeout_error(now)),
+            Ok(contention) => {
+                let requeue = Requeue {
+                    request,
+                    reply,
+                    contention,
+                };
+                return self.done(myself, Some(requeue));
+            }
             // A waiting request rides out a store outage: it keeps its place in the queue and
             // tries again after a short pause, until its wait budget runs out.
             Err(error) => {
-                tracing::debug!(backend = %self.ctx.name, key = %self.key, %error, "acquire attempt failed; will retry");
-                let pause = Contention::with_remaining_ttl(Some(STORE_RETRY_PAUSE));
-                return self.finish(myself, Some((request, reply, pause)));
+                tracing::debug!(backend = %self.ctx.name, key = %request.key, %error, "acquire attempt failed; will retry");
+                let requeue = Requeue {
+                    request,
+                    reply,
+                    contention: Contention::with_remaining_ttl(Some(STORE_RETRY_PAUSE)),
+                };
+                return self.done(myself, Some(requeue));
             }
         };
-        self.finish(myself, None);
+        self.done(myself, None);
         let _ = reply.send(answer);
     }
 
-    fn adopt(
+    /// The attempt won: this actor holds the lease from now on.
+    fn hold(
         &mut self,
         myself: &ActorRef<KeyMsg>,
         lease: Lease,
-        request: &AcquireRequest,
+        request: AcquireRequest,
         sent_at: Instant,
         reply: AcquireReply,
     ) {
         let ctx = &self.ctx;
         let deadline = ctx.timing.deadline(sent_at, request.ttl);
-        let (status, status_rx) = watch::channel(LeaseStatus::Held { deadline });
+        let (status, status_rx) = watch::channel(LeaseStatus::Held {
+            deadline,
+            ttl: request.ttl,
+        });
         let now = Instant::now();
         let token = lease.fencing_token;
         ctx.emit(
-            &self.key,
+            &request.key,
             Some(token),
             LockEventKind::Acquired {
                 waited: now - request.requested_at,
             },
         );
         let guard = LockGuard::new(
-            self.key.clone(),
+            request.key.clone(),
             ctx.name.clone(),
             lease.owner,
             token,
-            request.ttl,
             myself.clone(),
             status_rx,
         );
@@ -316,26 +400,24 @@ impl KeyState {
             acquired_at: now,
             deadline,
             lose_at: deadline,
+            tick_at: deadline,
             failures: 0,
             status,
-            timer: None,
         };
         held.set_deadline(deadline, ctx.timing.drift);
         self.held = Some(held);
-        self.schedule(myself, sent_at);
+        self.schedule(sent_at);
         let holder_gone = request
             .holder
             .as_ref()
             .is_some_and(|h| h.get_status() >= ractor::ActorStatus::Stopping);
         if holder_gone {
             // It stopped before the monitor was in place: no event will come for it.
-            myself
-                .cast(KeyMsg::Release {
-                    reason: ReleaseReason::HolderStopped,
-                    owner: None,
-                    reply: None,
-                })
-                .ok();
+            let _ = myself.cast(KeyMsg::Release {
+                reason: ReleaseReason::HolderStopped,
+                owner: None,
+                reply: None,
+            });
         }
         // If the caller has gone, the guard comes back inside the error and its drop
         // releases the lock: nothing is held for nobody.
@@ -344,7 +426,7 @@ impl KeyState {
 
     /// Arms the timer: the next renewal (ttl/3 after the last one was sent) if auto-renew is
     /// on, else the loss check just before the deadline. Never later than that check.
-    fn schedule(&mut self, myself: &ActorRef<KeyMsg>, last_sent: Instant) {
+    fn schedule(&mut self, last_sent: Instant) {
         let Some(held) = self.held.as_mut() else {
             return;
         };
@@ -359,32 +441,34 @@ impl KeyState {
         } else {
             held.lose_at
         };
-        let delay = at.saturating_duration_since(Instant::now());
-        held.timer = Some(AbortOnDrop(myself.send_after(delay, || KeyMsg::Tick)));
+        held.tick_at = at;
+        self.timer.arm(at);
     }
 
     async fn tick(&mut self, myself: &ActorRef<KeyMsg>) {
         let Some(held) = self.held.as_ref() else {
             return;
         };
-        if Instant::now() >= held.lose_at {
+        let now = Instant::now();
+        if now >= held.lose_at {
             self.lose(myself, LostReason::Expired).await;
+        } else if now < held.tick_at {
+            // A tick armed for an earlier lease, or before a manual renewal moved the
+            // schedule: arm again for the current one.
+            self.timer.arm(held.tick_at);
         } else if held.auto_renew {
             let _ = self.renew(myself, None).await;
         } else {
-            // An early tick (a manual renew moved the deadline): re-arm for the new deadline.
-            self.schedule(myself, Instant::now());
+            self.schedule(now);
         }
     }
 
-    /// One renewal, bounded by the deadline: a store that hangs cannot keep the holder
-    /// believing past it.
+    /// One renewal, bounded by the loss check: a store that hangs cannot keep the holder
+    /// believing past the deadline.
     async fn renew(&mut self, myself: &ActorRef<KeyMsg>, ttl: Option<Duration>) -> Result<()> {
         let ctx = self.ctx.clone();
         let Some(held) = self.held.as_mut() else {
-            return Err(Error::NotHeld {
-                key: self.key.to_string(),
-            });
+            return Err(self.not_held());
         };
         if let Some(ttl) = ttl {
             held.ttl = ttl;
@@ -399,50 +483,55 @@ impl KeyState {
                 after: held.lose_at.saturating_duration_since(sent_at),
             })),
         }
+        let key = held.lease.key.clone();
         match renewed {
             Ok(Ok(true)) => {
                 held.failures = 0;
                 held.set_deadline(ctx.timing.deadline(sent_at, held.ttl), ctx.timing.drift);
-                let deadline = held.deadline;
-                let _ = held.status.send(LeaseStatus::Held { deadline });
-                ctx.emit(&self.key, Some(token), LockEventKind::Renewed { deadline });
-                self.schedule(myself, sent_at);
+                let (deadline, ttl) = (held.deadline, held.ttl);
+                let _ = held.status.send(LeaseStatus::Held { deadline, ttl });
+                if let Some(job) = &self.job {
+                    ctx.emit(&job.key, Some(token), LockEventKind::Renewed { deadline });
+                }
+                self.schedule(sent_at);
                 Ok(())
             }
             Ok(Ok(false)) => Err(self.lose(myself, LostReason::NotOwner).await),
             Ok(Err(error)) => {
                 held.failures += 1;
                 let attempt = held.failures;
+                let key: Arc<str> = key.into();
                 ctx.emit(
-                    &self.key,
+                    &key,
                     Some(token),
                     LockEventKind::RenewFailed {
                         attempt,
                         error: error.clone(),
                     },
                 );
-                self.schedule(myself, Instant::now());
+                self.schedule(Instant::now());
                 Err(ctx.store_error(error))
             }
             Err(_deadline_passed) => Err(self.lose(myself, LostReason::Expired).await),
         }
     }
 
-    /// The lease can no longer be trusted: tell the holder first, then clean up.
+    /// The lease can no longer be trusted: the backend actor hears first (so whatever the
+    /// holder does next finds the key free on this node), then the holder.
     async fn lose(&mut self, myself: &ActorRef<KeyMsg>, reason: LostReason) -> Error {
+        let Some(held) = self.held.take() else {
+            return self.not_held();
+        };
+        let key = self.job_key();
         let error = Error::LeaseLost {
-            key: self.key.to_string(),
+            key: key.to_string(),
             reason,
         };
-        let Some(held) = self.held.take() else {
-            return error;
-        };
-        // Free here before the holder hears of the loss, so whatever it does next finds the
-        // key free on this node.
-        self.outcome.done.store(true, Ordering::Release);
+        self.stop_holding(myself, &held);
+        self.done(myself, None);
         let _ = held.status.send(LeaseStatus::Gone(reason));
         self.ctx.emit(
-            &self.key,
+            &key,
             Some(held.lease.fencing_token),
             LockEventKind::Lost { reason },
         );
@@ -455,18 +544,17 @@ impl KeyState {
             let budget = store_expiry.min(Instant::now() + self.ctx.timing.op_timeout);
             let _ = timeout_at(budget, self.ctx.store.release(&held.lease)).await;
         }
-        self.stop_holding(myself, held);
         error
     }
 
     async fn release(&mut self, myself: &ActorRef<KeyMsg>, reason: ReleaseReason) -> Result<()> {
         let Some(held) = self.held.take() else {
-            return Err(Error::NotHeld {
-                key: self.key.to_string(),
-            });
+            return Err(self.not_held());
         };
+        let key = self.job_key();
         let ctx = self.ctx.clone();
         let token = held.lease.fencing_token;
+        self.stop_holding(myself, &held);
         let budget = Instant::now() + ctx.timing.op_timeout;
         let released = timeout_at(budget, ctx.store.release(&held.lease))
             .await
@@ -475,82 +563,86 @@ impl KeyState {
                 after: ctx.timing.op_timeout,
             }));
         ctx.record(&released);
-        let result = match released {
-            Ok(true) => Ok(()),
-            Ok(false) => {
-                // It was taken away between renewals, and nobody had noticed yet.
-                let reason = LostReason::NotOwner;
-                let _ = held.status.send(LeaseStatus::Gone(reason));
-                ctx.emit(&self.key, Some(token), LockEventKind::Lost { reason });
-                Err(Error::LeaseLost {
-                    key: self.key.to_string(),
-                    reason,
-                })
-            }
-            // The lease will expire in the store by itself; the caller still learns the
-            // release did not reach it.
-            Err(error) => Err(ctx.store_error(error)),
-        };
+        // Free on this node before anyone is answered.
+        self.done(myself, None);
+        if let Ok(false) = released {
+            // It was taken away between renewals, and nobody had noticed yet: a loss, not a
+            // release.
+            let reason = LostReason::NotOwner;
+            let _ = held.status.send(LeaseStatus::Gone(reason));
+            ctx.emit(&key, Some(token), LockEventKind::Lost { reason });
+            return Err(Error::LeaseLost {
+                key: key.to_string(),
+                reason,
+            });
+        }
         let status = match reason {
             ReleaseReason::Shutdown => LeaseStatus::Gone(LostReason::Shutdown),
             ReleaseReason::HolderStopped => LeaseStatus::Gone(LostReason::HolderStopped),
             _ => LeaseStatus::Released,
         };
-        let _ = held.status.send_if_modified(|s| {
-            let modify = matches!(s, LeaseStatus::Held { .. });
-            if modify {
-                *s = status;
-            }
-            modify
-        });
+        let _ = held.status.send(status);
         ctx.emit(
-            &self.key,
+            &key,
             Some(token),
             LockEventKind::Released {
                 held_for: held.acquired_at.elapsed(),
                 reason,
             },
         );
-        self.stop_holding(myself, held);
-        result
+        // A store error leaves the lease to expire in the store by itself; the caller still
+        // learns the release did not reach it.
+        released.map(drop).map_err(|error| ctx.store_error(error))
     }
 
     fn check_owner(&self, owner: Option<OwnerToken>) -> Result<()> {
         match (&self.held, owner) {
-            (Some(held), Some(owner)) if held.lease.owner != owner => Err(Error::NotHeld {
-                key: self.key.to_string(),
-            }),
+            (Some(held), Some(owner)) if held.lease.owner != owner => Err(self.not_held()),
+            (None, Some(_)) => Err(self.not_held()),
             _ => Ok(()),
         }
     }
 
-    fn stop_holding(&mut self, myself: &ActorRef<KeyMsg>, held: Held) {
+    fn not_held(&self) -> Error {
+        Error::NotHeld {
+            key: self.job.as_ref().map_or("", |job| &job.key).to_owned(),
+        }
+    }
+
+    fn job_key(&self) -> Arc<str> {
+        self.job
+            .as_ref()
+            .map_or_else(|| "".into(), |job| job.key.clone())
+    }
+
+    /// The lease is over: no more ticks, no more holder to watch.
+    fn stop_holding(&mut self, myself: &ActorRef<KeyMsg>, held: &Held) {
+        self.timer.disarm();
         if let Some(holder) = &held.holder {
             myself.get_cell().unmonitor(holder.clone());
         }
-        drop(held);
-        self.finish(myself, None);
     }
 
-    /// Stops, leaving in the outcome a request that still waits, if any: the backend actor
-    /// takes it on this actor's termination event and puts it back in the key's queue. Without
-    /// one, the key is free here at once: `done` says so to the backend actor before anyone is
-    /// answered, so a caller that was just told "released" finds the key free on its next
-    /// request, however soon.
-    fn finish(&mut self, myself: &ActorRef<KeyMsg>, requeue: Option<Requeue>) {
-        match requeue {
-            None => self.outcome.done.store(true, Ordering::Release),
-            Some(requeue) => {
-                let mut slot = self
-                    .outcome
-                    .requeue
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                *slot = Some(requeue);
-            }
-        }
-        myself.stop(None);
+    /// Ends the current job: tells the backend actor, with the request to queue again if
+    /// there is one. This actor is idle from here on, until its backend gives it another job.
+    /// If the backend actor is gone, the request goes with the message, and its caller (who
+    /// sees its reply port close) asks the backend's next actor.
+    fn done(&mut self, myself: &ActorRef<KeyMsg>, requeue: Option<Requeue>) {
+        let Some(job) = self.job.take() else {
+            return;
+        };
+        let _ = self.backend.cast(BackendMsg::KeyDone {
+            key: job.key,
+            job: job.id,
+            actor: myself.clone(),
+            requeue,
+        });
     }
+}
+
+/// When a lease whose deadline is `deadline` is reported lost if no renewal got through.
+fn lose_at(deadline: Instant, ttl: Duration, drift: f64) -> Instant {
+    deadline - ttl.mul_f64(drift / 2.0)
 }
 
 /// How long a waiting request pauses before trying a store that failed.

@@ -63,6 +63,7 @@
 //!   removes ractor's blanket impl for every crate.
 
 mod backend_actor;
+mod backend_ctx;
 mod client;
 mod error;
 mod event;
@@ -71,7 +72,9 @@ mod guard;
 mod key_actor;
 mod manager;
 mod options;
+mod request;
 mod task;
+mod timing;
 
 pub mod backend;
 #[cfg(feature = "cluster")]

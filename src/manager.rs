@@ -9,15 +9,15 @@ use std::time::Duration;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use crate::backend::{LockBackend, LockInfo, OwnerToken, StoreEvents};
-use crate::backend_actor::{
-    AcquireRequest, BackendActor, BackendArgs, BackendCtx, BackendMsg, InspectReply, Serving,
-    Timing,
-};
+use crate::backend_actor::{BackendActor, BackendArgs, BackendMsg};
+use crate::backend_ctx::{BackendCtx, Serving};
 use crate::client::LockClient;
 use crate::error::{Error, Result};
 use crate::event::{EventBus, LockEvent, LockEventKind};
 use crate::guard::LockGuard;
-use crate::options::{validate_key, validate_ttl, LockOptions, MAX_TTL};
+use crate::options::{validate_key, validate_ttl, Caller, LockOptions, MAX_TTL};
+use crate::request::{AcquireReply, AcquireRequest, InspectReply};
+use crate::timing::Timing;
 
 /// The name a manager registers under unless told otherwise.
 pub const DEFAULT_MANAGER_NAME: &str = "leasehold";
@@ -385,7 +385,7 @@ impl Actor for LockManager {
             } => {
                 let routed = state.running().and_then(|()| {
                     let ctx = &state.backend(backend.as_deref())?.ctx;
-                    let request = AcquireRequest::new(ctx, &key, options)?;
+                    let request = AcquireRequest::new(ctx, &key, options, Caller::Message)?;
                     Ok((ctx.clone(), request))
                 });
                 match routed {
@@ -394,7 +394,7 @@ impl Actor for LockManager {
                         // Waiting for a backend to come back is not this actor's to do.
                         None => {
                             tokio::spawn(async move {
-                                match ctx.actor_for(&request).await {
+                                match ctx.actor_for(&request, None).await {
                                     Ok(actor) => send_acquire(&ctx, actor, request, reply),
                                     Err(e) => {
                                         let _ = reply.send(Err(e));
@@ -521,8 +521,9 @@ impl Actor for LockManager {
         else {
             return Ok(());
         };
-        entry.actor = None;
-        entry.ctx.set_serving(Serving::Down);
+        if let Some(actor) = entry.actor.take() {
+            entry.ctx.set_down(&actor, None);
+        }
         let name = entry.ctx.name.clone();
         if !entry.down {
             entry.down = true;
@@ -551,12 +552,12 @@ fn send_acquire(
     ctx: &BackendCtx,
     actor: ActorRef<BackendMsg>,
     request: AcquireRequest,
-    reply: crate::backend_actor::AcquireReply,
+    reply: AcquireReply,
 ) {
     if let Err(ractor::MessagingErr::SendErr(BackendMsg::Acquire(_, reply))) =
         actor.cast(BackendMsg::Acquire(request, reply))
     {
-        let _ = reply.send(Err(ctx.down()));
+        let _ = reply.send(Err(ctx.unavailable()));
     }
 }
 
@@ -688,6 +689,7 @@ impl ManagerState {
         // A backend that was down (or whose restart failed its probe) has locks and requests
         // that no backend actor answered for.
         let ctxs = self.backends.values().map(|e| e.ctx.clone());
-        futures::future::join_all(ctxs.map(|ctx| async move { ctx.release_all().await })).await;
+        futures::future::join_all(ctxs.map(|ctx| async move { ctx.release_handed_over().await }))
+            .await;
     }
 }

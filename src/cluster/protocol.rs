@@ -112,7 +112,7 @@ impl LeaseDescriptor {
             backend: guard.backend().to_owned(),
             owner: guard.owner(),
             fencing_token: guard.fencing_token(),
-            ttl: guard.ttl(),
+            ttl: guard.ttl().unwrap_or_default(),
         }
     }
 }
@@ -222,6 +222,8 @@ pub enum RemoteErrorKind {
     Unreachable,
     /// [`Error::ManagerNotFound`].
     ManagerNotFound,
+    /// [`Error::BackendPanicked`].
+    BackendPanicked,
 }
 
 /// An [`Error`] as it crosses the wire: its kind and its message (the local error's
@@ -296,6 +298,7 @@ impl From<&Error> for RemoteErrorKind {
             Error::BackendDown { .. } => K::BackendDown,
             Error::ManagerStopped => K::ManagerStopped,
             Error::ManagerNotFound { .. } => K::ManagerNotFound,
+            Error::BackendPanicked { .. } => K::BackendPanicked,
         }
     }
 }
@@ -488,6 +491,7 @@ wire_unit_enum!(RemoteErrorKind {
     RemoteErrorKind::HolderNotFound,
     RemoteErrorKind::Unreachable,
     RemoteErrorKind::ManagerNotFound,
+    RemoteErrorKind::BackendPanicked,
 });
 
 impl Wire for RemoteEventKind {

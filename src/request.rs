@@ -1,0 +1,108 @@
+//! What a backend actor is asked: an acquisition request, checked before any I/O, and the
+//! reply ports of the requests it answers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{ActorCell, ActorId, RpcReplyPort};
+use tokio::time::Instant;
+
+use crate::backend::{Contention, LockInfo};
+use crate::backend_ctx::BackendCtx;
+use crate::error::{Error, Result};
+use crate::event::LockEventKind;
+use crate::guard::LockGuard;
+use crate::options::{validate_key, Caller, LockOptions, Wait};
+
+/// One acquisition request, validated and resolved to a backend.
+#[derive(Clone)]
+pub(crate) struct AcquireRequest {
+    pub(crate) key: Arc<str>,
+    pub(crate) ttl: Duration,
+    pub(crate) wait: Wait,
+    /// When a waiting request gives up (`None`: try once, or wait forever).
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) auto_renew: bool,
+    pub(crate) holder: Option<ActorCell>,
+    pub(crate) metadata: Option<String>,
+    pub(crate) requested_at: Instant,
+}
+
+impl AcquireRequest {
+    /// Every check that needs no I/O, then the request as the backend actor takes it. The
+    /// `caller` decides the wait when `options` leave it unset.
+    pub(crate) fn new(
+        ctx: &BackendCtx,
+        key: &str,
+        options: LockOptions,
+        caller: Caller,
+    ) -> Result<Self> {
+        validate_key(key)?;
+        options.validate()?;
+        let requested_at = Instant::now();
+        let wait = caller.wait(options.wait);
+        // A budget too long for the clock is no budget: wait forever.
+        let deadline = match wait {
+            Wait::UpTo(budget) => requested_at.checked_add(budget),
+            _ => None,
+        };
+        let key: Arc<str> = key.into();
+        ctx.emit(&key, None, LockEventKind::Requested);
+        Ok(AcquireRequest {
+            key,
+            ttl: options.ttl,
+            wait,
+            deadline,
+            auto_renew: options.auto_renew,
+            holder: options.holder,
+            metadata: options.metadata,
+            requested_at,
+        })
+    }
+
+    pub(crate) fn tries_once(&self) -> bool {
+        self.wait == Wait::No
+    }
+
+    /// Whether the wait budget has run out by `now` (never, for one that waits forever or
+    /// tries once).
+    pub(crate) fn out_of_time(&self, now: Instant) -> bool {
+        self.deadline.is_some_and(|deadline| deadline <= now)
+    }
+
+    pub(crate) fn timeout_error(&self, now: Instant) -> Error {
+        Error::Timeout {
+            key: self.key.to_string(),
+            waited: now - self.requested_at,
+        }
+    }
+
+    pub(crate) fn holder_id(&self) -> Option<ActorId> {
+        self.holder.as_ref().map(ActorCell::get_id)
+    }
+}
+
+pub(crate) type AcquireReply = RpcReplyPort<Result<Option<LockGuard>>>;
+
+/// A waiting request whose attempt found the key held elsewhere (or the store failing): it
+/// goes back to the front of the key's queue, and waits as `contention` says.
+pub(crate) struct Requeue {
+    pub(crate) request: AcquireRequest,
+    pub(crate) reply: AcquireReply,
+    pub(crate) contention: Contention,
+}
+
+/// Who asked about a key: `info` wants the whole answer, `is_locked` only whether there is one.
+pub(crate) enum InspectReply {
+    Info(RpcReplyPort<Result<Option<LockInfo>>>),
+    IsLocked(RpcReplyPort<Result<bool>>),
+}
+
+impl InspectReply {
+    pub(crate) fn send(self, answer: Result<Option<LockInfo>>) {
+        let _ = match self {
+            InspectReply::Info(reply) => reply.send(answer).is_ok(),
+            InspectReply::IsLocked(reply) => reply.send(answer.map(|info| info.is_some())).is_ok(),
+        };
+    }
+}
