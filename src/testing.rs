@@ -67,6 +67,9 @@ macro_rules! conformance_suite {
             same_holder_asking_again_gets_an_error,
             release_twice_and_renew_after_release_fail,
             watch_reports_acquisitions_and_releases_under_a_prefix,
+            an_old_guard_cannot_touch_a_later_lease,
+            renew_sets_the_ttl_the_guard_reports,
+            a_release_that_finds_the_lease_gone_counts_as_lost_only,
         );
     };
     (@each $attr:tt, $backend:expr, $($name:ident),+ $(,)?) => {
@@ -101,6 +104,15 @@ pub async fn start<B: LockBackend + Clone>(backend: B) -> LockClient {
 pub fn panic_backend_actor(client: &LockClient) {
     if let Some(actor) = client.backend_ctx().actor() {
         let _ = actor.cast(crate::backend_actor::BackendMsg::Panic);
+    }
+}
+
+/// Fault injection: makes the backend actor behind `client` panic when it is next asked for
+/// `key`, with that request in hand (its caller gets [`Error::BackendPanicked`]). The manager
+/// restarts it, and the new actor serves `key` as usual.
+pub fn panic_backend_actor_on_acquire(client: &LockClient, key: &str) {
+    if let Some(actor) = client.backend_ctx().actor() {
+        let _ = actor.cast(crate::backend_actor::BackendMsg::PanicOnAcquire(key.into()));
     }
 }
 
@@ -835,4 +847,100 @@ pub async fn watch_reports_acquisitions_and_releases_under_a_prefix<B: LockBacke
     drop(outside);
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// Key actors hold lease after lease; a guard whose lease ended (here: taken away behind its
+/// back) cannot renew or release a later lease, of any key, nor free it by being dropped.
+pub async fn an_old_guard_cannot_touch_a_later_lease<B: LockBackend + Clone>(backend: B) {
+    let client = start(backend.clone()).await;
+    let old_key = unique_key("old");
+    let old = client
+        .try_lock(&old_key, LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    let behind_its_back = Lease::new(old_key.clone(), old.owner(), old.fencing_token());
+    assert!(backend.release(&behind_its_back).await.unwrap());
+    // The next renewal finds out; renewing now makes it happen at once.
+    assert!(old.renew(Duration::from_secs(30)).await.is_err());
+    assert!(!old.is_held());
+    // Later leases (on this key and another) go to whichever key actors are idle.
+    let mut later = Vec::new();
+    for key in [old_key.clone(), unique_key("later")] {
+        let guard = client
+            .try_lock(&key, LockOptions::new())
+            .await
+            .unwrap()
+            .expect("free key taken");
+        later.push((key, guard));
+    }
+    assert!(old.renew(Duration::from_secs(30)).await.is_err());
+    drop(old);
+    for (key, guard) in &later {
+        // A release by the old guard would have been answered before these calls.
+        assert!(client.is_locked(key).await.unwrap(), "{key} was freed");
+        assert!(guard.is_held());
+    }
+    for (_, guard) in later {
+        guard.release().await.unwrap();
+    }
+    client.shutdown().await;
+}
+
+/// After `renew(ttl)`, the guard reports the new ttl, and the store keeps the lease for it.
+pub async fn renew_sets_the_ttl_the_guard_reports<B: LockBackend + Clone>(backend: B) {
+    let client = start(backend).await;
+    let key = unique_key("renew-ttl");
+    let first = Duration::from_secs(30);
+    let guard = client
+        .try_lock(&key, LockOptions::new().with_ttl(first))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(guard.ttl(), Some(first));
+    let longer = Duration::from_secs(120);
+    guard.renew(longer).await.unwrap();
+    assert_eq!(guard.ttl(), Some(longer));
+    let info = client.info(&key).await.unwrap().expect("held");
+    assert!(info.remaining_ttl > first, "{info:?}");
+    // Released by message, the guard's lease is over: it reports no ttl.
+    let manager = client.manager();
+    let owner = guard.owner();
+    let released = ractor::call!(manager, |reply| LockManagerMsg::Release {
+        backend: None,
+        key: key.clone(),
+        owner,
+        reply,
+    });
+    assert!(released.unwrap().is_ok());
+    assert_eq!(guard.ttl(), None);
+    client.shutdown().await;
+}
+
+/// A release that finds the lease taken away is a loss, not a release too: the metrics count
+/// it once, and hold no lock.
+pub async fn a_release_that_finds_the_lease_gone_counts_as_lost_only<B: LockBackend + Clone>(
+    backend: B,
+) {
+    let client = start(backend.clone()).await;
+    let key = unique_key("counted");
+    let guard = client
+        .try_lock(&key, LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(client.metrics().held(), 1);
+    let behind_its_back = Lease::new(key.clone(), guard.owner(), guard.fencing_token());
+    assert!(backend.release(&behind_its_back).await.unwrap());
+    assert!(matches!(
+        guard.release().await,
+        Err(Error::LeaseLost {
+            reason: LostReason::NotOwner,
+            ..
+        })
+    ));
+    let metrics = client.metrics();
+    assert_eq!((metrics.lost, metrics.released), (1, 0), "{metrics:?}");
+    assert_eq!(metrics.held(), 0, "{metrics:?}");
+    client.shutdown().await;
 }

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use leasehold::testing::{next_event, panic_backend_actor, unique_key};
+use leasehold::testing::{
+    next_event, panic_backend_actor, panic_backend_actor_on_acquire, unique_key,
+};
 use leasehold::{
     Acquisition, Contention, Error, Lease, LockBackend, LockClient, LockEvent, LockEventKind,
     LockGuard, LockInfo, LockManager, LockManagerMsg, LockOptions, LostReason, MemoryBackend,
@@ -286,6 +288,40 @@ async fn a_panicking_backend_actor_is_restarted_and_its_locks_and_waiters_carry_
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_request_the_backend_actor_panics_over_fails_with_the_panic_and_is_not_retried() {
+    let store = Switched::default();
+    let client = start(&store).await;
+    let mut events = client.events();
+    let held = client.lock("jobs/held", ttl()).await.unwrap();
+    panic_backend_actor_on_acquire(&client, "jobs/poison");
+
+    // A waiting request would otherwise ask the restarted actor again, and perhaps panic it
+    // again: the panic is its answer.
+    let error = client
+        .lock("jobs/poison", waiting(LIMIT))
+        .await
+        .expect_err("the backend actor panicked over this request");
+    assert!(
+        matches!(&error, Error::BackendPanicked { backend, panic }
+            if backend == "memory" && panic.contains("jobs/poison")),
+        "{error:?}"
+    );
+    assert!(!error.is_retryable() && !error.is_fatal() && !error.is_invalid_input());
+
+    backend_down(&mut events).await;
+    backend_restored(&mut events).await;
+    let guard = client
+        .try_lock("jobs/poison", ttl())
+        .await
+        .unwrap()
+        .expect("the restarted actor serves the key");
+    assert!(held.is_held());
+    guard.release().await.unwrap();
+    held.release().await.unwrap();
+    client.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_backend_actor_stopped_from_outside_hands_over_like_a_failed_one() {
     let store = Switched::default();
     let client = start(&store).await;
@@ -387,5 +423,84 @@ async fn a_paused_redis_takes_the_backend_down_and_back_and_a_lock_held_through_
         .unwrap()
         .expect("the waiter gets the lock once Redis answers");
     kept_through_the_outage(&mut events, held, other).await;
+    client.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_answer_that_comes_after_the_lease_deadline_is_given_back_and_taken_again() {
+    let server = redis_server::RedisServer::start();
+    let client = LockManager::builder()
+        .with_name(unique_key("late-answer"))
+        .with_backend("redis", server.backend().await)
+        .start()
+        .await
+        .unwrap();
+    let ttl = Duration::from_secs(1);
+    let key = unique_key("late");
+    let mut events = client.events();
+
+    // The acquisition is sent into the frozen server and answered once it thaws, after the
+    // lease's local deadline: that lease cannot be trusted, so `lock` must not hand it over.
+    server.pause();
+    let asking = {
+        let (client, key) = (client.clone(), key.clone());
+        let opts = LockOptions::new()
+            .with_ttl(ttl)
+            .with_wait(Wait::UpTo(LIMIT));
+        tokio::spawn(async move { client.lock(&key, opts).await })
+    };
+    next_event(&mut events, LIMIT, |e| {
+        matches!(e.kind, LockEventKind::Requested).then_some(())
+    })
+    .await;
+    tokio::time::sleep(ttl * 3 / 2).await;
+    server.resume();
+
+    let guard = asking
+        .await
+        .unwrap()
+        .expect("taken again within the wait budget");
+    assert!(guard.is_held(), "handed over a lease past its deadline");
+    let deadline = guard.deadline().expect("held");
+    assert!(deadline > Instant::now());
+    guard.release().await.unwrap();
+    client.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_lock_returns_the_body_result_when_the_release_after_it_fails() {
+    let server = redis_server::RedisServer::start();
+    let backend = server.backend().await;
+    let lock_key = backend.lock_key("report");
+    let client = LockManager::builder()
+        .with_name(unique_key("with-lock-release"))
+        .with_backend("redis", backend)
+        .start()
+        .await
+        .unwrap();
+    let mut events = client.events();
+    let redis = redis::Client::open(server.url()).unwrap();
+    let mut other = redis.get_multiplexed_async_connection().await.unwrap();
+
+    // The body finishes while the lock is held; another client then deletes the key, so the
+    // release finds it gone. The body's work is done: its result is what the caller gets.
+    let result = client
+        .with_lock("report", LockOptions::new(), |token| async move {
+            let deleted: i64 = redis::cmd("DEL")
+                .arg(&lock_key)
+                .query_async(&mut other)
+                .await
+                .unwrap();
+            assert_eq!(deleted, 1);
+            token * 10
+        })
+        .await;
+    let value = result.expect("the body's result survives a failed release");
+    let lost = next_event(&mut events, LIMIT, |e| match e.kind {
+        LockEventKind::Lost { reason } => Some((reason, e.fencing_token)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(lost, (LostReason::NotOwner, Some(value / 10)));
     client.shutdown().await;
 }
