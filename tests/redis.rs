@@ -15,8 +15,9 @@ use futures::StreamExt;
 use leasehold::backend::redis::CONNECT_TIMEOUT;
 use leasehold::testing::{eventually, next_event, start, unique_key};
 use leasehold::{
-    Acquisition, Contention, Lease, LockBackend, LockClient, LockEvent, LockEventKind, LockManager,
-    LockOptions, LostReason, OwnerToken, RedisBackend, StoreEventKind, Wait,
+    Acquisition, Contention, ErrorKind, Lease, LockBackend, LockClient, LockEvent, LockEventKind,
+    LockManager, LockOptions, LostReason, OwnerToken, RedisBackend, StoreCause, StoreErrorKind,
+    StoreEventKind, Wait,
 };
 use redis::aio::MultiplexedConnection;
 use redis_server::RedisServer;
@@ -940,12 +941,49 @@ async fn refused_auth_is_an_error_that_is_not_retried() {
         .expect("an error, not a hang")
         .unwrap_err();
     assert!(!err.is_retryable(), "{err:?}");
+    assert_eq!(err.kind(), ErrorKind::Store(StoreErrorKind::Protocol));
     let message = err.to_string();
     assert!(
         message.contains(&format!("127.0.0.1:{}", server.port())),
         "{message}"
     );
     assert!(!message.contains("wrong-password"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_call_keeps_the_redis_error_whole_and_names_the_server() {
+    let server = RedisServer::start();
+    let backend = server.backend().await;
+    let mut other = other_client(&server).await;
+    let key = unique_key("wrong-type");
+    // Another client made the lock key a hash: the release script's GET fails with WRONGTYPE.
+    let _: () = redis::cmd("HSET")
+        .arg(backend.lock_key(&key))
+        .arg("field")
+        .arg("value")
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    let lease = Lease::new(&key, OwnerToken::random(), 1);
+    let err = backend.release(&lease).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Protocol, "{err}");
+    assert!(!err.is_retryable());
+    assert!(matches!(err.cause(), Some(StoreCause::Redis(_))), "{err:?}");
+    let source = std::error::Error::source(&err).expect("a source");
+    let redis_error = source
+        .downcast_ref::<redis::RedisError>()
+        .expect("the redis crate's own error");
+    assert!(
+        redis_error.to_string().contains("WRONGTYPE"),
+        "{redis_error}"
+    );
+    let message = err.to_string();
+    assert!(message.contains("release"), "{message}");
+    assert!(
+        message.contains(&format!("127.0.0.1:{}", server.port())),
+        "{message}"
+    );
+    assert!(message.contains("WRONGTYPE"), "{message}");
 }
 
 /// Drops every pub/sub connection the server has, as a network fault would.

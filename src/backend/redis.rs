@@ -233,14 +233,13 @@ impl RedisBackend {
         let conn = match timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(error)) => {
-                let source = match store_error(error) {
-                    StoreError::Unavailable(why) => {
-                        StoreError::Unavailable(format!("cannot connect to redis at {addr}: {why}"))
-                    }
-                    StoreError::Protocol(why) => {
-                        StoreError::Protocol(format!("redis at {addr} refused us: {why}"))
-                    }
-                    other => other,
+                let source = if is_transient(&error) {
+                    StoreError::unavailable_because(
+                        format!("cannot connect to redis at {addr}"),
+                        error,
+                    )
+                } else {
+                    StoreError::protocol_because(format!("redis at {addr} refused us"), error)
                 };
                 return Err(Error::Store {
                     backend: "redis".to_owned(),
@@ -250,7 +249,7 @@ impl RedisBackend {
             Err(_) => {
                 return Err(Error::Store {
                     backend: "redis".to_owned(),
-                    source: StoreError::Unavailable(format!(
+                    source: StoreError::unavailable(format!(
                         "redis at {addr} did not answer within {CONNECT_TIMEOUT:?}"
                     )),
                 })
@@ -294,6 +293,11 @@ impl RedisBackend {
     /// add a suffix to it).
     pub fn lock_key(&self, key: &str) -> String {
         format!("{}{{{key}}}", self.prefix)
+    }
+
+    /// A failed call as a [`StoreError`] naming the operation and the server.
+    fn failed(&self, op: &str, error: RedisError) -> StoreError {
+        store_error(format!("redis {op} at {}", self.notices.addr), error)
     }
 }
 
@@ -342,7 +346,7 @@ impl LockBackend for RedisBackend {
         let reply: Value = call
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(store_error)?;
+            .map_err(|error| self.failed("acquire", error))?;
         match reply {
             // Below 2^53 the script answers the token as an integer, above as its digits.
             Value::Int(token) => Ok(Acquisition::Acquired(Lease::new(
@@ -373,7 +377,7 @@ impl LockBackend for RedisBackend {
             .arg(millis(ttl))
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(store_error)
+            .map_err(|error| self.failed("renew", error))
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {
@@ -384,7 +388,7 @@ impl LockBackend for RedisBackend {
             .arg(format!("{lock}:released"))
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(store_error)
+            .map_err(|error| self.failed("release", error))
     }
 
     async fn inspect(&self, key: &str) -> Result<Option<LockInfo>, StoreError> {
@@ -399,7 +403,7 @@ impl LockBackend for RedisBackend {
             .pttl(&lock)
             .query_async(&mut self.conn.clone())
             .await
-            .map_err(store_error)?;
+            .map_err(|error| self.failed("inspect", error))?;
         // PTTL -2: no key. -1: a key without expiry, which only another client can have written.
         let remaining_ttl = match pttl {
             -2 => return Ok(None),
@@ -445,7 +449,7 @@ impl LockBackend for RedisBackend {
             Ok::<_, RedisError>(pubsub)
         };
         let pubsub = match timeout(PUBSUB_TIMEOUT, opening).await {
-            Ok(pubsub) => pubsub.map_err(store_error)?,
+            Ok(pubsub) => pubsub.map_err(|error| self.failed("watch", error))?,
             Err(_) => {
                 return Err(StoreError::TimedOut {
                     op: "watch",
@@ -510,7 +514,7 @@ fn parse_token(token: &[u8]) -> Result<u64, StoreError> {
         .ok()
         .and_then(|token| token.parse().ok())
         .ok_or_else(|| {
-            StoreError::Protocol(format!(
+            StoreError::protocol(format!(
                 "fencing token {:?} is not a number",
                 String::from_utf8_lossy(token)
             ))
@@ -518,14 +522,24 @@ fn parse_token(token: &[u8]) -> Result<u64, StoreError> {
 }
 
 fn unexpected(op: &str, reply: &Value) -> StoreError {
-    StoreError::Protocol(format!("{op} script answered {reply:?}"))
+    StoreError::protocol(format!("redis {op} answered {reply:?}"))
 }
 
-/// Sorts a `redis` error into the crate's two classes: the server could not be reached or did
-/// not answer in time, or is briefly unable to serve (loading, failing over) → `Unavailable`,
-/// retryable; anything else (a script error, a refused AUTH, a wrong reply) → `Protocol`.
-fn store_error(error: RedisError) -> StoreError {
-    let transient = error.is_io_error()
+/// Sorts a `redis` error into the crate's two classes, keeping it whole: the server could not
+/// be reached or did not answer in time, or is briefly unable to serve (loading, failing over)
+/// → `Unavailable`, retryable; anything else (a script error, a refused AUTH, a wrong reply) →
+/// `Protocol`. `context` names the operation and the address.
+fn store_error(context: String, error: RedisError) -> StoreError {
+    if is_transient(&error) {
+        StoreError::unavailable_because(context, error)
+    } else {
+        StoreError::protocol_because(context, error)
+    }
+}
+
+/// Whether trying again may help: see [`store_error`].
+fn is_transient(error: &RedisError) -> bool {
+    error.is_io_error()
         || error.is_timeout()
         || error.is_connection_dropped()
         || error.is_connection_refusal()
@@ -537,12 +551,7 @@ fn store_error(error: RedisError) -> StoreError {
                     | ServerErrorKind::MasterDown
                     | ServerErrorKind::ReadOnly
             )
-        );
-    if transient {
-        StoreError::Unavailable(error.to_string())
-    } else {
-        StoreError::Protocol(error.to_string())
-    }
+        )
 }
 
 /// The URL with the password of its user-info part replaced, for error messages.

@@ -85,7 +85,7 @@ impl NoticeHub {
         let (notices, rx) = mpsc::channel(1);
         let (done, answer) = oneshot::channel();
         let commands = self.commands();
-        let gone = || StoreError::Unavailable("the release-notice task stopped".to_owned());
+        let gone = || StoreError::unavailable("the release-notice task stopped");
         commands
             .send(HubCommand::Subscribe {
                 channel: channel.clone(),
@@ -294,19 +294,11 @@ impl Hub {
     }
 
     fn failed(&self, op: &str, error: RedisError) -> StoreError {
-        match store_error(error) {
-            StoreError::Unavailable(why) => {
-                StoreError::Unavailable(format!("redis pub/sub {op} at {}: {why}", self.addr))
-            }
-            StoreError::Protocol(why) => {
-                StoreError::Protocol(format!("redis pub/sub {op} at {}: {why}", self.addr))
-            }
-            other => other,
-        }
+        store_error(format!("redis pub/sub {op} at {}", self.addr), error)
     }
 
     fn timed_out(&self, op: &str) -> StoreError {
-        StoreError::Unavailable(format!(
+        StoreError::unavailable(format!(
             "redis pub/sub {op} at {} did not answer within {PUBSUB_TIMEOUT:?}",
             self.addr
         ))
