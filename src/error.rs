@@ -9,7 +9,9 @@ use crate::event::LostReason;
 
 /// Everything that can go wrong when asking for, holding or giving back a lock.
 ///
-/// Variants fall into three groups, told apart by the classifier methods:
+/// [`Error::kind`] names the variant without its details (and, for a store failure, the
+/// store's own classification). Variants fall into three groups, told apart by the classifier
+/// methods:
 /// - **invalid input** ([`Error::is_invalid_input`]): rejected before any I/O, the message names
 ///   the bad value; retrying the same call cannot succeed;
 /// - **transient** ([`Error::is_retryable`]): the store could not be reached or did not answer in

@@ -413,7 +413,8 @@ impl LockBackend for RedisBackend {
         let Some(value) = value else {
             return Ok(None);
         };
-        // "<owner>[ <metadata>]". A key some other client wrote has no counter beside it: 0.
+        // "<owner>[ <metadata>]". A key some other client wrote shows the counter's last token
+        // if leasehold ever used the name, 0 if not.
         let value = String::from_utf8_lossy(&value);
         let metadata = value
             .split_once(' ')
