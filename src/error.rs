@@ -1,12 +1,17 @@
 //! The one error type of the crate, and the store-side errors it wraps.
 
+use std::fmt;
+#[cfg(any(feature = "redis", feature = "etcd"))]
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::event::LostReason;
 
 /// Everything that can go wrong when asking for, holding or giving back a lock.
 ///
-/// Variants fall into three groups, told apart by the classifier methods:
+/// [`Error::kind`] names the variant without its details (and, for a store failure, the
+/// store's own classification). Variants fall into three groups, told apart by the classifier
+/// methods:
 /// - **invalid input** ([`Error::is_invalid_input`]): rejected before any I/O, the message names
 ///   the bad value; retrying the same call cannot succeed;
 /// - **transient** ([`Error::is_retryable`]): the store could not be reached or did not answer in
@@ -66,7 +71,8 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
     /// The holder actor asked for a key it already holds. Waiting would deadlock, so this is
-    /// an error at once.
+    /// an error at once. It is a conflict with the lock's state, not invalid input (the same
+    /// request succeeds once the holder has let the key go), and not retryable as it stands.
     #[error("key {key:?} on backend {backend:?} is already held by this holder actor")]
     AlreadyHeld {
         /// The backend name.
@@ -134,55 +140,147 @@ pub enum Error {
 }
 
 impl Error {
+    /// Which error this is, without its details: what a caller matches on to decide what to
+    /// do, and what crosses the wire to another node (see `cluster::RemoteErrorKind`).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::EmptyKey => ErrorKind::EmptyKey,
+            Error::KeyTooLong { .. } => ErrorKind::KeyTooLong,
+            Error::KeyHasControlChar { .. } => ErrorKind::KeyHasControlChar,
+            Error::InvalidTtl { .. } => ErrorKind::InvalidTtl,
+            Error::MetadataTooLong { .. } => ErrorKind::MetadataTooLong,
+            Error::UnknownBackend { .. } => ErrorKind::UnknownBackend,
+            Error::InvalidConfig(_) => ErrorKind::InvalidConfig,
+            Error::AlreadyHeld { .. } => ErrorKind::AlreadyHeld,
+            Error::Timeout { .. } => ErrorKind::Timeout,
+            Error::LeaseLost { .. } => ErrorKind::LeaseLost,
+            Error::NotHeld { .. } => ErrorKind::NotHeld,
+            Error::Store { source, .. } => ErrorKind::Store(source.kind()),
+            Error::BackendDown { .. } => ErrorKind::BackendDown,
+            Error::ManagerStopped => ErrorKind::ManagerStopped,
+            Error::ManagerNotFound { .. } => ErrorKind::ManagerNotFound,
+            Error::BackendPanicked { .. } => ErrorKind::BackendPanicked,
+        }
+    }
+
     /// True when the same call may succeed if tried again later (store unreachable or slow,
     /// backend restarting, or a wait that timed out).
     pub fn is_retryable(&self) -> bool {
-        match self {
-            Error::Store { source, .. } => source.is_retryable(),
-            Error::BackendDown { .. } | Error::Timeout { .. } => true,
-            _ => false,
-        }
+        self.kind().is_retryable()
     }
 
     /// True when the request itself was malformed: it was rejected before any I/O.
     pub fn is_invalid_input(&self) -> bool {
-        matches!(
-            self,
-            Error::EmptyKey
-                | Error::KeyTooLong { .. }
-                | Error::KeyHasControlChar { .. }
-                | Error::InvalidTtl { .. }
-                | Error::MetadataTooLong { .. }
-                | Error::UnknownBackend { .. }
-                | Error::InvalidConfig(_)
-                | Error::AlreadyHeld { .. }
-                | Error::ManagerNotFound { .. }
-        )
+        self.kind().is_invalid_input()
     }
 
     /// True when the lock manager is gone: no call on this handle can succeed again.
     pub fn is_fatal(&self) -> bool {
-        matches!(self, Error::ManagerStopped)
+        self.kind().is_fatal()
+    }
+}
+
+/// Which [`Error`] happened, without its details (the redis-rs `ErrorKind` model): one kind
+/// per variant, and a store failure carries the store's own classification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// [`Error::EmptyKey`].
+    EmptyKey,
+    /// [`Error::KeyTooLong`].
+    KeyTooLong,
+    /// [`Error::KeyHasControlChar`].
+    KeyHasControlChar,
+    /// [`Error::InvalidTtl`].
+    InvalidTtl,
+    /// [`Error::MetadataTooLong`].
+    MetadataTooLong,
+    /// [`Error::UnknownBackend`].
+    UnknownBackend,
+    /// [`Error::InvalidConfig`].
+    InvalidConfig,
+    /// [`Error::AlreadyHeld`].
+    AlreadyHeld,
+    /// [`Error::Timeout`].
+    Timeout,
+    /// [`Error::LeaseLost`].
+    LeaseLost,
+    /// [`Error::NotHeld`].
+    NotHeld,
+    /// [`Error::Store`], with what kind of store failure it was.
+    Store(StoreErrorKind),
+    /// [`Error::BackendDown`].
+    BackendDown,
+    /// [`Error::ManagerStopped`].
+    ManagerStopped,
+    /// [`Error::ManagerNotFound`].
+    ManagerNotFound,
+    /// [`Error::BackendPanicked`].
+    BackendPanicked,
+}
+
+impl ErrorKind {
+    /// As [`Error::is_retryable`].
+    pub fn is_retryable(self) -> bool {
+        match self {
+            ErrorKind::Store(store) => store.is_retryable(),
+            ErrorKind::BackendDown | ErrorKind::Timeout => true,
+            _ => false,
+        }
+    }
+
+    /// As [`Error::is_invalid_input`].
+    pub fn is_invalid_input(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::EmptyKey
+                | ErrorKind::KeyTooLong
+                | ErrorKind::KeyHasControlChar
+                | ErrorKind::InvalidTtl
+                | ErrorKind::MetadataTooLong
+                | ErrorKind::UnknownBackend
+                | ErrorKind::InvalidConfig
+                | ErrorKind::ManagerNotFound
+        )
+    }
+
+    /// As [`Error::is_fatal`].
+    pub fn is_fatal(self) -> bool {
+        self == ErrorKind::ManagerStopped
     }
 }
 
 /// An error reported by a store behind the [`LockBackend`](crate::LockBackend) seam.
 ///
-/// Store crates' own errors are kept whole (their `kind()` and retry hints stay usable); a
-/// backend written outside this crate says which of the two classes its failure is in.
-#[derive(Debug, Clone, thiserror::Error)]
+/// A failure the store client reported keeps that client's error whole, as this error's
+/// [`source`](std::error::Error::source) (a [`redis::RedisError`] or an
+/// [`etcd_client::Error`], which [`StoreError::cause`] also hands out typed), beside the
+/// context the backend adds (which operation, which address). A backend written outside this
+/// crate says which class its failure is in with [`StoreError::unavailable`] or
+/// [`StoreError::protocol`] and a message.
+///
+/// The message includes the cause's own, so printing only the top error says everything.
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// The store could not be reached, dropped the connection, or did not answer in time.
+    /// The store could not be reached, dropped the connection, or was briefly unable to serve.
     /// Retryable.
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
-    /// The store answered something the backend cannot use (a protocol or script error).
-    /// Not retryable.
-    #[error("unexpected store reply: {0}")]
-    Protocol(String),
+    Unavailable {
+        /// What the backend was doing (operation, address), or what went wrong when there is
+        /// no cause.
+        context: String,
+        /// The store client's error, when it reported one.
+        cause: Option<StoreCause>,
+    },
+    /// The store answered something the backend cannot use (a protocol or script error, a
+    /// refused login). Not retryable.
+    Protocol {
+        /// What the backend was doing, or what was wrong with the answer.
+        context: String,
+        /// The store client's error, when it reported one.
+        cause: Option<StoreCause>,
+    },
     /// The store cannot do this operation at all. Not retryable.
-    #[error("the {store} store does not support {op}")]
     Unsupported {
         /// The store's kind.
         store: &'static str,
@@ -190,7 +288,6 @@ pub enum StoreError {
         op: &'static str,
     },
     /// The operation did not finish within its time budget. Retryable.
-    #[error("store operation {op} timed out after {after:?}")]
     TimedOut {
         /// Which operation.
         op: &'static str,
@@ -199,13 +296,179 @@ pub enum StoreError {
     },
 }
 
+/// Which [`StoreError`] happened: what decides whether trying again may help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StoreErrorKind {
+    /// [`StoreError::Unavailable`].
+    Unavailable,
+    /// [`StoreError::Protocol`].
+    Protocol,
+    /// [`StoreError::Unsupported`].
+    Unsupported,
+    /// [`StoreError::TimedOut`].
+    TimedOut,
+}
+
+impl StoreErrorKind {
+    /// True for the kinds where the same operation may succeed later.
+    pub fn is_retryable(self) -> bool {
+        match self {
+            StoreErrorKind::Unavailable | StoreErrorKind::TimedOut => true,
+            StoreErrorKind::Protocol | StoreErrorKind::Unsupported => false,
+        }
+    }
+}
+
+/// A store client's own error, kept whole inside a [`StoreError`]. Behind an [`Arc`] because
+/// the store crates' errors are not `Clone` and a [`StoreError`] is (it rides in
+/// [`LockEvent`](crate::LockEvent)s).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum StoreCause {
+    /// What the `redis` crate said.
+    #[cfg(feature = "redis")]
+    Redis(Arc<redis::RedisError>),
+    /// What the `etcd-client` crate said.
+    #[cfg(feature = "etcd")]
+    Etcd(Arc<etcd_client::Error>),
+}
+
+impl StoreCause {
+    /// The store client's error, as a plain error.
+    pub fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        match *self {
+            #[cfg(feature = "redis")]
+            StoreCause::Redis(ref error) => &**error,
+            #[cfg(feature = "etcd")]
+            StoreCause::Etcd(ref error) => &**error,
+        }
+    }
+}
+
+impl fmt::Display for StoreCause {
+    // Without a store feature there is no variant, and nothing to write.
+    #[cfg_attr(not(any(feature = "redis", feature = "etcd")), allow(unused_variables))]
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            #[cfg(feature = "redis")]
+            StoreCause::Redis(ref error) => error.fmt(f),
+            // etcd-client prints a gRPC status as its code and message only; the reason it
+            // failed (connection refused, …) is further down the chain, and the one a reader
+            // needs.
+            #[cfg(feature = "etcd")]
+            StoreCause::Etcd(ref error) => f.write_str(&crate::backend::etcd::describe(error)),
+        }
+    }
+}
+
+#[cfg(feature = "redis")]
+impl From<redis::RedisError> for StoreCause {
+    fn from(error: redis::RedisError) -> Self {
+        StoreCause::Redis(Arc::new(error))
+    }
+}
+
+#[cfg(feature = "etcd")]
+impl From<etcd_client::Error> for StoreCause {
+    fn from(error: etcd_client::Error) -> Self {
+        StoreCause::Etcd(Arc::new(error))
+    }
+}
+
 impl StoreError {
+    /// The store could not be reached or is briefly unable to serve (retryable); `message`
+    /// says what happened, naming the address when there is one.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        StoreError::Unavailable {
+            context: message.into(),
+            cause: None,
+        }
+    }
+
+    /// The store answered something the backend cannot use (not retryable); `message` says
+    /// what.
+    pub fn protocol(message: impl Into<String>) -> Self {
+        StoreError::Protocol {
+            context: message.into(),
+            cause: None,
+        }
+    }
+
+    /// A retryable failure the store client reported, with what the backend was doing.
+    #[cfg(any(feature = "redis", feature = "etcd"))]
+    pub(crate) fn unavailable_because(
+        context: impl Into<String>,
+        cause: impl Into<StoreCause>,
+    ) -> Self {
+        StoreError::Unavailable {
+            context: context.into(),
+            cause: Some(cause.into()),
+        }
+    }
+
+    /// A failure the store client reported that trying again will not cure.
+    #[cfg(any(feature = "redis", feature = "etcd"))]
+    pub(crate) fn protocol_because(
+        context: impl Into<String>,
+        cause: impl Into<StoreCause>,
+    ) -> Self {
+        StoreError::Protocol {
+            context: context.into(),
+            cause: Some(cause.into()),
+        }
+    }
+
+    /// Which store error this is.
+    pub fn kind(&self) -> StoreErrorKind {
+        match self {
+            StoreError::Unavailable { .. } => StoreErrorKind::Unavailable,
+            StoreError::Protocol { .. } => StoreErrorKind::Protocol,
+            StoreError::Unsupported { .. } => StoreErrorKind::Unsupported,
+            StoreError::TimedOut { .. } => StoreErrorKind::TimedOut,
+        }
+    }
+
     /// True when the same operation may succeed later.
     pub fn is_retryable(&self) -> bool {
+        self.kind().is_retryable()
+    }
+
+    /// The store client's own error, if it reported one.
+    pub fn cause(&self) -> Option<&StoreCause> {
         match self {
-            StoreError::Unavailable(_) | StoreError::TimedOut { .. } => true,
-            StoreError::Protocol(_) | StoreError::Unsupported { .. } => false,
+            StoreError::Unavailable { cause, .. } | StoreError::Protocol { cause, .. } => {
+                cause.as_ref()
+            }
+            StoreError::Unsupported { .. } | StoreError::TimedOut { .. } => None,
         }
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (what, context, cause) = match self {
+            StoreError::Unavailable { context, cause } => ("store unavailable", context, cause),
+            StoreError::Protocol { context, cause } => ("unexpected store reply", context, cause),
+            StoreError::Unsupported { store, op } => {
+                return write!(f, "the {store} store does not support {op}")
+            }
+            StoreError::TimedOut { op, after } => {
+                return write!(f, "store operation {op} timed out after {after:?}")
+            }
+        };
+        write!(f, "{what}: {context}")?;
+        if let Some(cause) = cause {
+            write!(f, ": {cause}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        // The store crate's error itself, so callers can downcast to it.
+        self.cause().map(|cause| cause.as_error() as _)
     }
 }
 

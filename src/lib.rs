@@ -92,7 +92,7 @@ pub use backend::{
     StoreEventKind, StoreEvents,
 };
 pub use client::LockClient;
-pub use error::{Error, Result, StoreError};
+pub use error::{Error, ErrorKind, Result, StoreCause, StoreError, StoreErrorKind};
 pub use event::{LockEvent, LockEventKind, LockMetrics, LostReason, ReleaseReason};
 pub use fence::{Fence, StaleToken};
 pub use guard::LockGuard;

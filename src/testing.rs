@@ -765,6 +765,8 @@ pub async fn same_holder_asking_again_gets_an_error<B: LockBackend + Clone>(back
         .unwrap_err();
     assert!(matches!(err, Error::AlreadyHeld { .. }), "{err:?}");
     assert!(err.to_string().contains(&key));
+    // A conflict with what the holder holds now: neither malformed nor worth a blind retry.
+    assert!(!err.is_invalid_input() && !err.is_retryable() && !err.is_fatal());
     assert!(guard.is_held());
     guard.release().await.unwrap();
     holder.stop(None);

@@ -14,7 +14,8 @@ use leasehold::cluster::{
 };
 use leasehold::testing::{eventually, unique_key};
 use leasehold::{
-    LockClient, LockManager, LockOptions, MemoryBackend, ReleaseReason, Wait, MAX_KEY_LEN,
+    ErrorKind, LockClient, LockManager, LockOptions, MemoryBackend, ReleaseReason, Wait,
+    MAX_KEY_LEN,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::{NodeServer, NodeServerMessage};
@@ -226,7 +227,11 @@ async fn remote_actor_acquires_sees_token_and_releases() {
     assert!(!cluster.locks.is_locked(&key).await.unwrap());
     // Released once: the second release fails as it does locally.
     let err = cluster.remote.release(&lease).await.unwrap_err();
-    assert_eq!(err.kind, RemoteErrorKind::NotHeld, "{err}");
+    assert_eq!(
+        err.kind,
+        RemoteErrorKind::Manager(ErrorKind::NotHeld),
+        "{err}"
+    );
     // The next holder gets a greater token.
     let next = cluster
         .remote
@@ -369,13 +374,16 @@ async fn bad_input_gets_the_same_errors_remotely() {
         );
     }
     let err = cluster.remote.is_locked(None, "").await.unwrap_err();
-    assert_eq!(err.kind, RemoteErrorKind::EmptyKey);
+    assert_eq!(err.kind, RemoteErrorKind::Manager(ErrorKind::EmptyKey));
     let err = cluster
         .remote
         .info(Some("no-such-store"), "k")
         .await
         .unwrap_err();
-    assert_eq!(err.kind, RemoteErrorKind::UnknownBackend);
+    assert_eq!(
+        err.kind,
+        RemoteErrorKind::Manager(ErrorKind::UnknownBackend)
+    );
     assert!(err.message.contains("no-such-store"), "{err}");
     cluster.stop().await;
 }

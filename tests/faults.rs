@@ -57,7 +57,7 @@ impl LockBackend for Faulty {
             .acquire_failures
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         if failing.is_ok() {
-            return Err(StoreError::Unavailable("injected acquire failure".into()));
+            return Err(StoreError::unavailable("injected acquire failure"));
         }
         let delay = self.acquire_delay_ms.load(Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -71,7 +71,7 @@ impl LockBackend for Faulty {
                 if left <= 1 {
                     self.renew.store(RENEW_OK, Ordering::SeqCst);
                 }
-                Err(StoreError::Unavailable("injected renewal failure".into()))
+                Err(StoreError::unavailable("injected renewal failure"))
             }
             RENEW_HANGS => std::future::pending().await,
             _ => self.inner.renew(lease, ttl).await,

@@ -43,7 +43,7 @@ impl Switched {
 
     fn check(&self) -> Result<(), StoreError> {
         match self.down.load(Ordering::SeqCst) {
-            true => Err(StoreError::Unavailable("injected outage".into())),
+            true => Err(StoreError::unavailable("injected outage")),
             false => Ok(()),
         }
     }

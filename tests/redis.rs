@@ -15,8 +15,9 @@ use futures::StreamExt;
 use leasehold::backend::redis::CONNECT_TIMEOUT;
 use leasehold::testing::{eventually, next_event, start, unique_key};
 use leasehold::{
-    Acquisition, Contention, LockBackend, LockClient, LockEvent, LockEventKind, LockManager,
-    LockOptions, LostReason, OwnerToken, RedisBackend, Wait,
+    Acquisition, Contention, ErrorKind, Lease, LockBackend, LockClient, LockEvent, LockEventKind,
+    LockManager, LockOptions, LostReason, OwnerToken, RedisBackend, StoreCause, StoreErrorKind,
+    StoreEventKind, Wait,
 };
 use redis::aio::MultiplexedConnection;
 use redis_server::RedisServer;
@@ -449,7 +450,8 @@ async fn first_fencing_token_is_seeded_from_the_server_clock() {
     let backend = server.backend().await;
     let mut other = other_client(&server).await;
     let (seconds, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut other).await.unwrap();
-    let before = (seconds * 1_000_000 + micros) << 10;
+    // The seed is milliseconds since the epoch times 1024 (see the module docs).
+    let before = (seconds * 1_000 + micros / 1_000) << 10;
     let key = unique_key("seed");
     let owner = OwnerToken::random();
     let Acquisition::Acquired(lease) = backend
@@ -464,7 +466,163 @@ async fn first_fencing_token_is_seeded_from_the_server_clock() {
         "token {} is not above the clock seed {before}",
         lease.fencing_token
     );
+    assert!(
+        lease.fencing_token < 1 << 53,
+        "token {} is past what a Lua number holds exactly",
+        lease.fencing_token
+    );
     assert!(backend.release(&lease).await.unwrap());
+}
+
+/// Takes `key` (free) and gives it back at once, returning the token.
+async fn take_and_give_back(backend: &RedisBackend, key: &str) -> u64 {
+    let owner = OwnerToken::random();
+    let Acquisition::Acquired(lease) = backend
+        .acquire(key, owner, Duration::from_secs(5), None)
+        .await
+        .unwrap()
+    else {
+        panic!("{key} is free");
+    };
+    assert!(backend.release(&lease).await.unwrap());
+    lease.fencing_token
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_stay_exact_and_increasing_across_2_pow_53() {
+    let server = RedisServer::start();
+    let backend = server.backend().await;
+    let mut other = other_client(&server).await;
+    let key = unique_key("exact");
+    let fence = format!("{}:fence", backend.lock_key(&key));
+    // Two below 2^53: the next tokens are 2^53 - 1 (the last a double holds with its
+    // neighbours apart), 2^53 and 2^53 + 1 (which a double would round to 2^53).
+    let start: u64 = (1 << 53) - 2;
+    let _: () = redis::cmd("SET")
+        .arg(&fence)
+        .arg(start)
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        tokens.push(take_and_give_back(&backend, &key).await);
+    }
+    assert_eq!(tokens, [start + 1, start + 2, start + 3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_seeded_by_the_first_version_near_2_pow_61_give_exact_increasing_tokens() {
+    let server = RedisServer::start();
+    let backend = server.backend().await;
+    let mut other = other_client(&server).await;
+    let key = unique_key("old-seed");
+    let fence = format!("{}:fence", backend.lock_key(&key));
+    // What leasehold 0.1 seeded: microseconds since the epoch << 10, an odd number near 2^61
+    // whose neighbours no double can tell apart.
+    let old: u64 = 1_838_603_795_027_981_313;
+    let _: () = redis::cmd("SET")
+        .arg(&fence)
+        .arg(old)
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    let first = take_and_give_back(&backend, &key).await;
+    let second = take_and_give_back(&backend, &key).await;
+    assert_eq!((first, second), (old + 1, old + 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_reads_the_holders_token_from_the_counter_even_past_2_pow_53() {
+    let server = RedisServer::start();
+    let backend = server.backend().await;
+    let mut other = other_client(&server).await;
+    let key = unique_key("inspect-exact");
+    let fence = format!("{}:fence", backend.lock_key(&key));
+    let old: u64 = 1_838_603_795_027_981_313;
+    let _: () = redis::cmd("SET")
+        .arg(&fence)
+        .arg(old)
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    let owner = OwnerToken::random();
+    let Acquisition::Acquired(lease) = backend
+        .acquire(&key, owner, Duration::from_secs(5), Some("host-7 pid 42"))
+        .await
+        .unwrap()
+    else {
+        panic!("a fresh key is free");
+    };
+    // Another attempt while it is held answers "held" and leaves the counter alone.
+    assert!(matches!(
+        backend
+            .acquire(&key, OwnerToken::random(), Duration::from_secs(5), None)
+            .await
+            .unwrap(),
+        Acquisition::Held(_)
+    ));
+    let info = backend.inspect(&key).await.unwrap().expect("held");
+    assert_eq!(info.fencing_token, old + 1);
+    assert_eq!(info.fencing_token, lease.fencing_token);
+    assert_eq!(info.metadata.as_deref(), Some("host-7 pid 42"));
+    assert!(backend.release(&lease).await.unwrap());
+    assert!(backend.inspect(&key).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_value_in_the_first_versions_layout_is_still_released_by_its_owner() {
+    let server = RedisServer::start();
+    let backend = server.backend().await;
+    let mut other = other_client(&server).await;
+    let key = unique_key("old-value");
+    let owner = OwnerToken::random();
+    // leasehold 0.1 wrote "<owner> <token>[ <metadata>]".
+    let _: () = redis::cmd("SET")
+        .arg(backend.lock_key(&key))
+        .arg(format!("{owner} 1838603795027981313 batch"))
+        .arg("PX")
+        .arg(5000)
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    let lease = Lease::new(&key, owner, 1_838_603_795_027_981_313);
+    assert!(backend.renew(&lease, Duration::from_secs(5)).await.unwrap());
+    let stranger = Lease::new(&key, OwnerToken::random(), 1);
+    assert!(!backend.release(&stranger).await.unwrap());
+    assert!(backend.release(&lease).await.unwrap());
+    assert!(backend.inspect(&key).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_sees_an_acquisition_with_its_exact_token_and_the_release() {
+    let server = RedisServer::start();
+    let backend = server.backend().await;
+    let mut other = other_client(&server).await;
+    let prefix = unique_key("watched");
+    let key = format!("{prefix}/a");
+    let fence = format!("{}:fence", backend.lock_key(&key));
+    let old: u64 = 1_838_603_795_027_981_313;
+    let _: () = redis::cmd("SET")
+        .arg(&fence)
+        .arg(old)
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    let mut events = backend.watch_prefix(&prefix).await.unwrap();
+    assert_eq!(take_and_give_back(&backend, &key).await, old + 1);
+    let limit = Duration::from_secs(5);
+    let first = timeout(limit, events.next()).await.unwrap().unwrap();
+    assert_eq!(first.key, key);
+    assert_eq!(
+        first.kind,
+        StoreEventKind::Acquired {
+            fencing_token: old + 1
+        }
+    );
+    let second = timeout(limit, events.next()).await.unwrap().unwrap();
+    assert_eq!(second.key, key);
+    assert_eq!(second.kind, StoreEventKind::Released);
 }
 
 /// One holder's time with a key, as the holder saw it.
@@ -694,7 +852,14 @@ async fn lock_key_holds_owner_token_and_metadata_beside_a_fence_counter_with_its
         .query_async(&mut other)
         .await
         .unwrap();
-    assert_eq!(value, format!("{owner} {} a b", lease.fencing_token));
+    assert_eq!(value, format!("{owner} a b"));
+    // The holder's token is the counter's value while it holds the key.
+    let counter: u64 = redis::cmd("GET")
+        .arg(format!("{tagged}:fence"))
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    assert_eq!(counter, lease.fencing_token);
     assert!(backend.release(&lease).await.unwrap());
 }
 
@@ -776,12 +941,49 @@ async fn refused_auth_is_an_error_that_is_not_retried() {
         .expect("an error, not a hang")
         .unwrap_err();
     assert!(!err.is_retryable(), "{err:?}");
+    assert_eq!(err.kind(), ErrorKind::Store(StoreErrorKind::Protocol));
     let message = err.to_string();
     assert!(
         message.contains(&format!("127.0.0.1:{}", server.port())),
         "{message}"
     );
     assert!(!message.contains("wrong-password"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_call_keeps_the_redis_error_whole_and_names_the_server() {
+    let server = RedisServer::start();
+    let backend = server.backend().await;
+    let mut other = other_client(&server).await;
+    let key = unique_key("wrong-type");
+    // Another client made the lock key a hash: the release script's GET fails with WRONGTYPE.
+    let _: () = redis::cmd("HSET")
+        .arg(backend.lock_key(&key))
+        .arg("field")
+        .arg("value")
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    let lease = Lease::new(&key, OwnerToken::random(), 1);
+    let err = backend.release(&lease).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Protocol, "{err}");
+    assert!(!err.is_retryable());
+    assert!(matches!(err.cause(), Some(StoreCause::Redis(_))), "{err:?}");
+    let source = std::error::Error::source(&err).expect("a source");
+    let redis_error = source
+        .downcast_ref::<redis::RedisError>()
+        .expect("the redis crate's own error");
+    assert!(
+        redis_error.to_string().contains("WRONGTYPE"),
+        "{redis_error}"
+    );
+    let message = err.to_string();
+    assert!(message.contains("release"), "{message}");
+    assert!(
+        message.contains(&format!("127.0.0.1:{}", server.port())),
+        "{message}"
+    );
+    assert!(message.contains("WRONGTYPE"), "{message}");
 }
 
 /// Drops every pub/sub connection the server has, as a network fault would.

@@ -115,7 +115,7 @@ use crate::backend::{
     Acquisition, Contention, Lease, LockBackend, LockInfo, OwnerToken, ReleaseNotices, StoreEvent,
     StoreEventKind, StoreEvents,
 };
-use crate::error::{Error, Result, StoreError};
+use crate::error::{Error, Result, StoreCause, StoreError};
 
 /// The key prefix used unless [`EtcdBackendBuilder::with_prefix`] says otherwise.
 pub const DEFAULT_PREFIX: &str = "leasehold/";
@@ -280,9 +280,9 @@ impl EtcdBackendBuilder {
                 .with_require_leader(true)
                 .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
         });
-        let unavailable = |why: String| Error::Store {
+        let unavailable = |source: StoreError| Error::Store {
             backend: "etcd".to_owned(),
-            source: StoreError::Unavailable(why),
+            source,
         };
         let tries = tries_per_call(endpoints.len());
         let connecting = async {
@@ -313,15 +313,15 @@ impl EtcdBackendBuilder {
                 )))
             }
             Ok(Err(error)) => {
-                return Err(unavailable(format!(
-                    "could not reach etcd at {endpoints:?}: {}",
-                    describe(&error)
+                return Err(unavailable(StoreError::unavailable_because(
+                    format!("could not reach etcd at {endpoints:?}"),
+                    error,
                 )))
             }
             Err(_) => {
-                return Err(unavailable(format!(
+                return Err(unavailable(StoreError::unavailable(format!(
                     "etcd at {endpoints:?} did not answer within {connect_timeout:?}"
-                )))
+                ))))
             }
         };
         Ok(EtcdBackend {
@@ -479,7 +479,7 @@ impl EtcdBackend {
             Ok(_) => Ok(()),
             // etcd says "requested lease not found" (gRPC not found) for a lease that
             // expired or was revoked already: the outcome asked for.
-            Err(StoreError::Protocol(why)) if why.contains("lease not found") => Ok(()),
+            Err(error) if is_lease_not_found(&error) => Ok(()),
             Err(error) => Err(error),
         }
     }
@@ -700,7 +700,7 @@ impl EtcdBackend {
             }
         };
         if answer.key() != ours.as_bytes() {
-            return Err(StoreError::Protocol(format!(
+            return Err(StoreError::protocol(format!(
                 "etcd's Lock service named the lock key {:?}, expected {ours:?}",
                 String::from_utf8_lossy(answer.key())
             )));
@@ -727,7 +727,7 @@ impl EtcdBackend {
                 lease.lease_id = Some(grant.keep());
                 Ok(Some(Acquisition::Acquired(lease)))
             }
-            _ => Err(StoreError::Unavailable(format!(
+            _ => Err(StoreError::unavailable(format!(
                 "the lock key {ours:?} was gone right after etcd's Lock service granted it"
             ))),
         }
@@ -750,7 +750,7 @@ impl EtcdBackend {
             .await?;
         match watch.message().await {
             Ok(Some(created)) if created.created() && !created.canceled() => Ok(watch),
-            Ok(other) => Err(StoreError::Unavailable(format!(
+            Ok(other) => Err(StoreError::unavailable(format!(
                 "etcd did not create the watch on {watched:?}: {other:?}"
             ))),
             Err(error) => Err(store_error("watch", error)),
@@ -1155,14 +1155,14 @@ fn txn_revision(answer: &TxnResponse) -> Result<i64, StoreError> {
     answer
         .header()
         .map(|h| h.revision())
-        .ok_or_else(|| StoreError::Protocol("etcd txn answer without a header".to_owned()))
+        .ok_or_else(|| StoreError::protocol("etcd txn answer without a header"))
 }
 
 fn token(revision: i64) -> Result<u64, StoreError> {
     u64::try_from(revision)
         .ok()
         .filter(|&t| t > 0)
-        .ok_or_else(|| StoreError::Protocol(format!("etcd revision {revision} is not positive")))
+        .ok_or_else(|| StoreError::protocol(format!("etcd revision {revision} is not positive")))
 }
 
 /// The key read by the `else` branch of the acquire transaction.
@@ -1241,10 +1241,10 @@ fn broke_in_transit(error: &etcd_client::Error) -> bool {
 }
 
 /// Sorts etcd-client's errors into retryable (the cluster could not be reached, had no
-/// leader, timed out) and not (bad request, permission, protocol).
+/// leader, timed out) and not (bad request, permission, protocol), keeping the error whole.
 fn store_error(op: &'static str, error: etcd_client::Error) -> StoreError {
     use etcd_client::Error as E;
-    let message = format!("etcd {op}: {}", describe(&error));
+    let context = format!("etcd {op}");
     let retryable = match &error {
         E::GRpcStatus(status) => {
             let code: i32 = status.code().into();
@@ -1262,9 +1262,23 @@ fn store_error(op: &'static str, error: etcd_client::Error) -> StoreError {
         _ => false,
     };
     if retryable {
-        StoreError::Unavailable(message)
+        StoreError::unavailable_because(context, error)
     } else {
-        StoreError::Protocol(message)
+        StoreError::protocol_because(context, error)
+    }
+}
+
+/// Whether etcd answered "requested lease not found" (gRPC not found): the lease expired or
+/// was revoked already.
+fn is_lease_not_found(error: &StoreError) -> bool {
+    match error.cause() {
+        Some(StoreCause::Etcd(error)) => matches!(
+            &**error,
+            etcd_client::Error::GRpcStatus(status)
+                // gRPC code 5: not found.
+                if i32::from(status.code()) == 5 && status.message().contains("lease not found")
+        ),
+        _ => false,
     }
 }
 
@@ -1322,7 +1336,7 @@ fn check_endpoint(endpoint: &str) -> std::result::Result<(), &'static str> {
 
 /// An etcd-client error in a line: for a gRPC status, its message, code and the failure at
 /// the bottom of its cause (`tcp connect error (Unavailable): Connection refused`).
-fn describe(error: &etcd_client::Error) -> String {
+pub(crate) fn describe(error: &etcd_client::Error) -> String {
     let etcd_client::Error::GRpcStatus(status) = error else {
         return error.to_string();
     };

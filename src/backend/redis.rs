@@ -6,29 +6,54 @@
 //!
 //! | name            | Redis type                  | holds                                  |
 //! |-----------------|-----------------------------|----------------------------------------|
-//! | `P{K}`          | string, expires with lease  | `<owner> <token>[ <metadata>]`         |
-//! | `P{K}:fence`    | string, never expires       | the last fencing token handed out      |
+//! | `P{K}`          | string, expires with lease  | `<owner>[ <metadata>]`                 |
+//! | `P{K}:fence`    | string, never expires       | the last fencing token handed out; while `P{K}` exists, its holder's token |
 //! | `P{K}:released` | pub/sub channel             | one message on every release           |
 //! | `P{K}:acquired` | pub/sub channel             | the new fencing token, on every acquire |
 //! | `Pepoch`        | string, never expires       | with a restart quarantine only: when the server first served leasehold since it lost its data |
 //!
-//! The lock key's value is the owner token (32 hex digits), the holder's fencing token, and
-//! the metadata if the holder gave any, separated by single spaces.
-//! Everything `inspect` shows lives in the one lock key, so it expires with the lease and a
-//! release deletes it whole. The braces make `K` the hash tag of both keys, so on Redis Cluster
-//! they live in one slot and the acquire script, which touches both, may run there. (A key that
-//! begins with `}` has an empty tag, which Cluster ignores; on a single server it makes no
-//! difference.)
+//! The lock key's value is the owner token (32 hex digits), then a space and the metadata if
+//! the holder gave any. The holder's fencing token is not in it: only an acquisition that won
+//! the lock key advances the fence counter, so while the lock key exists the counter holds
+//! its holder's token, and `inspect` reads both together. The braces make `K` the hash tag of
+//! both keys, so on Redis Cluster they live in one slot and the acquire script, which touches
+//! both, may run there. (A key that begins with `}` has an empty tag, which Cluster ignores;
+//! on a single server it makes no difference.)
+//!
+//! Values written by leasehold 0.1 (`<owner> <token>[ <metadata>]`) are still released and
+//! renewed by their owner, but nodes of both versions must not share a prefix: 0.1 looks for
+//! `<owner> ` and so cannot release a value of this version without metadata, and 0.1's
+//! `inspect` looks for the token in the value.
 //!
 //! # Operations
 //! Acquire, release and renew are each one Lua script (the `.lua` files beside this one), which
-//! the server runs atomically, in one round trip:
-//! - **acquire**: if the lock key is free, advance the fence counter and
-//!   `SET P{K} "<owner> <token>[ <metadata>]" NX PX ttl`, and return the token; if it is held,
-//!   return its `PTTL`, which bounds how long a waiter sleeps without a notice.
-//! - **release**: compare the owner token, `DEL` the lock key, `PUBLISH` on the release channel.
+//! the server runs atomically, in one round trip. The commands each runs:
+//!
+//! | call    | key free                        | key taken    |
+//! |---------|---------------------------------|--------------|
+//! | acquire | `SET NX PX`, `INCR`, `PUBLISH`  | `SET NX PX`, `PTTL` |
+//! | release | `GET`, `DEL`, `PUBLISH`         | `GET`        |
+//! | renew   | `GET`, `PEXPIRE`                | `GET`        |
+//! | inspect | `MULTI`, `GET`, `GET`, `PTTL`, `EXEC` | same   |
+//!
+//! - **acquire**: `SET P{K} "<owner>[ <metadata>]" NX PX ttl`; if that wrote the key, `INCR`
+//!   the fence counter, `PUBLISH` the token on the acquisition channel and return it; if the
+//!   key is held, return its `PTTL`, which bounds how long a waiter sleeps without a notice.
+//!   The first `INCR` of a counter, and counters past 2^53, cost one more command each (see
+//!   *Fencing tokens*); a restart quarantine costs `TIME` and `SET NX GET` on every attempt.
+//! - **release**: compare the owner token, `DEL` the lock key, `PUBLISH` on the release channel
+//!   (the waiters' notice). The fence counter stays.
 //! - **renew**: compare the owner token, `PEXPIRE` the lock key.
-//! - **inspect** is a read: `GET` and `PTTL` in one `MULTI`/`EXEC`.
+//! - **inspect** is a read: the lock key, the fence counter and the lock key's `PTTL` in one
+//!   `MULTI`/`EXEC`.
+//!
+//! The acquisition `PUBLISH` is kept although usually nobody listens: an idle `PUBLISH` costs
+//! the server a dictionary lookup (about 0.4 µs of a 10 µs script, measured on Redis 7.0), and
+//! it is the one way a `watch` sees every acquisition. Publishing only while a watch is
+//! registered would need the registration read in the same atomic step as the `SET` (a
+//! command of the same cost, on a key outside the lock's hash slot, which Redis Cluster
+//! refuses), or a flag cached by the client, which lets an acquisition sent before the watch
+//! registered run after it started, unseen.
 //!
 //! The scripts are loaded with `SCRIPT LOAD` when the backend connects and run by SHA
 //! (`EVALSHA`); a server that forgot them (a restart) answers `NOSCRIPT`, and the call loads
@@ -39,18 +64,24 @@
 //! even when Redis loses its data (a restart without persistence, a failover to a replica that
 //! had not seen the counter): a counter that starts again at 1 would hand out tokens that
 //! fenced resources have already accepted. So when the acquire script finds the counter
-//! missing, it seeds it from the server's clock before incrementing it:
+//! missing (`INCR` answers 1), it seeds it from the server's clock:
 //!
 //! ```text
-//! seed = (microseconds since the Unix epoch, from TIME) << 10
+//! seed = (milliseconds since the Unix epoch, from TIME) × 1024 + 1
 //! ```
 //!
-//! That leaves 1024 tokens per microsecond of headroom: a new seed exceeds every token issued
-//! since the previous one unless the key was taken more than a billion times a second, or the
-//! server's clock went back. Redis counters are signed 64-bit integers, so the scheme lasts
-//! until about the year 2255. Tokens therefore look like `1838603795027981313` (a key first
-//! locked in 2026), not `1, 2, 3`; only their order means anything. The counter itself never expires (a few dozen
-//! bytes per lock name ever used).
+//! That leaves 1024 tokens per millisecond of headroom: a new seed exceeds every token issued
+//! since the previous one unless the key was taken more than 1024 times a millisecond on
+//! average since then (a million times a second, far beyond one Redis server), or the server's
+//! clock went back. Tokens therefore look like `1839090626446337` (a key first locked in
+//! 2026), not `1, 2, 3`; only their order means anything.
+//!
+//! The seed stays below 2^53 until the year 2248, so the Lua number `INCR` answers is exact
+//! and is returned as it is. A counter at or past 2^53 — seeded by leasehold 0.1, which
+//! seeded from microseconds (near 2^61), or by this scheme after 2248 — is read back with
+//! `GET` as a string, so every digit stays exact and tokens keep increasing across the
+//! upgrade. Redis counters are signed 64-bit integers; 0.1's counters last until about 2255.
+//! The counter itself never expires (a few dozen bytes per lock name ever used).
 //!
 //! # Waiting
 //! The backend actor keeps at most one subscription per contended key and node; this backend
@@ -69,23 +100,17 @@
 //! turns on one of the `redis` crate's TLS features), and optionally a
 //! [`ConnectionManagerConfig`].
 
-use std::collections::HashMap;
 use std::fmt;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::{Stream, StreamExt};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
+use futures::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{
     Client, ConnectionInfo, ErrorKind, IntoConnectionInfo, RedisError, Script, ServerErrorKind,
     Value,
 };
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
 use crate::backend::{
@@ -93,6 +118,10 @@ use crate::backend::{
     StoreEventKind, StoreEvents,
 };
 use crate::error::{Error, Result, StoreError};
+
+mod notices;
+
+use notices::NoticeHub;
 
 /// The key prefix used unless [`RedisBackend::with_prefix`] says otherwise.
 pub const DEFAULT_PREFIX: &str = "leasehold:";
@@ -204,14 +233,13 @@ impl RedisBackend {
         let conn = match timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(error)) => {
-                let source = match store_error(error) {
-                    StoreError::Unavailable(why) => {
-                        StoreError::Unavailable(format!("cannot connect to redis at {addr}: {why}"))
-                    }
-                    StoreError::Protocol(why) => {
-                        StoreError::Protocol(format!("redis at {addr} refused us: {why}"))
-                    }
-                    other => other,
+                let source = if is_transient(&error) {
+                    StoreError::unavailable_because(
+                        format!("cannot connect to redis at {addr}"),
+                        error,
+                    )
+                } else {
+                    StoreError::protocol_because(format!("redis at {addr} refused us"), error)
                 };
                 return Err(Error::Store {
                     backend: "redis".to_owned(),
@@ -221,7 +249,7 @@ impl RedisBackend {
             Err(_) => {
                 return Err(Error::Store {
                     backend: "redis".to_owned(),
-                    source: StoreError::Unavailable(format!(
+                    source: StoreError::unavailable(format!(
                         "redis at {addr} did not answer within {CONNECT_TIMEOUT:?}"
                     )),
                 })
@@ -266,6 +294,11 @@ impl RedisBackend {
     pub fn lock_key(&self, key: &str) -> String {
         format!("{}{{{key}}}", self.prefix)
     }
+
+    /// A failed call as a [`StoreError`] naming the operation and the server.
+    fn failed(&self, op: &str, error: RedisError) -> StoreError {
+        store_error(format!("redis {op} at {}", self.notices.addr), error)
+    }
 }
 
 /// The connection-manager settings [`RedisBackend::connect_info`] uses.
@@ -295,32 +328,43 @@ impl LockBackend for RedisBackend {
         metadata: Option<&str>,
     ) -> Result<Acquisition, StoreError> {
         let lock = self.lock_key(key);
+        // "<owner>[ <metadata>]": built here, so the script only writes it.
+        let value = match metadata {
+            Some(metadata) => format!("{owner} {metadata}"),
+            None => owner.to_string(),
+        };
         let mut call = ACQUIRE.key(&lock);
         call.key(format!("{lock}:fence"))
-            .arg(owner.to_string())
+            .arg(value)
             .arg(millis(ttl))
-            .arg(format!("{lock}:acquired"))
-            .arg(u64::try_from(self.quarantine.as_millis()).unwrap_or(u64::MAX));
+            .arg(u64::try_from(self.quarantine.as_millis()).unwrap_or(u64::MAX))
+            .arg(format!("{lock}:acquired"));
         if !self.quarantine.is_zero() {
             call.key(format!("{}epoch", self.prefix));
-        }
-        if let Some(metadata) = metadata {
-            call.arg(metadata);
         }
         // EVALSHA, with a reload on NOSCRIPT (see the module docs).
         let reply: Value = call
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(store_error)?;
+            .map_err(|error| self.failed("acquire", error))?;
         match reply {
+            // Below 2^53 the script answers the token as an integer, above as its digits.
+            Value::Int(token) => Ok(Acquisition::Acquired(Lease::new(
+                key,
+                owner,
+                u64::try_from(token).map_err(|_| unexpected("acquire", &reply))?,
+            ))),
             Value::BulkString(token) => Ok(Acquisition::Acquired(Lease::new(
                 key,
                 owner,
                 parse_token(&token)?,
             ))),
-            Value::Int(pttl) => Ok(Acquisition::Held(Contention::with_remaining_ttl(
-                remaining(pttl),
-            ))),
+            Value::Array(ref held) => match held.as_slice() {
+                [Value::Int(pttl)] => Ok(Acquisition::Held(Contention::with_remaining_ttl(
+                    remaining(*pttl),
+                ))),
+                _ => Err(unexpected("acquire", &reply)),
+            },
             other => Err(unexpected("acquire", &other)),
         }
     }
@@ -333,7 +377,7 @@ impl LockBackend for RedisBackend {
             .arg(millis(ttl))
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(store_error)
+            .map_err(|error| self.failed("renew", error))
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {
@@ -344,19 +388,22 @@ impl LockBackend for RedisBackend {
             .arg(format!("{lock}:released"))
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(store_error)
+            .map_err(|error| self.failed("release", error))
     }
 
     async fn inspect(&self, key: &str) -> Result<Option<LockInfo>, StoreError> {
         let lock = self.lock_key(key);
-        // MULTI/EXEC, so the value and the ttl describe the same holder.
-        let (value, pttl): (Option<Vec<u8>>, i64) = redis::pipe()
+        // MULTI/EXEC, so the value, the token and the ttl describe the same holder. While the
+        // lock key exists its holder's token is the fence counter: only an acquisition that
+        // won the key advances it.
+        let (value, token, pttl): (Option<Vec<u8>>, Option<Vec<u8>>, i64) = redis::pipe()
             .atomic()
             .get(&lock)
+            .get(format!("{lock}:fence"))
             .pttl(&lock)
             .query_async(&mut self.conn.clone())
             .await
-            .map_err(store_error)?;
+            .map_err(|error| self.failed("inspect", error))?;
         // PTTL -2: no key. -1: a key without expiry, which only another client can have written.
         let remaining_ttl = match pttl {
             -2 => return Ok(None),
@@ -366,11 +413,16 @@ impl LockBackend for RedisBackend {
         let Some(value) = value else {
             return Ok(None);
         };
-        // "<owner> <token>[ <metadata>]". A value some other client wrote has no token.
+        // "<owner>[ <metadata>]". A key some other client wrote shows the counter's last token
+        // if leasehold ever used the name, 0 if not.
         let value = String::from_utf8_lossy(&value);
-        let mut fields = value.splitn(3, ' ').skip(1);
-        let fencing_token = fields.next().and_then(|t| t.parse().ok()).unwrap_or(0);
-        let metadata = fields.next().map(str::to_owned);
+        let metadata = value
+            .split_once(' ')
+            .map(|(_, metadata)| metadata.to_owned());
+        let fencing_token = match token {
+            Some(token) => parse_token(&token)?,
+            None => 0,
+        };
         Ok(Some(LockInfo {
             key: key.to_owned(),
             fencing_token,
@@ -398,7 +450,7 @@ impl LockBackend for RedisBackend {
             Ok::<_, RedisError>(pubsub)
         };
         let pubsub = match timeout(PUBSUB_TIMEOUT, opening).await {
-            Ok(pubsub) => pubsub.map_err(store_error)?,
+            Ok(pubsub) => pubsub.map_err(|error| self.failed("watch", error))?,
             Err(_) => {
                 return Err(StoreError::TimedOut {
                     op: "watch",
@@ -463,7 +515,7 @@ fn parse_token(token: &[u8]) -> Result<u64, StoreError> {
         .ok()
         .and_then(|token| token.parse().ok())
         .ok_or_else(|| {
-            StoreError::Protocol(format!(
+            StoreError::protocol(format!(
                 "fencing token {:?} is not a number",
                 String::from_utf8_lossy(token)
             ))
@@ -471,14 +523,24 @@ fn parse_token(token: &[u8]) -> Result<u64, StoreError> {
 }
 
 fn unexpected(op: &str, reply: &Value) -> StoreError {
-    StoreError::Protocol(format!("{op} script answered {reply:?}"))
+    StoreError::protocol(format!("redis {op} answered {reply:?}"))
 }
 
-/// Sorts a `redis` error into the crate's two classes: the server could not be reached or did
-/// not answer in time, or is briefly unable to serve (loading, failing over) → `Unavailable`,
-/// retryable; anything else (a script error, a refused AUTH, a wrong reply) → `Protocol`.
-fn store_error(error: RedisError) -> StoreError {
-    let transient = error.is_io_error()
+/// Sorts a `redis` error into the crate's two classes, keeping it whole: the server could not
+/// be reached or did not answer in time, or is briefly unable to serve (loading, failing over)
+/// → `Unavailable`, retryable; anything else (a script error, a refused AUTH, a wrong reply) →
+/// `Protocol`. `context` names the operation and the address.
+fn store_error(context: String, error: RedisError) -> StoreError {
+    if is_transient(&error) {
+        StoreError::unavailable_because(context, error)
+    } else {
+        StoreError::protocol_because(context, error)
+    }
+}
+
+/// Whether trying again may help: see [`store_error`].
+fn is_transient(error: &RedisError) -> bool {
+    error.is_io_error()
         || error.is_timeout()
         || error.is_connection_dropped()
         || error.is_connection_refusal()
@@ -490,12 +552,7 @@ fn store_error(error: RedisError) -> StoreError {
                     | ServerErrorKind::MasterDown
                     | ServerErrorKind::ReadOnly
             )
-        );
-    if transient {
-        StoreError::Unavailable(error.to_string())
-    } else {
-        StoreError::Protocol(error.to_string())
-    }
+        )
 }
 
 /// The URL with the password of its user-info part replaced, for error messages.
@@ -510,302 +567,6 @@ fn hide_password(url: &str) -> String {
     match rest[..at].split_once(':') {
         Some((user, _password)) => format!("{scheme}://{user}:***{}", &rest[at..]),
         None => url.to_owned(),
-    }
-}
-
-/// The pub/sub side of one backend (and its clones): the task that owns the pub/sub
-/// connection, started on the first subscription.
-struct NoticeHub {
-    client: Client,
-    addr: String,
-    next_id: AtomicU64,
-    task: Mutex<Option<HubTask>>,
-}
-
-struct HubTask {
-    commands: mpsc::UnboundedSender<HubCommand>,
-    handle: JoinHandle<()>,
-}
-
-enum HubCommand {
-    Subscribe {
-        channel: String,
-        id: u64,
-        notices: mpsc::Sender<()>,
-        done: oneshot::Sender<Result<(), StoreError>>,
-    },
-    Unsubscribe {
-        channel: String,
-        id: u64,
-    },
-}
-
-impl NoticeHub {
-    fn new(client: Client, addr: String) -> Self {
-        NoticeHub {
-            client,
-            addr,
-            next_id: AtomicU64::new(0),
-            task: Mutex::new(None),
-        }
-    }
-
-    fn task(&self) -> MutexGuard<'_, Option<HubTask>> {
-        // Every update under this lock is a single assignment: a panic cannot leave it torn.
-        self.task
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// The running task's command queue, starting the task if it is not running.
-    fn commands(&self) -> mpsc::UnboundedSender<HubCommand> {
-        let mut task = self.task();
-        match task.as_ref() {
-            Some(running) if !running.commands.is_closed() => running.commands.clone(),
-            _ => {
-                let (commands, queue) = mpsc::unbounded_channel();
-                let handle = tokio::spawn(run_hub(self.client.clone(), self.addr.clone(), queue));
-                *task = Some(HubTask {
-                    commands: commands.clone(),
-                    handle,
-                });
-                commands
-            }
-        }
-    }
-
-    async fn subscribe(&self, channel: String) -> Result<Notices, StoreError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        // Capacity 1: notices that arrive while one is pending add nothing (the waiter
-        // re-checks the key once either way).
-        let (notices, rx) = mpsc::channel(1);
-        let (done, answer) = oneshot::channel();
-        let commands = self.commands();
-        let gone = || StoreError::Unavailable("the release-notice task stopped".to_owned());
-        commands
-            .send(HubCommand::Subscribe {
-                channel: channel.clone(),
-                id,
-                notices,
-                done,
-            })
-            .map_err(|_| gone())?;
-        // Built before the answer comes, so that dropping this future while it waits still
-        // unsubscribes.
-        let stream = Notices {
-            rx,
-            channel,
-            id,
-            commands,
-        };
-        // The task bounds each of its steps; this bounds the wait behind other requests too.
-        let budget = PUBSUB_TIMEOUT * 2;
-        match timeout(budget, answer).await {
-            Ok(Ok(Ok(()))) => Ok(stream),
-            Ok(Ok(Err(error))) => Err(error),
-            Ok(Err(_)) => Err(gone()),
-            Err(_) => Err(StoreError::TimedOut {
-                op: "subscribe",
-                after: budget,
-            }),
-        }
-    }
-}
-
-impl Drop for NoticeHub {
-    fn drop(&mut self) {
-        // The last clone of the backend is gone: nobody can subscribe any more.
-        if let Some(task) = self.task().take() {
-            task.handle.abort();
-        }
-    }
-}
-
-/// One subscriber's release notices. Dropping it unsubscribes.
-struct Notices {
-    rx: mpsc::Receiver<()>,
-    channel: String,
-    id: u64,
-    commands: mpsc::UnboundedSender<HubCommand>,
-}
-
-impl Stream for Notices {
-    type Item = ();
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<()>> {
-        self.rx.poll_recv(cx)
-    }
-}
-
-impl Drop for Notices {
-    fn drop(&mut self) {
-        let _ = self.commands.send(HubCommand::Unsubscribe {
-            channel: std::mem::take(&mut self.channel),
-            id: self.id,
-        });
-    }
-}
-
-/// The task that owns the pub/sub connection.
-struct Hub {
-    client: Client,
-    addr: String,
-    /// `None` until the first subscription, and again after the connection broke.
-    conn: Option<(PubSubSink, PubSubStream)>,
-    /// Channel → its local subscribers. A channel is in this map exactly while the connection
-    /// is subscribed to it.
-    channels: HashMap<String, Vec<(u64, mpsc::Sender<()>)>>,
-}
-
-enum HubEvent {
-    Command(HubCommand),
-    Message(Option<redis::Msg>),
-}
-
-async fn run_hub(client: Client, addr: String, mut commands: mpsc::UnboundedReceiver<HubCommand>) {
-    let mut hub = Hub {
-        client,
-        addr,
-        conn: None,
-        channels: HashMap::new(),
-    };
-    loop {
-        let event = tokio::select! {
-            command = commands.recv() => match command {
-                Some(command) => HubEvent::Command(command),
-                None => return,
-            },
-            message = next_message(&mut hub.conn) => HubEvent::Message(message),
-        };
-        match event {
-            HubEvent::Command(HubCommand::Subscribe {
-                channel,
-                id,
-                notices,
-                done,
-            }) => {
-                let result = hub.subscribe(channel, id, notices).await;
-                let _ = done.send(result);
-            }
-            HubEvent::Command(HubCommand::Unsubscribe { channel, id }) => {
-                hub.unsubscribe(&channel, id).await;
-            }
-            HubEvent::Message(Some(message)) => {
-                if let Some(subscribers) = hub.channels.get(message.get_channel_name()) {
-                    for (_, notices) in subscribers {
-                        // Full: a notice is already pending. Closed: its stream was dropped
-                        // and the unsubscribe is on its way.
-                        let _ = notices.try_send(());
-                    }
-                }
-            }
-            HubEvent::Message(None) => {
-                tracing::warn!(addr = %hub.addr, "redis pub/sub connection closed; release notices end until the next subscription");
-                hub.disconnect();
-            }
-        }
-    }
-}
-
-/// The next pub/sub message; never, while there is no connection.
-async fn next_message(conn: &mut Option<(PubSubSink, PubSubStream)>) -> Option<redis::Msg> {
-    match conn {
-        Some((_, stream)) => stream.next().await,
-        None => std::future::pending().await,
-    }
-}
-
-impl Hub {
-    async fn subscribe(
-        &mut self,
-        channel: String,
-        id: u64,
-        notices: mpsc::Sender<()>,
-    ) -> Result<(), StoreError> {
-        if let Some(subscribers) = self.channels.get_mut(&channel) {
-            // Already subscribed for another local waiter: one Redis subscription serves both.
-            subscribers.push((id, notices));
-            return Ok(());
-        }
-        if self.conn.is_none() {
-            // A dedicated connection: one in SUBSCRIBE mode can run nothing but (un)subscribe
-            // commands, so it cannot be the multiplexed one the scripts use.
-            let connecting = timeout(PUBSUB_TIMEOUT, self.client.get_async_pubsub());
-            let pubsub = match connecting.await {
-                Ok(Ok(pubsub)) => pubsub,
-                Ok(Err(error)) => return Err(self.failed("connect", error)),
-                Err(_) => return Err(self.timed_out("connect")),
-            };
-            self.conn = Some(pubsub.split());
-        }
-        let (sink, _) = self.conn.as_mut().expect("connected above");
-        // SUBSCRIBE returns once the server confirms: from then on every PUBLISH on the
-        // channel reaches us, so the waiter's re-check after this cannot miss a release.
-        match timeout(PUBSUB_TIMEOUT, sink.subscribe(&channel)).await {
-            Ok(Ok(())) => {
-                self.channels.insert(channel, vec![(id, notices)]);
-                Ok(())
-            }
-            Ok(Err(error)) => {
-                let error = self.failed("subscribe", error);
-                if error.is_retryable() {
-                    self.disconnect();
-                }
-                Err(error)
-            }
-            Err(_) => {
-                self.disconnect();
-                Err(self.timed_out("subscribe"))
-            }
-        }
-    }
-
-    async fn unsubscribe(&mut self, channel: &str, id: u64) {
-        let Some(subscribers) = self.channels.get_mut(channel) else {
-            return;
-        };
-        subscribers.retain(|(subscriber, _)| *subscriber != id);
-        if !subscribers.is_empty() {
-            return;
-        }
-        self.channels.remove(channel);
-        let Some((sink, _)) = self.conn.as_mut() else {
-            return;
-        };
-        // UNSUBSCRIBE, so the server stops sending this node releases nobody here waits for.
-        // A connection that cannot even do that is replaced on the next subscription.
-        if !matches!(
-            timeout(PUBSUB_TIMEOUT, sink.unsubscribe(channel)).await,
-            Ok(Ok(()))
-        ) {
-            self.disconnect();
-        }
-    }
-
-    /// Drops the connection and ends every stream: their subscriptions went with it, and the
-    /// waiters' backstop timers take over.
-    fn disconnect(&mut self) {
-        self.conn = None;
-        self.channels.clear();
-    }
-
-    fn failed(&self, op: &str, error: RedisError) -> StoreError {
-        match store_error(error) {
-            StoreError::Unavailable(why) => {
-                StoreError::Unavailable(format!("redis pub/sub {op} at {}: {why}", self.addr))
-            }
-            StoreError::Protocol(why) => {
-                StoreError::Protocol(format!("redis pub/sub {op} at {}: {why}", self.addr))
-            }
-            other => other,
-        }
-    }
-
-    fn timed_out(&self, op: &str) -> StoreError {
-        StoreError::Unavailable(format!(
-            "redis pub/sub {op} at {} did not answer within {PUBSUB_TIMEOUT:?}",
-            self.addr
-        ))
     }
 }
 

@@ -9,7 +9,7 @@ use ractor_cluster::RactorClusterMessage;
 use super::wire::{bytes_convertable, wire_struct, Wire};
 use super::RemoteHolder;
 use crate::backend::{LockInfo, OwnerToken};
-use crate::error::Error;
+use crate::error::{Error, ErrorKind, StoreErrorKind};
 use crate::event::{LockEvent, LockEventKind, LostReason, ReleaseReason};
 use crate::guard::LockGuard;
 use crate::options::Wait;
@@ -181,49 +181,18 @@ impl From<LockInfo> for RemoteLockInfo {
     }
 }
 
-/// Which [`Error`] a [`RemoteError`] stands for, or which remote-only failure it is.
+/// Which [`Error`] a [`RemoteError`] stands for, or which failure only a remote caller can
+/// meet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RemoteErrorKind {
-    /// [`Error::EmptyKey`].
-    EmptyKey,
-    /// [`Error::KeyTooLong`].
-    KeyTooLong,
-    /// [`Error::KeyHasControlChar`].
-    KeyHasControlChar,
-    /// [`Error::InvalidTtl`].
-    InvalidTtl,
-    /// [`Error::MetadataTooLong`].
-    MetadataTooLong,
-    /// [`Error::UnknownBackend`].
-    UnknownBackend,
-    /// [`Error::InvalidConfig`].
-    InvalidConfig,
-    /// [`Error::AlreadyHeld`].
-    AlreadyHeld,
-    /// [`Error::Timeout`].
-    Timeout,
-    /// [`Error::LeaseLost`].
-    LeaseLost,
-    /// [`Error::NotHeld`].
-    NotHeld,
-    /// [`Error::Store`] with a retryable store error.
-    StoreRetryable,
-    /// [`Error::Store`] with a store error that is not retryable.
-    StoreFatal,
-    /// [`Error::BackendDown`].
-    BackendDown,
-    /// [`Error::ManagerStopped`].
-    ManagerStopped,
+    /// The lock manager answered an [`Error`] of this kind.
+    Manager(ErrorKind),
     /// The gateway could not find the holder (or subscriber) actor: it is not on a connected
     /// node, or its message type cannot cross nodes, so ractor_cluster did not advertise it.
     HolderNotFound,
     /// The gateway did not answer (its node is unreachable, or the call timed out).
     Unreachable,
-    /// [`Error::ManagerNotFound`].
-    ManagerNotFound,
-    /// [`Error::BackendPanicked`].
-    BackendPanicked,
 }
 
 /// An [`Error`] as it crosses the wire: its kind and its message (the local error's
@@ -248,58 +217,31 @@ impl RemoteError {
 
     /// As [`Error::is_retryable`] (plus an unreachable gateway).
     pub fn is_retryable(&self) -> bool {
-        use RemoteErrorKind::*;
-        matches!(
-            self.kind,
-            StoreRetryable | BackendDown | Timeout | Unreachable
-        )
+        match self.kind {
+            RemoteErrorKind::Manager(kind) => kind.is_retryable(),
+            RemoteErrorKind::Unreachable => true,
+            RemoteErrorKind::HolderNotFound => false,
+        }
     }
 
     /// As [`Error::is_invalid_input`] (plus a holder the gateway cannot see).
     pub fn is_invalid_input(&self) -> bool {
-        use RemoteErrorKind::*;
-        matches!(
-            self.kind,
-            EmptyKey
-                | KeyTooLong
-                | KeyHasControlChar
-                | InvalidTtl
-                | MetadataTooLong
-                | UnknownBackend
-                | InvalidConfig
-                | AlreadyHeld
-                | HolderNotFound
-        )
+        match self.kind {
+            RemoteErrorKind::Manager(kind) => kind.is_invalid_input(),
+            RemoteErrorKind::HolderNotFound => true,
+            RemoteErrorKind::Unreachable => false,
+        }
     }
 
     /// As [`Error::is_fatal`].
     pub fn is_fatal(&self) -> bool {
-        self.kind == RemoteErrorKind::ManagerStopped
+        matches!(self.kind, RemoteErrorKind::Manager(kind) if kind.is_fatal())
     }
 }
 
 impl From<&Error> for RemoteErrorKind {
     fn from(error: &Error) -> Self {
-        use RemoteErrorKind as K;
-        match error {
-            Error::EmptyKey => K::EmptyKey,
-            Error::KeyTooLong { .. } => K::KeyTooLong,
-            Error::KeyHasControlChar { .. } => K::KeyHasControlChar,
-            Error::InvalidTtl { .. } => K::InvalidTtl,
-            Error::MetadataTooLong { .. } => K::MetadataTooLong,
-            Error::UnknownBackend { .. } => K::UnknownBackend,
-            Error::InvalidConfig(_) => K::InvalidConfig,
-            Error::AlreadyHeld { .. } => K::AlreadyHeld,
-            Error::Timeout { .. } => K::Timeout,
-            Error::LeaseLost { .. } => K::LeaseLost,
-            Error::NotHeld { .. } => K::NotHeld,
-            Error::Store { source, .. } if source.is_retryable() => K::StoreRetryable,
-            Error::Store { .. } => K::StoreFatal,
-            Error::BackendDown { .. } => K::BackendDown,
-            Error::ManagerStopped => K::ManagerStopped,
-            Error::ManagerNotFound { .. } => K::ManagerNotFound,
-            Error::BackendPanicked { .. } => K::BackendPanicked,
-        }
+        RemoteErrorKind::Manager(error.kind())
     }
 }
 
@@ -472,27 +414,76 @@ wire_unit_enum!(ReleaseReason {
     ReleaseReason::Shutdown,
     ReleaseReason::Abandoned,
 });
-wire_unit_enum!(RemoteErrorKind {
-    RemoteErrorKind::EmptyKey,
-    RemoteErrorKind::KeyTooLong,
-    RemoteErrorKind::KeyHasControlChar,
-    RemoteErrorKind::InvalidTtl,
-    RemoteErrorKind::MetadataTooLong,
-    RemoteErrorKind::UnknownBackend,
-    RemoteErrorKind::InvalidConfig,
-    RemoteErrorKind::AlreadyHeld,
-    RemoteErrorKind::Timeout,
-    RemoteErrorKind::LeaseLost,
-    RemoteErrorKind::NotHeld,
-    RemoteErrorKind::StoreRetryable,
-    RemoteErrorKind::StoreFatal,
-    RemoteErrorKind::BackendDown,
-    RemoteErrorKind::ManagerStopped,
-    RemoteErrorKind::HolderNotFound,
-    RemoteErrorKind::Unreachable,
-    RemoteErrorKind::ManagerNotFound,
-    RemoteErrorKind::BackendPanicked,
+wire_unit_enum!(StoreErrorKind {
+    StoreErrorKind::Unavailable,
+    StoreErrorKind::Protocol,
+    StoreErrorKind::Unsupported,
+    StoreErrorKind::TimedOut,
 });
+
+/// The kinds without data are one byte, their position in this list; a store failure is the
+/// byte after the list, then its store kind. (Only this codec lists the kinds; the protocol's
+/// types are built on the crate's own.)
+const ERROR_KINDS: [ErrorKind; 15] = [
+    ErrorKind::EmptyKey,
+    ErrorKind::KeyTooLong,
+    ErrorKind::KeyHasControlChar,
+    ErrorKind::InvalidTtl,
+    ErrorKind::MetadataTooLong,
+    ErrorKind::UnknownBackend,
+    ErrorKind::InvalidConfig,
+    ErrorKind::AlreadyHeld,
+    ErrorKind::Timeout,
+    ErrorKind::LeaseLost,
+    ErrorKind::NotHeld,
+    ErrorKind::BackendDown,
+    ErrorKind::ManagerStopped,
+    ErrorKind::ManagerNotFound,
+    ErrorKind::BackendPanicked,
+];
+const STORE_KIND: u8 = ERROR_KINDS.len() as u8;
+
+impl Wire for ErrorKind {
+    fn put(&self, out: &mut Vec<u8>) {
+        match self {
+            ErrorKind::Store(store) => {
+                out.push(STORE_KIND);
+                store.put(out);
+            }
+            kind => {
+                let at = ERROR_KINDS.iter().position(|k| k == kind);
+                out.push(at.expect("every kind without data is listed") as u8);
+            }
+        }
+    }
+    fn take(input: &mut &[u8]) -> Option<Self> {
+        match u8::take(input)? {
+            STORE_KIND => Some(ErrorKind::Store(StoreErrorKind::take(input)?)),
+            at => ERROR_KINDS.get(usize::from(at)).copied(),
+        }
+    }
+}
+
+impl Wire for RemoteErrorKind {
+    fn put(&self, out: &mut Vec<u8>) {
+        match self {
+            RemoteErrorKind::Manager(kind) => {
+                out.push(0);
+                kind.put(out);
+            }
+            RemoteErrorKind::HolderNotFound => out.push(1),
+            RemoteErrorKind::Unreachable => out.push(2),
+        }
+    }
+    fn take(input: &mut &[u8]) -> Option<Self> {
+        match u8::take(input)? {
+            0 => Some(RemoteErrorKind::Manager(ErrorKind::take(input)?)),
+            1 => Some(RemoteErrorKind::HolderNotFound),
+            2 => Some(RemoteErrorKind::Unreachable),
+            _ => None,
+        }
+    }
+}
 
 impl Wire for RemoteEventKind {
     fn put(&self, out: &mut Vec<u8>) {
@@ -634,5 +625,52 @@ bytes_convertable!(
 impl fmt::Display for RemoteHolder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.group)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::wire::{decode, encode};
+
+    #[test]
+    fn every_error_kind_crosses_the_wire_whole() {
+        let store = [
+            StoreErrorKind::Unavailable,
+            StoreErrorKind::Protocol,
+            StoreErrorKind::Unsupported,
+            StoreErrorKind::TimedOut,
+        ];
+        let kinds = ERROR_KINDS
+            .into_iter()
+            .chain(store.into_iter().map(ErrorKind::Store))
+            .map(RemoteErrorKind::Manager)
+            .chain([
+                RemoteErrorKind::HolderNotFound,
+                RemoteErrorKind::Unreachable,
+            ]);
+        for kind in kinds {
+            let error = RemoteError::new(kind, "said");
+            let back: RemoteError = decode(&encode(&error));
+            assert_eq!(back, error);
+        }
+    }
+
+    #[test]
+    fn a_remote_error_classifies_as_the_local_one() {
+        let local = Error::Store {
+            backend: "redis".to_owned(),
+            source: crate::StoreError::unavailable("down"),
+        };
+        let remote = RemoteError::from(local.clone());
+        assert_eq!(
+            remote.kind,
+            RemoteErrorKind::Manager(ErrorKind::Store(StoreErrorKind::Unavailable))
+        );
+        assert_eq!(remote.is_retryable(), local.is_retryable());
+        assert_eq!(remote.is_invalid_input(), local.is_invalid_input());
+        assert_eq!(remote.is_fatal(), local.is_fatal());
+        let stopped = RemoteError::from(Error::ManagerStopped);
+        assert!(stopped.is_fatal() && !stopped.is_retryable());
     }
 }

@@ -1,6 +1,6 @@
 -- Extends a lease, if it is still ours.
 --
--- KEYS[1]  the lock key: "<owner> <token>[ <metadata>]"
+-- KEYS[1]  the lock key: "<owner>[ <metadata>]"
 -- ARGV[1]  owner token
 -- ARGV[2]  new ttl in milliseconds, from now
 --
@@ -8,7 +8,7 @@
 -- client deleted or overwrote it): the holder has lost it.
 
 local value = redis.call('GET', KEYS[1])
-if not value or string.sub(value, 1, #ARGV[1] + 1) ~= ARGV[1] .. ' ' then
+if not value or (value ~= ARGV[1] and string.sub(value, 1, #ARGV[1] + 1) ~= ARGV[1] .. ' ') then
   return 0
 end
 -- PEXPIRE restarts the lease from now.
