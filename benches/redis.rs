@@ -188,28 +188,23 @@ async fn run(server: &RedisServer, plan: &Plan, quick: bool) {
 /// One concurrency's table: each contender's figures.
 fn print_figures(tasks: usize, figures: &[Figures]) {
     println!();
+    let label = format!("{tasks} task{}", if tasks == 1 { "" } else { "s" });
     println!(
-        "{tasks} task{}: {:<29}{:>10}{:>14}{:>14}{:>9}{:>9}",
-        if tasks == 1 { "" } else { "s" },
-        "",
-        "cycles/s",
-        "client µs/cyc",
-        "server µs/cyc",
-        "p50 µs",
-        "p99 µs"
+        "{label:<38}{:>10}{:>15}{:>15}{:>9}{:>9}",
+        "cycles/s", "client µs/cyc", "server µs/cyc", "p50 µs", "p99 µs"
     );
-    let opt = |v: Option<f64>, width: usize| match v {
-        Some(v) => format!("{v:>width$.1}"),
+    let opt = |v: Option<f64>, width: usize, digits: usize| match v {
+        Some(v) => format!("{v:>width$.digits$}"),
         None => format!("{:>width$}", "-"),
     };
     for (name, f) in NAMES.iter().zip(figures) {
         println!(
-            "  {name:<36}{:>10.0}{:>14.1}{}{}{}",
+            "  {name:<36}{:>10.0}{:>15.1}{}{}{}",
             f.cycles_per_sec,
             f.client_cpu_us,
-            opt(f.server_cpu_us, 14),
-            opt(f.p50_us.map(f64::round), 9),
-            opt(f.p99_us.map(f64::round), 9),
+            opt(f.server_cpu_us, 15, 1),
+            opt(f.p50_us, 9, 0),
+            opt(f.p99_us, 9, 0),
         );
     }
 }

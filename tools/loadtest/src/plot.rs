@@ -26,7 +26,7 @@ pub fn draw(path: &Path, report: &Report) -> Result<(), Box<dyn Error>> {
     let y_min = points().map(|p| p.cycles_per_sec).fold(f64::MAX, f64::min);
     let y_max = points().map(|p| p.cycles_per_sec).fold(1.0, f64::max);
 
-    let root = SVGBackend::new(path, (1160, 900)).into_drawing_area();
+    let root = SVGBackend::new(path, (1160, 940)).into_drawing_area();
     root.fill(&WHITE)?;
     let title = format!(
         "leasehold: lock+release cycles/s against concurrency ({} run, {} cores)",
@@ -79,35 +79,35 @@ pub fn draw(path: &Path, report: &Report) -> Result<(), Box<dyn Error>> {
             TextStyle::from(("sans-serif", 14).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
         legend_area.draw(&Text::new(s.name.as_str(), label_at, font))?;
     }
-    let font = TextStyle::from(("monospace", 13).into_font());
-    for (i, line) in redis_panel(series).iter().enumerate() {
-        panel.draw(&Text::new(
-            line.as_str(),
-            (24, 12 + 18 * i as i32),
-            font.clone(),
-        ))?;
+    // One text element per cell: SVG collapses runs of spaces, so columns are placed, not
+    // padded. The first column is left-aligned, the figures right-aligned.
+    let left = TextStyle::from(("sans-serif", 13).into_font());
+    let right = left.pos(Pos::new(HPos::Right, VPos::Top));
+    for (i, row) in redis_panel(series).iter().enumerate() {
+        let y = 8 + 18 * i as i32;
+        for (j, cell) in row.iter().enumerate() {
+            if j == 0 {
+                panel.draw(&Text::new(cell.as_str(), (24, y), left.clone()))?;
+            } else {
+                let x = 380 + 120 * j as i32;
+                panel.draw(&Text::new(cell.as_str(), (x, y), right.clone()))?;
+            }
+        }
     }
     root.present()?;
     Ok(())
 }
 
-/// The Redis comparison as lines of text: ratios, CPU per cycle, uncontended latency.
-fn redis_panel(series: &[Series]) -> Vec<String> {
+/// The Redis comparison as rows of cells: a label, then one figure per concurrency.
+fn redis_panel(series: &[Series]) -> Vec<Vec<String>> {
     let redis: Vec<&Series> = series.iter().filter(|s| s.store == Store::Redis).collect();
     let Some(ours) = redis.iter().find(|s| s.client == Client::Leasehold) else {
         return Vec::new();
     };
-    let cell = |v: Option<f64>, digits: usize| {
-        v.map_or(format!("{:>12}", "-"), |v| format!("{v:>12.digits$}"))
-    };
-    let tasks: String = ours
-        .points
-        .iter()
-        .map(|p| format!("{:>12}", p.tasks))
-        .collect();
-    let mut lines = vec![format!(
-        "{:<44}{tasks}  (tasks; medians of the rounds, one run)",
-        "Redis: leasehold against its peers"
+    let row = |label: String, cells: Vec<String>| [vec![label], cells].concat();
+    let mut rows = vec![row(
+        "Redis, medians of the rounds of one run:  tasks".to_owned(),
+        ours.points.iter().map(|p| p.tasks.to_string()).collect(),
     )];
     type Ratio = fn(&Point) -> Option<f64>;
     let ratios: [(&str, Ratio); 3] = [
@@ -118,36 +118,33 @@ fn redis_panel(series: &[Series]) -> Vec<String> {
         }),
     ];
     for (name, ratio) in ratios {
-        let row: String = ours.points.iter().map(|p| cell(ratio(p), 2)).collect();
-        lines.push(format!("{name:<44}{row}"));
-    }
-    lines.push("CPU per cycle, µs: process + redis-server".to_owned());
-    for s in &redis {
-        let row: String = s
+        let cells = ours
             .points
             .iter()
-            .map(|p| {
-                let server = p.server_cpu_us_per_cycle.unwrap_or(f64::NAN);
-                format!(
-                    "{:>12}",
-                    format!("{:.1}+{server:.1}", p.client_cpu_us_per_cycle)
-                )
+            .map(|p| ratio(p).map_or("-".to_owned(), |r| format!("{r:.2}")))
+            .collect();
+        rows.push(row(name.to_owned(), cells));
+    }
+    rows.push(vec!["CPU per cycle, µs: process + redis-server".to_owned()]);
+    for s in &redis {
+        let cells = s
+            .points
+            .iter()
+            .map(|p| match p.server_cpu_us_per_cycle {
+                Some(server) => format!("{:.1} + {server:.1}", p.client_cpu_us_per_cycle),
+                None => format!("{:.1}", p.client_cpu_us_per_cycle),
             })
             .collect();
-        lines.push(format!("  {:<42}{row}", s.name));
+        rows.push(row(format!("    {}", s.name), cells));
     }
-    lines.push("uncontended cycle (1 task), µs".to_owned());
+    rows.push(vec!["uncontended cycle (1 task), µs".to_owned()]);
     for s in &redis {
         if let Some((p50, p99)) = s.points.iter().find_map(|p| p.p50_us.zip(p.p99_us)) {
-            lines.push(format!(
-                "  {:<42}{:>12}{:>12}",
-                s.name,
-                format!("p50 {p50:.0}"),
-                format!("p99 {p99:.0}")
-            ));
+            let cells = vec![format!("p50 {p50:.0}"), format!("p99 {p99:.0}")];
+            rows.push(row(format!("    {}", s.name), cells));
         }
     }
-    lines
+    rows
 }
 
 /// One colour per store; rslock, the other Redis client, in its own.

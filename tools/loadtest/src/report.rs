@@ -257,7 +257,7 @@ fn redis_targets(throughput: &[Series], targets: &mut Vec<Target>) {
     for (tasks, goal) in VS_RSLOCK {
         if let Some(ratio) = at(ours, tasks).and_then(|p| p.vs_rslock) {
             targets.push(Target {
-                what: format!("leasehold redis / rslock, lock+release at {tasks} tasks"),
+                what: format!("leasehold redis / rslock, lock+release, {tasks} task(s)"),
                 goal: format!("≥ {goal}"),
                 measured: format!("{ratio:.2}"),
                 met: ratio >= goal,
@@ -304,14 +304,14 @@ pub fn throughput_table(series: &[Series]) -> String {
         .map(|p| format!("{:>10}", p.tasks))
         .collect();
     let _ = writeln!(out, "lock+release cycles/s, each task on its own key");
-    let _ = writeln!(out, "{:<34}{header}  (tasks)", "");
+    let _ = writeln!(out, "{:<38}{header}  (tasks)", "");
     for s in series {
         let row: String = s
             .points
             .iter()
             .map(|p| format!("{:>10}", thousands(p.cycles_per_sec)))
             .collect();
-        let _ = writeln!(out, "{:<34}{row}", s.name);
+        let _ = writeln!(out, "{:<38}{row}", s.name);
     }
     let _ = writeln!(out, "ratios, measured in the same run");
     for s in series {
@@ -323,20 +323,26 @@ pub fn throughput_table(series: &[Series]) -> String {
         out,
         "CPU per cycle, µs: this process + the server (medians of the rounds)"
     );
-    let _ = writeln!(out, "{:<34}{header}  (tasks)", "");
+    // Wider columns: a cell holds two figures.
+    let wide: String = first
+        .points
+        .iter()
+        .map(|p| format!("{:>15}", p.tasks))
+        .collect();
+    let _ = writeln!(out, "{:<38}{wide}  (tasks)", "");
     for s in series {
         let row: String = s
             .points
             .iter()
             .map(|p| match p.server_cpu_us_per_cycle {
                 Some(server) => format!(
-                    "{:>10}",
-                    format!("{:.1}+{server:.1}", p.client_cpu_us_per_cycle)
+                    "{:>15}",
+                    format!("{:.1} + {server:.1}", p.client_cpu_us_per_cycle)
                 ),
-                None => format!("{:>10.1}", p.client_cpu_us_per_cycle),
+                None => format!("{:>15.1}", p.client_cpu_us_per_cycle),
             })
             .collect();
-        let _ = writeln!(out, "{:<34}{row}", s.name);
+        let _ = writeln!(out, "{:<38}{row}", s.name);
     }
     let _ = writeln!(out, "uncontended cycle (1 task), µs");
     for s in series {
@@ -344,7 +350,7 @@ pub fn throughput_table(series: &[Series]) -> String {
             if let (Some(p50), Some(p99)) = (p.p50_us, p.p99_us) {
                 let _ = writeln!(
                     out,
-                    "{:<34}{:>10}{:>10}",
+                    "{:<38}{:>12}{:>12}",
                     s.name,
                     format!("p50 {p50:.0}"),
                     format!("p99 {p99:.0}")
@@ -365,7 +371,7 @@ fn ratio_row(out: &mut String, series: &Series, peer: &str, ratio: fn(&Point) ->
         .iter()
         .map(|p| ratio(p).map_or(format!("{:>10}", "-"), |r| format!("{r:>10.2}")))
         .collect();
-    let _ = writeln!(out, "{:<34}{row}", format!("{} / {peer}", series.name));
+    let _ = writeln!(out, "{:<38}{row}", format!("{} / {peer}", series.name));
 }
 
 pub fn handoff_table(handoffs: &[Handoff]) -> String {
