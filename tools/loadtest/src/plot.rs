@@ -87,7 +87,9 @@ pub fn draw(path: &Path, report: &Report) -> Result<(), Box<dyn Error>> {
         let y = 8 + 18 * i as i32;
         for (j, cell) in row.iter().enumerate() {
             if j == 0 {
-                panel.draw(&Text::new(cell.as_str(), (24, y), left.clone()))?;
+                // A label under a heading is indented (leading spaces would collapse).
+                let x = if cell.starts_with(' ') { 40 } else { 24 };
+                panel.draw(&Text::new(cell.trim_start(), (x, y), left.clone()))?;
             } else {
                 let x = 380 + 120 * j as i32;
                 panel.draw(&Text::new(cell.as_str(), (x, y), right.clone()))?;

@@ -327,7 +327,7 @@ pub fn throughput_table(series: &[Series]) -> String {
     let wide: String = first
         .points
         .iter()
-        .map(|p| format!("{:>15}", p.tasks))
+        .map(|p| format!("{:>17}", p.tasks))
         .collect();
     let _ = writeln!(out, "{:<38}{wide}  (tasks)", "");
     for s in series {
@@ -336,10 +336,10 @@ pub fn throughput_table(series: &[Series]) -> String {
             .iter()
             .map(|p| match p.server_cpu_us_per_cycle {
                 Some(server) => format!(
-                    "{:>15}",
+                    "{:>17}",
                     format!("{:.1} + {server:.1}", p.client_cpu_us_per_cycle)
                 ),
-                None => format!("{:>15.1}", p.client_cpu_us_per_cycle),
+                None => format!("{:>17.1}", p.client_cpu_us_per_cycle),
             })
             .collect();
         let _ = writeln!(out, "{:<38}{row}", s.name);
