@@ -22,20 +22,15 @@
 //! Not criterion: the figures that matter are ratios between clients under concurrency in one
 //! run, which criterion's one-function-at-a-time sampling does not give.
 
-#[path = "../tests/support/etcd_server.rs"]
-mod etcd_server;
-#[path = "support/harness.rs"]
-mod harness;
-#[path = "support/raw_etcd.rs"]
-mod raw_etcd;
-
 use std::time::Duration;
 
 use etcd_client::{Client, LockOptions as EtcdLockOptions};
-use etcd_server::EtcdServer;
-use harness::{handoff, leasehold_turn, rates, report, Turn, HANDOFF_TASKS, HOLD};
 use leasehold::{EtcdMode, LockClient, LockManager, LockOptions};
-use raw_etcd::RawEtcd;
+use leasehold_bench_support::harness::{
+    handoff, leasehold_turn, rates, report, Turn, HANDOFF_TASKS, HOLD,
+};
+use leasehold_bench_support::raw_etcd::RawEtcd;
+use leasehold_test_support::EtcdServer;
 
 /// How long each part runs: each client's throughput is measured in `rounds` turns of
 /// `warmup` + `measure`, and each handoff contest runs for `handoff`.

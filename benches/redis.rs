@@ -1,16 +1,25 @@
-//! Lock+release throughput and contended handoff on Redis, against peers measured in the same
-//! run on the same `redis-server` (which this bench starts on a free loopback port).
+//! leasehold on Redis against what a user would otherwise use, measured side by side in one
+//! run on one `redis-server` (which this bench starts on a free loopback port), and contended
+//! handoff.
 //!
-//! Run: `cargo bench --bench redis` (under a minute), or `cargo bench --bench redis -- --quick`
-//! (or `LEASEHOLD_BENCH_QUICK=1`) for a few seconds.
+//! Run: `cargo bench --bench redis` (about a minute), or `cargo bench --bench redis -- --quick`
+//! (or `LEASEHOLD_BENCH_QUICK=1`) for 1 and 64 tasks in about 15 s.
 //!
-//! - Throughput, 1 and 64 concurrent tasks, each on its own key, `try_lock` then release:
-//!   (a) leasehold through [`LockClient`]; (b) the raw `redis` crate running leasehold's own
-//!   acquire and release scripts on one `ConnectionManager`, the floor of what any client with
-//!   fencing tokens can do; (c) `rslock`, a Redlock client (its acquire is a plain
-//!   `SET NX PX`, less server work than a fencing acquire, so it can beat (b)). Prints each
-//!   figure and the ratios a/b and a/c, and for reference leasehold on the in-process store
-//!   (what the actors cost without a network).
+//! - Throughput: at 1, 16, 64 and 256 concurrent tasks, each task looping lock+release on a key
+//!   of its own:
+//!   (a) leasehold through [`LockClient`] (`try_lock`, then `release`);
+//!   (b) `rslock` (a Redlock client, here on one server), `lock` then `unlock`;
+//!   (c) a plain raw lock on the `redis` crate: `SET key token NX PX ttl`, then a
+//!   compare-and-delete script, on one `ConnectionManager` — no fencing, no release notices;
+//!   (d) leasehold's [`RedisBackend`](leasehold::RedisBackend) called directly through the
+//!   [`LockBackend`](leasehold::LockBackend) trait, no actors: the store work leasehold's own
+//!   scripts do, so (a)/(d) is what the actors cost and (d)/(c) what the scripts cost.
+//!
+//!   For each: cycles/s; CPU time per cycle of this process (`getrusage`) and of the
+//!   redis-server (`/proc/<pid>/stat`); with one task, each cycle's time (p50, p99). The four
+//!   take turns, in an order that rotates each round, and every figure is the median of the
+//!   rounds. The machine's load average is printed at the start and the end: other work on it
+//!   moves every figure, the ratios less.
 //! - Contended handoff: 16 tasks taking turns on one key, 1 ms hold each; the time from one
 //!   holder's release to the next holder's acquisition, median and p99, counted where the lock
 //!   went to another task (a task that takes the lock straight back hands nothing over; those
@@ -19,45 +28,56 @@
 //! Not criterion: the figures that matter are ratios between clients under concurrency in one
 //! run, which criterion's one-function-at-a-time sampling does not give.
 
-#[path = "support/harness.rs"]
-mod harness;
-#[path = "support/raw_redis.rs"]
-mod raw_redis;
-#[path = "../tests/support/redis_server.rs"]
-mod redis_server;
-
+use std::sync::Arc;
 use std::time::Duration;
 
-use harness::{handoff, leasehold_turn, rates, report, Turn, HANDOFF_TASKS, HOLD};
-use leasehold::{LockClient, LockManager, LockOptions, MemoryBackend};
-use raw_redis::RawRedis;
-use redis_server::RedisServer;
+use leasehold::{LockBackend, LockClient, LockManager, LockOptions};
+use leasehold_bench_support::cpu;
+use leasehold_bench_support::harness::{
+    self, backend_cycle, handoff, leasehold_turn, report, Figures, Turn, Window, HANDOFF_TASKS,
+    HOLD,
+};
+use leasehold_bench_support::raw_redis::PlainRawLock;
+use leasehold_test_support::RedisServer;
 
-/// How long each part runs: each client's throughput is measured in `rounds` turns of
-/// `warmup` + `measure`, and each handoff contest runs for `handoff`.
+/// How long each part runs: each client's figures are measured in `rounds` turns of one
+/// window each, and each handoff contest runs for `handoff`.
 struct Plan {
+    concurrency: &'static [usize],
     rounds: usize,
-    warmup: Duration,
-    measure: Duration,
+    window: Window,
     handoff: Duration,
 }
 
 const FULL: Plan = Plan {
-    rounds: 6,
-    warmup: Duration::from_millis(100),
-    measure: Duration::from_millis(500),
-    handoff: Duration::from_secs(4),
+    concurrency: &[1, 16, 64, 256],
+    rounds: 5,
+    window: Window {
+        warmup: Duration::from_millis(100),
+        measure: Duration::from_millis(500),
+    },
+    handoff: Duration::from_secs(3),
 };
 
 const QUICK: Plan = Plan {
-    rounds: 1,
-    warmup: Duration::from_millis(100),
-    measure: Duration::from_millis(400),
+    concurrency: &[1, 64],
+    rounds: 3,
+    window: Window {
+        warmup: Duration::from_millis(100),
+        measure: Duration::from_millis(300),
+    },
     handoff: Duration::from_millis(700),
 };
 
-const CONCURRENCY: [usize; 2] = [1, 64];
 const TTL: Duration = Duration::from_secs(30);
+
+/// The contenders, in the order they are printed.
+const NAMES: [&str; 4] = [
+    "(a) leasehold LockClient",
+    "(b) rslock 0.10",
+    "(c) plain raw SET NX PX + CAD",
+    "(d) RedisBackend, no actors",
+];
 
 fn main() {
     let quick = std::env::args().any(|arg| arg == "--quick")
@@ -74,10 +94,12 @@ fn main() {
 async fn run(server: &RedisServer, plan: &Plan, quick: bool) {
     let url = server.url();
     println!(
-        "leasehold redis bench ({} run) against redis-server on {url}, {} tokio workers",
+        "leasehold redis bench ({} run) against redis-server (pid {}) on {url}, {} tokio workers",
         if quick { "quick" } else { "full" },
+        server.pid(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
+    println!("load average at start: {}", cpu::loadavg());
 
     let leasehold = LockManager::builder()
         .with_name("bench-redis")
@@ -85,55 +107,36 @@ async fn run(server: &RedisServer, plan: &Plan, quick: bool) {
         .start()
         .await
         .expect("lock manager");
-    let raw = RawRedis::connect(&url).await;
     let rslock = rslock::LockManager::new(vec![url.clone()]);
-
-    // For reference: the same calls on the in-process store, the cost of the actors alone.
-    let memory = LockManager::builder()
-        .with_name("bench-memory-reference")
-        .with_backend("memory", MemoryBackend::new())
-        .start()
-        .await
-        .expect("memory lock manager");
-    let clients = [
+    let contenders = [
         Contender::Leasehold(leasehold.clone()),
-        Contender::Raw(raw),
         Contender::Rslock(rslock.clone()),
-        Contender::Memory(memory.clone()),
+        Contender::Plain(PlainRawLock::connect(&url).await),
+        Contender::Backend(Arc::new(server.backend().await)),
     ];
-    let mut rows = Vec::new();
-    for tasks in CONCURRENCY {
-        let cycle = |contender: Contender, task| async move { contender.cycle(task).await };
-        let window = (plan.warmup, plan.measure);
-        rows.push(rates(&clients, tasks, plan.rounds, window, cycle).await);
-    }
+    let servers = [Some(server.pid()); 4];
+    println!(
+        "each task loops lock+release on a key of its own; {} rounds of {:?} + {:?} per client, \
+         interleaved; medians of the rounds",
+        plan.rounds, plan.window.warmup, plan.window.measure
+    );
 
-    println!();
-    println!(
-        "lock+release cycles/s          {:>12}{:>12}",
-        "1 task", "64 tasks"
-    );
-    let names = [
-        "(a) leasehold LockClient",
-        "(b) raw redis, same scripts",
-        "(c) rslock 0.10",
-        "(ref) leasehold, memory store",
-    ];
-    for (i, name) in names.iter().enumerate() {
-        println!("{name:<30} {:>12.0}{:>12.0}", rows[0][i], rows[1][i]);
+    let mut rows: Vec<(usize, Vec<Figures>)> = Vec::new();
+    for &tasks in plan.concurrency {
+        let cycle = |contender: Contender, task| async move { contender.cycle(task).await };
+        let figures = harness::measure(
+            &contenders,
+            &servers,
+            tasks,
+            plan.rounds,
+            plan.window,
+            cycle,
+        )
+        .await;
+        print_figures(tasks, &figures);
+        rows.push((tasks, figures));
     }
-    println!(
-        "{:<30} {:>12.2}{:>12.2}",
-        "a/b",
-        rows[0][0] / rows[0][1],
-        rows[1][0] / rows[1][1]
-    );
-    println!(
-        "{:<30} {:>12.2}{:>12.2}",
-        "a/c",
-        rows[0][0] / rows[0][2],
-        rows[1][0] / rows[1][2]
-    );
+    print_summary(&rows);
 
     println!();
     println!(
@@ -178,22 +181,95 @@ async fn run(server: &RedisServer, plan: &Plan, quick: bool) {
 
     leasehold.shutdown().await;
     second.shutdown().await;
-    memory.shutdown().await;
+    println!();
+    println!("load average at end: {}", cpu::loadavg());
+}
+
+/// One concurrency's table: each contender's figures.
+fn print_figures(tasks: usize, figures: &[Figures]) {
+    println!();
+    let label = format!("{tasks} task{}", if tasks == 1 { "" } else { "s" });
+    println!(
+        "{label:<38}{:>10}{:>15}{:>15}{:>9}{:>9}",
+        "cycles/s", "client µs/cyc", "server µs/cyc", "p50 µs", "p99 µs"
+    );
+    let opt = |v: Option<f64>, width: usize, digits: usize| match v {
+        Some(v) => format!("{v:>width$.digits$}"),
+        None => format!("{:>width$}", "-"),
+    };
+    for (name, f) in NAMES.iter().zip(figures) {
+        println!(
+            "  {name:<36}{:>10.0}{:>15.1}{}{}{}",
+            f.cycles_per_sec,
+            f.client_cpu_us,
+            opt(f.server_cpu_us, 15, 1),
+            opt(f.p50_us, 9, 0),
+            opt(f.p99_us, 9, 0),
+        );
+    }
+}
+
+/// leasehold's ratios to each peer at every concurrency (throughput; for CPU, per cycle).
+fn print_summary(rows: &[(usize, Vec<Figures>)]) {
+    println!();
+    let header: String = rows.iter().map(|(t, _)| format!("{t:>9}")).collect();
+    println!(
+        "leasehold (a) against its peers, same run{:<17}{header}  (tasks)",
+        ""
+    );
+    let ratio = |name: &str, of: &dyn Fn(&Figures) -> Option<f64>, peer: usize| {
+        let row: String = rows
+            .iter()
+            .map(|(_, f)| match (of(&f[0]), of(&f[peer])) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:>9.2}", a / b),
+                _ => format!("{:>9}", "-"),
+            })
+            .collect();
+        println!("  {name:<56}{row}");
+    };
+    let rate = |f: &Figures| Some(f.cycles_per_sec);
+    let client = |f: &Figures| Some(f.client_cpu_us);
+    let server = |f: &Figures| f.server_cpu_us;
+    ratio("throughput a/b (leasehold / rslock)", &rate, 1);
+    ratio("throughput a/c (leasehold / plain raw)", &rate, 2);
+    ratio(
+        "throughput a/d (leasehold / its scripts, no actors)",
+        &rate,
+        3,
+    );
+    ratio("client CPU per cycle a/b", &client, 1);
+    ratio("client CPU per cycle a/c", &client, 2);
+    ratio("redis-server CPU per cycle a/b", &server, 1);
+    ratio("redis-server CPU per cycle a/c", &server, 2);
+    if let Some((_, one)) = rows.iter().find(|(t, _)| *t == 1) {
+        let p = |f: &Figures| f.p50_us.zip(f.p99_us);
+        if let (Some((a50, a99)), Some((b50, b99)), Some((c50, c99))) =
+            (p(&one[0]), p(&one[1]), p(&one[2]))
+        {
+            println!(
+                "  uncontended cycle, 1 task: p50 a/b {:.2}, a/c {:.2}; p99 a/b {:.2}, a/c {:.2}",
+                a50 / b50,
+                a50 / c50,
+                a99 / b99,
+                a99 / c99
+            );
+        }
+    }
 }
 
 /// One of the clients compared, doing one lock+release cycle on a key of the task's own.
 #[derive(Clone)]
 enum Contender {
     Leasehold(LockClient),
-    Raw(RawRedis),
     Rslock(rslock::LockManager),
-    Memory(LockClient),
+    Plain(PlainRawLock),
+    Backend(Arc<dyn LockBackend>),
 }
 
 impl Contender {
     async fn cycle(&self, task: usize) {
         match self {
-            Contender::Leasehold(client) | Contender::Memory(client) => {
+            Contender::Leasehold(client) => {
                 let key = format!("bench/leasehold/{task}");
                 let guard = client
                     .try_lock(&key, LockOptions::new().with_ttl(TTL))
@@ -202,11 +278,14 @@ impl Contender {
                     .expect("a key of its own is free");
                 guard.release().await.expect("release");
             }
-            Contender::Raw(raw) => raw.cycle(&format!("bench/raw/{task}")).await,
             Contender::Rslock(rslock) => {
                 let key = format!("bench/rslock/{task}");
                 let lock = rslock.lock(key.as_str(), TTL).await.expect("rslock lock");
                 rslock.unlock(&lock).await;
+            }
+            Contender::Plain(plain) => plain.cycle(&format!("bench/plain/{task}"), TTL).await,
+            Contender::Backend(backend) => {
+                backend_cycle(backend.as_ref(), &format!("bench/backend/{task}"), TTL).await
             }
         }
     }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need (when missing) and runs every check and test of leasehold:
 # formatting, clippy, docs, the test suites with ractor's cluster feature off and on, the
-# examples, and a compile of the benchmarks. Tests start their own redis-server and etcd.
+# examples, the load test's smoke run, and a compile of the benchmarks. Tests start their own
+# redis-server and etcd (through the workspace crate test-support/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,8 +20,9 @@ fi
 
 step() { echo; echo "==> $*"; "$@"; }
 
-step cargo fmt --check
-step cargo clippy --all-targets --all-features -- -D warnings
+# Every workspace member: the library, test-support/, bench-support/ and tools/loadtest/.
+step cargo fmt --all --check
+step cargo clippy --workspace --all-targets --all-features -- -D warnings
 RUSTDOCFLAGS="-D warnings" step cargo doc --no-deps --all-features
 # The default build must need neither protoc nor ractor's cluster feature.
 step cargo build --no-default-features
@@ -29,7 +31,7 @@ step cargo build
 step cargo test --features testing
 step cargo test --all-features
 step cargo run --example quickstart
-step cargo run --all-features --example loadtest -- --smoke --out target/loadtest-smoke
+step cargo run -p leasehold-loadtest -- --smoke --out target/loadtest-smoke
 
 # The store examples, each against a throwaway server on a free loopback port, stopped by pid.
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }

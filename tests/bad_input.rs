@@ -9,10 +9,8 @@
 //! fails if the row left one held, and the row's own node must still answer (its manager did
 //! not die on the input).
 
-#[path = "support/etcd_server.rs"]
-mod etcd_server;
-#[path = "support/redis_server.rs"]
-mod redis_server;
+use leasehold_test_support::etcd_server;
+use leasehold_test_support::redis_server;
 
 use std::time::Duration;
 

@@ -1,8 +1,7 @@
 //! The `leasehold` command line, run as a user would: the built binary, as separate processes,
 //! against a real redis-server.
 
-#[path = "support/redis_server.rs"]
-mod redis_server;
+use leasehold_test_support::redis_server;
 
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};

@@ -1,8 +1,7 @@
 //! The `leasehold` command line against a real etcd, in both modes: the same `run` and
 //! `status` as on Redis, with `etcd://` backend URLs.
 
-#[path = "support/etcd_server.rs"]
-mod etcd_server;
+use leasehold_test_support::etcd_server;
 
 use std::process::Command;
 

@@ -3,8 +3,7 @@
 //! deleting its key or revoking its lease, a leader that dies, a cluster that loses quorum and
 //! gets it back, etcd's own Lock service holding the same name.
 
-#[path = "support/etcd_server.rs"]
-mod etcd_server;
+use leasehold_test_support::etcd_server;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

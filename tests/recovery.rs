@@ -20,8 +20,7 @@ use leasehold::{
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-#[path = "support/redis_server.rs"]
-mod redis_server;
+use leasehold_test_support::redis_server;
 
 const TTL: Duration = Duration::from_secs(3);
 const BUDGET: Duration = Duration::from_millis(200);

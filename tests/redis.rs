@@ -3,8 +3,7 @@
 //! touching its keys, a server frozen (SIGSTOP) for a while, a restart that loses the data, a
 //! broken pub/sub connection.
 
-#[path = "support/redis_server.rs"]
-mod redis_server;
+use leasehold_test_support::redis_server;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

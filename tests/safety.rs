@@ -18,10 +18,8 @@
 //! (A holder *actor* that panics releases at once: that is the conformance suite's
 //! `holder_actor_panic_releases`, run against Redis by `tests/redis.rs`.)
 
-#[path = "support/redis_server.rs"]
-mod redis_server;
-#[path = "support/register.rs"]
-mod register;
+use leasehold_test_support::redis_server;
+use leasehold_test_support::register;
 
 use std::collections::HashMap;
 use std::fmt;

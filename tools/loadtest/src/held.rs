@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use leasehold::{LockClient, LockEvent, LockEventKind, LockGuard, LockOptions};
+use leasehold_bench_support::cpu;
 use tokio::sync::{broadcast, oneshot};
 use tokio::time::Instant;
 
@@ -92,7 +93,7 @@ pub async fn measure(client: LockClient, plan: &HeldPlan, progress: &Progress) -
     let take = started.elapsed();
 
     let held_from = Instant::now();
-    let cpu_before = cpu_time();
+    let cpu_before = cpu::process();
     let per_lock = |at: Instant| RssSample {
         at_s: (at - held_from).as_secs_f64(),
         kib: resident_bytes().saturating_sub(baseline) as f64 / plan.locks as f64 / 1024.0,
@@ -112,7 +113,7 @@ pub async fn measure(client: LockClient, plan: &HeldPlan, progress: &Progress) -
         .step(format!("holding {what}"), plan.hold.max(SETTLE), holding)
         .await;
     let held_until = Instant::now();
-    let cpu = cpu_time() - cpu_before;
+    let cpu = cpu::process() - cpu_before;
     let renewed = client.metrics().renewed - metrics_before.renewed;
     let guards: Vec<LockGuard> = guards.into_iter().flatten().collect();
     let still_held: Vec<bool> = guards.iter().map(LockGuard::is_held).collect();
@@ -287,18 +288,6 @@ fn resident_bytes() -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS in /proc/self/status");
     kib * 1024
-}
-
-/// CPU time of this process so far, user and system, every thread.
-fn cpu_time() -> Duration {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF is always valid.
-    let usage = unsafe {
-        assert_eq!(libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()), 0);
-        usage.assume_init()
-    };
-    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    time(usage.ru_utime) + time(usage.ru_stime)
 }
 
 /// Gives the memory freed by earlier scenarios back to the system, so the next baseline is

@@ -1,6 +1,6 @@
 //! The raw etcd-client leasehold is compared with: the same calls leasehold makes for one
 //! lock+release cycle in each mode, by hand, with nothing around them. Shared by
-//! `benches/etcd.rs` and `examples/loadtest`.
+//! `benches/etcd.rs` and `tools/loadtest`.
 
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ pub struct RawEtcd {
 }
 
 impl RawEtcd {
+    /// Connects to the etcd member at `endpoint` (`127.0.0.1:PORT`).
     pub async fn connect(endpoint: &str) -> Self {
         let client = Client::connect([endpoint], None)
             .await

@@ -1,11 +1,5 @@
 //! A real `redis-server` for tests and benches: started on a free loopback port with its own
 //! temp dir and no persistence, stopped (by its pid) when dropped.
-//!
-//! Included with `#[path = "support/redis_server.rs"] mod redis_server;` by each test or bench
-//! that needs it (a `support/mod.rs` would trip `clippy::mod_module_files`).
-
-// Every includer uses a different part of it.
-#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -57,6 +51,12 @@ impl RedisServer {
     /// The server's port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The server process's pid, e.g. to read its CPU time from `/proc/<pid>/stat`. A
+    /// [`restart`](Self::restart) changes it.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// `redis://127.0.0.1:PORT`.

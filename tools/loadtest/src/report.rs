@@ -13,6 +13,12 @@ pub struct Report {
     pub mode: &'static str,
     /// CPUs the run had (tokio runs as many workers).
     pub cores: usize,
+    /// Rounds each throughput figure is the median of.
+    pub rounds: usize,
+    /// `/proc/loadavg` when the run started and when it ended: other work on the machine
+    /// moves every figure.
+    pub load_at_start: String,
+    pub load_at_end: String,
     /// Wall time of the whole run, servers' start included.
     pub seconds: f64,
     pub throughput: Vec<Series>,
@@ -46,9 +52,12 @@ impl fmt::Display for Store {
 #[serde(rename_all = "snake_case")]
 pub enum Client {
     Leasehold,
-    /// The store's own client making the same calls leasehold makes.
+    /// leasehold's store calls without its actors: on Redis its `RedisBackend` called directly
+    /// (the library's own scripts), on etcd the raw etcd-client making the same calls.
     Raw,
     Rslock,
+    /// A plain lock by hand on the raw `redis` client: `SET NX PX` + compare-and-delete.
+    PlainRaw,
 }
 
 /// One client's lock+release throughput against concurrency: a line on the plot.
@@ -60,16 +69,29 @@ pub struct Series {
     pub points: Vec<Point>,
 }
 
-/// Throughput at one concurrency, with leasehold's ratios to its peers measured in the same
-/// run at the same concurrency (only on leasehold's series, only where it has such a peer).
+/// Throughput at one concurrency, its cost, and leasehold's throughput ratios to its peers
+/// measured in the same run at the same concurrency (only on leasehold's series, only where it
+/// has such a peer). Each figure is the median of the plan's rounds.
 #[derive(Serialize)]
 pub struct Point {
     pub tasks: usize,
     pub cycles_per_sec: f64,
+    /// CPU time (user + system) of the load test's process per cycle, µs.
+    pub client_cpu_us_per_cycle: f64,
+    /// CPU time of the server process per cycle, µs (none for the memory store).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_us_per_cycle: Option<f64>,
+    /// Time of one cycle, median and 99th percentile, µs: measured at 1 task only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p50_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_us: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vs_raw: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vs_rslock: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vs_plain_raw: Option<f64>,
 }
 
 /// Contended handoff: tasks taking turns on one key; release → next holder's acquisition.
@@ -153,12 +175,20 @@ pub struct Target {
     pub met: bool,
 }
 
+// The targets of issue 12 (the lean lease core).
 /// lock+release cycles/s the memory store must reach at 64 tasks.
-const MEMORY_CYCLES_AT_64: f64 = 50_000.0;
+const MEMORY_CYCLES_AT_64: f64 = 250_000.0;
 /// Resident memory a held lock may cost.
-const RSS_PER_LOCK_KIB: f64 = 16.0;
+const RSS_PER_LOCK_KIB: f64 = 10.0;
 /// How long taking 100,000 locks on the memory store may take.
-const MEMORY_TAKE_S: f64 = 2.0;
+const MEMORY_TAKE_S: f64 = 1.0;
+/// leasehold / rslock throughput on Redis, by concurrency.
+const VS_RSLOCK: [(usize, f64); 3] = [(1, 0.9), (64, 0.8), (256, 0.8)];
+/// leasehold's uncontended p50 on Redis at most this many times rslock's.
+const P50_VS_RSLOCK: f64 = 1.25;
+/// CPU per cycle at 64 tasks on Redis, µs: leasehold's process, and redis-server.
+const CLIENT_CPU_US_AT_64: f64 = 25.0;
+const SERVER_CPU_US_AT_64: f64 = 15.0;
 
 /// Checks every target the run has figures for.
 pub fn targets(throughput: &[Series], held: &[Held]) -> Vec<Target> {
@@ -176,6 +206,7 @@ pub fn targets(throughput: &[Series], held: &[Held]) -> Vec<Target> {
             met: point.cycles_per_sec >= MEMORY_CYCLES_AT_64,
         });
     }
+    redis_targets(throughput, &mut targets);
     for held in held {
         let store = held.store;
         let locks = thousands(held.locks as f64);
@@ -210,7 +241,58 @@ pub fn targets(throughput: &[Series], held: &[Held]) -> Vec<Target> {
     targets
 }
 
-/// The throughput table, then leasehold's ratios to its peers at each concurrency.
+/// The targets against rslock and on CPU per cycle, from leasehold's Redis series.
+fn redis_targets(throughput: &[Series], targets: &mut Vec<Target>) {
+    let series = |client| {
+        throughput
+            .iter()
+            .find(|s| s.client == client && s.store == Store::Redis)
+    };
+    let (Some(ours), Some(rslock)) = (series(Client::Leasehold), series(Client::Rslock)) else {
+        return;
+    };
+    fn at(series: &Series, tasks: usize) -> Option<&Point> {
+        series.points.iter().find(|p| p.tasks == tasks)
+    }
+    for (tasks, goal) in VS_RSLOCK {
+        if let Some(ratio) = at(ours, tasks).and_then(|p| p.vs_rslock) {
+            targets.push(Target {
+                what: format!("leasehold redis / rslock, lock+release, {tasks} task(s)"),
+                goal: format!("≥ {goal}"),
+                measured: format!("{ratio:.2}"),
+                met: ratio >= goal,
+            });
+        }
+    }
+    let p50 = |s: &Series| at(s, 1).and_then(|p| p.p50_us);
+    if let (Some(a), Some(b)) = (p50(ours), p50(rslock)) {
+        targets.push(Target {
+            what: "leasehold redis, uncontended cycle p50 against rslock's".into(),
+            goal: format!("≤ {P50_VS_RSLOCK} × rslock"),
+            measured: format!("{:.2} × ({a:.0} µs vs {b:.0} µs)", a / b),
+            met: a <= P50_VS_RSLOCK * b,
+        });
+    }
+    if let Some(point) = at(ours, 64) {
+        targets.push(Target {
+            what: "leasehold redis at 64 tasks: process CPU per cycle".into(),
+            goal: format!("≤ {CLIENT_CPU_US_AT_64} µs"),
+            measured: format!("{:.1} µs", point.client_cpu_us_per_cycle),
+            met: point.client_cpu_us_per_cycle <= CLIENT_CPU_US_AT_64,
+        });
+        if let Some(server) = point.server_cpu_us_per_cycle {
+            targets.push(Target {
+                what: "leasehold redis at 64 tasks: redis-server CPU per cycle".into(),
+                goal: format!("≤ {SERVER_CPU_US_AT_64} µs"),
+                measured: format!("{server:.1} µs"),
+                met: server <= SERVER_CPU_US_AT_64,
+            });
+        }
+    }
+}
+
+/// The throughput table, then leasehold's ratios to its peers at each concurrency, then what
+/// a cycle costs and (at one task) how long it takes.
 pub fn throughput_table(series: &[Series]) -> String {
     let Some(first) = series.first() else {
         return String::new();
@@ -222,19 +304,59 @@ pub fn throughput_table(series: &[Series]) -> String {
         .map(|p| format!("{:>10}", p.tasks))
         .collect();
     let _ = writeln!(out, "lock+release cycles/s, each task on its own key");
-    let _ = writeln!(out, "{:<34}{header}  (tasks)", "");
+    let _ = writeln!(out, "{:<38}{header}  (tasks)", "");
     for s in series {
         let row: String = s
             .points
             .iter()
             .map(|p| format!("{:>10}", thousands(p.cycles_per_sec)))
             .collect();
-        let _ = writeln!(out, "{:<34}{row}", s.name);
+        let _ = writeln!(out, "{:<38}{row}", s.name);
     }
     let _ = writeln!(out, "ratios, measured in the same run");
     for s in series {
-        ratio_row(&mut out, s, "raw", |p| p.vs_raw);
         ratio_row(&mut out, s, "rslock", |p| p.vs_rslock);
+        ratio_row(&mut out, s, "plain raw", |p| p.vs_plain_raw);
+        ratio_row(&mut out, s, "no actors", |p| p.vs_raw);
+    }
+    let _ = writeln!(
+        out,
+        "CPU per cycle, µs: this process + the server (medians of the rounds)"
+    );
+    // Wider columns: a cell holds two figures.
+    let wide: String = first
+        .points
+        .iter()
+        .map(|p| format!("{:>17}", p.tasks))
+        .collect();
+    let _ = writeln!(out, "{:<38}{wide}  (tasks)", "");
+    for s in series {
+        let row: String = s
+            .points
+            .iter()
+            .map(|p| match p.server_cpu_us_per_cycle {
+                Some(server) => format!(
+                    "{:>17}",
+                    format!("{:.1} + {server:.1}", p.client_cpu_us_per_cycle)
+                ),
+                None => format!("{:>17.1}", p.client_cpu_us_per_cycle),
+            })
+            .collect();
+        let _ = writeln!(out, "{:<38}{row}", s.name);
+    }
+    let _ = writeln!(out, "uncontended cycle (1 task), µs");
+    for s in series {
+        if let Some(p) = s.points.iter().find(|p| p.tasks == 1) {
+            if let (Some(p50), Some(p99)) = (p.p50_us, p.p99_us) {
+                let _ = writeln!(
+                    out,
+                    "{:<38}{:>12}{:>12}",
+                    s.name,
+                    format!("p50 {p50:.0}"),
+                    format!("p99 {p99:.0}")
+                );
+            }
+        }
     }
     out
 }
@@ -249,7 +371,7 @@ fn ratio_row(out: &mut String, series: &Series, peer: &str, ratio: fn(&Point) ->
         .iter()
         .map(|p| ratio(p).map_or(format!("{:>10}", "-"), |r| format!("{r:>10.2}")))
         .collect();
-    let _ = writeln!(out, "{:<34}{row}", format!("{} / {peer}", series.name));
+    let _ = writeln!(out, "{:<38}{row}", format!("{} / {peer}", series.name));
 }
 
 pub fn handoff_table(handoffs: &[Handoff]) -> String {

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use leasehold::LockClient;
+use leasehold_bench_support::harness::{self, Turn, HANDOFF_TASKS};
 
-use crate::harness::{self, Turn, HANDOFF_TASKS};
 use crate::progress::Progress;
 use crate::report::{Handoff, Store};
 use crate::{Nodes, Plan, Stores};

@@ -1,16 +1,18 @@
 //! Uncontended throughput: each client runs lock+release cycles back to back, every task on a
 //! key of its own, at each concurrency of the plan. All clients are measured by the harness's
-//! `rates`, in short rotating turns, so background load falls on each of them alike.
+//! `measure`, in short turns interleaved per round (so background load falls on each of them
+//! alike), with CPU per cycle of this process and of the server, and at one task the latency
+//! of each cycle; each figure is the median of the rounds.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use leasehold::{LockClient, LockOptions};
+use leasehold::{LockBackend, LockClient, LockOptions};
+use leasehold_bench_support::harness::{self, backend_cycle, Window};
+use leasehold_bench_support::raw_etcd::RawEtcd;
+use leasehold_bench_support::raw_redis::PlainRawLock;
 
-use crate::harness;
 use crate::progress::Progress;
-use crate::raw_etcd::RawEtcd;
-use crate::raw_redis::RawRedis;
 use crate::report::{Client, Point, Series, Store};
 use crate::{Nodes, Plan, Stores};
 
@@ -24,17 +26,30 @@ pub struct Contender {
     pub client: Client,
     pub store: Store,
     pub cycle: Cycle,
-    /// The raw store client making the same calls (for leasehold's series).
+    /// The pid of the server the cycles go to, whose CPU time is read (none for memory).
+    pub server: Option<u32>,
+    /// The peers leasehold's series is divided by, by name (only on leasehold's series).
+    pub peers: Peers,
+}
+
+/// The names of a leasehold series' peers on the same store, where it has them.
+#[derive(Clone, Copy, Default)]
+pub struct Peers {
+    /// leasehold's own store calls without its actors.
     pub raw: Option<&'static str>,
-    /// rslock on the same store (for leasehold on Redis).
+    /// rslock (Redis).
     pub rslock: Option<&'static str>,
+    /// The plain raw lock, `SET NX PX` + compare-and-delete (Redis).
+    pub plain: Option<&'static str>,
 }
 
 /// One lock+release cycle on a key of the task's own.
 pub enum Cycle {
     Leasehold(LockClient),
-    RawRedis(RawRedis),
+    /// A leasehold backend called directly through `LockBackend`: its store calls, no actors.
+    Backend(Arc<dyn LockBackend>),
     Rslock(rslock::LockManager),
+    PlainRaw(PlainRawLock),
     RawEtcdTxn(RawEtcd),
     RawEtcdLock(RawEtcd),
 }
@@ -55,11 +70,12 @@ impl Contender {
                     .await
                     .unwrap_or_else(|e| panic!("{}: release {key}: {e}", self.name));
             }
-            Cycle::RawRedis(raw) => raw.cycle(&key).await,
+            Cycle::Backend(backend) => backend_cycle(backend.as_ref(), &key, TTL).await,
             Cycle::Rslock(rslock) => {
                 let lock = rslock.lock(key.as_str(), TTL).await.expect("rslock lock");
                 rslock.unlock(&lock).await;
             }
+            Cycle::PlainRaw(plain) => plain.cycle(&key, TTL).await,
             Cycle::RawEtcdTxn(raw) => raw.txn_cycle(&key).await,
             Cycle::RawEtcdLock(raw) => raw.lock_cycle(&key).await,
         }
@@ -78,35 +94,53 @@ fn per_concurrency(plan: &Plan, contenders: usize) -> Duration {
 /// Measures every contender at every concurrency of the plan; one series per contender.
 pub async fn measure(lineup: Vec<Contender>, plan: &Plan, progress: &Progress) -> Vec<Series> {
     let lineup: Vec<Arc<Contender>> = lineup.into_iter().map(Arc::new).collect();
-    // rates[c][i]: contender i's cycles/s at concurrency c.
-    let mut rates = Vec::new();
+    let servers: Vec<Option<u32>> = lineup.iter().map(|c| c.server).collect();
+    let window = Window {
+        warmup: plan.warmup,
+        measure: plan.measure,
+    };
+    // figures[c][i]: contender i's figures at concurrency c.
+    let mut figures = Vec::new();
     for &tasks in plan.concurrency {
-        let measuring = harness::rates(
+        let measuring = harness::measure(
             &lineup,
+            &servers,
             tasks,
             plan.rounds,
-            (plan.warmup, plan.measure),
+            window,
             |contender: Arc<Contender>, task| async move { contender.cycle(task).await },
         );
         let label = format!("throughput, {tasks} tasks");
         let planned = per_concurrency(plan, lineup.len());
-        rates.push(progress.step(label, planned, measuring).await);
+        figures.push(progress.step(label, planned, measuring).await);
     }
     let index = |name: Option<&str>| name.and_then(|n| lineup.iter().position(|c| c.name == n));
     lineup
         .iter()
         .enumerate()
         .map(|(i, contender)| {
-            let (raw, rslock) = (index(contender.raw), index(contender.rslock));
+            let peers = contender.peers;
+            let (raw, rslock, plain) = (index(peers.raw), index(peers.rslock), index(peers.plain));
             let points = plan
                 .concurrency
                 .iter()
-                .zip(&rates)
-                .map(|(&tasks, rates)| Point {
-                    tasks,
-                    cycles_per_sec: rates[i],
-                    vs_raw: raw.map(|peer| rates[i] / rates[peer]),
-                    vs_rslock: rslock.map(|peer| rates[i] / rates[peer]),
+                .zip(&figures)
+                .map(|(&tasks, all)| {
+                    let ours = &all[i];
+                    let vs = |peer: Option<usize>| {
+                        peer.map(|peer| ours.cycles_per_sec / all[peer].cycles_per_sec)
+                    };
+                    Point {
+                        tasks,
+                        cycles_per_sec: ours.cycles_per_sec,
+                        client_cpu_us_per_cycle: ours.client_cpu_us,
+                        server_cpu_us_per_cycle: ours.server_cpu_us,
+                        p50_us: ours.p50_us,
+                        p99_us: ours.p99_us,
+                        vs_raw: vs(raw),
+                        vs_rslock: vs(rslock),
+                        vs_plain_raw: vs(plain),
+                    }
                 })
                 .collect();
             Series {
@@ -121,69 +155,104 @@ pub async fn measure(lineup: Vec<Contender>, plan: &Plan, progress: &Progress) -
 
 /// Every client measured: leasehold on each store, and its peers on the same servers.
 pub async fn lineup(nodes: &Nodes, stores: &Stores) -> Vec<Contender> {
-    let leasehold = |name, store, client: &LockClient, raw, rslock| Contender {
+    let (redis, etcd) = (Some(stores.redis.pid()), stores.etcd.pid());
+    let leasehold = |name, store, client: &LockClient, server, peers| Contender {
         name,
         client: Client::Leasehold,
         store,
         cycle: Cycle::Leasehold(client.clone()),
-        raw,
-        rslock,
+        server,
+        peers,
     };
-    let peer = |name, client, store, cycle| Contender {
+    let peer = |name, client, store, cycle, server| Contender {
         name,
         client,
         store,
         cycle,
-        raw: None,
-        rslock: None,
+        server,
+        peers: Peers::default(),
     };
     let raw_etcd = RawEtcd::connect(&stores.etcd.endpoint()).await;
+    let redis_peers = Peers {
+        raw: Some(REDIS_SCRIPTS),
+        rslock: Some(RSLOCK),
+        plain: Some(PLAIN_RAW),
+    };
     vec![
-        leasehold("leasehold memory", Store::Memory, &nodes.memory, None, None),
+        leasehold(
+            "leasehold memory",
+            Store::Memory,
+            &nodes.memory,
+            None,
+            Peers::default(),
+        ),
         leasehold(
             "leasehold redis",
             Store::Redis,
             &nodes.redis,
-            Some("raw redis, same scripts"),
-            Some("rslock 0.10"),
+            redis,
+            redis_peers,
         ),
         peer(
-            "raw redis, same scripts",
+            REDIS_SCRIPTS,
             Client::Raw,
             Store::Redis,
-            Cycle::RawRedis(RawRedis::connect(&stores.redis.url()).await),
+            Cycle::Backend(Arc::new(stores.redis.backend().await)),
+            redis,
         ),
         peer(
-            "rslock 0.10",
+            RSLOCK,
             Client::Rslock,
             Store::Redis,
             Cycle::Rslock(rslock::LockManager::new(vec![stores.redis.url()])),
+            redis,
+        ),
+        peer(
+            PLAIN_RAW,
+            Client::PlainRaw,
+            Store::Redis,
+            Cycle::PlainRaw(PlainRawLock::connect(&stores.redis.url()).await),
+            redis,
         ),
         leasehold(
             "leasehold etcd txn",
             Store::EtcdTxn,
             &nodes.etcd_txn,
-            Some("raw etcd-client, txn calls"),
-            None,
+            etcd,
+            Peers {
+                raw: Some("raw etcd-client, txn calls"),
+                ..Peers::default()
+            },
         ),
         peer(
             "raw etcd-client, txn calls",
             Client::Raw,
             Store::EtcdTxn,
             Cycle::RawEtcdTxn(raw_etcd.clone()),
+            etcd,
         ),
         leasehold(
             "leasehold etcd lock",
             Store::EtcdLock,
             &nodes.etcd_lock,
-            Some("raw etcd-client, lock calls"),
-            None,
+            etcd,
+            Peers {
+                raw: Some("raw etcd-client, lock calls"),
+                ..Peers::default()
+            },
         ),
         peer(
             "raw etcd-client, lock calls",
             Client::Raw,
             Store::EtcdLock,
             Cycle::RawEtcdLock(raw_etcd),
+            etcd,
         ),
     ]
 }
+
+/// leasehold's `RedisBackend` called directly: the scripts the library runs, no actors.
+const REDIS_SCRIPTS: &str = "redis, leasehold scripts, no actors";
+const RSLOCK: &str = "rslock 0.10";
+/// `SET NX PX` + a compare-and-delete script on the raw `redis` client.
+const PLAIN_RAW: &str = "plain raw redis lock";

@@ -1,15 +1,19 @@
-//! Run: `cargo run --release --features etcd --example loadtest -- --out target/report`
-//! (about 4 minutes), or with `--smoke` for every scenario at a tiny size (a few seconds).
+//! Run: `cargo run --release -p leasehold-loadtest -- --out target/report` (about 4 minutes),
+//! or with `--smoke` for every scenario at a tiny size (about 10 seconds).
 //!
 //! The performance report: starts its own `redis-server` and `etcd` on free loopback ports,
 //! runs every scenario, prints the figures, and writes `report.json` and `throughput.svg` to
-//! the `--out` directory.
+//! the `--out` directory. The machine's load average is printed at the start and the end.
 //!
 //! - Throughput: lock+release cycles/s at 1, 4, 16, 64 and 256 tasks, each task on its own
 //!   key, for leasehold on the memory store, on Redis and on etcd in `txn` and `lock` mode,
-//!   and for its peers on the same servers: the raw `redis` client running leasehold's own
-//!   scripts, `rslock`, and the raw etcd-client making leasehold's calls in each mode. Every
-//!   leasehold figure comes with its ratio to its peers at the same concurrency.
+//!   and for its peers on the same servers. On Redis: `rslock`, a plain raw lock (`SET NX PX` +
+//!   a compare-and-delete script on the raw `redis` client), and leasehold's `RedisBackend`
+//!   called directly without actors (its own scripts); on etcd, the raw etcd-client making
+//!   leasehold's calls in each mode. Every leasehold figure comes with its ratio to its peers
+//!   at the same concurrency; every figure with CPU per cycle of this process and of the
+//!   server, and at 1 task the cycle's p50/p99. Each is the median of the rounds, the clients
+//!   taking turns interleaved per round.
 //! - Contended handoff: 16 tasks taking turns on one key; release → next acquisition.
 //! - Held locks: 10,000 locks on Redis and on etcd (`txn`) held with auto-renew for 60 s:
 //!   renewals on time, CPU time, resident memory per lock; 100,000 on the memory store.
@@ -17,19 +21,6 @@
 //! Performance targets are printed PASS or MISS, not asserted: the run fails (exits non-zero)
 //! only when something does not work — a server that does not start, a store error, a lock
 //! that is not granted, two holders at once in a handoff.
-
-#[path = "../../tests/support/etcd_server.rs"]
-mod etcd_server;
-// The benches print handoffs with the harness's `report`; this example prints its own table.
-#[allow(dead_code)]
-#[path = "../../benches/support/harness.rs"]
-mod harness;
-#[path = "../../benches/support/raw_etcd.rs"]
-mod raw_etcd;
-#[path = "../../benches/support/raw_redis.rs"]
-mod raw_redis;
-#[path = "../../tests/support/redis_server.rs"]
-mod redis_server;
 
 mod handoff;
 mod held;
@@ -41,11 +32,11 @@ mod throughput;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use etcd_server::EtcdServer;
 use held::HeldPlan;
 use leasehold::{EtcdMode, LockClient, LockManager, MemoryBackend};
+use leasehold_bench_support::cpu;
+use leasehold_test_support::{EtcdServer, RedisServer};
 use progress::Progress;
-use redis_server::RedisServer;
 use report::{Report, Store};
 
 /// How big and how long each scenario is.
@@ -245,6 +236,8 @@ async fn run(stores: &Stores, plan: &Plan) -> Report {
         stores.redis.url(),
         stores.etcd.endpoint(),
     );
+    let load_at_start = cpu::loadavg();
+    println!("load average at start: {load_at_start}");
     let nodes = Nodes {
         memory: stores.manager("loadtest-memory", Store::Memory).await,
         redis: stores.manager("loadtest-redis", Store::Redis).await,
@@ -282,9 +275,14 @@ async fn run(stores: &Stores, plan: &Plan) -> Report {
 
     let targets = report::targets(&throughput, &held);
     println!("{}", report::targets_table(&targets));
+    let load_at_end = cpu::loadavg();
+    println!("load average at end: {load_at_end}");
     Report {
         mode: plan.name,
         cores,
+        rounds: plan.rounds,
+        load_at_start,
+        load_at_end,
         seconds: 0.0,
         throughput,
         handoff,

@@ -2,16 +2,10 @@
 //! loopback client and peer ports with their own temp data dirs, stopped (by pid) when
 //! dropped.
 //!
-//! Included with `#[path = "support/etcd_server.rs"] mod etcd_server;` by each test or bench
-//! that needs it (a `support/mod.rs` would trip `clippy::mod_module_files`).
-//!
 //! Data dirs live on `/dev/shm` when there is one: etcd then does not wait for the disk on
 //! every write, which keeps tests quick on a busy machine (the raft log is still written).
 //! Whether a server is ready, and who leads a cluster, is asked over etcd's JSON gateway on
 //! the client port with plain HTTP, so this file needs no etcd client.
-
-// Every includer uses a different part of it.
-#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -120,6 +114,11 @@ impl EtcdServer {
     /// The member's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The member's pid while it runs, e.g. to read its CPU time from `/proc/<pid>/stat`.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Whether the process is running (it was not stopped, and did not exit).
@@ -380,6 +379,11 @@ impl EtcdCluster {
     /// How many members the cluster has.
     pub fn len(&self) -> usize {
         self.members.len()
+    }
+
+    /// Whether the cluster has no members (never, once started).
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
     }
 
     /// The index of the current leader, as the running members see it: waits (bounded) until

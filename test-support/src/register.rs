@@ -3,8 +3,6 @@
 //! processes use the same resource. It is the resource a lock protects, seen from outside
 //! the library: it only knows fencing tokens, and it records every access for a checker.
 //!
-//! Included with `#[path = "support/register.rs"] mod register;`.
-//!
 //! # Protocol
 //! One request per line, one answer per line:
 //!
@@ -18,9 +16,6 @@
 //! let it base a write on a value the newer holder is about to change, and the write of the
 //! older holder could come first (and be accepted) — a lost update the fence alone on writes
 //! cannot stop.
-
-// Every includer uses a different part of it.
-#![allow(dead_code)]
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -36,18 +31,24 @@ use tokio::task::{JoinHandle, JoinSet};
 /// What an access did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpKind {
+    /// A fenced read.
     Read,
+    /// A fenced write.
     Write,
 }
 
 /// One fenced access, as the register saw it.
 #[derive(Debug, Clone)]
 pub struct Op {
+    /// Read or write.
     pub kind: OpKind,
+    /// The fencing token presented.
     pub token: u64,
     /// The value read, or the value the client asked to write.
     pub value: u64,
+    /// Who asked (the client name in the request).
     pub client: String,
+    /// When the register answered.
     pub at: SystemTime,
     /// False when the fence refused the token.
     pub accepted: bool,
@@ -56,6 +57,7 @@ pub struct Op {
 /// The fence refused a token: a holder with token `newest` has used the register since.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stale {
+    /// The newest token the register has accepted.
     pub newest: u64,
 }
 
@@ -195,6 +197,7 @@ pub struct RegisterClient {
 }
 
 impl RegisterClient {
+    /// Connects to the register at `addr`.
     pub async fn connect(addr: SocketAddr) -> io::Result<RegisterClient> {
         let (read, write) = TcpStream::connect(addr).await?.into_split();
         Ok(RegisterClient {
@@ -281,5 +284,7 @@ enum Answer {
     Ok,
     Value(u64),
     Stale(u64),
+    // Read only through `Debug`, in the error that reports an unexpected answer.
+    #[allow(dead_code)]
     Other(String),
 }

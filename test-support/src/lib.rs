@@ -1,0 +1,21 @@
+//! The servers leasehold's tests, benches and tools run against: a real `redis-server`
+//! ([`RedisServer`]) and real `etcd` members ([`EtcdServer`], [`EtcdCluster`]), each started on
+//! free loopback ports with a temp dir of its own, ready (answering) when `start` returns, and
+//! stopped by pid when dropped. A server that does not start panics with its log; a missing
+//! binary panics with the Debian package to install. Fault tests stop, pause (SIGSTOP) and
+//! restart them.
+//!
+//! Also the resource a lock protects in the safety tests: [`Register`], one integer behind a
+//! fence, served over TCP so holders in other processes use it too.
+//!
+//! A workspace crate of its own (as redis-rs has `redis-test`), a dev-dependency of
+//! `leasehold` and of the workspace's tools; never published. Features `redis` and `etcd` add
+//! the `backend()` helpers that connect a leasehold backend to a server.
+
+pub mod etcd_server;
+pub mod redis_server;
+pub mod register;
+
+pub use etcd_server::{EtcdCluster, EtcdServer};
+pub use redis_server::RedisServer;
+pub use register::{Op, OpKind, Register, RegisterClient, Stale};
