@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use ractor::rpc::CallResult;
 use ractor::ActorRef;
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::backend::OwnerToken;
@@ -15,16 +14,9 @@ use crate::event::{LostReason, ReleaseReason};
 use crate::key_actor::KeyMsg;
 use crate::options::validate_ttl;
 
-/// What the key actor tells its guard about the lease.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum LeaseStatus {
-    /// Held, and trusted until `deadline` (monotonic); renewed with `ttl`.
-    Held { deadline: Instant, ttl: Duration },
-    /// Given back by the guard's own `release` or drop.
-    Released,
-    /// Not held any more, through no act of the guard.
-    Gone(LostReason),
-}
+mod status;
+
+pub(crate) use status::{status_cell, LeaseStatus, StatusReader, StatusWriter};
 
 /// A held lock. Dropping it releases the lock without blocking; [`LockGuard::release`] releases
 /// it and waits for the store to confirm.
@@ -41,7 +33,7 @@ pub struct LockGuard {
     /// The key actor holding the lease. It holds other leases after this one, so every
     /// message to it names this lease's owner token.
     actor: ActorRef<KeyMsg>,
-    status: watch::Receiver<LeaseStatus>,
+    status: StatusReader,
     /// Set once `release` ran, so drop does not release again.
     released: bool,
 }
@@ -53,7 +45,7 @@ impl LockGuard {
         owner: OwnerToken,
         fencing_token: u64,
         actor: ActorRef<KeyMsg>,
-        status: watch::Receiver<LeaseStatus>,
+        status: StatusReader,
     ) -> Self {
         LockGuard {
             key,
@@ -89,7 +81,7 @@ impl LockGuard {
     /// The ttl the lease is renewed with: the one it was taken with, or the one the last
     /// [`renew`](Self::renew) set. `None` once the lease is not held.
     pub fn ttl(&self) -> Option<Duration> {
-        match *self.status.borrow() {
+        match self.status.get() {
             LeaseStatus::Held { ttl, .. } => Some(ttl),
             _ => None,
         }
@@ -97,7 +89,7 @@ impl LockGuard {
 
     /// The local deadline up to which the lease is trusted, while it is held.
     pub fn deadline(&self) -> Option<Instant> {
-        match *self.status.borrow() {
+        match self.status.get() {
             LeaseStatus::Held { deadline, .. } => Some(deadline),
             _ => None,
         }
@@ -113,27 +105,7 @@ impl LockGuard {
     /// Resolves when the lease is lost, with the reason; at the latest at the lease deadline.
     /// Never resolves while the lease is held, nor after this guard released it.
     pub async fn lost(&self) -> LostReason {
-        let mut status = self.status.clone();
-        loop {
-            let current = *status.borrow_and_update();
-            match current {
-                LeaseStatus::Gone(reason) => return reason,
-                LeaseStatus::Released => std::future::pending::<()>().await,
-                LeaseStatus::Held { deadline, .. } => {
-                    tokio::select! {
-                        changed = status.changed() => {
-                            if changed.is_err() {
-                                // The key actor is gone without a word (killed with its
-                                // backend actor): nothing renews the lease any more.
-                                tokio::time::sleep_until(deadline).await;
-                                return LostReason::Expired;
-                            }
-                        }
-                        _ = tokio::time::sleep_until(deadline) => return LostReason::Expired,
-                    }
-                }
-            }
-        }
+        self.status.lost().await
     }
 
     /// Extends the lease to `ttl` from now (and renews with `ttl` from then on).
@@ -174,7 +146,7 @@ impl LockGuard {
             Ok(CallResult::Success(Err(Error::NotHeld { .. })))
             | Ok(CallResult::SenderError)
             | Ok(CallResult::Timeout)
-            | Err(_) => Err(match *self.status.borrow() {
+            | Err(_) => Err(match self.status.get() {
                 LeaseStatus::Gone(LostReason::Shutdown) => Error::ManagerStopped,
                 LeaseStatus::Gone(reason) => Error::LeaseLost {
                     key: self.key.to_string(),

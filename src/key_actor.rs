@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use tokio::sync::watch;
 use tokio::time::{timeout_at, Instant};
 
 use crate::backend::{Acquisition, Contention, Lease, OwnerToken};
@@ -25,7 +24,7 @@ use crate::backend_actor::BackendMsg;
 use crate::backend_ctx::BackendCtx;
 use crate::error::{Error, Result, StoreError};
 use crate::event::{LockEventKind, LostReason, ReleaseReason};
-use crate::guard::{LeaseStatus, LockGuard};
+use crate::guard::{status_cell, LeaseStatus, LockGuard, StatusWriter};
 use crate::request::{AcquireReply, AcquireRequest, Requeue};
 use timer::RenewalTimer;
 
@@ -111,7 +110,7 @@ struct Held {
     /// Consecutive failed renewals.
     failures: u32,
     /// The guard's view of this lease.
-    status: watch::Sender<LeaseStatus>,
+    status: StatusWriter,
 }
 
 impl KeyState {
@@ -229,7 +228,7 @@ impl Actor for KeyActor {
         if let Some(held) = state.held.take() {
             // Stopped from outside while still holding: the guard must not go on believing.
             // The store lease expires by itself.
-            let _ = held.status.send(LeaseStatus::Gone(LostReason::Shutdown));
+            held.status.send(LeaseStatus::Gone(LostReason::Shutdown));
             if let Some(holder) = &held.holder {
                 myself.get_cell().unmonitor(holder.clone());
             }
@@ -368,7 +367,7 @@ impl KeyState {
     ) {
         let ctx = &self.ctx;
         let deadline = ctx.timing.deadline(sent_at, request.ttl);
-        let (status, status_rx) = watch::channel(LeaseStatus::Held {
+        let (status, status_rx) = status_cell(LeaseStatus::Held {
             deadline,
             ttl: request.ttl,
         });
@@ -489,7 +488,7 @@ impl KeyState {
                 held.failures = 0;
                 held.set_deadline(ctx.timing.deadline(sent_at, held.ttl), ctx.timing.drift);
                 let (deadline, ttl) = (held.deadline, held.ttl);
-                let _ = held.status.send(LeaseStatus::Held { deadline, ttl });
+                held.status.send(LeaseStatus::Held { deadline, ttl });
                 if let Some(job) = &self.job {
                     ctx.emit(&job.key, Some(token), LockEventKind::Renewed { deadline });
                 }
@@ -529,7 +528,7 @@ impl KeyState {
         };
         self.stop_holding(myself, &held);
         self.done(myself, None);
-        let _ = held.status.send(LeaseStatus::Gone(reason));
+        held.status.send(LeaseStatus::Gone(reason));
         self.ctx.emit(
             &key,
             Some(held.lease.fencing_token),
@@ -569,7 +568,7 @@ impl KeyState {
             // It was taken away between renewals, and nobody had noticed yet: a loss, not a
             // release.
             let reason = LostReason::NotOwner;
-            let _ = held.status.send(LeaseStatus::Gone(reason));
+            held.status.send(LeaseStatus::Gone(reason));
             ctx.emit(&key, Some(token), LockEventKind::Lost { reason });
             return Err(Error::LeaseLost {
                 key: key.to_string(),
@@ -581,7 +580,7 @@ impl KeyState {
             ReleaseReason::HolderStopped => LeaseStatus::Gone(LostReason::HolderStopped),
             _ => LeaseStatus::Released,
         };
-        let _ = held.status.send(status);
+        held.status.send(status);
         ctx.emit(
             &key,
             Some(token),
