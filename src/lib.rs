@@ -16,12 +16,17 @@
 //!
 //! # Layout
 //! - `manager.rs`: [`LockManager`], its builder and [`LockManagerMsg`], the messages actors send.
-//! - `backend_actor.rs`: routing per backend, per-key FIFO queues, release subscriptions.
-//! - `key_actor.rs`: one lock: the acquisition attempt, renewal, loss, release, holder monitor.
-//! - `client.rs` and `guard.rs`: [`LockClient`] and [`LockGuard`], the face for async code.
+//! - `backend_actor.rs`: routing per backend, per-key FIFO queues, release subscriptions, the
+//!   idle key actors; `backend_ctx.rs`: what a backend's actors share and what outlives a
+//!   failed backend actor; `request.rs`: an acquisition request and the reply ports;
+//!   `timing.rs`: deadlines and budgets.
+//! - `key_actor.rs`: one lease at a time: the acquisition attempt, renewal, loss, release,
+//!   holder monitor; its renewal timer in `key_actor/timer.rs`.
+//! - `client.rs` and `guard.rs`: [`LockClient`] and [`LockGuard`], the face for async code;
+//!   `guard/status.rs`: how a key actor tells its guard about the lease.
 //! - `backend.rs`: the [`LockBackend`] trait, the seam to the stores, with one file per store:
 //!   `backend/memory.rs` ([`MemoryBackend`]), `backend/redis.rs` (`RedisBackend`, its Lua
-//!   scripts in `backend/redis/`).
+//!   scripts and its pub/sub notice hub in `backend/redis/`), `backend/etcd.rs`.
 //! - `options.rs`, `event.rs`, `error.rs`, `fence.rs`: [`LockOptions`], [`LockEvent`],
 //!   [`Error`], [`Fence`].
 //! - `testing.rs` (feature `testing`): the conformance suite every backend passes.
