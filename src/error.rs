@@ -119,8 +119,10 @@ pub enum Error {
         backend: String,
     },
     /// The backend actor panicked (a bug, in leasehold or in the store's client) while it had
-    /// this request. Not retryable: the same request may panic it again. The manager restarts
-    /// the backend actor for everyone else, and the locks it held are kept.
+    /// this request: in hand, or still in its mailbox (the two cannot be told apart from
+    /// outside). Not retryable: the same request may panic it again. The manager restarts the
+    /// backend actor for everyone else; the locks it held are kept, and the requests waiting in
+    /// its queues are served by its successor.
     #[error("backend {backend:?} panicked while handling the request: {panic}")]
     BackendPanicked {
         /// The backend name.
