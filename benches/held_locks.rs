@@ -5,16 +5,7 @@
 use std::time::{Duration, Instant};
 
 use leasehold::{LockManager, LockOptions, MemoryBackend};
-
-fn resident_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status");
-    kib * 1024
-}
+use leasehold_bench_support::cpu::resident_bytes;
 
 #[tokio::main]
 async fn main() {

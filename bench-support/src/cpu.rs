@@ -1,5 +1,6 @@
-//! CPU time, of this process and of a server process, and the machine's load: what the benches
-//! divide by the cycles they count to give CPU per cycle on each side of the connection.
+//! CPU time, of this process and of a server process, the machine's load, and this process's
+//! resident memory: what the benches divide by the cycles they count (or the locks they hold)
+//! to give CPU per cycle on each side of the connection, and memory per held lock.
 
 use std::time::Duration;
 
@@ -50,4 +51,15 @@ pub fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.trim().to_owned())
         .unwrap_or_else(|e| format!("unknown ({e})"))
+}
+
+/// The resident set of this process, from `/proc/self/status`.
+pub fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status");
+    kib * 1024
 }

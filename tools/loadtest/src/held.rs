@@ -63,7 +63,7 @@ pub async fn measure(client: LockClient, plan: &HeldPlan, progress: &Progress) -
             .expect("warm-up lock"),
     );
     trim_heap();
-    let baseline = resident_bytes();
+    let baseline = cpu::resident_bytes();
 
     let metrics_before = client.metrics();
     let started = Instant::now();
@@ -96,7 +96,7 @@ pub async fn measure(client: LockClient, plan: &HeldPlan, progress: &Progress) -
     let cpu_before = cpu::process();
     let per_lock = |at: Instant| RssSample {
         at_s: (at - held_from).as_secs_f64(),
-        kib: resident_bytes().saturating_sub(baseline) as f64 / plan.locks as f64 / 1024.0,
+        kib: cpu::resident_bytes().saturating_sub(baseline) as f64 / plan.locks as f64 / 1024.0,
     };
     // Samples through the window show whether the resident set settles or keeps growing.
     let holding = async {
@@ -277,17 +277,6 @@ impl RenewalLog {
             max_gap_s: max_gap.as_secs_f64(),
         }
     }
-}
-
-/// The process's resident set, from `/proc/self/status` (as `benches/held_locks.rs` reads it).
-fn resident_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status");
-    kib * 1024
 }
 
 /// Gives the memory freed by earlier scenarios back to the system, so the next baseline is
