@@ -22,8 +22,10 @@
 //! - `backend.rs`: the [`LockBackend`] trait, the seam to the stores, with one file per store:
 //!   `backend/memory.rs` ([`MemoryBackend`]), `backend/redis.rs` (`RedisBackend`, its Lua
 //!   scripts in `backend/redis/`).
-//! - `options.rs`, `event.rs`, `error.rs`, `fence.rs`: [`LockOptions`], [`LockEvent`],
-//!   [`Error`], [`Fence`].
+//! - `options.rs`, `event.rs`, `error.rs`: [`LockOptions`], [`LockEvent`], [`Error`].
+//! - `fence.rs`: the resource side of fencing, [`Fence`] in this process, and token checks
+//!   inside the stores people protect, one file per store: `fence/redis.rs` (`RedisFence`),
+//!   `fence/etcd.rs` (`EtcdFence`), `fence/postgres.rs` (`PgFence`).
 //! - `testing.rs` (feature `testing`): the conformance suite every backend passes.
 //! - `cluster.rs` (feature `cluster`): `ClusterGateway`, the manager's face to other
 //!   `ractor_cluster` nodes, and the serialisable remote protocol (`cluster/`).
@@ -94,7 +96,9 @@ pub use backend::{
 pub use client::LockClient;
 pub use error::{Error, ErrorKind, Result, StoreCause, StoreError, StoreErrorKind};
 pub use event::{LockEvent, LockEventKind, LockMetrics, LostReason, ReleaseReason};
-pub use fence::{Fence, StaleToken};
+pub use fence::{Fence, FenceError, StaleToken};
+#[cfg(feature = "redis")]
+pub use fence::{FencedScript, RedisFence};
 pub use guard::LockGuard;
 pub use manager::{LockManager, LockManagerBuilder, LockManagerMsg, DEFAULT_MANAGER_NAME};
 pub use options::{LockOptions, Wait, MAX_KEY_LEN, MAX_METADATA_LEN, MAX_TTL, MIN_TTL};
