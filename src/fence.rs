@@ -15,11 +15,15 @@
 //! Each records, per resource, the newest token that wrote, and refuses an older one with
 //! [`StaleToken`] (inside [`FenceError::Stale`]), writing nothing.
 
+#[cfg(feature = "etcd")]
+pub(crate) mod etcd;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+#[cfg(feature = "etcd")]
+pub use self::etcd::EtcdFence;
 #[cfg(feature = "redis")]
 pub use self::redis::{FencedScript, RedisFence};
 

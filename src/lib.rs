@@ -96,6 +96,8 @@ pub use backend::{
 pub use client::LockClient;
 pub use error::{Error, ErrorKind, Result, StoreCause, StoreError, StoreErrorKind};
 pub use event::{LockEvent, LockEventKind, LockMetrics, LostReason, ReleaseReason};
+#[cfg(feature = "etcd")]
+pub use fence::EtcdFence;
 pub use fence::{Fence, FenceError, StaleToken};
 #[cfg(feature = "redis")]
 pub use fence::{FencedScript, RedisFence};
