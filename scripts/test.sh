@@ -2,7 +2,7 @@
 # Installs what the tests need (when missing) and runs every check and test of leasehold:
 # formatting, clippy, docs, the test suites with ractor's cluster feature off and on, the
 # examples, the load test's smoke run, and a compile of the benchmarks. Tests start their own
-# redis-server and etcd (through the workspace crate test-support/).
+# redis-server, etcd and PostgreSQL (through the workspace crate test-support/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +10,9 @@ need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+# PostgreSQL for the fenced-write tests; Debian keeps initdb and postgres off PATH.
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1 \
+    || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
     echo "==> installing ${need[*]}"
     sudo=""

@@ -17,6 +17,8 @@
 
 #[cfg(feature = "etcd")]
 pub(crate) mod etcd;
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
 
@@ -24,6 +26,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 #[cfg(feature = "etcd")]
 pub use self::etcd::EtcdFence;
+#[cfg(feature = "postgres")]
+pub use self::postgres::PgFence;
 #[cfg(feature = "redis")]
 pub use self::redis::{FencedScript, RedisFence};
 

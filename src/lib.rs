@@ -56,7 +56,10 @@
 //! ```
 //!
 //! # Cargo features
-//! - `redis` (default): `RedisBackend`, on the `redis` crate's multiplexed connection.
+//! - `redis` (default): `RedisBackend`, on the `redis` crate's multiplexed connection, and
+//!   `RedisFence`.
+//! - `etcd`: `EtcdBackend`, on `etcd-client`, and `EtcdFence`.
+//! - `postgres`: `PgFence`, fenced transactions on `tokio-postgres`.
 //! - `testing`: the public conformance suite, `testing`.
 //! - `cli`: the `leasehold` command line (`src/bin/leasehold/`).
 //! - `cluster`: the `cluster` module (lock messages from other `ractor_cluster` nodes); turns
@@ -98,6 +101,8 @@ pub use error::{Error, ErrorKind, Result, StoreCause, StoreError, StoreErrorKind
 pub use event::{LockEvent, LockEventKind, LockMetrics, LostReason, ReleaseReason};
 #[cfg(feature = "etcd")]
 pub use fence::EtcdFence;
+#[cfg(feature = "postgres")]
+pub use fence::PgFence;
 pub use fence::{Fence, FenceError, StaleToken};
 #[cfg(feature = "redis")]
 pub use fence::{FencedScript, RedisFence};
