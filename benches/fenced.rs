@@ -120,6 +120,76 @@ async fn redis(tasks: usize) {
     compare("redis", tasks, plain, fenced).await;
 }
 
+/// One transaction per write, each task on a client of its own (a transaction borrows its
+/// client): plain is `BEGIN`, `UPDATE`, `COMMIT`; fenced is `PgFence::transaction` (`BEGIN`
+/// and the fence upsert), the same `UPDATE`, `COMMIT`. Both `UPDATE`s use typed parameters
+/// (one round trip each), as the fence's own statement does.
+#[cfg(feature = "postgres")]
+async fn postgres(tasks: usize) {
+    use leasehold::PgFence;
+    use leasehold_test_support::PostgresServer;
+    use tokio::sync::Mutex;
+    use tokio_postgres::types::Type;
+
+    const UPDATE: &str = "UPDATE bench SET value = $1 WHERE name = $2";
+    let server = PostgresServer::start();
+    let fence = Arc::new(PgFence::new());
+    let mut clients = Vec::new();
+    for task in 0..tasks {
+        let (client, connection) = tokio_postgres::connect(&server.url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        if task == 0 {
+            fence.create_table(&client).await.unwrap();
+            client
+                .batch_execute("CREATE TABLE bench (name text PRIMARY KEY, value bigint)")
+                .await
+                .unwrap();
+        }
+        client
+            .execute(
+                "INSERT INTO bench (name, value) VALUES ($1, 0)",
+                &[&format!("bench:{task}")],
+            )
+            .await
+            .unwrap();
+        clients.push(Mutex::new(client));
+    }
+    let clients = Arc::new(clients);
+    let plain = {
+        let clients = clients.clone();
+        move |task: usize, i: usize| {
+            let clients = clients.clone();
+            async move {
+                let mut client = clients[task].lock().await;
+                let tx = client.transaction().await.unwrap();
+                let (name, value) = (format!("bench:{task}"), i as i64);
+                tx.execute_typed(UPDATE, &[(&value, Type::INT8), (&name, Type::TEXT)])
+                    .await
+                    .unwrap();
+                tx.commit().await.unwrap();
+            }
+        }
+    };
+    let fenced = {
+        let (clients, fence) = (clients.clone(), fence.clone());
+        move |task: usize, i: usize| {
+            let (clients, fence) = (clients.clone(), fence.clone());
+            async move {
+                let mut client = clients[task].lock().await;
+                let (name, value) = (format!("bench:{task}"), i as i64);
+                let tx = fence.transaction(&mut client, &name, 7).await.unwrap();
+                tx.execute_typed(UPDATE, &[(&value, Type::INT8), (&name, Type::TEXT)])
+                    .await
+                    .unwrap();
+                tx.commit().await.unwrap();
+            }
+        }
+    };
+    compare("postgres", tasks, plain, fenced).await;
+}
+
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes `--bench`; a filter or `--quick` is accepted and ignored.
@@ -129,5 +199,9 @@ async fn main() {
     );
     for tasks in [1, 16] {
         redis(tasks).await;
+    }
+    #[cfg(feature = "postgres")]
+    for tasks in [1, 4] {
+        postgres(tasks).await;
     }
 }
