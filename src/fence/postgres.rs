@@ -37,9 +37,6 @@ use tokio_postgres::{Client, Error as PgError, Transaction};
 
 use super::{FenceError, StaleToken};
 
-/// The fence table used unless [`PgFence::with_table`] says otherwise.
-pub const DEFAULT_TABLE: &str = "leasehold_fence";
-
 /// PostgreSQL resources protected by fencing tokens: [`transaction`](Self::transaction)
 /// opens a transaction only for a token not older than the newest one recorded for the
 /// resource, in a fence table (see the module docs for its layout).
@@ -79,9 +76,12 @@ impl Default for PgFence {
 }
 
 impl PgFence {
-    /// A fence on the table [`DEFAULT_TABLE`], `leasehold_fence`.
+    /// The fence table used unless [`PgFence::with_table`] says otherwise.
+    pub const DEFAULT_TABLE: &'static str = "leasehold_fence";
+
+    /// A fence on the table [`DEFAULT_TABLE`](Self::DEFAULT_TABLE), `leasehold_fence`.
     pub fn new() -> Self {
-        Self::with_table(DEFAULT_TABLE)
+        Self::with_table(Self::DEFAULT_TABLE)
     }
 
     /// A fence on the table `name` in the session's `search_path`. The name is quoted, so it
