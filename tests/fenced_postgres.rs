@@ -190,3 +190,58 @@ async fn holder_whose_lease_ran_out_cannot_write_after_the_next_holder() {
     first_node.shutdown().await;
     second_node.shutdown().await;
 }
+
+/// Sessions of this server waiting for a lock (a row lock, here: the fence row).
+async fn waiting_for_a_lock(client: &Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The race the row lock settles: an older holder's transaction that reaches the fence while a
+/// newer holder's transaction has it waits, and is refused once the newer one commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn older_transaction_waiting_behind_a_newer_one_is_refused_when_it_commits() {
+    let server = PostgresServer::start();
+    let (mut newer_client, fence) = setup(&server).await;
+    let mut older_client = connect(&server).await;
+    let watcher = connect(&server).await;
+    let name = unique_key("value");
+    write(&mut newer_client, &fence, &name, 3, "three")
+        .await
+        .unwrap();
+
+    let newer = fence
+        .transaction(&mut newer_client, &name, 6)
+        .await
+        .unwrap();
+    let older = tokio::spawn({
+        let (fence, name) = (fence.clone(), name.clone());
+        async move { write(&mut older_client, &fence, &name, 5, "five, late").await }
+    });
+    leasehold::testing::eventually(
+        "the older transaction waits for the fence row",
+        Duration::from_secs(10),
+        || async { waiting_for_a_lock(&watcher).await == 1 },
+    )
+    .await;
+    assert!(!older.is_finished());
+    newer
+        .execute(
+            "INSERT INTO resources (name, value) VALUES ($1, 'six')
+             ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+            &[&name],
+        )
+        .await
+        .unwrap();
+    newer.commit().await.unwrap();
+
+    let refused = older.await.unwrap().unwrap_err();
+    assert_eq!(refused.stale(), Some(StaleToken::new(5, 6)));
+    assert_eq!(value(&watcher, &name).await.as_deref(), Some("six"));
+}
