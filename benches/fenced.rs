@@ -1,7 +1,7 @@
 //! A fenced write against the same write unfenced, same store, same run, on servers this bench
 //! starts on free loopback ports: Redis (`SET` against `RedisFence::set`) and, with the
 //! `postgres` feature, PostgreSQL (an `UPDATE` in a transaction against the same `UPDATE` in
-//! a `PgFence` transaction).
+//! a `PgFence::transaction`, and through `PgFence::execute`).
 //!
 //! Run: `cargo bench --bench fenced` (Redis), or
 //! `cargo bench --bench fenced --features postgres` (both). Issue 19's target is a ratio
@@ -74,7 +74,7 @@ where
     }
     let (plain, fenced) = (median(plains), median(fences));
     println!(
-        "{store:<11} {tasks:>5} {:>12.1} {:>12.1} {:>7.2}",
+        "{store:<14} {tasks:>5} {:>12.1} {:>12.1} {:>7.2}",
         plain.as_secs_f64() * 1e6,
         fenced.as_secs_f64() * 1e6,
         fenced.as_secs_f64() / plain.as_secs_f64()
@@ -121,17 +121,16 @@ async fn redis(tasks: usize) {
 }
 
 /// One transaction per write, each task on a client of its own (a transaction borrows its
-/// client): plain is `BEGIN`, `UPDATE`, `COMMIT`; fenced is `PgFence::transaction` (`BEGIN`
-/// and the fence upsert), the same `UPDATE`, `COMMIT`. Both `UPDATE`s use typed parameters
-/// (one round trip each), as the fence's own statement does.
+/// client), the `UPDATE` prepared once per client: plain is `BEGIN`, `UPDATE`, `COMMIT`;
+/// "postgres tx" is `PgFence::transaction` (`BEGIN`, the fence upsert), the same `UPDATE`,
+/// `COMMIT`; "postgres pipe" is `PgFence::execute`, which sends the fence upsert and the
+/// `UPDATE` together.
 #[cfg(feature = "postgres")]
 async fn postgres(tasks: usize) {
     use leasehold::PgFence;
     use leasehold_test_support::PostgresServer;
     use tokio::sync::Mutex;
-    use tokio_postgres::types::Type;
 
-    const UPDATE: &str = "UPDATE bench SET value = $1 WHERE name = $2";
     let server = PostgresServer::start();
     let fence = Arc::new(PgFence::new());
     let mut clients = Vec::new();
@@ -154,7 +153,11 @@ async fn postgres(tasks: usize) {
             )
             .await
             .unwrap();
-        clients.push(Mutex::new(client));
+        let update = client
+            .prepare("UPDATE bench SET value = $1 WHERE name = $2")
+            .await
+            .unwrap();
+        clients.push(Mutex::new((client, update)));
     }
     let clients = Arc::new(clients);
     let plain = {
@@ -162,39 +165,53 @@ async fn postgres(tasks: usize) {
         move |task: usize, i: usize| {
             let clients = clients.clone();
             async move {
-                let mut client = clients[task].lock().await;
+                let mut guard = clients[task].lock().await;
+                let (client, update) = &mut *guard;
                 let tx = client.transaction().await.unwrap();
                 let (name, value) = (format!("bench:{task}"), i as i64);
-                tx.execute_typed(UPDATE, &[(&value, Type::INT8), (&name, Type::TEXT)])
-                    .await
-                    .unwrap();
+                tx.execute(&*update, &[&value, &name]).await.unwrap();
                 tx.commit().await.unwrap();
             }
         }
     };
-    let fenced = {
+    let in_transaction = {
         let (clients, fence) = (clients.clone(), fence.clone());
         move |task: usize, i: usize| {
             let (clients, fence) = (clients.clone(), fence.clone());
             async move {
-                let mut client = clients[task].lock().await;
+                let mut guard = clients[task].lock().await;
+                let (client, update) = &mut *guard;
                 let (name, value) = (format!("bench:{task}"), i as i64);
-                let tx = fence.transaction(&mut client, &name, 7).await.unwrap();
-                tx.execute_typed(UPDATE, &[(&value, Type::INT8), (&name, Type::TEXT)])
-                    .await
-                    .unwrap();
+                let tx = fence.transaction(client, &name, 7).await.unwrap();
+                tx.execute(&*update, &[&value, &name]).await.unwrap();
                 tx.commit().await.unwrap();
             }
         }
     };
-    compare("postgres", tasks, plain, fenced).await;
+    let pipelined = {
+        let (clients, fence) = (clients.clone(), fence.clone());
+        move |task: usize, i: usize| {
+            let (clients, fence) = (clients.clone(), fence.clone());
+            async move {
+                let mut guard = clients[task].lock().await;
+                let (client, update) = &mut *guard;
+                let (name, value) = (format!("bench:{task}"), i as i64);
+                fence
+                    .execute(client, &name, 7, &[(&*update, &[&value, &name])])
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    compare("postgres tx", tasks, plain.clone(), in_transaction).await;
+    compare("postgres pipe", tasks, plain, pipelined).await;
 }
 
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes `--bench`; a filter or `--quick` is accepted and ignored.
     println!(
-        "{:<11} {:>5} {:>12} {:>12} {:>7}",
+        "{:<14} {:>5} {:>12} {:>12} {:>7}",
         "store", "tasks", "plain µs/op", "fenced µs/op", "ratio"
     );
     for tasks in [1, 16] {

@@ -245,3 +245,36 @@ async fn older_transaction_waiting_behind_a_newer_one_is_refused_when_it_commits
     assert_eq!(refused.stale(), Some(StaleToken::new(5, 6)));
     assert_eq!(value(&watcher, &name).await.as_deref(), Some("six"));
 }
+
+/// `execute` pipelines the caller's statements behind the fence statement: for a stale token
+/// they run, and are rolled back with the refused transaction.
+#[tokio::test]
+async fn pipelined_statements_of_a_stale_token_are_rolled_back() {
+    let server = PostgresServer::start();
+    let (mut client, fence) = setup(&server).await;
+    let name = unique_key("value");
+    let upsert = client
+        .prepare(
+            "INSERT INTO resources (name, value) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+        )
+        .await
+        .unwrap();
+    let counts = fence
+        .execute(&mut client, &name, 9, &[(&upsert, &[&name, &"nine"])])
+        .await
+        .unwrap();
+    assert_eq!(counts, [1]);
+    let refused = fence
+        .execute(&mut client, &name, 8, &[(&upsert, &[&name, &"eight"])])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.stale(), Some(StaleToken::new(8, 9)));
+    assert_eq!(value(&client, &name).await.as_deref(), Some("nine"));
+    fence
+        .execute(&mut client, &name, 10, &[(&upsert, &[&name, &"ten"])])
+        .await
+        .unwrap();
+    assert_eq!(value(&client, &name).await.as_deref(), Some("ten"));
+    assert_eq!(fence.newest(&client, &name).await.unwrap(), Some(10));
+}

@@ -32,8 +32,9 @@
 //! only while no newer holder has written. A transaction that is rolled back (or dropped)
 //! takes its fence advance back with its writes.
 
-use tokio_postgres::types::Type;
-use tokio_postgres::{Client, Error as PgError, Transaction};
+use futures::future::{join, join_all};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Error as PgError, Statement, Transaction};
 
 use super::{FenceError, StaleToken};
 
@@ -158,6 +159,65 @@ impl PgFence {
             token,
             newest.unwrap_or(u64::MAX),
         )))
+    }
+
+    /// Runs the prepared `statements` (each with its parameters) in one transaction with the
+    /// fence advance, and commits it, if `token` is not older than the newest token recorded
+    /// for `resource`; returns each statement's row count. An older token gets
+    /// [`FenceError::Stale`], and the transaction is rolled back: nothing is written.
+    ///
+    /// Faster than [`transaction`](Self::transaction) by a round trip: the fence statement
+    /// and the caller's statements are sent together, pipelined (tokio-postgres sends
+    /// requests made concurrently on one connection without waiting for each answer), so the
+    /// whole write costs `BEGIN`, one round trip for every statement, and `COMMIT`, as the
+    /// unfenced transaction does. The fence statement runs first and takes the fence row's
+    /// lock first, so the statements run behind it; but they do run before the fence's
+    /// answer is read, also for a stale token, whose transaction is then rolled back. Side
+    /// effects that a rollback does not undo (a sequence's `nextval`) therefore happen for
+    /// a stale token too; use [`transaction`](Self::transaction) where that matters, or when
+    /// a statement needs another's result.
+    pub async fn execute(
+        &self,
+        client: &mut Client,
+        resource: &str,
+        token: u64,
+        statements: &[(&Statement, &[&(dyn ToSql + Sync)])],
+    ) -> Result<Vec<u64>, FenceError<PgError>> {
+        let tx = client.transaction().await.map_err(FenceError::Store)?;
+        let digits = token.to_string();
+        let fence_params: [(&(dyn ToSql + Sync), Type); 2] =
+            [(&resource, Type::TEXT), (&digits, Type::TEXT)];
+        let fence = tx.execute_typed(&self.fence_sql, &fence_params);
+        let writes = join_all(
+            statements
+                .iter()
+                .map(|(statement, params)| tx.execute(*statement, params)),
+        );
+        // `join` polls the fence first, and each request is sent when first polled: the
+        // fence statement is on the wire before the caller's.
+        let (advanced, counts) = join(fence, writes).await;
+        match advanced.map_err(FenceError::Store)? {
+            1 => {
+                let counts = counts
+                    .into_iter()
+                    .collect::<Result<Vec<u64>, _>>()
+                    .map_err(FenceError::Store)?;
+                tx.commit().await.map_err(FenceError::Store)?;
+                Ok(counts)
+            }
+            _ => {
+                // The caller's statements may have failed only because the transaction was
+                // refused; the refusal is the answer. Their effects go with the rollback.
+                let newest = newest(&tx, &self.newest_sql, resource)
+                    .await
+                    .map_err(FenceError::Store)?;
+                tx.rollback().await.map_err(FenceError::Store)?;
+                Err(FenceError::Stale(StaleToken::new(
+                    token,
+                    newest.unwrap_or(u64::MAX),
+                )))
+            }
+        }
     }
 
     /// The newest token recorded for `resource`, or `None` if no fenced write has happened.
