@@ -3,8 +3,8 @@
 //! `postgres` feature, PostgreSQL (an `UPDATE` in a transaction against the same `UPDATE` in
 //! a `PgFence::transaction`, and through `PgFence::execute`).
 //!
-//! Run: `cargo bench --bench fenced` (Redis), or
-//! `cargo bench --bench fenced --features postgres` (both). Issue 19's target is a ratio
+//! Run: `cargo bench --bench fenced` (Redis), with `--features etcd` for etcd (a `put`
+//! against the same `put` in `EtcdFence::run`) and `--features postgres` for PostgreSQL. Issue 19's target is a ratio
 //! (fenced / unfenced time per write) of at most 1.2.
 //!
 //! Each store's two writes take turns in rounds (the order alternating each round), each
@@ -207,6 +207,48 @@ async fn postgres(tasks: usize) {
     compare("postgres pipe", tasks, plain, pipelined).await;
 }
 
+/// A `put` against `EtcdFence::run` with the same `put`, each task on a key of its own,
+/// all on one client (etcd-client multiplexes requests on one gRPC channel).
+#[cfg(feature = "etcd")]
+async fn etcd(tasks: usize) {
+    use etcd_client::TxnOp;
+    use leasehold::EtcdFence;
+    use leasehold_test_support::EtcdServer;
+
+    let server = EtcdServer::start();
+    let kv = etcd_client::Client::connect([server.endpoint()], None)
+        .await
+        .unwrap()
+        .kv_client();
+    let fences: Arc<Vec<EtcdFence>> = Arc::new(
+        (0..tasks)
+            .map(|t| EtcdFence::new(format!("bench/{t}/fence")))
+            .collect(),
+    );
+    let plain = {
+        let kv = kv.clone();
+        move |task: usize, i: usize| {
+            let mut kv = kv.clone();
+            async move {
+                kv.put(format!("bench/{task}"), i.to_string(), None)
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    let fenced = {
+        let (kv, fences) = (kv.clone(), fences.clone());
+        move |task: usize, i: usize| {
+            let (mut kv, fences) = (kv.clone(), fences.clone());
+            async move {
+                let put = TxnOp::put(format!("bench/{task}"), i.to_string(), None);
+                fences[task].run(&mut kv, 7, [put]).await.unwrap();
+            }
+        }
+    };
+    compare("etcd", tasks, plain, fenced).await;
+}
+
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes `--bench`; a filter or `--quick` is accepted and ignored.
@@ -216,6 +258,10 @@ async fn main() {
     );
     for tasks in [1, 16] {
         redis(tasks).await;
+    }
+    #[cfg(feature = "etcd")]
+    for tasks in [1, 16] {
+        etcd(tasks).await;
     }
     #[cfg(feature = "postgres")]
     for tasks in [1, 4] {
