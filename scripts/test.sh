@@ -2,7 +2,7 @@
 # Installs what the tests need (when missing) and runs every check and test of leasehold:
 # formatting, clippy, docs, the test suites with ractor's cluster feature off and on, the
 # examples, the load test's smoke run, and a compile of the benchmarks. Tests start their own
-# redis-server and etcd (through the workspace crate test-support/).
+# redis-server, etcd and PostgreSQL (through the workspace crate test-support/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +10,9 @@ need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+# PostgreSQL for the fenced-write tests; Debian keeps initdb and postgres off PATH.
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1 \
+    || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
     echo "==> installing ${need[*]}"
     sudo=""
@@ -44,6 +47,7 @@ redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$s
     --logfile "$scratch/redis.log" --daemonize yes --pidfile "$scratch/redis.pid"
 wait_port "$port" || { cat "$scratch/redis.log"; exit 1; }
 LEASEHOLD_REDIS_URL="redis://127.0.0.1:$port" step cargo run --example redis
+LEASEHOLD_REDIS_URL="redis://127.0.0.1:$port" step cargo run --example fenced_redis
 
 port=$(free_port)
 peer="http://127.0.0.1:$(free_port)"
@@ -54,6 +58,29 @@ etcd --name example --data-dir "$scratch/etcd" \
 echo $! >"$scratch/etcd.pid"
 wait_port "$port" || { cat "$scratch/etcd.log"; exit 1; }
 LEASEHOLD_ETCD_ENDPOINTS="127.0.0.1:$port" step cargo run --features etcd --example etcd
+LEASEHOLD_ETCD_ENDPOINTS="127.0.0.1:$port" step cargo run --features etcd --example fenced_etcd
+
+# PostgreSQL refuses to run as root: as root, the cluster belongs to the `postgres` user the
+# Debian package creates, and setpriv (which execs, so the pid file holds the server's pid)
+# runs the binaries as that user.
+pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+pgbin=${pgbin:-$(dirname "$(command -v initdb)")}
+as_pg=()
+if [ "$(id -u)" -eq 0 ]; then
+    chown postgres: "$scratch"
+    as_pg=(setpriv --reuid=postgres --regid=postgres --init-groups --)
+fi
+"${as_pg[@]}" "$pgbin/initdb" -D "$scratch/pg" -U postgres -A trust --no-sync >"$scratch/initdb.log" 2>&1 \
+    || { cat "$scratch/initdb.log"; exit 1; }
+port=$(free_port)
+"${as_pg[@]}" "$pgbin/postgres" -D "$scratch/pg" -p "$port" -h 127.0.0.1 -k "$scratch" \
+    >"$scratch/postgres.log" 2>&1 &
+echo $! >"$scratch/postgres.pid"
+# The port opens before the server accepts sessions; pg_isready asks the server itself.
+for _ in $(seq 100); do "$pgbin/pg_isready" -q -h 127.0.0.1 -p "$port" && break; sleep 0.1; done
+"$pgbin/pg_isready" -q -h 127.0.0.1 -p "$port" || { cat "$scratch/postgres.log"; exit 1; }
+LEASEHOLD_POSTGRES_URL="postgresql://postgres@127.0.0.1:$port/postgres" \
+    step cargo run --features postgres --example fenced_postgres
 step cargo run --features cluster --example cluster
 step cargo bench --no-run --all-features
 echo

@@ -1,6 +1,35 @@
 //! The resource side of fencing: reject writes from a holder whose lease was superseded.
+//!
+//! A fencing token protects a resource only where the resource checks it. [`Fence`] checks it
+//! in this process; the store modules check it inside the stores people protect, in the same
+//! atomic step as the write, so a stale holder's write can never slip in between the check and
+//! the write:
+//!
+//! - `fence/redis.rs` (`RedisFence`, feature `redis`): one Lua script compares the token
+//!   with a fence key beside the resource and does the write;
+//! - `fence/etcd.rs` (`EtcdFence`, feature `etcd`): one etcd transaction whose condition
+//!   checks a fence key and whose operations advance it and do the caller's writes;
+//! - `fence/postgres.rs` (`PgFence`, feature `postgres`): a transaction that advances a
+//!   fence row first and is handed to the caller only if the token was not older.
+//!
+//! Each records, per resource, the newest token that wrote, and refuses an older one with
+//! [`StaleToken`] (inside [`FenceError::Stale`]), writing nothing.
+
+#[cfg(feature = "etcd")]
+pub(crate) mod etcd;
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
+#[cfg(feature = "redis")]
+pub(crate) mod redis;
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+#[cfg(feature = "etcd")]
+pub use self::etcd::EtcdFence;
+#[cfg(feature = "postgres")]
+pub use self::postgres::PgFence;
+#[cfg(feature = "redis")]
+pub use self::redis::{FencedScript, RedisFence};
 
 /// Guards a resource with fencing tokens: a write carrying token `t` is accepted only if no
 /// write with a larger token was accepted before.
@@ -32,6 +61,49 @@ pub struct StaleToken {
     pub token: u64,
     /// The newest token accepted so far.
     pub newest: u64,
+}
+
+impl StaleToken {
+    /// `token` was refused because `newest` has written. (The fields are public to read; this
+    /// builds one, e.g. for a resource of the application's own that checks tokens.)
+    pub fn new(token: u64, newest: u64) -> Self {
+        StaleToken { token, newest }
+    }
+}
+
+/// Why a fenced write in a store did not happen: the token was older than the resource's
+/// newest ([`Stale`](FenceError::Stale), nothing was written), or the store failed
+/// ([`Store`](FenceError::Store), with the store client's own error, kept whole).
+///
+/// Generic over the store's error because the caller brings the store's client (a Redis
+/// connection, an etcd client, a PostgreSQL client) and already handles its error type; the
+/// fenced write is not a lock operation, so it does not go through [`Error`](crate::Error).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FenceError<E> {
+    /// A newer holder has written this resource; nothing was written.
+    #[error(transparent)]
+    Stale(#[from] StaleToken),
+    /// The store failed or answered something unexpected; whether the write happened is
+    /// whatever the store's error says (a timeout leaves it unknown).
+    #[error("fenced write failed in the store: {0}")]
+    Store(#[source] E),
+}
+
+impl<E> FenceError<E> {
+    /// The refusal, if the token was stale.
+    pub fn stale(&self) -> Option<StaleToken> {
+        match self {
+            FenceError::Stale(stale) => Some(*stale),
+            FenceError::Store(_) => None,
+        }
+    }
+
+    /// True when the token was refused as stale (retrying with the same token cannot
+    /// succeed: the holder has lost the lock).
+    pub fn is_stale(&self) -> bool {
+        matches!(self, FenceError::Stale(_))
+    }
 }
 
 impl Fence {

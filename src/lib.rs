@@ -27,8 +27,10 @@
 //! - `backend.rs`: the [`LockBackend`] trait, the seam to the stores, with one file per store:
 //!   `backend/memory.rs` ([`MemoryBackend`]), `backend/redis.rs` (`RedisBackend`, its Lua
 //!   scripts and its pub/sub notice hub in `backend/redis/`), `backend/etcd.rs`.
-//! - `options.rs`, `event.rs`, `error.rs`, `fence.rs`: [`LockOptions`], [`LockEvent`],
-//!   [`Error`], [`Fence`].
+//! - `options.rs`, `event.rs`, `error.rs`: [`LockOptions`], [`LockEvent`], [`Error`].
+//! - `fence.rs`: the resource side of fencing, [`Fence`] in this process, and token checks
+//!   inside the stores people protect, one file per store: `fence/redis.rs` (`RedisFence`),
+//!   `fence/etcd.rs` (`EtcdFence`), `fence/postgres.rs` (`PgFence`).
 //! - `testing.rs` (feature `testing`): the conformance suite every backend passes.
 //! - `cluster.rs` (feature `cluster`): `ClusterGateway`, the manager's face to other
 //!   `ractor_cluster` nodes, and the serialisable remote protocol (`cluster/`).
@@ -59,7 +61,10 @@
 //! ```
 //!
 //! # Cargo features
-//! - `redis` (default): `RedisBackend`, on the `redis` crate's multiplexed connection.
+//! - `redis` (default): `RedisBackend`, on the `redis` crate's multiplexed connection, and
+//!   `RedisFence`.
+//! - `etcd`: `EtcdBackend`, on `etcd-client`, and `EtcdFence`.
+//! - `postgres`: `PgFence`, fenced transactions on `tokio-postgres`.
 //! - `testing`: the public conformance suite, `testing`.
 //! - `cli`: the `leasehold` command line (`src/bin/leasehold/`).
 //! - `cluster`: the `cluster` module (lock messages from other `ractor_cluster` nodes); turns
@@ -99,7 +104,13 @@ pub use backend::{
 pub use client::LockClient;
 pub use error::{Error, ErrorKind, Result, StoreCause, StoreError, StoreErrorKind};
 pub use event::{LockEvent, LockEventKind, LockMetrics, LostReason, ReleaseReason};
-pub use fence::{Fence, StaleToken};
+#[cfg(feature = "etcd")]
+pub use fence::EtcdFence;
+#[cfg(feature = "postgres")]
+pub use fence::PgFence;
+pub use fence::{Fence, FenceError, StaleToken};
+#[cfg(feature = "redis")]
+pub use fence::{FencedScript, RedisFence};
 pub use guard::LockGuard;
 pub use manager::{LockManager, LockManagerBuilder, LockManagerMsg, DEFAULT_MANAGER_NAME};
 pub use options::{LockOptions, Wait, MAX_KEY_LEN, MAX_METADATA_LEN, MAX_TTL, MIN_TTL};

@@ -1,5 +1,6 @@
 //! The servers leasehold's tests, benches and tools run against: a real `redis-server`
-//! ([`RedisServer`]) and real `etcd` members ([`EtcdServer`], [`EtcdCluster`]), each started on
+//! ([`RedisServer`]), real `etcd` members ([`EtcdServer`], [`EtcdCluster`]) and a real
+//! PostgreSQL ([`PostgresServer`], for the fenced-write tests), each started on
 //! free loopback ports with a temp dir of its own, ready (answering) when `start` returns, and
 //! stopped by pid when dropped. A server that does not start panics with its log; a missing
 //! binary panics with the Debian package to install. Fault tests stop, pause (SIGSTOP) and
@@ -13,9 +14,11 @@
 //! the `backend()` helpers that connect a leasehold backend to a server.
 
 pub mod etcd_server;
+pub mod postgres_server;
 pub mod redis_server;
 pub mod register;
 
 pub use etcd_server::{EtcdCluster, EtcdServer};
+pub use postgres_server::PostgresServer;
 pub use redis_server::RedisServer;
 pub use register::{Op, OpKind, Register, RegisterClient, Stale};
