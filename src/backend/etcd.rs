@@ -11,7 +11,7 @@
 //! | operation | etcd calls |
 //! |-----------|------------|
 //! | acquire   | `LeaseGrant(ceil(ttl))`, then ONE `Txn`: if `create_revision(P+K) == 0` then `Put(P+K, value, lease)` else `Range(P+K)`. On success the fencing token is the revision of the put. On contention the lease is revoked, and the holder's lease `TimeToLive` sizes the waiter's backstop. |
-//! | renew     | `LeaseKeepAlive` (one request, one answer on the keep-alive stream) and, in parallel, `Range(P+K)` to check that the key still carries our owner token |
+//! | renew     | `LeaseKeepAlive`: one request and its answer on the backend's one keep-alive stream, shared by every lease (see `keep_alive.rs`); in parallel, `Range(P+K)` to check that the key still carries our owner token |
 //! | release   | `Txn`: if the value carries our owner token then `DeleteRange(P+K)`; then `LeaseRevoke` |
 //! | inspect   | `Range(P+K)`, then `LeaseTimeToLive` of the key's lease |
 //! | wait      | one `Watch` of `P+K` for deletes, from the revision the failed attempt saw |
@@ -105,7 +105,8 @@
 //! |------|------|
 //! | `txn_mode.rs` | `txn` mode's acquisition |
 //! | `lock_mode.rs` | `lock` mode: the Lock service, contender keys, escaped names |
-//! | `lease.rs` | lease grant, keep-alive, revoke, time-to-live, moving to a longer lease |
+//! | `lease.rs` | lease grant, revoke, time-to-live, moving to a longer lease |
+//! | `keep_alive.rs` | the one keep-alive stream all renewals share |
 //! | `watch.rs` | watches for waiters and for monitoring |
 //! | `values.rs` | lock key values, owner compares, fencing tokens from revisions |
 //! | `call.rs` | one call tried again when it failed in transit; error classification |
@@ -129,6 +130,7 @@ use crate::backend::{
 use crate::error::{Error, Result, StoreError};
 
 mod call;
+mod keep_alive;
 mod lease;
 mod lock_mode;
 mod txn_mode;
@@ -137,6 +139,7 @@ mod watch;
 
 pub(crate) use call::describe;
 use call::{tries_per_call, Retry};
+use keep_alive::KeepAlives;
 use lease::lease_seconds;
 use lock_mode::escape_name;
 use values::{owner_compares, token, Holder};
@@ -194,6 +197,8 @@ struct Shared {
     endpoints: Vec<String>,
     /// How often one call is tried when it fails in transit (see `EtcdBackend::call`).
     tries: usize,
+    /// The one keep-alive stream every renewal of this backend (and of its clones) shares.
+    keep_alives: KeepAlives,
 }
 
 impl fmt::Debug for EtcdBackend {
@@ -337,6 +342,7 @@ impl EtcdBackendBuilder {
         };
         Ok(EtcdBackend {
             shared: Arc::new(Shared {
+                keep_alives: KeepAlives::start(client.clone(), tries),
                 client,
                 endpoints,
                 tries,
@@ -443,7 +449,7 @@ impl LockBackend for EtcdBackend {
         // leaves the lease alive; only the key says whether we still hold the lock.)
         let keep_granted = async {
             match lease.lease_id {
-                Some(id) => Some(self.keep_alive(id).await),
+                Some(id) => Some(self.keep_alive(id).await.map(|kept| kept.ttl > 0)),
                 None => None,
             }
         };
@@ -460,7 +466,7 @@ impl LockBackend for EtcdBackend {
             Some(kept) if Some(current) == lease.lease_id => kept?,
             // The key is on another lease than the one granted at acquisition (a renewal moved
             // it to a longer one): keep that one alive.
-            _ if current != 0 => self.keep_alive(current).await?,
+            _ if current != 0 => self.keep_alive(current).await?.ttl > 0,
             _ => false,
         };
         if !alive {

@@ -7,6 +7,7 @@ use etcd_client::{Compare, CompareOp, KeyValue, PutOptions, Txn, TxnOp};
 use tokio::time::timeout;
 
 use super::call::{is_lease_not_found, Retry};
+use super::keep_alive::KeptAlive;
 use super::values::{owner_compares, Holder};
 use super::EtcdBackend;
 use crate::error::StoreError;
@@ -66,25 +67,11 @@ impl EtcdBackend {
         Ok(u64::try_from(answer.ttl()).ok().map(Duration::from_secs))
     }
 
-    /// One keep-alive of lease `id`: etcd-client's keep-alive stream sends one request and
-    /// reads one answer when it is opened; dropping it closes the stream. `Ok(false)` when etcd
-    /// answers ttl 0: the lease is gone (expired or revoked), and the keys on it with it.
-    pub(super) async fn keep_alive(&self, id: i64) -> Result<bool, StoreError> {
-        self.call("lease keep-alive", Retry::IfConnectionBroke, || {
-            let mut leases = self.shared.client.lease_client();
-            async move {
-                match leases.keep_alive(id).await {
-                    Ok(_stream) => Ok(true),
-                    Err(etcd_client::Error::LeaseKeepAliveError(why))
-                        if why == "lease not found" =>
-                    {
-                        Ok(false)
-                    }
-                    Err(error) => Err(error),
-                }
-            }
-        })
-        .await
+    /// One keep-alive of lease `id`, on the backend's one keep-alive stream (see
+    /// `keep_alive.rs`). A ttl of 0 in the answer means the lease is gone (expired or revoked),
+    /// and the keys on it with it.
+    pub(super) async fn keep_alive(&self, id: i64) -> Result<KeptAlive, StoreError> {
+        self.shared.keep_alives.keep_alive(id).await
     }
 
     /// Moves the lock key `kv` (ours, on lease `current`) onto a new lease for `ttl`, for a
