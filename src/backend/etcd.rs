@@ -11,7 +11,7 @@
 //! | operation | etcd calls |
 //! |-----------|------------|
 //! | acquire   | `LeaseGrant(ceil(ttl))`, then ONE `Txn`: if `create_revision(P+K) == 0` then `Put(P+K, value, lease)` else `Range(P+K)`. On success the fencing token is the revision of the put. On contention the lease is revoked, and the holder's lease `TimeToLive` sizes the waiter's backstop. |
-//! | renew     | `LeaseKeepAlive`: one request and its answer on the backend's one keep-alive stream, shared by every lease (see `keep_alive.rs`); in parallel, `Range(P+K)` to check that the key still carries our owner token |
+//! | renew     | `LeaseKeepAlive`: one request and its answer on the backend's one keep-alive stream, shared by every lease (see `keep_alive.rs`). Whether the key is still ours comes from one `Watch` of the whole prefix (see `held.rs`); `Range(P+K)` only when that watch cannot vouch for it |
 //! | release   | `Txn`: if the value carries our owner token then `DeleteRange(P+K)`; then `LeaseRevoke` |
 //! | inspect   | `Range(P+K)`, then `LeaseTimeToLive` of the key's lease |
 //! | wait      | one `Watch` of `P+K` for deletes, from the revision the failed attempt saw |
@@ -107,10 +107,13 @@
 //! | `lock_mode.rs` | `lock` mode: the Lock service, contender keys, escaped names |
 //! | `lease.rs` | lease grant, revoke, time-to-live, moving to a longer lease |
 //! | `keep_alive.rs` | the one keep-alive stream all renewals share |
+//! | `held.rs` | the prefix watch that notices held keys taken away |
+//! | `renew.rs` | renewal: keep-alive plus the watch's word, or a read |
 //! | `watch.rs` | watches for waiters and for monitoring |
 //! | `values.rs` | lock key values, owner compares, fencing tokens from revisions |
 //! | `call.rs` | one call tried again when it failed in transit; error classification |
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -121,6 +124,7 @@ use etcd_client::{
     TxnOpResponse, WatchFilterType, WatchOptions,
 };
 use futures::StreamExt;
+use tokio::sync::OnceCell;
 use tokio::time::timeout;
 
 use crate::backend::{
@@ -130,17 +134,19 @@ use crate::backend::{
 use crate::error::{Error, Result, StoreError};
 
 mod call;
+mod held;
 mod keep_alive;
 mod lease;
 mod lock_mode;
+mod renew;
 mod txn_mode;
 mod values;
 mod watch;
 
 pub(crate) use call::describe;
 use call::{tries_per_call, Retry};
+use held::HeldKeys;
 use keep_alive::KeepAlives;
-use lease::lease_seconds;
 use lock_mode::escape_name;
 use values::{owner_compares, token, Holder};
 
@@ -199,7 +205,12 @@ struct Shared {
     tries: usize,
     /// The one keep-alive stream every renewal of this backend (and of its clones) shares.
     keep_alives: KeepAlives,
+    /// One watch per key prefix in use, noticing held keys taken away (see `held.rs`).
+    held: std::sync::Mutex<HashMap<Arc<str>, HeldCell>>,
 }
+
+/// A prefix's watch, opened once by the first lock taken under it.
+type HeldCell = Arc<OnceCell<Arc<HeldKeys>>>;
 
 impl fmt::Debug for EtcdBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -343,6 +354,7 @@ impl EtcdBackendBuilder {
         Ok(EtcdBackend {
             shared: Arc::new(Shared {
                 keep_alives: KeepAlives::start(client.clone(), tries),
+                held: std::sync::Mutex::default(),
                 client,
                 endpoints,
                 tries,
@@ -441,41 +453,7 @@ impl LockBackend for EtcdBackend {
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, StoreError> {
-        let Some(lock_key) = self.locate(lease).await? else {
-            return Ok(false);
-        };
-        // The keep-alive of the lease we were granted, and in parallel a read of the key: is it
-        // still ours, and still on that lease? (A key deleted or overwritten behind our back
-        // leaves the lease alive; only the key says whether we still hold the lock.)
-        let keep_granted = async {
-            match lease.lease_id {
-                Some(id) => Some(self.keep_alive(id).await.map(|kept| kept.ttl > 0)),
-                None => None,
-            }
-        };
-        let (kept, read) = futures::join!(keep_granted, self.get(&lock_key, None));
-        let read = read?;
-        let Some(kv) = read.kvs().first() else {
-            return Ok(false);
-        };
-        let Some(holder) = Holder::decode(kv.value()).filter(|h| h.owner == lease.owner) else {
-            return Ok(false);
-        };
-        let current = kv.lease();
-        let alive = match kept {
-            Some(kept) if Some(current) == lease.lease_id => kept?,
-            // The key is on another lease than the one granted at acquisition (a renewal moved
-            // it to a longer one): keep that one alive.
-            _ if current != 0 => self.keep_alive(current).await?.ttl > 0,
-            _ => false,
-        };
-        if !alive {
-            return Ok(false);
-        }
-        if lease_seconds(ttl) <= holder.granted {
-            return Ok(true);
-        }
-        self.move_to_longer_lease(kv, &holder, current, ttl).await
+        self.renew_lease(lease, ttl).await
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {
@@ -491,7 +469,12 @@ impl LockBackend for EtcdBackend {
                 lock_key.as_str(),
                 Some(DeleteOptions::new().with_prev_key()),
             )]);
-        let answer = self.txn(txn).await?;
+        let answer = self.txn(txn).await;
+        // Released or not ours: either way the watch need not look out for this lock any more.
+        if let Some(held) = self.held_keys_if_started() {
+            held.forget(lease.owner);
+        }
+        let answer = answer?;
         if !answer.succeeded() {
             return Ok(false);
         }

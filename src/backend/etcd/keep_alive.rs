@@ -29,6 +29,9 @@ pub(super) struct KeptAlive {
     /// The lease's ttl after the keep-alive, in seconds; 0 when the lease is gone (expired or
     /// revoked), and the keys on it with it.
     pub(super) ttl: i64,
+    /// The store's revision when etcd answered, if the answer said. Every change etcd applied
+    /// before this answer has a revision no greater than this.
+    pub(super) revision: Option<i64>,
 }
 
 type Answer = oneshot::Sender<Result<KeptAlive, StoreError>>;
@@ -134,7 +137,10 @@ async fn run(client: Client, tries: usize, mut asks: mpsc::UnboundedReceiver<Ask
             }
             Event::Answer(Ok(None)) => broken(&mut stream, &mut waiting, &mut unsent, None),
             Event::Answer(Ok(Some(answer))) => {
-                let kept = KeptAlive { ttl: answer.ttl() };
+                let kept = KeptAlive {
+                    ttl: answer.ttl(),
+                    revision: answer.header().map(|h| h.revision()),
+                };
                 for waiter in waiting.remove(&answer.id()).unwrap_or_default() {
                     let _ = waiter.send(Ok(kept));
                 }
@@ -178,7 +184,10 @@ async fn open_stream(
         match client.lease_client().keep_alive(id).await {
             Ok((keeper, answers)) => return Ok(Stream { keeper, answers }),
             Err(etcd_client::Error::LeaseKeepAliveError(why)) if why == "lease not found" => {
-                return Err(Ok(KeptAlive { ttl: 0 }))
+                return Err(Ok(KeptAlive {
+                    ttl: 0,
+                    revision: None,
+                }))
             }
             Err(error) if left > 1 && Retry::IfConnectionBroke.allows(&error) => left -= 1,
             Err(error) => return Err(Err(store_error("lease keep-alive", error))),

@@ -75,14 +75,15 @@ impl EtcdBackend {
     }
 
     /// Moves the lock key `kv` (ours, on lease `current`) onto a new lease for `ttl`, for a
-    /// renewal asking for more than etcd granted: etcd cannot lengthen a lease.
+    /// renewal asking for more than etcd granted: etcd cannot lengthen a lease. The new lease
+    /// and its granted ttl in seconds, or `None` if the key was not ours any more.
     pub(super) async fn move_to_longer_lease(
         &self,
         kv: &KeyValue,
         holder: &Holder<'_>,
         current: i64,
         ttl: Duration,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<(i64, i64)>, StoreError> {
         let grant = self.grant(ttl).await?;
         let mut compares = owner_compares(kv.key(), holder.owner);
         // Only if nobody moved it meanwhile.
@@ -95,13 +96,14 @@ impl EtcdBackend {
         )]);
         if !self.txn(txn).await?.succeeded() {
             grant.revoke().await;
-            return Ok(false);
+            return Ok(None);
         }
-        grant.keep();
+        let granted = grant.ttl;
+        let moved_to = grant.keep();
         // The key left the old lease, so revoking it deletes nothing; a failure leaves it to
         // run out.
         let _ = self.revoke(current).await;
-        Ok(true)
+        Ok(Some((moved_to, granted)))
     }
 }
 

@@ -164,6 +164,8 @@ impl EtcdBackend {
                 Holder::encode(owner, grant.ttl, metadata),
                 Some(PutOptions::new().with_lease(grant.id).with_prev_key()),
             )]);
+        // Recorded before the write, so the prefix watch cannot miss a change right after it.
+        let registration = self.register(owner, grant.id, grant.ttl).await?;
         let answer = self.txn(txn).await?;
         let created = answer.op_responses().into_iter().find_map(|op| match op {
             TxnOpResponse::Put(put) => put.prev_key().map(KeyValue::create_revision),
@@ -173,6 +175,7 @@ impl EtcdBackend {
             Some(created) if answer.succeeded() => {
                 let mut lease = Lease::new(key, owner, token(created)?);
                 lease.lease_id = Some(grant.keep());
+                registration.keep();
                 Ok(Some(Acquisition::Acquired(lease)))
             }
             _ => Err(StoreError::unavailable(format!(

@@ -39,6 +39,8 @@ impl EtcdBackend {
                 Some(PutOptions::new().with_lease(grant.id)),
             )])
             .or_else([TxnOp::get(lock_key.as_str(), None)]);
+        // Recorded before the write, so the prefix watch cannot miss a change right after it.
+        let registration = self.register(owner, grant.id, grant.ttl).await?;
         let answer = self.txn(txn).await?;
         // The transaction's revision is the put's: etcd gives each write transaction one new
         // revision, strictly greater than every earlier one, so it is a fencing token.
@@ -46,6 +48,7 @@ impl EtcdBackend {
         if answer.succeeded() {
             let mut lease = Lease::new(key, owner, token(revision)?);
             lease.lease_id = Some(grant.keep());
+            registration.keep();
             return Ok(Acquisition::Acquired(lease));
         }
         let holder = first_range_kv(&answer);
