@@ -10,17 +10,23 @@
 //!
 //! "Lost no later than the next renewal after the change" needs the watch to be caught up when
 //! a renewal decides. The keep-alive answer carries the store's revision R; the renewal trusts
-//! the watch only once the watch has shown everything up to R (its latest answer's revision, or
-//! a progress answer it asks etcd for). When the watch is behind for longer than
-//! [`CATCH_UP`], or broken, or an owner was registered before a gap in the watch, the renewal
-//! reads the key as it used to: correctness never depends on the watch being up, only cost.
+//! the watch only once it has shown everything up to R: the revision it was created at, or
+//! that of the latest event it delivered (etcd sends one watch's events in revision order).
+//! When the watch is behind for longer than [`CATCH_UP`], or broken, or an owner was
+//! registered before a gap in the watch, the renewal reads the key as it used to: correctness
+//! never depends on the watch being up, only cost.
+//!
+//! etcd's progress requests would let a watch with no events under its prefix vouch for a
+//! later revision, but etcd before 3.4.24 / 3.5.8 may answer one before events it has not
+//! sent yet (etcd issue 15220), so they are not used: where other keys of the cluster change
+//! while nothing under the prefix does, renewals read their key, as before.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{Client, EventType, WatchOptions, WatchResponse, WatchStream};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 use super::call::store_error;
 use super::values::Holder;
@@ -29,8 +35,9 @@ use crate::error::StoreError;
 use crate::task::AbortOnDrop;
 
 /// How long a renewal waits for the watch to catch up with the keep-alive's revision before
-/// it reads the key instead.
-pub(super) const CATCH_UP: Duration = Duration::from_millis(500);
+/// it reads the key instead: long enough for events in flight (a burst of acquisitions), short
+/// against ttl/3.
+pub(super) const CATCH_UP: Duration = Duration::from_millis(100);
 
 /// How long the watch task waits before opening a broken watch again.
 const REOPEN_AFTER: Duration = Duration::from_millis(200);
@@ -52,8 +59,6 @@ struct Registry {
     /// The revision up to which the watch has delivered every change under the prefix; 0
     /// while the watch is down.
     seen: watch::Sender<i64>,
-    /// Asks the watch task for a progress answer (many asks while one is pending are one).
-    progress: Notify,
 }
 
 /// One prefix's watch and registry; dropping it stops the watch.
@@ -70,7 +75,6 @@ impl HeldKeys {
         let registry = Arc::new(Registry {
             owners: Mutex::new(HashMap::new()),
             seen: watch::channel(revision).0,
-            progress: Notify::new(),
         });
         let task = tokio::spawn(run(client, prefix, stream, Arc::clone(&registry)));
         Ok(HeldKeys {
@@ -122,9 +126,6 @@ impl HeldKeys {
         if *seen.borrow_and_update() >= revision {
             return true;
         }
-        // Behind: maybe only because nothing under the prefix changed while other keys did.
-        // A progress answer tells the watch's position without any event.
-        self.registry.progress.notify_one();
         tokio::time::timeout(CATCH_UP, seen.wait_for(|&seen| seen >= revision))
             .await
             .is_ok_and(|waited| waited.is_ok())
@@ -161,19 +162,9 @@ async fn open(client: &Client, prefix: &str) -> Result<(WatchStream, i64), Store
 
 async fn run(client: Client, prefix: String, mut stream: WatchStream, registry: Arc<Registry>) {
     loop {
-        // Until the watch breaks: apply each answer, and ask for progress when a renewal
-        // waits for the watch to catch up.
+        // Until the watch breaks: apply each answer.
         loop {
-            let answer = tokio::select! {
-                answer = stream.message() => answer,
-                () = registry.progress.notified() => {
-                    if stream.request_progress().await.is_err() {
-                        break;
-                    }
-                    continue;
-                }
-            };
-            match answer {
+            match stream.message().await {
                 Ok(Some(answer)) if !answer.canceled() => apply(&registry, &answer),
                 // Broken, closed, or cancelled by etcd (compaction, lost leader).
                 _ => break,
@@ -205,7 +196,8 @@ async fn run(client: Client, prefix: String, mut stream: WatchStream, registry: 
 }
 
 /// Marks the owners whose keys this answer's events took away, then moves the watch position
-/// to the answer's revision.
+/// to the last event's revision (not the answer header's: an answer catching up a lagging
+/// watch may carry the current revision with only part of the events).
 fn apply(registry: &Registry, answer: &WatchResponse) {
     if !answer.events().is_empty() {
         let mut owners = registry.owners.lock().unwrap_or_else(|p| p.into_inner());
@@ -241,10 +233,15 @@ fn apply(registry: &Registry, answer: &WatchResponse) {
             }
         }
     }
-    if let Some(header) = answer.header() {
+    let last = answer
+        .events()
+        .iter()
+        .filter_map(|event| event.kv().map(|kv| kv.mod_revision()))
+        .max();
+    if let Some(last) = last {
         registry.seen.send_if_modified(|seen| {
-            let moved = header.revision() > *seen;
-            *seen = (*seen).max(header.revision());
+            let moved = last > *seen;
+            *seen = (*seen).max(last);
             moved
         });
     }
