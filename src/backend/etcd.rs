@@ -457,6 +457,12 @@ impl LockBackend for EtcdBackend {
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {
+        // Whatever the outcome, the caller stops holding this lease: the watch need not look
+        // out for it any more. Forgotten first, so a release that fails or is given up
+        // half-way (a key actor bounds it by its budget) leaves no record behind.
+        if let Some(held) = self.held_keys_if_started() {
+            held.forget(lease.owner);
+        }
         let Some(lock_key) = self.locate(lease).await? else {
             return Ok(false);
         };
@@ -469,12 +475,7 @@ impl LockBackend for EtcdBackend {
                 lock_key.as_str(),
                 Some(DeleteOptions::new().with_prev_key()),
             )]);
-        let answer = self.txn(txn).await;
-        // Released or not ours: either way the watch need not look out for this lock any more.
-        if let Some(held) = self.held_keys_if_started() {
-            held.forget(lease.owner);
-        }
-        let answer = answer?;
+        let answer = self.txn(txn).await?;
         if !answer.succeeded() {
             return Ok(false);
         }
