@@ -13,7 +13,8 @@ use etcd_client::{Client, GetOptions, LockOptions as EtcdLockOptions};
 use etcd_server::{EtcdCluster, EtcdServer};
 use leasehold::testing::{eventually, next_event, start, unique_key};
 use leasehold::{
-    EtcdBackend, EtcdMode, Fence, LockClient, LockEventKind, LockOptions, LostReason, Wait,
+    EtcdBackend, EtcdMode, Fence, LockClient, LockEventKind, LockGuard, LockOptions, LostReason,
+    Wait,
 };
 use tokio::time::{timeout, Instant};
 
@@ -552,6 +553,185 @@ async fn renewing_with_a_longer_ttl_moves_the_key_to_a_longer_lease() {
         assert!(held.is_held());
         held.release().await.unwrap();
         assert!(lock_keys(&mut etcd, &backend, &key).await.is_empty());
+        node.shutdown().await;
+    }
+}
+
+/// Holds `count` keys on `node` with `ttl`, all renewing.
+async fn hold_many(node: &LockClient, what: &str, count: usize, ttl: Duration) -> Vec<LockGuard> {
+    let mut guards = Vec::with_capacity(count);
+    for _ in 0..count {
+        let key = unique_key(what);
+        let opts = LockOptions::new().with_ttl(ttl);
+        guards.push(node.try_lock(&key, opts).await.unwrap().expect("free key"));
+    }
+    guards
+}
+
+/// Waits until every guard's key has been renewed (a `Renewed` event from now on), failing if
+/// one of them is lost first.
+async fn all_renewed(
+    events: &mut tokio::sync::broadcast::Receiver<leasehold::LockEvent>,
+    guards: &[LockGuard],
+    limit: Duration,
+) {
+    let mut left: std::collections::HashSet<String> =
+        guards.iter().map(|g| g.key().to_owned()).collect();
+    while !left.is_empty() {
+        let lost = next_event(events, limit, |e| match &e.kind {
+            LockEventKind::Renewed { .. } => {
+                left.remove(e.key.as_deref().unwrap_or_default());
+                Some(None)
+            }
+            LockEventKind::Lost { reason } => Some(Some((e.key.clone(), *reason))),
+            _ => None,
+        })
+        .await;
+        assert_eq!(
+            lost, None,
+            "a lease was lost while its renewals should go on"
+        );
+    }
+}
+
+/// The member every renewal's keep-alive stream talks to is killed and started again while
+/// leases are held: the stream breaks, the renewals waiting on it fail (retryably), and the
+/// next ones reopen it, so every lock is kept and renewed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_member_breaks_the_keep_alive_stream_and_every_lease_is_kept() {
+    let mut server = EtcdServer::start();
+    for mode in MODES {
+        let node = start(server.backend(mode).await).await;
+        let ttl = Duration::from_secs(6);
+        let guards = hold_many(&node, "stream-restart", 20, ttl).await;
+        all_renewed(&mut node.events(), &guards, ttl).await;
+        tokio::task::block_in_place(|| server.restart());
+        // After the restart each key is renewed again before its deadline, on a new stream
+        // (events from a subscription taken now: none from before the kill counts).
+        all_renewed(&mut node.events(), &guards, ttl).await;
+        assert!(guards.iter().all(LockGuard::is_held), "{mode:?}");
+        for guard in guards {
+            guard.release().await.unwrap();
+        }
+        node.shutdown().await;
+    }
+}
+
+/// In a 3-member cluster each member in turn is killed and restarted while leases are held, so
+/// whichever member carries the keep-alive stream is killed once: the locks are kept throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_each_cluster_member_in_turn_keeps_every_lease() {
+    let mut cluster = EtcdCluster::start(3);
+    let node = start(cluster.backend(EtcdMode::Txn).await).await;
+    let ttl = Duration::from_secs(6);
+    let guards = hold_many(&node, "stream-cluster", 10, ttl).await;
+    for member in 0..cluster.len() {
+        cluster.member(member).stop();
+        // Subscribed after the kill: only renewals that came after it count.
+        all_renewed(&mut node.events(), &guards, ttl).await;
+        tokio::task::block_in_place(|| cluster.member(member).restart());
+        all_renewed(&mut node.events(), &guards, ttl).await;
+    }
+    assert!(guards.iter().all(LockGuard::is_held));
+    for guard in guards {
+        guard.release().await.unwrap();
+    }
+    node.shutdown().await;
+}
+
+/// Another client deletes a held key: the holder's next renewal, at most ttl/3 later, finds it
+/// gone, and `lost()` resolves then — not only at the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_deleted_by_another_client_is_lost_within_a_third_of_the_ttl() {
+    deleted_key_is_lost_within_a_third_of_the_ttl(false).await;
+}
+
+/// As above, right after the member restarted: the backend's watch over its keys broke and is
+/// being reopened, and the loss is still found by the next renewal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_deleted_after_a_member_restart_is_lost_within_a_third_of_the_ttl() {
+    deleted_key_is_lost_within_a_third_of_the_ttl(true).await;
+}
+
+async fn deleted_key_is_lost_within_a_third_of_the_ttl(restart_first: bool) {
+    let mut server = EtcdServer::start();
+    for mode in MODES {
+        let backend = server.backend(mode).await;
+        let node = start(backend.clone()).await;
+        let key = unique_key("deleted");
+        let ttl = Duration::from_secs(6);
+        let held = node
+            .try_lock(&key, LockOptions::new().with_ttl(ttl))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut etcd = other_client(&[server.endpoint()]).await;
+        let keys = lock_keys(&mut etcd, &backend, &key).await;
+        if restart_first {
+            tokio::task::block_in_place(|| server.restart());
+            etcd = other_client(&[server.endpoint()]).await;
+        }
+        let deleted_at = Instant::now();
+        etcd.delete(keys[0].key(), None).await.unwrap();
+        // ttl/3 to the next renewal, plus a margin for its round trip on a loaded machine.
+        let bound = ttl / 3 + Duration::from_millis(700);
+        let reason = timeout(bound, held.lost())
+            .await
+            .unwrap_or_else(|_| panic!("{mode:?}: not lost within {bound:?} of the delete"));
+        assert_eq!(reason, LostReason::NotOwner, "{mode:?}");
+        assert!(deleted_at.elapsed() < bound);
+        node.shutdown().await;
+    }
+}
+
+/// The sum of etcd's Prometheus counter `name` over the lines whose labels include `method`
+/// (`grpc_method="…"`), read from the member's `/metrics` on its client port.
+fn grpc_counter(endpoint: &str, name: &str, method: &str) -> f64 {
+    use std::io::{Read, Write};
+    let address = endpoint.trim_start_matches("http://");
+    let mut connection = std::net::TcpStream::connect(address).expect("etcd metrics port");
+    write!(
+        connection,
+        "GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n"
+    )
+    .unwrap();
+    let mut page = String::new();
+    connection.read_to_string(&mut page).unwrap();
+    let label = format!("grpc_method=\"{method}\"");
+    page.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(&label))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// Many held leases renewing: every keep-alive goes on one LeaseKeepAlive stream, and no
+/// renewal reads its key (the prefix watch vouches for it), as etcd's own counters show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_share_one_keep_alive_stream_and_read_no_key() {
+    let server = EtcdServer::start();
+    for mode in MODES {
+        let node = start(server.backend(mode).await).await;
+        let ttl = Duration::from_secs(3);
+        let guards = hold_many(&node, "one-stream", 10, ttl).await;
+        let endpoint = server.endpoint();
+        let streams = || grpc_counter(&endpoint, "grpc_server_started_total", "LeaseKeepAlive");
+        let reads = || grpc_counter(&endpoint, "grpc_server_handled_total", "Range");
+        let (streams_before, reads_before) = (streams(), reads());
+        // Three rounds of renewals of every key.
+        for _ in 0..3 {
+            all_renewed(&mut node.events(), &guards, ttl).await;
+        }
+        let opened = streams() - streams_before;
+        let read = reads() - reads_before;
+        // At most one: the stream is opened by the first renewal of this backend.
+        assert!(
+            opened <= 1.0,
+            "{mode:?}: {opened} keep-alive streams for 30 renewals"
+        );
+        assert_eq!(read, 0.0, "{mode:?}: {read} key reads during 30 renewals");
+        for guard in guards {
+            guard.release().await.unwrap();
+        }
         node.shutdown().await;
     }
 }

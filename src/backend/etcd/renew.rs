@@ -1,0 +1,155 @@
+//! Renewal: a keep-alive on the backend's one stream, and the prefix watch's word that the key
+//! is still ours; a read of the key only when the watch cannot vouch for it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::held::{HeldKeys, Owned, Registration};
+use super::lease::lease_seconds;
+use super::values::Holder;
+use super::EtcdBackend;
+use crate::backend::{Lease, OwnerToken};
+use crate::error::StoreError;
+
+impl EtcdBackend {
+    /// The watch over this backend's prefix, opened by the first lock taken under it.
+    pub(super) async fn held_keys(&self) -> Result<Arc<HeldKeys>, StoreError> {
+        let cell = Arc::clone(
+            self.shared
+                .held
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(Arc::clone(&self.prefix))
+                .or_default(),
+        );
+        let held = cell
+            .get_or_try_init(|| async {
+                HeldKeys::start(self.shared.client.clone(), self.prefix.to_string())
+                    .await
+                    .map(Arc::new)
+            })
+            .await?;
+        Ok(Arc::clone(held))
+    }
+
+    /// The watch over this backend's prefix, if a lock was taken under it.
+    pub(super) fn held_keys_if_started(&self) -> Option<Arc<HeldKeys>> {
+        let held = self.shared.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.get(&self.prefix).and_then(|cell| cell.get().cloned())
+    }
+
+    /// Records, before the write that takes the lock, that `owner` is about to hold a key on
+    /// `lease` granted for `granted` seconds. Dropped without [`Registration::keep`], the record
+    /// goes (the attempt failed, or was given up half-way).
+    pub(super) async fn register(
+        &self,
+        owner: OwnerToken,
+        lease: i64,
+        granted: i64,
+    ) -> Result<Registration, StoreError> {
+        Ok(HeldKeys::register(
+            self.held_keys().await?,
+            owner,
+            lease,
+            granted,
+        ))
+    }
+
+    /// Renews `lease` for `ttl` (see the module documentation).
+    pub(super) async fn renew_lease(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let held = self.held_keys().await?;
+        let owner = lease.owner;
+        match held.get(owner) {
+            Some(Owned::Taken) => {
+                held.forget(owner);
+                return Ok(false);
+            }
+            // A longer ttl than the lease has needs the key's value to move it: read below.
+            Some(Owned::Held {
+                lease: current,
+                granted,
+            }) if lease_seconds(ttl) <= granted => {
+                let kept = self.keep_alive(current).await?;
+                if kept.ttl <= 0 {
+                    // The lease is gone, and the key with it.
+                    held.forget(owner);
+                    return Ok(false);
+                }
+                // Everything etcd applied before it answered has a revision up to the
+                // answer's: once the watch has shown that far, a delete or overwrite of our
+                // key before this renewal has been seen.
+                if let Some(revision) = kept.revision {
+                    if held.caught_up(revision).await {
+                        match held.get(owner) {
+                            Some(Owned::Held { .. }) => return Ok(true),
+                            Some(Owned::Taken) => {
+                                held.forget(owner);
+                                return Ok(false);
+                            }
+                            // A gap in the watch meanwhile, or forgotten: read.
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        match self.renew_by_reading(lease, ttl).await? {
+            Some((current, granted)) => {
+                held.confirm(owner, current, granted);
+                Ok(true)
+            }
+            None => {
+                held.forget(owner);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Renewal without the watch's word: a keep-alive and, in parallel, a read of the key —
+    /// is it still ours, and on which lease? (A key deleted or overwritten behind our back
+    /// leaves the lease alive; only the key says whether we still hold the lock.) The lease
+    /// the key is on and its granted ttl, or `None` when the lock is not ours any more.
+    async fn renew_by_reading(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> Result<Option<(i64, i64)>, StoreError> {
+        let Some(lock_key) = self.locate(lease).await? else {
+            return Ok(None);
+        };
+        let keep_granted = async {
+            match lease.lease_id {
+                Some(id) => Some(self.keep_alive(id).await.map(|kept| kept.ttl > 0)),
+                None => None,
+            }
+        };
+        let (kept, read) = futures::join!(keep_granted, self.get(&lock_key, None));
+        let read = read?;
+        let Some(kv) = read.kvs().first() else {
+            return Ok(None);
+        };
+        let Some(holder) = Holder::decode(kv.value()).filter(|h| h.owner == lease.owner) else {
+            return Ok(None);
+        };
+        let current = kv.lease();
+        let alive = match kept {
+            Some(kept) if Some(current) == lease.lease_id => kept?,
+            // The key is on another lease than the one granted at acquisition (a renewal moved
+            // it to a longer one): keep that one alive.
+            _ if current != 0 => self.keep_alive(current).await?.ttl > 0,
+            _ => false,
+        };
+        if !alive {
+            return Ok(None);
+        }
+        if lease_seconds(ttl) <= holder.granted {
+            return Ok(Some((current, holder.granted)));
+        }
+        self.move_to_longer_lease(kv, &holder, current, ttl).await
+    }
+}
