@@ -40,7 +40,28 @@ step cargo run -p leasehold-loadtest -- --smoke --out target/loadtest-smoke
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 scratch=$(mktemp -d)
-trap 'kill $(cat "$scratch"/*.pid 2>/dev/null) 2>/dev/null || true; rm -rf "$scratch"' EXIT
+# Stop the servers by pid, wait (bounded) until they are gone, since a stopping PostgreSQL still
+# writes into its data directory, then remove the scratch directory. Cleanup never decides the
+# script's exit status.
+cleanup() {
+    local status=$? pids pid alive
+    pids=$(cat "$scratch"/*.pid 2>/dev/null || true)
+    for pid in $pids; do kill "$pid" 2>/dev/null || true; done
+    for _ in $(seq 100); do
+        alive=""
+        for pid in $pids; do
+            # A server this shell started is a zombie once it exits, until reaped: count it gone.
+            if [ -e "/proc/$pid" ] && ! grep -q '^[0-9]* (.*) Z' "/proc/$pid/stat" 2>/dev/null; then
+                alive=1
+            fi
+        done
+        [ -z "$alive" ] && break
+        sleep 0.1
+    done
+    rm -rf "$scratch" 2>/dev/null || true
+    exit "$status"
+}
+trap cleanup EXIT
 
 port=$(free_port)
 redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$scratch" \
