@@ -482,7 +482,6 @@ impl KeyState {
                 after: held.lose_at.saturating_duration_since(sent_at),
             })),
         }
-        let key = held.lease.key.clone();
         match renewed {
             Ok(Ok(true)) => {
                 held.failures = 0;
@@ -499,7 +498,12 @@ impl KeyState {
             Ok(Err(error)) => {
                 held.failures += 1;
                 let attempt = held.failures;
-                let key: Arc<str> = key.into();
+                // The key is read only here, on the failure path: a successful renewal copies
+                // nothing.
+                let key = self
+                    .job
+                    .as_ref()
+                    .map_or_else(|| "".into(), |job| job.key.clone());
                 ctx.emit(
                     &key,
                     Some(token),
