@@ -28,7 +28,7 @@ use std::time::Duration;
 use etcd_client::{Client, EventType, WatchOptions, WatchResponse, WatchStream};
 use tokio::sync::watch;
 
-use super::call::store_error;
+use super::call::{store_error, Retry};
 use super::values::Holder;
 use crate::backend::OwnerToken;
 use crate::error::StoreError;
@@ -55,10 +55,42 @@ pub(super) enum Owned {
 
 /// The watched prefix's registry of held owners, shared by the backend and the watch task.
 struct Registry {
-    owners: Mutex<HashMap<OwnerToken, Owned>>,
+    owners: Mutex<Owners>,
     /// The revision up to which the watch has delivered every change under the prefix; 0
     /// while the watch is down.
     seen: watch::Sender<i64>,
+}
+
+/// The owners, and the watch they are vouched for by, under one lock: the watch task marks
+/// every owner `Unsure` and the watch down in one step, so an owner recorded `Held` is always
+/// one the current watch will show every change of.
+struct Owners {
+    by_owner: HashMap<OwnerToken, Owned>,
+    /// The revision the current watch was created at (it shows every change after it), or 0
+    /// while the watch is down.
+    watching_since: i64,
+}
+
+impl Owners {
+    /// How a lock known held now is recorded: `Held` when the watch is up, `Unsure` (read at
+    /// the next renewal) when it is down.
+    fn held(&self, lease: i64, granted: i64) -> Owned {
+        if self.watching_since == 0 {
+            Owned::Unsure
+        } else {
+            Owned::Held { lease, granted }
+        }
+    }
+
+    /// The watch broke: until it is open again no owner is vouched for.
+    fn watch_down(&mut self) {
+        self.watching_since = 0;
+        for owned in self.by_owner.values_mut() {
+            if *owned != Owned::Taken {
+                *owned = Owned::Unsure;
+            }
+        }
+    }
 }
 
 /// One prefix's watch and registry; dropping it stops the watch.
@@ -69,18 +101,25 @@ pub(super) struct HeldKeys {
 
 impl HeldKeys {
     /// Opens the watch over `prefix` and waits for etcd to confirm it: from then on, a lock
-    /// registered here sees every later change of its key.
-    pub(super) async fn start(client: Client, prefix: String) -> Result<Self, StoreError> {
-        let (stream, revision) = open(&client, &prefix).await?;
+    /// registered here sees every later change of its key. A watch that cannot be opened now
+    /// (the endpoints tried were down) is opened by the watch task later; meanwhile renewals
+    /// read their key, so an acquisition never fails for want of the watch.
+    pub(super) async fn start(client: Client, prefix: String, tries: usize) -> Self {
+        let opened = open(&client, &prefix, tries).await;
+        let revision = opened.as_ref().map_or(0, |(_, revision)| *revision);
         let registry = Arc::new(Registry {
-            owners: Mutex::new(HashMap::new()),
+            owners: Mutex::new(Owners {
+                by_owner: HashMap::new(),
+                watching_since: revision,
+            }),
             seen: watch::channel(revision).0,
         });
+        let stream = opened.ok().map(|(stream, _)| stream);
         let task = tokio::spawn(run(client, prefix, stream, Arc::clone(&registry)));
-        Ok(HeldKeys {
+        HeldKeys {
             registry,
             _task: AbortOnDrop(task),
-        })
+        }
     }
 
     /// Records a lock about to be written for `owner` on `lease` (granted for `granted`
@@ -91,7 +130,11 @@ impl HeldKeys {
         lease: i64,
         granted: i64,
     ) -> Registration {
-        held.owners().insert(owner, Owned::Held { lease, granted });
+        {
+            let mut owners = held.owners();
+            let owned = owners.held(lease, granted);
+            owners.by_owner.insert(owner, owned);
+        }
         Registration {
             held,
             owner,
@@ -101,22 +144,37 @@ impl HeldKeys {
 
     /// What the watch knows of `owner`'s lock, if it was registered.
     pub(super) fn get(&self, owner: OwnerToken) -> Option<Owned> {
-        self.owners().get(&owner).copied()
+        self.owners().by_owner.get(&owner).copied()
+    }
+
+    /// Which watch vouches for changes now: the revision it was created at, 0 while it is down.
+    /// Taken before a read of a key, and given back to [`confirm`](Self::confirm) after it.
+    pub(super) fn watching_since(&self) -> i64 {
+        self.owners().watching_since
     }
 
     /// The lock of `owner` was confirmed held by a read, on `lease` granted for `granted`
-    /// seconds (only if still registered: a release may have forgotten it meanwhile).
-    pub(super) fn confirm(&self, owner: OwnerToken, lease: i64, granted: i64) {
-        if let Some(owned) = self.owners().get_mut(&owner) {
+    /// seconds, the read having started while the watch `since` was up (only if still
+    /// registered: a release may have forgotten it meanwhile). Recorded `Held` only if that
+    /// same watch is still up: it shows every change after the read. Otherwise the change
+    /// between the read and a reopened watch could go unseen, and the next renewal reads again.
+    pub(super) fn confirm(&self, owner: OwnerToken, lease: i64, granted: i64, since: i64) {
+        let mut owners = self.owners();
+        let vouched = since != 0 && owners.watching_since == since;
+        if let Some(owned) = owners.by_owner.get_mut(&owner) {
             if *owned != Owned::Taken {
-                *owned = Owned::Held { lease, granted };
+                *owned = if vouched {
+                    Owned::Held { lease, granted }
+                } else {
+                    Owned::Unsure
+                };
             }
         }
     }
 
     /// Forgets `owner`: its lock was released, lost, or never taken.
     pub(super) fn forget(&self, owner: OwnerToken) {
-        self.owners().remove(&owner);
+        self.owners().by_owner.remove(&owner);
     }
 
     /// Waits until the watch has shown every change up to `revision`, for at most
@@ -131,7 +189,7 @@ impl HeldKeys {
             .is_ok_and(|waited| waited.is_ok())
     }
 
-    fn owners(&self) -> std::sync::MutexGuard<'_, HashMap<OwnerToken, Owned>> {
+    fn owners(&self) -> std::sync::MutexGuard<'_, Owners> {
         self.registry
             .owners
             .lock()
@@ -141,13 +199,26 @@ impl HeldKeys {
 
 /// Opens the watch over every key under `prefix`, with previous values, and waits for etcd's
 /// `created` answer, whose revision is where the watch starts: every change after it comes.
-async fn open(client: &Client, prefix: &str) -> Result<(WatchStream, i64), StoreError> {
+/// A call that failed in transit is tried again, up to `tries` times in all, so that the
+/// balancer sends one to a live endpoint.
+async fn open(
+    client: &Client,
+    prefix: &str,
+    tries: usize,
+) -> Result<(WatchStream, i64), StoreError> {
     let options = WatchOptions::new().with_prefix().with_prev_key();
-    let mut stream = client
-        .watch_client()
-        .watch(prefix, Some(options))
-        .await
-        .map_err(|e| store_error("watch", e))?;
+    let mut left = tries;
+    let mut stream = loop {
+        match client
+            .watch_client()
+            .watch(prefix, Some(options.clone()))
+            .await
+        {
+            Ok(stream) => break stream,
+            Err(error) if left > 1 && Retry::IfConnectionBroke.allows(&error) => left -= 1,
+            Err(error) => return Err(store_error("watch", error)),
+        }
+    };
     match stream.message().await {
         Ok(Some(created)) if created.created() && !created.canceled() => {
             let revision = created.header().map_or(0, |h| h.revision());
@@ -160,36 +231,42 @@ async fn open(client: &Client, prefix: &str) -> Result<(WatchStream, i64), Store
     }
 }
 
-async fn run(client: Client, prefix: String, mut stream: WatchStream, registry: Arc<Registry>) {
+/// The watch task: applies the watch's answers, and opens the watch again whenever it breaks
+/// (`stream` is `None` when it could not be opened at the start).
+async fn run(
+    client: Client,
+    prefix: String,
+    mut stream: Option<WatchStream>,
+    registry: Arc<Registry>,
+) {
     loop {
         // Until the watch breaks: apply each answer.
-        loop {
-            match stream.message().await {
+        while let Some(watching) = stream.as_mut() {
+            match watching.message().await {
                 Ok(Some(answer)) if !answer.canceled() => apply(&registry, &answer),
                 // Broken, closed, or cancelled by etcd (compaction, lost leader).
-                _ => break,
+                _ => stream = None,
             }
         }
         // A gap: changes may go unseen until the watch is open again. Renewals read the key
         // meanwhile (the watch position says "nothing seen"), and every lock registered before
-        // the gap is read once more before the watch is trusted for it again.
+        // or during the gap is read once more before the watch is trusted for it again.
         registry.seen.send_replace(0);
-        for owned in registry
+        registry
             .owners
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .values_mut()
-        {
-            if *owned != Owned::Taken {
-                *owned = Owned::Unsure;
-            }
-        }
-        loop {
+            .watch_down();
+        while stream.is_none() {
             tokio::time::sleep(REOPEN_AFTER).await;
-            if let Ok((opened, revision)) = open(&client, &prefix).await {
-                stream = opened;
+            if let Ok((opened, revision)) = open(&client, &prefix, 1).await {
+                stream = Some(opened);
+                registry
+                    .owners
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .watching_since = revision;
                 registry.seen.send_replace(revision);
-                break;
             }
         }
     }
@@ -201,6 +278,7 @@ async fn run(client: Client, prefix: String, mut stream: WatchStream, registry: 
 fn apply(registry: &Registry, answer: &WatchResponse) {
     if !answer.events().is_empty() {
         let mut owners = registry.owners.lock().unwrap_or_else(|p| p.into_inner());
+        let owners = &mut owners.by_owner;
         for event in answer.events() {
             let Some(prev) = event.prev_kv() else {
                 // etcd could not give the previous value: we cannot tell whose key changed,

@@ -165,7 +165,7 @@ impl EtcdBackend {
                 Some(PutOptions::new().with_lease(grant.id).with_prev_key()),
             )]);
         // Recorded before the write, so the prefix watch cannot miss a change right after it.
-        let registration = self.register(owner, grant.id, grant.ttl).await?;
+        let registration = self.register(owner, grant.id, grant.ttl).await;
         let answer = self.txn(txn).await?;
         let created = answer.op_responses().into_iter().find_map(|op| match op {
             TxnOpResponse::Put(put) => put.prev_key().map(KeyValue::create_revision),

@@ -13,7 +13,7 @@ use crate::error::StoreError;
 
 impl EtcdBackend {
     /// The watch over this backend's prefix, opened by the first lock taken under it.
-    pub(super) async fn held_keys(&self) -> Result<Arc<HeldKeys>, StoreError> {
+    pub(super) async fn held_keys(&self) -> Arc<HeldKeys> {
         let cell = Arc::clone(
             self.shared
                 .held
@@ -23,13 +23,12 @@ impl EtcdBackend {
                 .or_default(),
         );
         let held = cell
-            .get_or_try_init(|| async {
-                HeldKeys::start(self.shared.client.clone(), self.prefix.to_string())
-                    .await
-                    .map(Arc::new)
+            .get_or_init(|| async {
+                let (client, prefix) = (self.shared.client.clone(), self.prefix.to_string());
+                Arc::new(HeldKeys::start(client, prefix, self.shared.tries).await)
             })
-            .await?;
-        Ok(Arc::clone(held))
+            .await;
+        Arc::clone(held)
     }
 
     /// The watch over this backend's prefix, if a lock was taken under it.
@@ -46,13 +45,8 @@ impl EtcdBackend {
         owner: OwnerToken,
         lease: i64,
         granted: i64,
-    ) -> Result<Registration, StoreError> {
-        Ok(HeldKeys::register(
-            self.held_keys().await?,
-            owner,
-            lease,
-            granted,
-        ))
+    ) -> Registration {
+        HeldKeys::register(self.held_keys().await, owner, lease, granted)
     }
 
     /// Renews `lease` for `ttl` (see the module documentation).
@@ -61,7 +55,7 @@ impl EtcdBackend {
         lease: &Lease,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let held = self.held_keys().await?;
+        let held = self.held_keys().await;
         let owner = lease.owner;
         match held.get(owner) {
             Some(Owned::Taken) => {
@@ -98,9 +92,10 @@ impl EtcdBackend {
             }
             _ => {}
         }
+        let since = held.watching_since();
         match self.renew_by_reading(lease, ttl).await? {
             Some((current, granted)) => {
-                held.confirm(owner, current, granted);
+                held.confirm(owner, current, granted, since);
                 Ok(true)
             }
             None => {

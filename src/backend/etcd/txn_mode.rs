@@ -40,7 +40,7 @@ impl EtcdBackend {
             )])
             .or_else([TxnOp::get(lock_key.as_str(), None)]);
         // Recorded before the write, so the prefix watch cannot miss a change right after it.
-        let registration = self.register(owner, grant.id, grant.ttl).await?;
+        let registration = self.register(owner, grant.id, grant.ttl).await;
         let answer = self.txn(txn).await?;
         // The transaction's revision is the put's: etcd gives each write transaction one new
         // revision, strictly greater than every earlier one, so it is a fencing token.
