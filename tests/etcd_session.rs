@@ -96,6 +96,17 @@ async fn revoking_the_session_lease_loses_every_lock_on_it_and_a_new_session_fol
     }
     let session = lock_key(&mut etcd, &backend, &keys[0]).await.lease();
     etcd.lease_revoke(session).await.unwrap();
+    // At once, before the keeper's next keep-alive could have noticed: a new lock is taken on
+    // a new session lease.
+    let fresh = unique_key("after-revoke");
+    let taken = other
+        .try_lock(&fresh, LockOptions::new().with_ttl(ttl))
+        .await
+        .unwrap()
+        .expect("a free key right after the revoke");
+    let fresh_on = lock_key(&mut etcd, &backend, &fresh).await.lease();
+    assert_ne!(fresh_on, session, "the new lock is not on the revoked lease");
+    taken.release().await.unwrap();
     // Each lock hears of it at its next renewal (every ttl/3): before its deadline.
     for guard in &guards {
         let reason = timeout(ttl, guard.lost())

@@ -136,6 +136,11 @@ impl Current {
         }
     }
 
+    /// etcd said the lease is gone (a call on it answered "lease not found").
+    pub(super) fn gone(&self) {
+        self.state().alive = false;
+    }
+
     /// Records etcd's answer to a keep-alive; false when it says the lease is gone.
     fn record(&self, kept: KeptAlive) -> bool {
         let mut state = self.state();

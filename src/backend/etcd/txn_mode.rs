@@ -8,6 +8,7 @@ use etcd_client::{
     Compare, CompareOp, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
 
+use super::call::is_lease_not_found;
 use super::lease::lease_seconds;
 use super::session::Current;
 use super::values::{token, txn_revision, Holder};
@@ -25,10 +26,21 @@ impl EtcdBackend {
     ) -> Result<Acquisition, StoreError> {
         let lock_key = self.lock_key(key);
         if let Some(session) = &self.session {
-            let session = session.lease(self).await?;
-            return self
-                .acquire_on_session(key, &lock_key, owner, ttl, &session, metadata)
+            let current = session.lease(self).await?;
+            let acquired = self
+                .acquire_on_session(key, &lock_key, owner, ttl, &current, metadata)
                 .await;
+            return match acquired {
+                // The session lease was revoked or ran out before the keeper noticed: once
+                // more, on a new session.
+                Err(error) if is_lease_not_found(&error) => {
+                    current.gone();
+                    let current = session.lease(self).await?;
+                    self.acquire_on_session(key, &lock_key, owner, ttl, &current, metadata)
+                        .await
+                }
+                acquired => acquired,
+            };
         }
         // The lease first, so the put can attach the key to it: the key then disappears with
         // the lease, whether it is revoked or runs out.
