@@ -50,6 +50,8 @@ pub struct EtcdServer {
     /// `--initial-cluster`: every member's name and peer URL.
     initial_cluster: String,
     timing: Timing,
+    /// Settings given to [`start_with_args`](EtcdServer::start_with_args), kept for restarts.
+    extra: Vec<String>,
     dir: TempDir,
     child: Option<Child>,
 }
@@ -58,11 +60,18 @@ impl EtcdServer {
     /// Starts a single-member cluster on free ports and waits until it answers. Panics with
     /// the server's log if it does not, and with the install command if `etcd` is missing.
     pub fn start() -> Self {
+        Self::start_with_args(&[])
+    }
+
+    /// Starts a single member as [`start`](Self::start) does, with more `etcd` arguments after
+    /// the defaults, e.g. `["--quota-backend-bytes", "65536"]`.
+    pub fn start_with_args(extra: &[&str]) -> Self {
         let mut last_log = String::new();
         // Another process may take a port between our probe and etcd's bind: try a few
         // times before giving up.
         for _ in 0..5 {
             let mut server = EtcdServer::new(free_port(), free_port(), SINGLE_TIMING);
+            server.extra = extra.iter().map(|&a| a.to_owned()).collect();
             server.initial_cluster = server.cluster_entry();
             server.spawn();
             match server.wait_ready() {
@@ -101,6 +110,7 @@ impl EtcdServer {
             peer_port,
             initial_cluster: String::new(),
             timing,
+            extra: Vec::new(),
             dir,
             child: None,
         }
@@ -240,6 +250,7 @@ impl EtcdServer {
             ])
             .args(["--election-timeout", &self.timing.election_ms.to_string()])
             .args(["--logger", "zap", "--log-outputs", "stderr"])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
