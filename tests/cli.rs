@@ -484,7 +484,7 @@ fn completions_are_generated_for_each_shell() {
         assert!(out.status.success(), "{shell}");
         let script = String::from_utf8(out.stdout).unwrap();
         assert!(script.contains(marker), "{shell}: no {marker:?}");
-        for subcommand in ["run", "status", "completions"] {
+        for subcommand in ["run", "status", "doctor", "completions"] {
             assert!(script.contains(subcommand), "{shell}: no {subcommand}");
         }
     }
@@ -503,7 +503,7 @@ fn the_man_page_is_roff_and_names_the_subcommands() {
         "{page}"
     );
     assert!(page.contains(".SH NAME"), "{page}");
-    for subcommand in ["run", "status", "watch"] {
+    for subcommand in ["run", "status", "watch", "doctor"] {
         assert!(page.contains(subcommand), "no {subcommand} in {page}");
     }
 }

@@ -5,18 +5,21 @@
 //! leasehold status [--backend URL] [--json] KEY
 //! leasehold watch  [--backend URL] [--json] [PREFIX]
 //! leasehold status [--backend URL] [--json] --prefix PREFIX
+//! leasehold doctor [--backend URL] [--json] [--ttl DUR]
 //! leasehold completions SHELL
 //! leasehold man
 //! ```
 //!
 //! Exit codes: the command's own for `run`; 64 usage error; 69 store unreachable; 75 key held
-//! by someone else (not acquired within the wait); 76 lease lost while the command ran.
+//! by someone else (not acquired within the wait); 76 lease lost while the command ran;
+//! `doctor`: 0 when nothing it found is dangerous, 1 otherwise.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
+mod doctor;
 mod run;
 mod status;
 mod store;
@@ -59,6 +62,10 @@ enum Command {
     /// Print acquisitions and releases of keys under PREFIX as the store sees them, until
     /// interrupted.
     Watch(WatchArgs),
+    /// Check a deployment's settings that decide lock safety (eviction, persistence,
+    /// replicas, clocks, latency; on etcd members, leader, quorum, database size) and say what
+    /// to change. Exits 1 if anything found is dangerous.
+    Doctor(doctor::DoctorArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completions(CompletionsArgs),
     /// Print the man page (roff) to stdout.
@@ -204,6 +211,7 @@ fn main() -> ExitCode {
             Command::Run(args) => run::run(args).await,
             Command::Status(args) => status::status(args).await,
             Command::Watch(args) => status::watch(args).await,
+            Command::Doctor(args) => doctor::doctor(args).await,
             Command::Completions(_) | Command::Man => unreachable!("answered above"),
         }
     });

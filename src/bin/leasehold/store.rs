@@ -155,6 +155,14 @@ impl BackendUrl {
         }))
     }
 
+    /// The URL with any password hidden.
+    pub(crate) fn shown(&self) -> String {
+        match self {
+            BackendUrl::Redis(url) => hide_password(url.as_str()),
+            BackendUrl::Etcd(url) => url.shown.clone(),
+        }
+    }
+
     /// Connects and starts a lock manager on the store.
     ///
     /// The manager holds back more of each ttl than a library user's default: when the lease
