@@ -538,91 +538,25 @@ fn tls_and_credential_urls_reach_the_network() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/ca.pem"));
 }
 
-/// A CA and a server certificate for 127.0.0.1, made with the `openssl` command.
-fn certificates(dir: &Path) {
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl is installed");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=leasehold test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ]);
-    std::fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        "san.ext",
-        "-out",
-        "server.pem",
-    ]);
-}
-
 #[test]
 fn run_takes_a_lock_over_tls() {
     let dir = tempfile::tempdir().unwrap();
-    certificates(dir.path());
+    let certs = leasehold_test_support::tls::certificates(dir.path());
     let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
         .to_string();
-    let file = |name: &str| dir.path().join(name).display().to_string();
     let server = RedisServer::start_with_args(&[
         "--tls-port",
         &tls_port,
         "--tls-cert-file",
-        &file("server.pem"),
+        &certs.cert.display().to_string(),
         "--tls-key-file",
-        &file("server.key"),
+        &certs.key.display().to_string(),
         "--tls-ca-cert-file",
-        &file("ca.pem"),
+        &certs.ca.display().to_string(),
         "--tls-auth-clients",
         "no",
     ]);
@@ -631,7 +565,7 @@ fn run_takes_a_lock_over_tls() {
     // The private CA through SSL_CERT_FILE, which rustls-native-certs reads.
     let out = output(
         Command::new(BIN)
-            .env("SSL_CERT_FILE", file("ca.pem"))
+            .env("SSL_CERT_FILE", &certs.ca)
             .args(["run", "--backend", &url, &key, "--"])
             .args(["sh", "-c", "echo $LEASEHOLD_FENCING_TOKEN"]),
     );
@@ -649,15 +583,18 @@ fn run_takes_a_lock_over_tls() {
         .query(&mut plain)
         .unwrap();
     assert_eq!(counter, token);
-    // Without the CA the server's certificate is not trusted: nothing is acquired.
+    // Trusting another CA, the server's certificate is refused: nothing is acquired.
+    let other = tempfile::tempdir().unwrap();
+    let other = leasehold_test_support::tls::certificates(other.path());
+    let ran = dir.path().join("ran");
     let out = output(
         Command::new(BIN)
-            .env("SSL_CERT_FILE", file("server.csr"))
+            .env("SSL_CERT_FILE", &other.ca)
             .args(["run", "--backend", &url, &key, "--", "touch"])
-            .arg(file("ran")),
+            .arg(&ran),
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains(&tls_port), "{stderr}");
-    assert!(!dir.path().join("ran").exists());
+    assert!(!ran.exists());
 }

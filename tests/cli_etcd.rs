@@ -169,3 +169,31 @@ fn run_authenticates_with_the_user_and_password_in_the_url() {
         "the password is not shown: {stderr}"
     );
 }
+
+#[test]
+fn run_takes_a_lock_over_tls_with_the_ca_in_the_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = leasehold_test_support::tls::certificates(dir.path());
+    let server = EtcdServer::start_with_tls(&certs.cert, &certs.key);
+    let tls = server.tls_endpoint().unwrap();
+    run_and_status(&format!("etcds://{tls}?ca={}", certs.ca.display()));
+    run_and_status(&format!(
+        "etcds://{tls}?mode=lock&ca={}",
+        certs.ca.display()
+    ));
+
+    // Without the CA the server's certificate is not trusted, and the plain port does not
+    // speak TLS: nothing is acquired.
+    for url in [
+        format!("etcds://{tls}"),
+        format!("etcds://{}?ca={}", server.endpoint(), certs.ca.display()),
+    ] {
+        let out = Command::new(BIN)
+            .args(["run", "--backend", &url, "k", "--", "touch"])
+            .arg(dir.path().join("ran"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{url}");
+        assert!(!dir.path().join("ran").exists(), "{url}");
+    }
+}
