@@ -72,8 +72,8 @@ impl EtcdServer {
     }
 
     /// Starts a single member as [`start`](Self::start) does that also serves clients over TLS
-    /// with `cert_file` and `key_file` (PEM) on a second port, [`tls_endpoint`]
-    /// (Self::tls_endpoint). The plain port stays, for readiness checks.
+    /// with `cert_file` and `key_file` (PEM) on a second port,
+    /// [`tls_endpoint`](Self::tls_endpoint). The plain port stays, for readiness checks.
     pub fn start_with_tls(cert_file: &Path, key_file: &Path) -> Self {
         let (cert, key) = (cert_file.display(), key_file.display());
         Self::start_single(
