@@ -129,39 +129,33 @@ async fn status_prefix_lists_held_keys_on_etcd_in_lock_mode() {
     status_prefix_lists_held_keys(url, leasehold::EtcdMode::Lock, &server).await;
 }
 
-#[test]
-fn run_authenticates_with_the_user_and_password_in_the_url() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_authenticates_with_the_user_and_password_in_the_url() {
     let server = EtcdServer::start();
-    let etcdctl = |args: &[&str]| {
-        let out = Command::new("etcdctl")
-            .arg(format!("--endpoints={}", server.endpoint()))
-            .args(args)
-            .output()
-            .expect("etcdctl is installed (apt-get install etcd-client)");
-        assert!(
-            out.status.success(),
-            "etcdctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    etcdctl(&["user", "add", "root:r00t%pw"]);
-    etcdctl(&["user", "grant-role", "root", "root"]);
-    etcdctl(&["auth", "enable"]);
+    // As `etcdctl user add root; user grant-role root root; auth enable` would.
+    let mut admin = etcd_client::Client::connect([server.endpoint()], None)
+        .await
+        .unwrap();
+    admin.user_add("root", "r00t%pw", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.auth_enable().await.unwrap();
+    drop(admin);
 
     // `%` is written `%25` in a URL.
-    run_and_status(&format!("etcd://root:r00t%25pw@{}", server.endpoint()));
-
-    let out = Command::new(BIN)
-        .args([
-            "run",
-            "--backend",
-            &format!("etcd://root:wrong@{}", server.endpoint()),
-            "k",
-            "--",
-            "true",
-        ])
-        .output()
+    let url = format!("etcd://root:r00t%25pw@{}", server.endpoint());
+    tokio::task::spawn_blocking(move || run_and_status(&url))
+        .await
         .unwrap();
+
+    let url = format!("etcd://root:wrong@{}", server.endpoint());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args(["run", "--backend", &url, "k", "--", "true"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
