@@ -219,14 +219,15 @@ fn a_healthy_etcd_member_has_nothing_dangerous() {
 
 #[test]
 fn an_etcd_database_near_its_quota_is_dangerous() {
-    // A quota barely above a new database (32 KiB on etcd 3.4), read from the member.
-    let server = EtcdServer::start_with_args(&["--quota-backend-bytes", "33000"]);
+    // A quota below a new database (20 to 32 KiB on etcd 3.4), read from the member. etcd
+    // starts anyway: only a write would raise the NOSPACE alarm.
+    let server = EtcdServer::start_with_args(&["--quota-backend-bytes", "16384"]);
     let (out, report) = doctor(&format!("etcd://{}", server.endpoint()));
     assert_eq!(out.status.code(), Some(1), "{report:#}");
     let size = finding(&report, "db size");
     assert_eq!(size["severity"], "danger", "{report:#}");
     assert!(
-        size["found"].as_str().unwrap().contains("32.2 KiB quota"),
+        size["found"].as_str().unwrap().contains("16.0 KiB quota"),
         "the quota is read from the member: {report:#}"
     );
 }
@@ -248,4 +249,29 @@ fn an_etcd_cluster_missing_a_member_is_warned_about_and_without_quorum_is_danger
     let (out, report) = doctor(&url);
     assert_eq!(out.status.code(), Some(1), "{report:#}");
     assert_eq!(severity(&report, "quorum"), "danger", "{report:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raised_nospace_alarm_is_dangerous() {
+    let server = EtcdServer::start_with_args(&["--quota-backend-bytes", "16384"]);
+    // A write over the quota raises NOSPACE, and is refused.
+    let mut client = etcd_client::Client::connect([server.endpoint()], None)
+        .await
+        .unwrap();
+    let refused = client.put("doctor", vec![0u8; 4096], None).await;
+    assert!(refused.is_err(), "a write over the quota was accepted");
+    let url = format!("etcd://{}", server.endpoint());
+    let (out, report) = tokio::task::spawn_blocking(move || doctor(&url))
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{report:#}");
+    let alarms = finding(&report, "alarms");
+    assert_eq!(alarms["severity"], "danger", "{report:#}");
+    assert!(
+        alarms["found"]
+            .as_str()
+            .unwrap()
+            .contains("NOSPACE on member"),
+        "{report:#}"
+    );
 }

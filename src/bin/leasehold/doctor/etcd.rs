@@ -218,7 +218,7 @@ async fn alarms(client: &mut Client) -> Finding {
             let raised: Vec<String> = answer
                 .alarms()
                 .iter()
-                .map(|a| format!("{:?} on member {:x}", a.alarm(), a.member_id()))
+                .map(|a| format!("{} on member {:x}", a.alarm().as_str_name(), a.member_id()))
                 .collect();
             Finding::danger(
                 CHECK,
