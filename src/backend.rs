@@ -218,6 +218,17 @@ pub trait LockBackend: Send + Sync + 'static {
         self.inspect("leasehold-probe").await.map(drop)
     }
 
+    /// Every key that starts with `prefix` and is held now, sorted by key, for monitoring
+    /// (`leasehold status --prefix`). Not a snapshot: each key is read as of its own moment.
+    /// Stores that cannot list say [`StoreError::Unsupported`].
+    async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>, StoreError> {
+        let _ = prefix;
+        Err(StoreError::Unsupported {
+            store: self.kind(),
+            op: "list",
+        })
+    }
+
     /// Acquisitions and releases of every key that starts with `prefix`, from now on, for
     /// monitoring. Stores that cannot watch say [`StoreError::Unsupported`].
     async fn watch_prefix(&self, prefix: &str) -> Result<StoreEvents, StoreError> {

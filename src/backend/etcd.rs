@@ -131,8 +131,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, ConnectOptions, DeleteOptions, EventType, GetOptions, KeyValue, Txn, TxnOp,
-    TxnOpResponse, WatchFilterType, WatchOptions,
+    Client, ConnectOptions, DeleteOptions, EventType, GetOptions, KeyValue, SortOrder, SortTarget,
+    Txn, TxnOp, TxnOpResponse, WatchFilterType, WatchOptions,
 };
 use futures::StreamExt;
 use tokio::sync::OnceCell;
@@ -611,6 +611,48 @@ impl LockBackend for EtcdBackend {
             remaining_ttl,
             metadata: Holder::decode(kv.value()).and_then(|h| h.metadata.map(str::to_owned)),
         }))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>, StoreError> {
+        // One range read of every lock key under `prefix` (see `watch_prefix` on escaping),
+        // oldest first: in `lock` mode the first contender key of a name is its holder.
+        let options = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend);
+        let kvs = self
+            .get(&self.lock_key(prefix), Some(options))
+            .await?
+            .take_kvs();
+        let mut holders: HashMap<String, KeyValue> = HashMap::new();
+        for kv in kvs {
+            if let Some(key) = std::str::from_utf8(kv.key())
+                .ok()
+                .and_then(|etcd_key| self.key_of(etcd_key))
+            {
+                holders.entry(key).or_insert(kv);
+            }
+        }
+        let mut holders: Vec<(String, KeyValue)> = holders.into_iter().collect();
+        holders.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut held = Vec::with_capacity(holders.len());
+        for (key, kv) in holders {
+            let remaining_ttl = if kv.lease() == 0 {
+                Duration::MAX
+            } else {
+                match self.remaining(kv.lease()).await? {
+                    Some(remaining) => remaining,
+                    // Ran out since the read: no longer held.
+                    None => continue,
+                }
+            };
+            held.push(LockInfo {
+                key,
+                fencing_token: token(kv.create_revision())?,
+                remaining_ttl,
+                metadata: Holder::decode(kv.value()).and_then(|h| h.metadata.map(str::to_owned)),
+            });
+        }
+        Ok(held)
     }
 
     async fn subscribe(&self, key: &str, seen: &Contention) -> Result<ReleaseNotices, StoreError> {
