@@ -105,7 +105,10 @@ async fn revoking_the_session_lease_loses_every_lock_on_it_and_a_new_session_fol
         .unwrap()
         .expect("a free key right after the revoke");
     let fresh_on = lock_key(&mut etcd, &backend, &fresh).await.lease();
-    assert_ne!(fresh_on, session, "the new lock is not on the revoked lease");
+    assert_ne!(
+        fresh_on, session,
+        "the new lock is not on the revoked lease"
+    );
     taken.release().await.unwrap();
     // Each lock hears of it at its next renewal (every ttl/3): before its deadline.
     for guard in &guards {

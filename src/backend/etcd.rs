@@ -472,6 +472,26 @@ impl EtcdBackend {
         self.shared.client.clone()
     }
 
+    /// How long the lock held by `kv` may last: its lease's time to live, at most the ttl the
+    /// holder was granted (a lock on a session lease says its own ttl there, while the
+    /// session's lease may run for longer); `None` when the lease is already gone. A key
+    /// without a lease was not written by leasehold (nobody else's key should be here): it
+    /// never expires.
+    async fn remaining_ttl(&self, kv: &KeyValue) -> Result<Option<Duration>, StoreError> {
+        if kv.lease() == 0 {
+            return Ok(Some(Duration::MAX));
+        }
+        let Some(remaining) = self.remaining(kv.lease()).await? else {
+            return Ok(None);
+        };
+        Ok(Some(match Holder::decode(kv.value()) {
+            Some(holder) => remaining.min(Duration::from_secs(
+                u64::try_from(holder.granted).unwrap_or(0),
+            )),
+            None => remaining,
+        }))
+    }
+
     /// Where the lock on `key` lives in etcd. In `txn` mode: the lock key itself. In `lock`
     /// mode: the Lock service's name for it, under which each contender has a key
     /// `NAME/<lease id in hex>`. In lock names `%` and `/` in `key` are written `%25` and `%2F`,
@@ -588,22 +608,9 @@ impl LockBackend for EtcdBackend {
         let Some(kv) = holder else {
             return Ok(None);
         };
-        let remaining_ttl = if kv.lease() == 0 {
-            // Not written by leasehold (nobody else's key should be here): it never expires.
-            Duration::MAX
-        } else {
-            match self.remaining(kv.lease()).await? {
-                // At most the ttl the holder was granted: a lock on a session lease says its
-                // own ttl there, while the session's lease may run for longer.
-                Some(remaining) => match Holder::decode(kv.value()) {
-                    Some(holder) => remaining.min(Duration::from_secs(
-                        u64::try_from(holder.granted).unwrap_or(0),
-                    )),
-                    None => remaining,
-                },
-                // The lease ran out between the two reads: the key is being deleted with it.
-                None => return Ok(None),
-            }
+        let Some(remaining_ttl) = self.remaining_ttl(&kv).await? else {
+            // The lease ran out between the two reads: the key is being deleted with it.
+            return Ok(None);
         };
         Ok(Some(LockInfo {
             key: key.to_owned(),
@@ -636,14 +643,9 @@ impl LockBackend for EtcdBackend {
         holders.sort_by(|a, b| a.0.cmp(&b.0));
         let mut held = Vec::with_capacity(holders.len());
         for (key, kv) in holders {
-            let remaining_ttl = if kv.lease() == 0 {
-                Duration::MAX
-            } else {
-                match self.remaining(kv.lease()).await? {
-                    Some(remaining) => remaining,
-                    // Ran out since the read: no longer held.
-                    None => continue,
-                }
+            let Some(remaining_ttl) = self.remaining_ttl(&kv).await? else {
+                // Ran out since the read: no longer held.
+                continue;
             };
             held.push(LockInfo {
                 key,
