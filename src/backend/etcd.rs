@@ -387,6 +387,12 @@ impl EtcdBackendBuilder {
                     "etcd endpoints {endpoints:?} or options are invalid: {error}"
                 )))
             }
+            Ok(Err(error)) if refused_credentials(&error) => {
+                return Err(Error::InvalidConfig(format!(
+                    "etcd at {endpoints:?} refused the user, password or permissions given: {}",
+                    describe(&error)
+                )))
+            }
             Ok(Err(error)) => {
                 return Err(unavailable(StoreError::unavailable_because(
                     format!("could not reach etcd at {endpoints:?}"),
@@ -720,6 +726,22 @@ impl LockBackend for EtcdBackend {
             }
         });
         Ok(events.flatten().boxed())
+    }
+}
+
+/// True when etcd turned the connection's credentials away: a wrong user or password
+/// (etcd answers "invalid argument: authentication failed"), an unauthenticated call, or a
+/// user without permission to read the prefix. A mistake in the configuration, which trying
+/// again will not mend.
+fn refused_credentials(error: &etcd_client::Error) -> bool {
+    let etcd_client::Error::GRpcStatus(status) = error else {
+        return false;
+    };
+    // gRPC codes: 3 invalid argument, 7 permission denied, 16 unauthenticated.
+    match i32::from(status.code()) {
+        3 => status.message().contains("authentication failed"),
+        7 | 16 => true,
+        _ => false,
     }
 }
 
