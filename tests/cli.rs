@@ -598,3 +598,39 @@ fn run_takes_a_lock_over_tls() {
     assert!(stderr.contains(&tls_port), "{stderr}");
     assert!(!ran.exists());
 }
+
+/// `watch` whose reader went away (`leasehold watch | head -1`) ends quietly on the broken
+/// pipe, as Unix tools do: killed by SIGPIPE, without a panic on stderr.
+#[test]
+fn watch_ends_quietly_when_its_reader_goes_away() {
+    use std::os::unix::process::ExitStatusExt;
+
+    let server = RedisServer::start();
+    let prefix = unique_key("cli-pipe");
+    let mut watch = leasehold(&server)
+        .args(["watch", &prefix])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader goes away before anything was printed.
+    drop(watch.stdout.take());
+    // Locks under the prefix until the watch has one to print (its subscription starts a
+    // moment after the process does), bounded.
+    let give_up = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let out = output(leasehold(&server).args(["run", &format!("{prefix}/k"), "--", "true"]));
+        assert!(out.status.success(), "{out:?}");
+        if let Some(status) = watch.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "watch kept running with no reader"
+        );
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut watch.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGPIPE), "{status:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -175,6 +175,15 @@ fn main() -> ExitCode {
             return ExitCode::from(if usage { exit::USAGE } else { 0 });
         }
     };
+    if !matches!(cli.command, Command::Run(_)) {
+        // Printing commands (status, watch, completions, …) end quietly when their reader
+        // goes away (`leasehold watch | head`), as Unix tools do, instead of panicking on
+        // the broken pipe. Not `run`: it holds a lock, which it must release on the way out.
+        // SAFETY: at the start of `main`, before any other thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match &cli.command {
         Command::Completions(args) => {
             clap_complete::generate(
