@@ -14,6 +14,8 @@
 //! The tests use ttls of a few hundred milliseconds where time is the subject, so they stay
 //! quick against real stores, and take no time at all under a paused clock.
 
+pub mod election;
+
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
