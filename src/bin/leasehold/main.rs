@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+mod elect;
+mod leader;
 mod run;
 mod status;
 mod store;
@@ -55,6 +57,14 @@ enum Command {
     /// Print acquisitions and releases of keys under PREFIX as the store sees them, until
     /// interrupted.
     Watch(WatchArgs),
+    /// Campaign for leadership of NAME, run CMD while leader, resign when CMD exits.
+    ///
+    /// CMD gets LEASEHOLD_ELECTION, LEASEHOLD_LEADER_TERM and LEASEHOLD_LEADER_VALUE in its
+    /// environment. Exit codes as for `run`; 76 if demoted while CMD ran (CMD is sent SIGTERM
+    /// at once, before the lease's deadline, and SIGKILL after --kill-grace).
+    Elect(elect::ElectArgs),
+    /// Show who leads NAME (value and term); with --watch, each change after that.
+    Leader(leader::LeaderArgs),
 }
 
 #[derive(Args, Debug)]
@@ -160,6 +170,8 @@ fn main() -> ExitCode {
             Command::Run(args) => run::run(args).await,
             Command::Status(args) => status::status(args).await,
             Command::Watch(args) => status::watch(args).await,
+            Command::Elect(args) => elect::elect(args).await,
+            Command::Leader(args) => leader::leader(args).await,
         }
     });
     ExitCode::from(code)
