@@ -286,9 +286,15 @@ impl KeyState {
             match request.candidate {
                 Some(_) => {
                     let value = metadata.unwrap_or_default();
-                    store.campaign(&request.key, owner, request.ttl, value).await
+                    store
+                        .campaign(&request.key, owner, request.ttl, value)
+                        .await
                 }
-                None => store.acquire(&request.key, owner, request.ttl, metadata).await,
+                None => {
+                    store
+                        .acquire(&request.key, owner, request.ttl, metadata)
+                        .await
+                }
             }
         })
         .await
