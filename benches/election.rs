@@ -120,7 +120,11 @@ async fn lead() {
             .unwrap();
         node("leader", backend).await
     } else {
-        node("leader", leasehold::RedisBackend::connect(&url).await.unwrap()).await
+        node(
+            "leader",
+            leasehold::RedisBackend::connect(&url).await.unwrap(),
+        )
+        .await
     };
     let leadership = client
         .election(&name)
@@ -164,8 +168,14 @@ async fn main() {
     println!("election handovers, ttl {TTL:?}");
 
     let memory = MemoryBackend::new();
-    let (a, b) = (node("mem-a", memory.clone()).await, node("mem-b", memory).await);
-    print("memory resign -> next leader", resign(&a, &b, resigns).await);
+    let (a, b) = (
+        node("mem-a", memory.clone()).await,
+        node("mem-b", memory).await,
+    );
+    print(
+        "memory resign -> next leader",
+        resign(&a, &b, resigns).await,
+    );
     a.shutdown().await;
     b.shutdown().await;
 
@@ -175,7 +185,10 @@ async fn main() {
         node("redis-b", redis.backend().await).await,
     );
     print("redis resign -> next leader", resign(&a, &b, resigns).await);
-    print("redis failover (SIGKILL) -> leader", failover(&redis.url(), &a, failovers).await);
+    print(
+        "redis failover (SIGKILL) -> leader",
+        failover(&redis.url(), &a, failovers).await,
+    );
     a.shutdown().await;
     b.shutdown().await;
 
@@ -186,7 +199,10 @@ async fn main() {
     );
     print("etcd resign -> next leader", resign(&a, &b, resigns).await);
     let url = format!("etcd://{}", etcd.endpoint());
-    print("etcd failover (SIGKILL) -> leader", failover(&url, &a, failovers).await);
+    print(
+        "etcd failover (SIGKILL) -> leader",
+        failover(&url, &a, failovers).await,
+    );
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -427,7 +427,10 @@ impl Candidacy {
         self.ask(|reply| Command::Proclaim(value, reply)).await
     }
 
-    async fn ask(&self, command: impl FnOnce(oneshot::Sender<Result<()>>) -> Command) -> Result<()> {
+    async fn ask(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<()>>) -> Command,
+    ) -> Result<()> {
         let (reply, answer) = oneshot::channel();
         let over = || Error::NotHeld {
             key: self.name.to_string(),
@@ -489,11 +492,13 @@ async fn run_candidacy<M>(
     };
     let term = leadership.term();
     if candidate
-        .cast(CandidateMsg::Elected {
-            name: name.clone(),
-            term,
-        }
-        .into())
+        .cast(
+            CandidateMsg::Elected {
+                name: name.clone(),
+                term,
+            }
+            .into(),
+        )
         .is_err()
     {
         return; // the candidate is gone: dropping the leadership resigns

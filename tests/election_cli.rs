@@ -27,7 +27,10 @@ fn wait_exit(child: &mut Child, limit: Duration) -> ExitStatus {
         if let Some(status) = child.try_wait().expect("wait for leasehold") {
             return status;
         }
-        assert!(Instant::now() < give_up, "leasehold did not exit within {limit:?}");
+        assert!(
+            Instant::now() < give_up,
+            "leasehold did not exit within {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -58,7 +61,11 @@ fn leader_json(server: &RedisServer, name: &str) -> serde_json::Value {
         .args(["leader", "--json", name])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -68,15 +75,28 @@ fn elect_passes_term_and_value_and_exits_with_the_command_code() {
     let name = unique_key("cli-elect");
     let out = leasehold(&server)
         .args(["elect", "--value", "node-a", &name, "--"])
-        .args(["sh", "-c", "echo $LEASEHOLD_LEADER_TERM $LEASEHOLD_LEADER_VALUE; exit 3"])
+        .args([
+            "sh",
+            "-c",
+            "echo $LEASEHOLD_LEADER_TERM $LEASEHOLD_LEADER_VALUE; exit 3",
+        ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     let (term, value) = stdout.trim().split_once(' ').unwrap();
     assert!(term.parse::<u64>().unwrap() > 0);
     assert_eq!(value, "node-a");
-    assert_eq!(leader_json(&server, &name)["leader"], false, "resigned after the command");
+    assert_eq!(
+        leader_json(&server, &name)["leader"],
+        false,
+        "resigned after the command"
+    );
 }
 
 #[test]
@@ -106,7 +126,11 @@ fn leader_shows_the_running_leader_and_a_second_candidate_follows_it() {
         .args(["-TERM", &first.id().to_string()])
         .status();
     let status = wait_exit(&mut first, LIMIT);
-    assert_eq!(status.code(), Some(128 + 15), "the command ended by SIGTERM");
+    assert_eq!(
+        status.code(),
+        Some(128 + 15),
+        "the command ended by SIGTERM"
+    );
     let second_term: u64 = next_line(&second_out).parse().unwrap();
     assert!(second_term > term);
     assert!(wait_exit(&mut second, LIMIT).success());
@@ -118,7 +142,11 @@ async fn a_leader_whose_key_is_taken_away_is_demoted_and_exits_76() {
     let name = unique_key("cli-elect");
     let mut leader = leasehold(&server)
         .args(["elect", "--ttl", "1s", "--kill-grace", "5s", &name, "--"])
-        .args(["sh", "-c", "trap 'echo terminated; exit 0' TERM; echo leading; while true; do sleep 0.05; done"])
+        .args([
+            "sh",
+            "-c",
+            "trap 'echo terminated; exit 0' TERM; echo leading; while true; do sleep 0.05; done",
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();

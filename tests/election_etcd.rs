@@ -137,7 +137,9 @@ async fn etcdctl_sees_a_leasehold_leader_and_follows_it() {
     // etcdctl's observer (`--listen`) names leasehold's candidate key and shows its value
     // (leasehold's lock value ends with it).
     let listener = Etcdctl::elect(&server, &["--listen", &etcd_name]);
-    listener.wait_for_line("the leasehold leader", |line| line.ends_with("leasehold-leader"));
+    listener.wait_for_line("the leasehold leader", |line| {
+        line.ends_with("leasehold-leader")
+    });
     // An etcdctl candidate queues behind it, and is elected when it resigns.
     let follower = Etcdctl::elect(&server, &[&etcd_name, "etcdctl-follower"]);
     eventually("etcdctl's candidate key is written", PROMPT, || async {
@@ -147,7 +149,11 @@ async fn etcdctl_sees_a_leasehold_leader_and_follows_it() {
         let keys = etcd
             .get(
                 format!("{etcd_name}/"),
-                Some(etcd_client::GetOptions::new().with_prefix().with_count_only()),
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_count_only(),
+                ),
             )
             .await
             .unwrap();

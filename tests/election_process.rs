@@ -24,7 +24,15 @@ const TTL: Duration = Duration::from_secs(1);
 fn leader_process(server: &RedisServer, name: &str) -> (Child, mpsc::Receiver<String>) {
     let mut child = Command::new(BIN)
         .env("LEASEHOLD_BACKEND", server.url())
-        .args(["elect", "--ttl", "1s", "--value", "other-process", name, "--"])
+        .args([
+            "elect",
+            "--ttl",
+            "1s",
+            "--value",
+            "other-process",
+            name,
+            "--",
+        ])
         .args([
             "sh",
             "-c",
@@ -45,7 +53,11 @@ fn leader_process(server: &RedisServer, name: &str) -> (Child, mpsc::Receiver<St
             }
         }
     });
-    assert_eq!(rx.recv_timeout(LIMIT).expect("the leader starts its command"), "leading");
+    assert_eq!(
+        rx.recv_timeout(LIMIT)
+            .expect("the leader starts its command"),
+        "leading"
+    );
     (child, rx)
 }
 
@@ -82,7 +94,12 @@ async fn a_leader_paused_past_its_ttl_is_replaced_and_demoted_on_resume() {
     let name = unique_key("process-pause");
     let election = client.election(&name).unwrap();
     let (mut other, said) = leader_process(&server, &name);
-    let paused_term = election.leader().await.unwrap().expect("the other process leads").term;
+    let paused_term = election
+        .leader()
+        .await
+        .unwrap()
+        .expect("the other process leads")
+        .term;
     signal_group(&other, "STOP");
     let leadership = election
         .campaign("this-process", campaign_options())
@@ -96,7 +113,10 @@ async fn a_leader_paused_past_its_ttl_is_replaced_and_demoted_on_resume() {
     assert_eq!(wait_exit(&mut other, LIMIT).code(), Some(76));
     // And this process still leads, by the store's account.
     let leader = election.leader().await.unwrap().unwrap();
-    assert_eq!((leader.value.as_str(), leader.term), ("this-process", leadership.term()));
+    assert_eq!(
+        (leader.value.as_str(), leader.term),
+        ("this-process", leadership.term())
+    );
     assert!(leadership.is_leader());
     leadership.resign().await.unwrap();
     client.shutdown().await;
@@ -109,7 +129,12 @@ async fn a_killed_leader_is_replaced_after_its_ttl() {
     let name = unique_key("process-kill");
     let election = client.election(&name).unwrap();
     let (mut other, _said) = leader_process(&server, &name);
-    let killed_term = election.leader().await.unwrap().expect("the other process leads").term;
+    let killed_term = election
+        .leader()
+        .await
+        .unwrap()
+        .expect("the other process leads")
+        .term;
     let waiting = {
         let election = election.clone();
         tokio::spawn(async move { election.campaign("this-process", campaign_options()).await })

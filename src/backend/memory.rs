@@ -149,7 +149,14 @@ impl LockBackend for MemoryBackend {
         ttl: Duration,
         metadata: Option<&str>,
     ) -> Result<Acquisition, StoreError> {
-        Ok(take(&mut self.table(), key, owner, ttl, metadata, Instant::now()))
+        Ok(take(
+            &mut self.table(),
+            key,
+            owner,
+            ttl,
+            metadata,
+            Instant::now(),
+        ))
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, StoreError> {
@@ -258,7 +265,10 @@ impl LockBackend for MemoryBackend {
     async fn withdraw(&self, name: &str, candidate: OwnerToken) -> Result<(), StoreError> {
         let mut table = self.table();
         if let Some(slot) = table.slots.get_mut(name) {
-            let was_first = slot.candidates.front().is_some_and(|c| c.token == candidate);
+            let was_first = slot
+                .candidates
+                .front()
+                .is_some_and(|c| c.token == candidate);
             slot.candidates.retain(|c| c.token != candidate);
             if was_first {
                 slot.notify();

@@ -128,7 +128,8 @@ pub async fn resign_hands_over_in_campaign_order<B: LockBackend + Clone>(backend
     let mut events = b.events();
     let second = campaign(&b, "second");
     let contended = |e: &crate::LockEvent| {
-        (e.key.as_deref() == Some(name.as_str()) && matches!(e.kind, LockEventKind::Contended)).then_some(())
+        (e.key.as_deref() == Some(name.as_str()) && matches!(e.kind, LockEventKind::Contended))
+            .then_some(())
     };
     next_event(&mut events, PROMPT, contended).await;
     let mut events = a.events();
@@ -190,13 +191,23 @@ pub async fn observers_on_two_managers_see_the_same_sequence<B: LockBackend + Cl
     let mut seen_a = a.election(&name).unwrap().observe().await.unwrap();
     let mut seen_b = b.election(&name).unwrap().observe().await.unwrap();
     let mut expected = vec![None];
-    let mut one = a.election(&name).unwrap().campaign("one", opts()).await.unwrap();
+    let mut one = a
+        .election(&name)
+        .unwrap()
+        .campaign("one", opts())
+        .await
+        .unwrap();
     expected.push(Some(Leader::new("one", one.term())));
     one.proclaim("one, again").await.unwrap();
     expected.push(Some(Leader::new("one, again", one.term())));
     one.resign().await.unwrap();
     expected.push(None);
-    let two = b.election(&name).unwrap().campaign("two", opts()).await.unwrap();
+    let two = b
+        .election(&name)
+        .unwrap()
+        .campaign("two", opts())
+        .await
+        .unwrap();
     expected.push(Some(Leader::new("two", two.term())));
     two.resign().await.unwrap();
     expected.push(None);
@@ -331,7 +342,8 @@ pub async fn candidate_actor_that_stops_while_waiting_is_withdrawn<B: LockBacken
         .unwrap();
     let key = name.clone();
     next_event(&mut events, PROMPT, |e| {
-        (e.key.as_deref() == Some(key.as_str()) && matches!(e.kind, LockEventKind::Contended)).then_some(())
+        (e.key.as_deref() == Some(key.as_str()) && matches!(e.kind, LockEventKind::Contended))
+            .then_some(())
     })
     .await;
     // The candidate's state (where it would keep its candidacy) goes with it.
@@ -367,7 +379,9 @@ pub async fn bad_election_input_is_rejected_naming_the_value<B: LockBackend + Cl
     let election = client.election(&unique_key("election-bad")).unwrap();
     let long = "v".repeat(MAX_ELECTION_VALUE_LEN + 1);
     let err = election.campaign(long, opts()).await.unwrap_err();
-    assert!(matches!(err, Error::ElectionValueTooLong { len, .. } if len == MAX_ELECTION_VALUE_LEN + 1));
+    assert!(
+        matches!(err, Error::ElectionValueTooLong { len, .. } if len == MAX_ELECTION_VALUE_LEN + 1)
+    );
     assert!(err.to_string().contains("1025 bytes"), "{err}");
     let err = election
         .campaign("v", opts().with_ttl(Duration::ZERO))

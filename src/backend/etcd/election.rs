@@ -89,7 +89,8 @@ impl EtcdBackend {
                 let mut contention = self.contention(Some(&kv), revision).await;
                 // The next attempt keeps this candidate's lease alive: come back in time.
                 let half = ttl / 2;
-                contention.remaining_ttl = Some(contention.remaining_ttl.map_or(half, |r| r.min(half)));
+                contention.remaining_ttl =
+                    Some(contention.remaining_ttl.map_or(half, |r| r.min(half)));
                 Ok(Acquisition::Held(contention))
             }
             // Our key went with its lease between the keep-alive and the read: take a new
@@ -150,7 +151,11 @@ impl EtcdBackend {
         }
     }
 
-    pub(super) async fn proclaim_value(&self, lease: &Lease, value: &str) -> Result<bool, StoreError> {
+    pub(super) async fn proclaim_value(
+        &self,
+        lease: &Lease,
+        value: &str,
+    ) -> Result<bool, StoreError> {
         self.needs_lock_mode("proclaim (elections need EtcdMode::Lock, the Election layout)")?;
         let Some(key) = self.locate(lease).await? else {
             return Ok(false);

@@ -143,7 +143,10 @@ impl RedisBackend {
     }
 
     /// The leader now, and when its lease would end.
-    async fn read_leader(&self, name: &str) -> Result<(Option<Leader>, Option<Instant>), StoreError> {
+    async fn read_leader(
+        &self,
+        name: &str,
+    ) -> Result<(Option<Leader>, Option<Instant>), StoreError> {
         let info = self.inspect(name).await?;
         let now = Instant::now();
         Ok(match info {
