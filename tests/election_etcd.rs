@@ -179,3 +179,14 @@ async fn etcdctl_sees_a_leasehold_leader_and_follows_it() {
     .await;
     client.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elections_in_txn_mode_are_refused_saying_they_need_lock_mode() {
+    let server = EtcdServer::start();
+    let client = start(server.backend(EtcdMode::Txn).await).await;
+    let election = client.election(&unique_key("interop")).unwrap();
+    let err = election.campaign("v", opts()).await.unwrap_err();
+    assert!(err.to_string().contains("EtcdMode::Lock"), "{err}");
+    assert!(!err.is_retryable());
+    client.shutdown().await;
+}

@@ -37,6 +37,7 @@ macro_rules! election_suite {
             candidate_actor_that_stops_while_waiting_is_withdrawn,
             bad_election_input_is_rejected_naming_the_value,
             leadership_taken_away_is_lost,
+            observer_actor_is_sent_each_change,
         );
     };
     (@each $attr:tt, $backend:expr, $($name:ident),+ $(,)?) => {
@@ -413,5 +414,67 @@ pub async fn leadership_taken_away_is_lost<B: LockBackend + Clone>(backend: B) {
         .expect("the loss is noticed at the next renewal");
     assert_eq!(reason, LostReason::NotOwner);
     assert!(!leadership.is_leader());
+    client.shutdown().await;
+}
+
+/// What the test observer actor is sent.
+#[derive(Debug)]
+pub struct Seen(pub Option<Leader>);
+
+#[cfg(feature = "cluster")]
+impl ractor::Message for Seen {}
+
+/// A test observer actor: forwards what it is sent to the test.
+struct Watcher;
+
+impl Actor for Watcher {
+    type Msg = Seen;
+    type State = mpsc::UnboundedSender<Option<Leader>>;
+    type Arguments = mpsc::UnboundedSender<Option<Leader>>;
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<Seen>,
+        tx: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(tx)
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<Seen>,
+        Seen(leader): Seen,
+        tx: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let _ = tx.send(leader);
+        Ok(())
+    }
+}
+
+async fn sent(seen: &mut mpsc::UnboundedReceiver<Option<Leader>>) -> Option<Leader> {
+    tokio::time::timeout(PROMPT, seen.recv())
+        .await
+        .expect("the observer actor is sent a change within the limit")
+        .expect("the observer actor runs")
+}
+
+/// `observe_to` sends an actor the current leader, then each change.
+pub async fn observer_actor_is_sent_each_change<B: LockBackend + Clone>(backend: B) {
+    let client = start(backend).await;
+    let election = client.election(&unique_key("election-observer")).unwrap();
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    let (watcher, join) = Actor::spawn(None, Watcher, tx).await.unwrap();
+    let observer = election.observe_to(watcher.clone(), Seen).await.unwrap();
+    assert_eq!(sent(&mut seen).await, None);
+    let leadership = election.campaign("watched", opts()).await.unwrap();
+    assert_eq!(
+        sent(&mut seen).await,
+        Some(Leader::new("watched", leadership.term()))
+    );
+    leadership.resign().await.unwrap();
+    assert_eq!(sent(&mut seen).await, None);
+    drop(observer);
+    watcher.stop(None);
+    join.await.unwrap();
     client.shutdown().await;
 }
