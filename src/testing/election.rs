@@ -38,6 +38,7 @@ macro_rules! election_suite {
             bad_election_input_is_rejected_naming_the_value,
             leadership_taken_away_is_lost,
             observer_actor_is_sent_each_change,
+            candidate_actor_is_told_demoted_when_its_leadership_ends,
         );
     };
     (@each $attr:tt, $backend:expr, $($name:ident),+ $(,)?) => {
@@ -477,4 +478,40 @@ pub async fn observer_actor_is_sent_each_change<B: LockBackend + Clone>(backend:
     watcher.stop(None);
     join.await.unwrap();
     client.shutdown().await;
+}
+
+/// A leading candidate actor whose leadership ends without its asking (here: its manager
+/// shuts down) is told `Demoted`, with the reason.
+pub async fn candidate_actor_is_told_demoted_when_its_leadership_ends<B: LockBackend + Clone>(
+    backend: B,
+) {
+    let a = start(backend.clone()).await;
+    let b = start(backend).await;
+    let name = unique_key("election-demoted");
+    let (tx, mut told_to) = mpsc::unbounded_channel();
+    let (candidate, join) = Actor::spawn(None, Candidate, tx).await.unwrap();
+    let _candidacy = a
+        .election(&name)
+        .unwrap()
+        .enlist(candidate.clone(), "c", opts())
+        .unwrap();
+    let CandidateMsg::Elected { term, .. } = told(&mut told_to).await else {
+        panic!("the candidate is elected");
+    };
+    a.shutdown().await;
+    match told(&mut told_to).await {
+        CandidateMsg::Demoted {
+            term: demoted,
+            reason,
+            ..
+        } => {
+            assert_eq!(demoted, term);
+            assert_eq!(reason, LostReason::Shutdown);
+        }
+        other => panic!("expected Demoted, got {other:?}"),
+    }
+    assert_eq!(b.election(&name).unwrap().leader().await.unwrap(), None);
+    candidate.stop(None);
+    join.await.unwrap();
+    b.shutdown().await;
 }
