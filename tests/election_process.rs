@@ -1,7 +1,7 @@
 //! Elections across OS processes: a leader in another process (`leasehold elect`, with its
 //! command in its process group) is paused past its ttl or killed, and a candidate in this
 //! process takes over; the paused one is demoted when it resumes. Against a real
-//! redis-server.
+//! redis-server, and a real etcd (`lock` mode) when the `etcd` feature is on.
 
 use leasehold_test_support::redis_server;
 
@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use leasehold::testing::{start, unique_key};
-use leasehold::{CampaignOptions, Wait};
+use leasehold::{CampaignOptions, LockClient, Wait};
 use redis_server::RedisServer;
 
 const BIN: &str = env!("CARGO_BIN_EXE_leasehold");
@@ -21,9 +21,9 @@ const TTL: Duration = Duration::from_secs(1);
 
 /// `leasehold elect --ttl 1s NAME` running a command that says when it starts and when it
 /// gets SIGTERM, in a process group of its own (so a signal to the group reaches both).
-fn leader_process(server: &RedisServer, name: &str) -> (Child, mpsc::Receiver<String>) {
+fn leader_process(url: &str, name: &str) -> (Child, mpsc::Receiver<String>) {
     let mut child = Command::new(BIN)
-        .env("LEASEHOLD_BACKEND", server.url())
+        .env("LEASEHOLD_BACKEND", url)
         .args([
             "elect",
             "--ttl",
@@ -87,13 +87,13 @@ fn campaign_options() -> CampaignOptions {
         .with_wait(Wait::UpTo(LIMIT))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leader_paused_past_its_ttl_is_replaced_and_demoted_on_resume() {
-    let server = RedisServer::start();
-    let client = start(server.backend().await).await;
+/// The leader process is paused (SIGSTOP, with its command) past its ttl; a candidate here is
+/// elected; on resume (SIGCONT) the paused one is demoted at once: its command gets SIGTERM
+/// and it exits 76.
+async fn paused_leader_is_replaced_and_demoted_on_resume(url: &str, client: LockClient) {
     let name = unique_key("process-pause");
     let election = client.election(&name).unwrap();
-    let (mut other, said) = leader_process(&server, &name);
+    let (mut other, said) = leader_process(url, &name);
     let paused_term = election
         .leader()
         .await
@@ -122,13 +122,12 @@ async fn a_leader_paused_past_its_ttl_is_replaced_and_demoted_on_resume() {
     client.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_leader_is_replaced_after_its_ttl() {
-    let server = RedisServer::start();
-    let client = start(server.backend().await).await;
+/// The leader process is killed (SIGKILL, with its command) while a candidate here waits:
+/// the candidate is elected once the dead leader's lease runs out.
+async fn killed_leader_is_replaced_after_its_ttl(url: &str, client: LockClient) {
     let name = unique_key("process-kill");
     let election = client.election(&name).unwrap();
-    let (mut other, _said) = leader_process(&server, &name);
+    let (mut other, _said) = leader_process(url, &name);
     let killed_term = election
         .leader()
         .await
@@ -148,4 +147,36 @@ async fn a_killed_leader_is_replaced_after_its_ttl() {
     assert!(leadership.term() > killed_term);
     leadership.resign().await.unwrap();
     client.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_leader_paused_past_its_ttl_is_replaced_and_demoted_on_resume() {
+    let server = RedisServer::start();
+    let client = start(server.backend().await).await;
+    paused_leader_is_replaced_and_demoted_on_resume(&server.url(), client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_leader_is_replaced_after_its_ttl() {
+    let server = RedisServer::start();
+    let client = start(server.backend().await).await;
+    killed_leader_is_replaced_after_its_ttl(&server.url(), client).await;
+}
+
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_leader_paused_past_its_ttl_is_replaced_and_demoted_on_resume() {
+    let server = leasehold_test_support::EtcdServer::start();
+    let client = start(server.backend(leasehold::EtcdMode::Lock).await).await;
+    let url = format!("etcd://{}?mode=lock", server.endpoint());
+    paused_leader_is_replaced_and_demoted_on_resume(&url, client).await;
+}
+
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_killed_leader_is_replaced_after_its_ttl() {
+    let server = leasehold_test_support::EtcdServer::start();
+    let client = start(server.backend(leasehold::EtcdMode::Lock).await).await;
+    let url = format!("etcd://{}?mode=lock", server.endpoint());
+    killed_leader_is_replaced_after_its_ttl(&url, client).await;
 }
