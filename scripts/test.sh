@@ -10,6 +10,8 @@ need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+# Certificates for the TLS tests (rediss://, etcds://).
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # PostgreSQL for the fenced-write tests; Debian keeps initdb and postgres off PATH.
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1 \
     || need+=(postgresql)

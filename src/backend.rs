@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
+use tokio::time::Instant;
 
 use crate::error::StoreError;
 
@@ -178,6 +179,28 @@ pub trait LockBackend: Send + Sync + 'static {
     /// does not (it expired and may have been taken): not an error, a lost lease.
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, StoreError>;
 
+    /// As [`renew`](Self::renew), and says from when the renewed ttl runs: `Some(from)` when
+    /// the lease is still held, `None` when it is not. `asked_at` is when the caller asked
+    /// (before any I/O). The default renews and answers `asked_at`, which is right for a store
+    /// that extends the lease from when it got the request. A store that renews many leases
+    /// at once (one shared lease kept alive for all) answers when that shared renewal was
+    /// sent, which may be before `asked_at`: the holder's deadline is counted from it.
+    async fn renew_from(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+        asked_at: Instant,
+    ) -> Result<Option<Instant>, StoreError> {
+        Ok(self.renew(lease, ttl).await?.then_some(asked_at))
+    }
+
+    /// The longest ttl this store can give a lease, if it has a bound of its own below
+    /// [`MAX_TTL`](crate::MAX_TTL) (an etcd backend on a session lease: the session's ttl).
+    /// Longer ttls are refused before any I/O.
+    fn max_ttl(&self) -> Option<Duration> {
+        None
+    }
+
     /// Deletes the key if `lease.owner` still holds it (compare-and-delete) and wakes the
     /// key's waiters. `Ok(false)` means the lease was not held any more.
     async fn release(&self, lease: &Lease) -> Result<bool, StoreError>;
@@ -193,6 +216,17 @@ pub trait LockBackend: Send + Sync + 'static {
     /// it takes requests again. The default reads one key.
     async fn ping(&self) -> Result<(), StoreError> {
         self.inspect("leasehold-probe").await.map(drop)
+    }
+
+    /// Every key that starts with `prefix` and is held now, sorted by key, for monitoring
+    /// (`leasehold status --prefix`). Not a snapshot: each key is read as of its own moment.
+    /// Stores that cannot list say [`StoreError::Unsupported`].
+    async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>, StoreError> {
+        let _ = prefix;
+        Err(StoreError::Unsupported {
+            store: self.kind(),
+            op: "list",
+        })
     }
 
     /// Acquisitions and releases of every key that starts with `prefix`, from now on, for

@@ -409,6 +409,10 @@ impl BackendState {
                 request.key
             );
         }
+        if let Err(error) = self.ctx.check_ttl(request.ttl) {
+            let _ = reply.send(Err(error));
+            return;
+        }
         let slot = self.slots.entry(request.key.clone()).or_default();
         if let Some(holder) = request.holder_id() {
             let busy_for_holder = slot.busy.as_ref().is_some_and(|b| b.holder == Some(holder));

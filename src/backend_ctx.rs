@@ -80,6 +80,17 @@ impl BackendCtx {
         }
     }
 
+    /// Refuses a ttl over the store's own bound ([`LockBackend::max_ttl`]), before any I/O.
+    pub(crate) fn check_ttl(&self, ttl: Duration) -> Result<()> {
+        match self.store.max_ttl() {
+            Some(max) if ttl > max => Err(Error::InvalidTtl {
+                ttl,
+                why: "the ttl is over the backend's longest (an etcd backend on a session lease: the session's ttl)",
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// The running backend actor, if it is up.
     pub(crate) fn actor(&self) -> Option<ActorRef<BackendMsg>> {
         match &*self.serving.borrow() {

@@ -172,7 +172,10 @@ impl Actor for KeyActor {
                 }
             }
             KeyMsg::Renew { ttl, owner, reply } => {
-                let result = match state.check_owner(owner) {
+                let checked = state
+                    .check_owner(owner)
+                    .and_then(|()| state.ctx.check_ttl(ttl));
+                let result = match checked {
                     Ok(()) => state.renew(&myself, Some(ttl)).await,
                     Err(e) => Err(e),
                 };
@@ -501,7 +504,8 @@ impl KeyState {
         }
         let sent_at = Instant::now();
         let token = held.lease.fencing_token;
-        let renewed = timeout_at(held.lose_at, ctx.store.renew(&held.lease, held.ttl)).await;
+        let renewing = ctx.store.renew_from(&held.lease, held.ttl, sent_at);
+        let renewed = timeout_at(held.lose_at, renewing).await;
         match &renewed {
             Ok(outcome) => ctx.record(outcome),
             Err(_) => ctx.record::<()>(&Err(StoreError::TimedOut {
@@ -510,9 +514,9 @@ impl KeyState {
             })),
         }
         match renewed {
-            Ok(Ok(true)) => {
+            Ok(Ok(Some(from))) => {
                 held.failures = 0;
-                held.set_deadline(ctx.timing.deadline(sent_at, held.ttl), ctx.timing.drift);
+                held.set_deadline(ctx.timing.deadline(from, held.ttl), ctx.timing.drift);
                 let (deadline, ttl) = (held.deadline, held.ttl);
                 held.status.send(LeaseStatus::Held { deadline, ttl });
                 if let Some(job) = &self.job {
@@ -521,7 +525,7 @@ impl KeyState {
                 self.schedule(sent_at);
                 Ok(())
             }
-            Ok(Ok(false)) => Err(self.lose(myself, LostReason::NotOwner).await),
+            Ok(Ok(None)) => Err(self.lose(myself, LostReason::NotOwner).await),
             Ok(Err(error)) => {
                 held.failures += 1;
                 let attempt = held.failures;

@@ -75,6 +75,7 @@ macro_rules! conformance_suite {
             an_old_guard_cannot_touch_a_later_lease,
             renew_sets_the_ttl_the_guard_reports,
             a_release_that_finds_the_lease_gone_counts_as_lost_only,
+            list_shows_every_held_key_under_a_prefix,
         );
     };
     (@each $attr:tt, $backend:expr, $($name:ident),+ $(,)?) => {
@@ -949,5 +950,55 @@ pub async fn a_release_that_finds_the_lease_gone_counts_as_lost_only<B: LockBack
     let metrics = client.metrics();
     assert_eq!((metrics.lost, metrics.released), (1, 0), "{metrics:?}");
     assert_eq!(metrics.held(), 0, "{metrics:?}");
+    client.shutdown().await;
+}
+
+/// `list` shows the keys under a prefix held now, sorted, with their holders' tokens,
+/// metadata and ttls; not released keys, nor keys beside the prefix.
+pub async fn list_shows_every_held_key_under_a_prefix<B: LockBackend + Clone>(backend: B) {
+    let client = start(backend.clone()).await;
+    let prefix = unique_key("listed");
+    let ttl = Duration::from_secs(20);
+    let mut guards = Vec::new();
+    // Taken out of order: the list is sorted by key.
+    for (name, metadata) in [("b", "second"), ("a/deep", "first")] {
+        let options = LockOptions::new().with_ttl(ttl).with_metadata(metadata);
+        let key = format!("{prefix}/{name}");
+        guards.push(client.try_lock(&key, options).await.unwrap().unwrap());
+    }
+    let beside = client
+        .try_lock(&format!("{prefix}-beside"), LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    let released = format!("{prefix}/released");
+    let guard = client
+        .try_lock(&released, LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    guard.release().await.unwrap();
+
+    let listed = backend.list(&format!("{prefix}/")).await.expect("list");
+    let keys: Vec<&str> = listed.iter().map(|info| info.key.as_str()).collect();
+    assert_eq!(keys, [format!("{prefix}/a/deep"), format!("{prefix}/b")]);
+    assert_eq!(listed[0].metadata.as_deref(), Some("first"));
+    assert_eq!(listed[0].fencing_token, guards[1].fencing_token());
+    assert_eq!(listed[1].fencing_token, guards[0].fencing_token());
+    for info in &listed {
+        assert!(
+            info.remaining_ttl <= ttl && info.remaining_ttl > ttl / 2,
+            "{info:?}"
+        );
+    }
+    drop(beside);
+    for guard in guards {
+        guard.release().await.unwrap();
+    }
+    assert!(backend
+        .list(&format!("{prefix}/"))
+        .await
+        .unwrap()
+        .is_empty());
     client.shutdown().await;
 }

@@ -382,3 +382,219 @@ async fn watch_prints_an_acquisition_and_a_release() {
     let status = wait_exit(&mut watch, Duration::from_secs(10));
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_prefix_lists_every_held_key_under_the_prefix() {
+    let server = RedisServer::start();
+    let client = LockManager::builder()
+        .with_name(unique_key("cli-list"))
+        .with_backend("redis", server.backend().await)
+        .start()
+        .await
+        .unwrap();
+    let prefix = unique_key("cli-list");
+    let ttl = Duration::from_secs(60);
+    let mut held = Vec::new();
+    for (key, metadata) in [
+        (format!("{prefix}/a"), "host-a pid 1"),
+        (format!("{prefix}/b"), "host-b pid 2"),
+        // Shares the beginning of the prefix's name but is not under `prefix/`.
+        (format!("{prefix}-other"), "elsewhere"),
+    ] {
+        let options = LockOptions::new().with_ttl(ttl).with_metadata(metadata);
+        let guard = client.try_lock(&key, options).await.unwrap().unwrap();
+        held.push((key, metadata, guard));
+    }
+    // A released key is not listed, although its fence counter stays in Redis.
+    let released = format!("{prefix}/released");
+    client
+        .try_lock(&released, LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+
+    let under = format!("{prefix}/");
+    let mut command = leasehold(&server);
+    command.args(["status", "--json", "--prefix", &under]);
+    let out = tokio::task::spawn_blocking(move || output(&mut command))
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed["prefix"], under.as_str());
+    let rows = listed["held"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{listed}");
+    for (row, (key, metadata, guard)) in rows.iter().zip(&held) {
+        assert_eq!(row["key"], key.as_str());
+        assert_eq!(row["metadata"], *metadata);
+        assert_eq!(row["fencing_token"], guard.fencing_token());
+        let left = row["remaining_ttl_ms"].as_u64().unwrap();
+        assert!(left > 0 && left <= 60_000, "{row}");
+    }
+
+    let mut command = leasehold(&server);
+    command.args(["status", "--prefix", &under]);
+    let out = tokio::task::spawn_blocking(move || output(&mut command))
+        .await
+        .unwrap();
+    let table = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(
+        lines[0].starts_with("KEY") && lines[0].contains("FENCING TOKEN"),
+        "{table}"
+    );
+    assert!(
+        lines[1].starts_with(&held[0].0) && lines[1].ends_with("host-a pid 1"),
+        "{table}"
+    );
+    assert!(
+        lines[2].contains(&held[1].2.fencing_token().to_string()),
+        "{table}"
+    );
+    for (_, _, guard) in held {
+        guard.release().await.unwrap();
+    }
+    client.shutdown().await;
+}
+
+#[test]
+fn status_needs_a_key_or_a_prefix() {
+    let server = RedisServer::start();
+    let out = output(leasehold(&server).args(["status"]));
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("<KEY>"));
+}
+
+#[test]
+fn completions_are_generated_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef leasehold"),
+        ("fish", "complete -c leasehold"),
+    ] {
+        let out = output(Command::new(BIN).args(["completions", shell]));
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(script.contains(marker), "{shell}: no {marker:?}");
+        for subcommand in ["run", "status", "doctor", "completions"] {
+            assert!(script.contains(subcommand), "{shell}: no {subcommand}");
+        }
+    }
+    let out = output(Command::new(BIN).args(["completions", "tcsh"]));
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tcsh"));
+}
+
+#[test]
+fn the_man_page_is_roff_and_names_the_subcommands() {
+    let out = output(Command::new(BIN).arg("man"));
+    assert!(out.status.success());
+    let page = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH leasehold"),
+        "{page}"
+    );
+    assert!(page.contains(".SH NAME"), "{page}");
+    for subcommand in ["run", "status", "watch", "doctor"] {
+        assert!(page.contains(subcommand), "no {subcommand} in {page}");
+    }
+}
+
+/// The URLs the README offers, parsed and tried by the installed binary: every one gets as
+/// far as connecting (69: nothing answers on port 1), none is refused as unsupported.
+#[test]
+fn tls_and_credential_urls_reach_the_network() {
+    for url in [
+        "rediss://127.0.0.1:1",
+        "rediss://user:secret@127.0.0.1:1/2",
+        "etcd://127.0.0.1:1",
+        "etcd://root:secret@127.0.0.1:1?mode=lock",
+        "etcds://root:secret@127.0.0.1:1",
+    ] {
+        let out = output(Command::new(BIN).args(["status", "--backend", url, "k"]));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(69), "{url}: {stderr}");
+        assert!(
+            !stderr.contains("feature") && !stderr.contains("not enabled"),
+            "{url}: {stderr}"
+        );
+        assert!(!stderr.contains("secret"), "{url}: {stderr}");
+    }
+    let out = output(Command::new(BIN).args([
+        "status",
+        "--backend",
+        "etcds://127.0.0.1:1?ca=/no/such/ca.pem",
+        "k",
+    ]));
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/ca.pem"));
+}
+
+#[test]
+fn run_takes_a_lock_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = leasehold_test_support::tls::certificates(dir.path());
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let server = RedisServer::start_with_args(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &certs.cert.display().to_string(),
+        "--tls-key-file",
+        &certs.key.display().to_string(),
+        "--tls-ca-cert-file",
+        &certs.ca.display().to_string(),
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let url = format!("rediss://127.0.0.1:{tls_port}");
+    let key = unique_key("cli-tls");
+    // The private CA through SSL_CERT_FILE, which rustls-native-certs reads.
+    let out = output(
+        Command::new(BIN)
+            .env("SSL_CERT_FILE", &certs.ca)
+            .args(["run", "--backend", &url, &key, "--"])
+            .args(["sh", "-c", "echo $LEASEHOLD_FENCING_TOKEN"]),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", server.log());
+    let token: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(token > 0);
+    // The fence counter it advanced is this server's, read over the plain port.
+    let mut plain = redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let counter: u64 = redis::cmd("GET")
+        .arg(format!("leasehold:{{{key}}}:fence"))
+        .query(&mut plain)
+        .unwrap();
+    assert_eq!(counter, token);
+    // Trusting another CA, the server's certificate is refused: nothing is acquired.
+    let other = tempfile::tempdir().unwrap();
+    let other = leasehold_test_support::tls::certificates(other.path());
+    let ran = dir.path().join("ran");
+    let out = output(
+        Command::new(BIN)
+            .env("SSL_CERT_FILE", &other.ca)
+            .args(["run", "--backend", &url, &key, "--", "touch"])
+            .arg(&ran),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains(&tls_port), "{stderr}");
+    assert!(!ran.exists());
+}

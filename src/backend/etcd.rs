@@ -63,6 +63,16 @@
 //! release the delete of such a key; holders that use the Lock service directly, and
 //! contenders that gave up, are not reported.
 //!
+//! # Session lease
+//! With [`EtcdBackendBuilder::with_session`], every lock the backend takes is on one shared
+//! lease, as with etcd's `concurrency.Session`: one keep-alive every ttl/4 for all of them,
+//! no lease grant or revoke per lock, for users with 100,000 locks and more. Each key actor
+//! still keeps its key, deadline and timer, and counts its deadline from the session's last
+//! keep-alive (see `session.rs`). Lock ttls are bounded by the session's ttl (a longer one
+//! is refused before any I/O), and a lost session loses all its locks at once. `txn` mode
+//! only: in `lock` mode the Lock service names a contender by its lease, so two locks of one
+//! name on one session would be one contender.
+//!
 //! # Calls that fail in transit
 //! etcd-client spreads calls over all endpoints and keeps sending some to an endpoint that is
 //! down. A call that could not connect is tried again (up to four times per endpoint), as is a
@@ -109,6 +119,7 @@
 //! | `keep_alive.rs` | the one keep-alive stream all renewals share |
 //! | `held.rs` | the prefix watch that notices held keys taken away |
 //! | `renew.rs` | renewal: keep-alive plus the watch's word, or a read |
+//! | `session.rs` | the session lease shared by every lock, when configured |
 //! | `watch.rs` | watches for waiters and for monitoring |
 //! | `election.rs` | elections in etcd's Election layout (`lock` mode) |
 //! | `values.rs` | lock key values, owner compares, fencing tokens from revisions |
@@ -121,8 +132,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, ConnectOptions, DeleteOptions, EventType, GetOptions, KeyValue, Txn, TxnOp,
-    TxnOpResponse, WatchFilterType, WatchOptions,
+    Client, ConnectOptions, DeleteOptions, EventType, GetOptions, KeyValue, SortOrder, SortTarget,
+    Txn, TxnOp, TxnOpResponse, WatchFilterType, WatchOptions,
 };
 use futures::StreamExt;
 use tokio::sync::OnceCell;
@@ -141,6 +152,7 @@ mod keep_alive;
 mod lease;
 mod lock_mode;
 mod renew;
+mod session;
 mod txn_mode;
 mod values;
 mod watch;
@@ -150,6 +162,7 @@ use call::{tries_per_call, Retry};
 use held::HeldKeys;
 use keep_alive::KeepAlives;
 use lock_mode::escape_name;
+use session::Session;
 use values::{owner_compares, token, Holder};
 
 /// The key prefix used unless [`EtcdBackendBuilder::with_prefix`] says otherwise.
@@ -198,6 +211,9 @@ pub struct EtcdBackend {
     shared: Arc<Shared>,
     prefix: Arc<str>,
     mode: EtcdMode,
+    /// The session lease every lock is on, when configured: shared by this value and its
+    /// clones (see `session.rs`).
+    session: Option<Arc<Session>>,
 }
 
 struct Shared {
@@ -235,6 +251,7 @@ pub struct EtcdBackendBuilder {
     prefix: String,
     mode: EtcdMode,
     connect_timeout: Duration,
+    session: Option<Duration>,
 }
 
 impl fmt::Debug for EtcdBackendBuilder {
@@ -245,6 +262,7 @@ impl fmt::Debug for EtcdBackendBuilder {
             .field("prefix", &self.prefix)
             .field("mode", &self.mode)
             .field("connect_timeout", &self.connect_timeout)
+            .field("session", &self.session)
             .finish_non_exhaustive()
     }
 }
@@ -274,6 +292,26 @@ impl EtcdBackendBuilder {
         self
     }
 
+    /// Puts every lock on one session lease of `ttl`, as etcd's `concurrency.Session` does:
+    /// one keep-alive every `ttl / 4` for all locks, instead of a lease (grant, keep-alives,
+    /// revoke) per lock. For many locks (100,000 and more) per backend. The session is granted
+    /// by the first acquisition, and again after it is lost.
+    ///
+    /// The trade-off: if the session lease is lost (etcd unreachable for its whole ttl, or the
+    /// lease revoked), every lock on it is lost at once, each told `Lost` before its deadline
+    /// as usual. A lock's ttl cannot be longer than the session's (refused with
+    /// [`Error::InvalidTtl`] before any I/O); a lock's ttl shorter than the session's still
+    /// gives that lock its own deadline, renewed every ttl/3.
+    ///
+    /// `ttl` must be a whole number of seconds, at least 2 (etcd counts lease ttls in
+    /// seconds); `txn` mode only. [`connect`](Self::connect) refuses anything else with
+    /// [`Error::InvalidConfig`]. Clones of the backend share the session: give each
+    /// [`LockManager`](crate::LockManager) its own backend value.
+    pub fn with_session(mut self, ttl: Duration) -> Self {
+        self.session = Some(ttl);
+        self
+    }
+
     /// The longest [`connect`](Self::connect) waits for etcd to answer (default
     /// [`DEFAULT_CONNECT_TIMEOUT`]), authentication included.
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
@@ -294,9 +332,19 @@ impl EtcdBackendBuilder {
             prefix,
             mode,
             connect_timeout,
+            session,
         } = self;
         if endpoints.is_empty() {
             return Err(Error::InvalidConfig("no etcd endpoints given".to_owned()));
+        }
+        if let Some(ttl) = session {
+            session::check_ttl(ttl).map_err(Error::InvalidConfig)?;
+            if mode != EtcdMode::Txn {
+                return Err(Error::InvalidConfig(format!(
+                    "an etcd session lease needs txn mode, not {mode:?} mode (the Lock service \
+                     names a contender by its lease)"
+                )));
+            }
         }
         for endpoint in &endpoints {
             if let Err(why) = check_endpoint(endpoint) {
@@ -366,6 +414,7 @@ impl EtcdBackendBuilder {
             }),
             prefix: prefix.into(),
             mode,
+            session: session.map(|ttl| Arc::new(Session::new(ttl))),
         })
     }
 }
@@ -383,6 +432,7 @@ impl EtcdBackend {
             prefix: DEFAULT_PREFIX.to_owned(),
             mode: EtcdMode::default(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            session: None,
         }
     }
 
@@ -400,7 +450,8 @@ impl EtcdBackend {
     }
 
     /// The same connection taking locks in another mode (as
-    /// [`EtcdBackendBuilder::with_mode`]).
+    /// [`EtcdBackendBuilder::with_mode`]). A backend on a session lease takes locks in `txn`
+    /// mode only: in `lock` mode its acquisitions fail with [`StoreError::Unsupported`].
     pub fn with_mode(mut self, mode: EtcdMode) -> Self {
         self.mode = mode;
         self
@@ -424,6 +475,26 @@ impl EtcdBackend {
     /// The shared etcd client (a clone: it shares the backend's connections).
     pub fn client(&self) -> Client {
         self.shared.client.clone()
+    }
+
+    /// How long the lock held by `kv` may last: its lease's time to live, at most the ttl the
+    /// holder was granted (a lock on a session lease says its own ttl there, while the
+    /// session's lease may run for longer); `None` when the lease is already gone. A key
+    /// without a lease was not written by leasehold (nobody else's key should be here): it
+    /// never expires.
+    async fn remaining_ttl(&self, kv: &KeyValue) -> Result<Option<Duration>, StoreError> {
+        if kv.lease() == 0 {
+            return Ok(Some(Duration::MAX));
+        }
+        let Some(remaining) = self.remaining(kv.lease()).await? else {
+            return Ok(None);
+        };
+        Ok(Some(match Holder::decode(kv.value()) {
+            Some(holder) => remaining.min(Duration::from_secs(
+                u64::try_from(holder.granted).unwrap_or(0),
+            )),
+            None => remaining,
+        }))
     }
 
     /// Where the lock on `key` lives in etcd. In `txn` mode: the lock key itself. In `lock`
@@ -453,12 +524,34 @@ impl LockBackend for EtcdBackend {
     ) -> Result<Acquisition, StoreError> {
         match self.mode {
             EtcdMode::Txn => self.acquire_txn(key, owner, ttl, metadata).await,
+            // The builder refuses this; `with_mode` on a backend built with a session cannot.
+            EtcdMode::Lock if self.session.is_some() => Err(StoreError::Unsupported {
+                store: "etcd",
+                op: "lock mode on a session lease",
+            }),
             EtcdMode::Lock => self.acquire_lock(key, owner, ttl, metadata).await,
         }
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, StoreError> {
-        self.renew_lease(lease, ttl).await
+        let asked_at = tokio::time::Instant::now();
+        Ok(self.renew_from(lease, ttl, asked_at).await?.is_some())
+    }
+
+    async fn renew_from(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+        asked_at: tokio::time::Instant,
+    ) -> Result<Option<tokio::time::Instant>, StoreError> {
+        match &self.session {
+            Some(session) => self.renew_on_session(session, lease, ttl, asked_at).await,
+            None => Ok(self.renew_lease(lease, ttl).await?.then_some(asked_at)),
+        }
+    }
+
+    fn max_ttl(&self) -> Option<Duration> {
+        self.session.as_ref().map(|session| session.ttl)
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {
@@ -493,7 +586,11 @@ impl LockBackend for EtcdBackend {
             })
             .or(lease.lease_id)
             .unwrap_or(0);
-        if on_lease != 0 {
+        let on_session = match &self.session {
+            Some(session) => session.get(on_lease).await.is_some(),
+            None => false,
+        };
+        if on_lease != 0 && !on_session {
             // The lock is already free; revoking the lease it was on just ends the lease now
             // instead of at its ttl. A failure here costs nothing but that.
             if let Err(error) = self.revoke(on_lease).await {
@@ -516,15 +613,9 @@ impl LockBackend for EtcdBackend {
         let Some(kv) = holder else {
             return Ok(None);
         };
-        let remaining_ttl = if kv.lease() == 0 {
-            // Not written by leasehold (nobody else's key should be here): it never expires.
-            Duration::MAX
-        } else {
-            match self.remaining(kv.lease()).await? {
-                Some(remaining) => remaining,
-                // The lease ran out between the two reads: the key is being deleted with it.
-                None => return Ok(None),
-            }
+        let Some(remaining_ttl) = self.remaining_ttl(&kv).await? else {
+            // The lease ran out between the two reads: the key is being deleted with it.
+            return Ok(None);
         };
         Ok(Some(LockInfo {
             key: key.to_owned(),
@@ -559,6 +650,43 @@ impl LockBackend for EtcdBackend {
 
     async fn observe(&self, name: &str) -> Result<crate::backend::LeaderChanges, StoreError> {
         self.observe_leader(name).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>, StoreError> {
+        // One range read of every lock key under `prefix` (see `watch_prefix` on escaping),
+        // oldest first: in `lock` mode the first contender key of a name is its holder.
+        let options = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend);
+        let kvs = self
+            .get(&self.lock_key(prefix), Some(options))
+            .await?
+            .take_kvs();
+        let mut holders: HashMap<String, KeyValue> = HashMap::new();
+        for kv in kvs {
+            if let Some(key) = std::str::from_utf8(kv.key())
+                .ok()
+                .and_then(|etcd_key| self.key_of(etcd_key))
+            {
+                holders.entry(key).or_insert(kv);
+            }
+        }
+        let mut holders: Vec<(String, KeyValue)> = holders.into_iter().collect();
+        holders.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut held = Vec::with_capacity(holders.len());
+        for (key, kv) in holders {
+            let Some(remaining_ttl) = self.remaining_ttl(&kv).await? else {
+                // Ran out since the read: no longer held.
+                continue;
+            };
+            held.push(LockInfo {
+                key,
+                fencing_token: token(kv.create_revision())?,
+                remaining_ttl,
+                metadata: Holder::decode(kv.value()).and_then(|h| h.metadata.map(str::to_owned)),
+            });
+        }
+        Ok(held)
     }
 
     async fn subscribe(&self, key: &str, seen: &Contention) -> Result<ReleaseNotices, StoreError> {

@@ -204,6 +204,26 @@ impl LockBackend for MemoryBackend {
         }))
     }
 
+    async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>, StoreError> {
+        let now = Instant::now();
+        let table = self.table();
+        let mut held: Vec<LockInfo> = table
+            .slots
+            .iter()
+            .filter(|(key, _)| key.starts_with(prefix))
+            .filter_map(|(key, slot)| {
+                slot.live_holder(now).map(|holder| LockInfo {
+                    key: key.clone(),
+                    fencing_token: slot.fence,
+                    remaining_ttl: holder.expires_at - now,
+                    metadata: holder.metadata.clone(),
+                })
+            })
+            .collect();
+        held.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(held)
+    }
+
     async fn subscribe(&self, key: &str, _seen: &Contention) -> Result<ReleaseNotices, StoreError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut table = self.table();

@@ -457,6 +457,46 @@ impl LockBackend for RedisBackend {
         self.observe_leader(name).await
     }
 
+    async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>, StoreError> {
+        // SCAN for the lock keys `P{K}` whose K starts with `prefix` (the pattern's closing
+        // brace leaves out the `P{K}:fence` counters), then `inspect` each: a key may be
+        // released between the two, and then it is not listed.
+        let pattern = format!("{}{{{}*}}", glob_escape(&self.prefix), glob_escape(prefix));
+        let lock_prefix = format!("{}{{", self.prefix);
+        let mut keys: Vec<String> = Vec::new();
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(|error| self.failed("list", error))?;
+            keys.extend(batch.iter().filter_map(|lock| {
+                let key = lock.strip_prefix(&lock_prefix)?.strip_suffix('}')?;
+                key.starts_with(prefix).then(|| key.to_owned())
+            }));
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        // SCAN may return a key more than once.
+        keys.sort();
+        keys.dedup();
+        let mut held = Vec::with_capacity(keys.len());
+        for key in keys {
+            if let Some(info) = self.inspect(&key).await? {
+                held.push(info);
+            }
+        }
+        Ok(held)
+    }
+
     async fn subscribe(&self, key: &str, _seen: &Contention) -> Result<ReleaseNotices, StoreError> {
         let channel = format!("{}:released", self.lock_key(key));
         Ok(self.notices.subscribe(channel).await?.boxed())

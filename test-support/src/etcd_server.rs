@@ -50,6 +50,10 @@ pub struct EtcdServer {
     /// `--initial-cluster`: every member's name and peer URL.
     initial_cluster: String,
     timing: Timing,
+    /// Settings given to [`start_with_args`](EtcdServer::start_with_args), kept for restarts.
+    extra: Vec<String>,
+    /// A second, TLS client port (see [`start_with_tls`](EtcdServer::start_with_tls)).
+    tls_port: Option<u16>,
     dir: TempDir,
     child: Option<Child>,
 }
@@ -58,11 +62,39 @@ impl EtcdServer {
     /// Starts a single-member cluster on free ports and waits until it answers. Panics with
     /// the server's log if it does not, and with the install command if `etcd` is missing.
     pub fn start() -> Self {
+        Self::start_with_args(&[])
+    }
+
+    /// Starts a single member as [`start`](Self::start) does, with more `etcd` arguments after
+    /// the defaults, e.g. `["--quota-backend-bytes", "65536"]`.
+    pub fn start_with_args(extra: &[&str]) -> Self {
+        Self::start_single(extra, false)
+    }
+
+    /// Starts a single member as [`start`](Self::start) does that also serves clients over TLS
+    /// with `cert_file` and `key_file` (PEM) on a second port,
+    /// [`tls_endpoint`](Self::tls_endpoint). The plain port stays, for readiness checks.
+    pub fn start_with_tls(cert_file: &Path, key_file: &Path) -> Self {
+        let (cert, key) = (cert_file.display(), key_file.display());
+        Self::start_single(
+            &[
+                "--cert-file",
+                &cert.to_string(),
+                "--key-file",
+                &key.to_string(),
+            ],
+            true,
+        )
+    }
+
+    fn start_single(extra: &[&str], tls: bool) -> Self {
         let mut last_log = String::new();
         // Another process may take a port between our probe and etcd's bind: try a few
         // times before giving up.
         for _ in 0..5 {
             let mut server = EtcdServer::new(free_port(), free_port(), SINGLE_TIMING);
+            server.extra = extra.iter().map(|&a| a.to_owned()).collect();
+            server.tls_port = tls.then(free_port);
             server.initial_cluster = server.cluster_entry();
             server.spawn();
             match server.wait_ready() {
@@ -101,6 +133,8 @@ impl EtcdServer {
             peer_port,
             initial_cluster: String::new(),
             timing,
+            extra: Vec::new(),
+            tls_port: None,
             dir,
             child: None,
         }
@@ -109,6 +143,12 @@ impl EtcdServer {
     /// `127.0.0.1:PORT`, the client endpoint.
     pub fn endpoint(&self) -> String {
         format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// `127.0.0.1:PORT`, the TLS client endpoint of a member started with
+    /// [`start_with_tls`](Self::start_with_tls).
+    pub fn tls_endpoint(&self) -> Option<String> {
+        self.tls_port.map(|port| format!("127.0.0.1:{port}"))
     }
 
     /// The member's name.
@@ -222,12 +262,16 @@ impl EtcdServer {
             .open(self.log_path())
             .expect("etcd log file");
         let client = Self::url(self.client_port);
+        let listen = match self.tls_port {
+            Some(port) => format!("{client},https://127.0.0.1:{port}"),
+            None => client.clone(),
+        };
         let peer = Self::url(self.peer_port);
         let spawned = Command::new("etcd")
             .args(["--name", &self.name])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
-            .args(["--listen-client-urls", &client])
+            .args(["--listen-client-urls", &listen])
             .args(["--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
@@ -240,6 +284,7 @@ impl EtcdServer {
             ])
             .args(["--election-timeout", &self.timing.election_ms.to_string()])
             .args(["--logger", "zap", "--log-outputs", "stderr"])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -7,7 +7,8 @@
 //! restart them.
 //!
 //! Also the resource a lock protects in the safety tests: [`Register`], one integer behind a
-//! fence, served over TCP so holders in other processes use it too.
+//! fence, served over TCP so holders in other processes use it too. And certificates for
+//! TLS tests ([`tls::certificates`]).
 //!
 //! A workspace crate of its own (as redis-rs has `redis-test`), a dev-dependency of
 //! `leasehold` and of the workspace's tools; never published. Features `redis` and `etcd` add
@@ -17,6 +18,7 @@ pub mod etcd_server;
 pub mod postgres_server;
 pub mod redis_server;
 pub mod register;
+pub mod tls;
 
 pub use etcd_server::{EtcdCluster, EtcdServer};
 pub use postgres_server::PostgresServer;

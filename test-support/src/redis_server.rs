@@ -17,12 +17,23 @@ pub struct RedisServer {
     port: u16,
     dir: TempDir,
     child: Child,
+    /// Settings given to [`start_with_args`](RedisServer::start_with_args), kept for restarts.
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers. Panics with the
     /// server's log if it does not, and with the install command if `redis-server` is missing.
     pub fn start() -> Self {
+        Self::start_with_args(&[])
+    }
+
+    /// Starts a server as [`start`](Self::start) does, with more `redis-server` arguments
+    /// after the defaults (later ones win), e.g. `["--maxmemory-policy", "allkeys-lru"]` or
+    /// TLS settings. The server still listens on its plain port, which is how readiness is
+    /// checked.
+    pub fn start_with_args(extra: &[&str]) -> Self {
+        let extra: Vec<String> = extra.iter().map(|&a| a.to_owned()).collect();
         let dir = tempfile::Builder::new()
             .prefix("leasehold-redis-")
             .tempdir()
@@ -32,9 +43,16 @@ impl RedisServer {
         let mut last_log = String::new();
         for _ in 0..5 {
             let port = free_port();
-            let mut child = spawn(port, &dir);
+            let mut child = spawn(port, &dir, &extra);
             match wait_ready(port, &mut child) {
-                Ok(()) => return RedisServer { port, dir, child },
+                Ok(()) => {
+                    return RedisServer {
+                        port,
+                        dir,
+                        child,
+                        extra,
+                    }
+                }
                 Err(why) => {
                     let _ = child.kill();
                     let _ = child.wait();
@@ -108,7 +126,7 @@ impl RedisServer {
         let started = Instant::now();
         // The old socket may linger a moment after the kill.
         loop {
-            let mut child = spawn(port, &self.dir);
+            let mut child = spawn(port, &self.dir, &self.extra);
             match wait_ready(port, &mut child) {
                 Ok(()) => {
                     self.child = child;
@@ -166,7 +184,7 @@ fn read_log(dir: &TempDir) -> String {
     format!("--- redis.log ---\n{log}--- stderr ---\n{stderr}")
 }
 
-fn spawn(port: u16, dir: &TempDir) -> Child {
+fn spawn(port: u16, dir: &TempDir, extra: &[String]) -> Child {
     let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("stderr log file");
     let spawned = Command::new("redis-server")
         .args(["--port", &port.to_string()])
@@ -177,6 +195,7 @@ fn spawn(port: u16, dir: &TempDir) -> Child {
         .arg(dir.path())
         .arg("--logfile")
         .arg(log_path(dir))
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr)

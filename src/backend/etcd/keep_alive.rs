@@ -18,6 +18,7 @@ use std::collections::{HashMap, VecDeque};
 
 use etcd_client::{Client, LeaseKeepAliveResponse, LeaseKeepAliveStream, LeaseKeeper};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::call::{store_error, Retry};
 use crate::error::StoreError;
@@ -32,6 +33,11 @@ pub(super) struct KeptAlive {
     /// The store's revision when etcd answered, if the answer said. Every change etcd applied
     /// before this answer has a revision no greater than this.
     pub(super) revision: Option<i64>,
+    /// When the keep-alive that etcd answered was written on the stream, or earlier: the
+    /// lease runs at least its ttl from then. A renewal that joins a keep-alive already sent
+    /// for the same lease (a session lease shared by many locks) gets an earlier instant than
+    /// its own request.
+    pub(super) sent_at: Instant,
 }
 
 type Answer = oneshot::Sender<Result<KeptAlive, StoreError>>;
@@ -97,7 +103,14 @@ async fn run(client: Client, tries: usize, mut asks: mpsc::UnboundedReceiver<Ask
     let mut waiting: HashMap<i64, Vec<Answer>> = HashMap::new();
     // Lease ids to write on the stream, in order.
     let mut unsent: VecDeque<i64> = VecDeque::new();
+    // When the task began writing the first of `unsent` (a write may be cancelled and begun
+    // again: the first beginning counts), and when each id in flight was written.
+    let mut writing_since: Option<Instant> = None;
+    let mut sent: HashMap<i64, Instant> = HashMap::new();
     loop {
+        if stream.is_some() && !unsent.is_empty() {
+            writing_since.get_or_insert_with(Instant::now);
+        }
         // Sending and reading run side by side: etcd stops reading requests while its answers
         // wait to be read, so a task that only waited to send could block both ends.
         let event = {
@@ -130,16 +143,28 @@ async fn run(client: Client, tries: usize, mut asks: mpsc::UnboundedReceiver<Ask
                 answers.push(answer);
             }
             Event::Sent(Ok(())) => {
-                unsent.pop_front();
+                if let Some(id) = unsent.pop_front() {
+                    let since = writing_since.take().unwrap_or_else(Instant::now);
+                    sent.insert(id, since);
+                }
             }
             Event::Sent(Err(error)) | Event::Answer(Err(error)) => {
                 broken(&mut stream, &mut waiting, &mut unsent, Some(error));
+                (writing_since, sent) = (None, HashMap::new());
             }
-            Event::Answer(Ok(None)) => broken(&mut stream, &mut waiting, &mut unsent, None),
+            Event::Answer(Ok(None)) => {
+                broken(&mut stream, &mut waiting, &mut unsent, None);
+                (writing_since, sent) = (None, HashMap::new());
+            }
             Event::Answer(Ok(Some(answer))) => {
+                let Some(sent_at) = sent.remove(&answer.id()) else {
+                    // Not an answer to a keep-alive this task wrote: the stream's opening one.
+                    continue;
+                };
                 let kept = KeptAlive {
                     ttl: answer.ttl(),
                     revision: answer.header().map(|h| h.revision()),
+                    sent_at,
                 };
                 for waiter in waiting.remove(&answer.id()).unwrap_or_default() {
                     let _ = waiter.send(Ok(kept));
@@ -187,6 +212,7 @@ async fn open_stream(
                 return Err(Ok(KeptAlive {
                     ttl: 0,
                     revision: None,
+                    sent_at: Instant::now(),
                 }))
             }
             Err(error) if left > 1 && Retry::IfConnectionBroke.allows(&error) => left -= 1,

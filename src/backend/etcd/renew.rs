@@ -4,9 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use etcd_client::{PutOptions, Txn, TxnOp};
+use tokio::time::Instant;
+
 use super::held::{HeldKeys, Owned, Registration};
 use super::lease::lease_seconds;
-use super::values::Holder;
+use super::session::Session;
+use super::values::{owner_compares, Holder};
 use super::EtcdBackend;
 use crate::backend::{Lease, OwnerToken};
 use crate::error::StoreError;
@@ -103,6 +107,80 @@ impl EtcdBackend {
                 Ok(false)
             }
         }
+    }
+
+    /// Renews a lock on the session lease (see `session.rs`): no call of its own when the
+    /// session's last keep-alive is recent (sent within a third of `ttl`) and the watch vouches
+    /// for the key. The instant the renewed ttl runs from, or `None` when the lock is lost.
+    pub(super) async fn renew_on_session(
+        &self,
+        session: &Session,
+        lease: &Lease,
+        ttl: Duration,
+        asked_at: Instant,
+    ) -> Result<Option<Instant>, StoreError> {
+        let held = self.held_keys().await;
+        let owner = lease.owner;
+        let current = match lease.lease_id {
+            Some(id) => session.get(id).await,
+            None => None,
+        };
+        let not_held = || {
+            held.forget(owner);
+            Ok(None)
+        };
+        // Its session was lost (and replaced): the key went with it.
+        let Some(current) = current else {
+            return not_held();
+        };
+        let fresh_after = asked_at.checked_sub(ttl / 3).unwrap_or(asked_at);
+        let Some(kept) = current.kept_after(self, fresh_after).await? else {
+            return not_held();
+        };
+        let seconds = lease_seconds(ttl);
+        let said = |owned: Option<Owned>| matches!(owned, Some(Owned::Held { granted, .. }) if seconds <= granted);
+        if let (true, Some(revision)) = (said(held.get(owner)), kept.revision) {
+            // As in `renew_lease`: once the watch has shown everything up to the keep-alive's
+            // revision, its word on the key stands. (A longer ttl than the key's value says is
+            // written into the value, below.)
+            if held.caught_up(revision).await {
+                match held.get(owner) {
+                    Some(Owned::Held { .. }) => return Ok(Some(kept.sent_at)),
+                    Some(Owned::Taken) => return not_held(),
+                    _ => {}
+                }
+            }
+        }
+        if held.get(owner) == Some(Owned::Taken) {
+            return not_held();
+        }
+        // The watch cannot vouch: read the key.
+        let since = held.watching_since();
+        let lock_key = self.lock_key(&lease.key);
+        let read = self.get(&lock_key, None).await?;
+        let Some(kv) = read.kvs().first().filter(|kv| kv.lease() == current.id) else {
+            return not_held();
+        };
+        let Some(holder) = Holder::decode(kv.value()).filter(|h| h.owner == owner) else {
+            return not_held();
+        };
+        if holder.granted < seconds {
+            // The value says the lock's ttl (what `inspect` shows): say the longer one, on
+            // the same session lease, if the key is still ours.
+            let value = Holder::encode(owner, seconds, holder.metadata);
+            let txn = Txn::new()
+                .when(owner_compares(kv.key(), owner))
+                .and_then([TxnOp::put(
+                    kv.key(),
+                    value,
+                    Some(PutOptions::new().with_lease(current.id)),
+                )]);
+            if !self.txn(txn).await?.succeeded() {
+                return not_held();
+            }
+        }
+        held.confirm(owner, current.id, seconds.max(holder.granted), since);
+        Ok(Some(kept.sent_at))
     }
 
     /// Renewal without the watch's word: a keep-alive and, in parallel, a read of the key —

@@ -2,13 +2,18 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use etcd_client::{
     Compare, CompareOp, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
 
+use super::call::is_lease_not_found;
+use super::lease::lease_seconds;
+use super::session::Current;
 use super::values::{token, txn_revision, Holder};
 use super::EtcdBackend;
-use crate::backend::{Acquisition, Lease, OwnerToken};
+use crate::backend::{Acquisition, Lease, LockBackend, OwnerToken};
 use crate::error::StoreError;
 
 impl EtcdBackend {
@@ -20,28 +25,30 @@ impl EtcdBackend {
         metadata: Option<&str>,
     ) -> Result<Acquisition, StoreError> {
         let lock_key = self.lock_key(key);
+        if let Some(session) = &self.session {
+            let current = session.lease(self).await?;
+            let acquired = self
+                .acquire_on_session(key, &lock_key, owner, ttl, &current, metadata)
+                .await;
+            return match acquired {
+                // The session lease was revoked or ran out before the keeper noticed: once
+                // more, on a new session.
+                Err(error) if is_lease_not_found(&error) => {
+                    current.gone();
+                    let current = session.lease(self).await?;
+                    self.acquire_on_session(key, &lock_key, owner, ttl, &current, metadata)
+                        .await
+                }
+                acquired => acquired,
+            };
+        }
         // The lease first, so the put can attach the key to it: the key then disappears with
         // the lease, whether it is revoked or runs out.
         let grant = self.grant(ttl).await?;
         let value = Holder::encode(owner, grant.ttl, metadata);
-        // `create_revision == 0` means the key does not exist. One transaction either creates
-        // it on our lease or, if someone holds it, reads the holder (whose lease tells the
-        // waiters how long it may last).
-        let txn = Txn::new()
-            .when([Compare::create_revision(
-                lock_key.as_str(),
-                CompareOp::Equal,
-                0,
-            )])
-            .and_then([TxnOp::put(
-                lock_key.as_str(),
-                value,
-                Some(PutOptions::new().with_lease(grant.id)),
-            )])
-            .or_else([TxnOp::get(lock_key.as_str(), None)]);
         // Recorded before the write, so the prefix watch cannot miss a change right after it.
         let registration = self.register(owner, grant.id, grant.ttl).await;
-        let answer = self.txn(txn).await?;
+        let answer = self.txn(create(&lock_key, value, grant.id)).await?;
         // The transaction's revision is the put's: etcd gives each write transaction one new
         // revision, strictly greater than every earlier one, so it is a fencing token.
         let revision = txn_revision(&answer)?;
@@ -57,6 +64,68 @@ impl EtcdBackend {
             futures::join!(grant.revoke(), self.contention(holder.as_ref(), revision));
         Ok(Acquisition::Held(contention))
     }
+
+    /// `txn` mode on the session lease: one transaction, and beside it a keep-alive of the
+    /// session sent after this attempt began, so the lease runs at least its ttl from then on
+    /// (the key actor counts the lock's deadline from before the attempt).
+    async fn acquire_on_session(
+        &self,
+        key: &str,
+        lock_key: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        session: &Current,
+        metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        let asked_at = Instant::now();
+        // The value says the lock's own ttl (what `inspect` shows), not the session's.
+        let granted = lease_seconds(ttl);
+        let value = Holder::encode(owner, granted, metadata);
+        let registration = self.register(owner, session.id, granted).await;
+        let (answer, kept) = futures::join!(
+            self.txn(create(lock_key, value, session.id)),
+            session.kept_after(self, asked_at)
+        );
+        let answer = answer?;
+        let revision = txn_revision(&answer)?;
+        if !answer.succeeded() {
+            let holder = first_range_kv(&answer);
+            return Ok(Acquisition::Held(
+                self.contention(holder.as_ref(), revision).await,
+            ));
+        }
+        let mut lease = Lease::new(key, owner, token(revision)?);
+        lease.lease_id = Some(session.id);
+        match kept {
+            Ok(Some(_)) => {
+                registration.keep();
+                Ok(Acquisition::Acquired(lease))
+            }
+            // The key is written but the session's life from now on is not known (or it is
+            // gone, and the key with it): give the key back rather than trust it.
+            failed => {
+                drop(registration);
+                let _ = self.release(&lease).await;
+                Err(failed.err().unwrap_or_else(|| {
+                    StoreError::unavailable("the etcd session lease ran out during the acquisition")
+                }))
+            }
+        }
+    }
+}
+
+/// The transaction that creates `lock_key` on `lease` with `value` if it does not exist, and
+/// otherwise reads the holder (whose lease tells the waiters how long it may last).
+/// `create_revision == 0` means the key does not exist.
+fn create(lock_key: &str, value: String, lease: i64) -> Txn {
+    Txn::new()
+        .when([Compare::create_revision(lock_key, CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(
+            lock_key,
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )])
+        .or_else([TxnOp::get(lock_key, None)])
 }
 
 /// The key read by the `else` branch of the acquire transaction.

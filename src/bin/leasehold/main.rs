@@ -4,18 +4,24 @@
 //! leasehold run    [--backend URL] [--ttl DUR] [--wait DUR | --no-wait] KEY -- CMD [ARGS…]
 //! leasehold status [--backend URL] [--json] KEY
 //! leasehold watch  [--backend URL] [--json] [PREFIX]
+//! leasehold status [--backend URL] [--json] --prefix PREFIX
+//! leasehold doctor [--backend URL] [--json] [--ttl DUR]
+//! leasehold completions SHELL
+//! leasehold man
 //! ```
 //!
 //! Exit codes: the command's own for `run`; 64 usage error; 69 store unreachable; 75 key held
-//! by someone else (not acquired within the wait); 76 lease lost while the command ran.
+//! by someone else (not acquired within the wait); 76 lease lost while the command ran;
+//! `doctor`: 0 when nothing it found is dangerous, 1 otherwise.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 mod elect;
 mod leader;
+mod doctor;
 mod run;
 mod status;
 mod store;
@@ -52,7 +58,8 @@ enum Command {
     /// with CMD's exit code; 75 if the key was not acquired within the wait; 76 if the lease
     /// was lost while CMD ran (CMD is sent SIGTERM at once, SIGKILL after --kill-grace).
     Run(RunArgs),
-    /// Show whether KEY is held: fencing token, remaining ttl, metadata.
+    /// Show whether KEY is held: fencing token, remaining ttl, metadata; with --prefix, every
+    /// held key under PREFIX as a table.
     Status(StatusArgs),
     /// Print acquisitions and releases of keys under PREFIX as the store sees them, until
     /// interrupted.
@@ -65,11 +72,27 @@ enum Command {
     Elect(elect::ElectArgs),
     /// Show who leads NAME (value and term); with --watch, each change after that.
     Leader(leader::LeaderArgs),
+    /// Check a deployment's settings that decide lock safety (eviction, persistence,
+    /// replicas, clocks, latency; on etcd members, leader, quorum, database size) and say what
+    /// to change. Exits 1 if anything found is dangerous.
+    Doctor(doctor::DoctorArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff) to stdout.
+    Man,
+}
+
+#[derive(Args, Debug)]
+struct CompletionsArgs {
+    /// The shell to complete for.
+    shell: clap_complete::Shell,
 }
 
 #[derive(Args, Debug)]
 struct StoreArgs {
-    /// The store: redis://…, rediss://…, or etcd://host:port[,host:port…][?mode=txn|lock].
+    /// The store: redis://[user:password@]host[:port][/db], rediss://… (TLS), or
+    /// etcd://[user:password@]host:port[,host:port…][?mode=txn|lock], etcds://…[?ca=FILE]
+    /// [&cert=FILE&key=FILE] (TLS).
     #[arg(long, env = "LEASEHOLD_BACKEND", value_parser = BackendUrl::parse)]
     backend: BackendUrl,
 }
@@ -110,8 +133,12 @@ struct StatusArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// List every held key that starts with PREFIX instead of one key.
+    #[arg(long, value_name = "PREFIX", conflicts_with = "key")]
+    prefix: Option<String>,
     /// The lock's key.
-    key: String,
+    #[arg(required_unless_present = "prefix")]
+    key: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -158,6 +185,30 @@ fn main() -> ExitCode {
             return ExitCode::from(if usage { exit::USAGE } else { 0 });
         }
     };
+    match &cli.command {
+        Command::Completions(args) => {
+            clap_complete::generate(
+                args.shell,
+                &mut Cli::command(),
+                "leasehold",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Man => {
+            return match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("leasehold: cannot write the man page: {error}");
+                    ExitCode::from(exit::SOFTWARE)
+                }
+            };
+        }
+        _ => {}
+    }
+    // Both TLS stacks (redis's and etcd-client's) are rustls built with ring; naming the
+    // provider keeps them working when another build of the crate graph adds a second one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -172,6 +223,8 @@ fn main() -> ExitCode {
             Command::Watch(args) => status::watch(args).await,
             Command::Elect(args) => elect::elect(args).await,
             Command::Leader(args) => leader::leader(args).await,
+            Command::Doctor(args) => doctor::doctor(args).await,
+            Command::Completions(_) | Command::Man => unreachable!("answered above"),
         }
     });
     ExitCode::from(code)

@@ -1,18 +1,25 @@
 //! `leasehold status` and `leasehold watch`: what the store says about keys.
 
+use std::time::Duration;
+
 use futures::StreamExt;
-use leasehold::StoreEventKind;
+use leasehold::{LockInfo, StoreEventKind};
 use serde_json::json;
 
 use crate::run::fail;
 use crate::{StatusArgs, WatchArgs};
 
 pub(crate) async fn status(args: StatusArgs) -> u8 {
+    let key = match (&args.prefix, &args.key) {
+        (Some(prefix), _) => return list(&args, prefix).await,
+        (None, Some(key)) => key.clone(),
+        (None, None) => unreachable!("clap requires KEY without --prefix"),
+    };
     let client = match args.store.backend.connect().await {
         Ok(client) => client,
         Err(error) => return fail(&error),
     };
-    let info = client.info(&args.key).await;
+    let info = client.info(&key).await;
     client.shutdown().await;
     let info = match info {
         Ok(info) => info,
@@ -21,20 +28,20 @@ pub(crate) async fn status(args: StatusArgs) -> u8 {
     if args.json {
         let line = match &info {
             Some(info) => json!({
-                "key": args.key,
+                "key": key,
                 "held": true,
                 "fencing_token": info.fencing_token,
                 "remaining_ttl_ms": info.remaining_ttl.as_millis() as u64,
                 "metadata": info.metadata,
             }),
-            None => json!({ "key": args.key, "held": false }),
+            None => json!({ "key": key, "held": false }),
         };
         println!("{line}");
     } else {
         match &info {
             Some(info) => println!(
                 "{:?} is held: fencing token {}, {:.1?} left{}",
-                args.key,
+                key,
                 info.fencing_token,
                 info.remaining_ttl,
                 info.metadata
@@ -42,10 +49,94 @@ pub(crate) async fn status(args: StatusArgs) -> u8 {
                     .map(|m| format!(", metadata {m:?}"))
                     .unwrap_or_default()
             ),
-            None => println!("{:?} is free", args.key),
+            None => println!("{key:?} is free"),
         }
     }
     0
+}
+
+/// `status --prefix`: every held key under the prefix, read from the store directly (no lock
+/// manager is started: nothing is acquired).
+async fn list(args: &StatusArgs, prefix: &str) -> u8 {
+    let backend = match args.store.backend.backend().await {
+        Ok(backend) => backend,
+        Err(error) => return fail(&error),
+    };
+    let held = match backend.list(prefix).await {
+        Ok(held) => held,
+        Err(error) => {
+            eprintln!("leasehold: listing keys under {prefix:?} failed: {error}");
+            return if error.kind().is_retryable() {
+                crate::exit::UNAVAILABLE
+            } else {
+                crate::exit::SOFTWARE
+            };
+        }
+    };
+    if args.json {
+        let held: Vec<_> = held
+            .iter()
+            .map(|info| {
+                json!({
+                    "key": info.key,
+                    "fencing_token": info.fencing_token,
+                    // null: a key without expiry (written by something other than leasehold).
+                    "remaining_ttl_ms": ttl_millis(info.remaining_ttl),
+                    "metadata": info.metadata,
+                })
+            })
+            .collect();
+        println!("{}", json!({ "prefix": prefix, "held": held }));
+    } else {
+        print!("{}", table(&held));
+        eprintln!("leasehold: {} held under {prefix:?}", held.len());
+    }
+    0
+}
+
+fn ttl_millis(ttl: Duration) -> Option<u64> {
+    (ttl != Duration::MAX).then(|| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Held keys as an aligned table with a header line.
+fn table(held: &[LockInfo]) -> String {
+    let rows: Vec<[String; 4]> = held
+        .iter()
+        .map(|info| {
+            [
+                info.key.clone(),
+                info.fencing_token.to_string(),
+                match ttl_millis(info.remaining_ttl) {
+                    Some(ms) => format!("{:.1}s", ms as f64 / 1000.0),
+                    None => "never".to_owned(),
+                },
+                info.metadata.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    let header = ["KEY", "FENCING TOKEN", "TTL LEFT", "METADATA"].map(str::to_owned);
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(&rows) {
+        let line = format!(
+            "{:<w0$}  {:>w1$}  {:>w2$}  {}",
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2],
+        );
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 pub(crate) async fn watch(args: WatchArgs) -> u8 {

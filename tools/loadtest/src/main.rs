@@ -1,4 +1,4 @@
-//! Run: `cargo run --release -p leasehold-loadtest -- --out target/report` (about 4 minutes),
+//! Run: `cargo run --release -p leasehold-loadtest -- --out target/report` (about 6 minutes),
 //! or with `--smoke` for every scenario at a tiny size (about 10 seconds).
 //!
 //! The performance report: starts its own `redis-server` and `etcd` on free loopback ports,
@@ -16,7 +16,8 @@
 //!   taking turns interleaved per round.
 //! - Contended handoff: 16 tasks taking turns on one key; release → next acquisition.
 //! - Held locks: 10,000 locks on Redis and on etcd (`txn`) held with auto-renew for 60 s:
-//!   renewals on time, CPU time, resident memory per lock; 100,000 on the memory store.
+//!   renewals on time, CPU time, resident memory per lock; 100,000 on etcd on a session lease
+//!   (every lock on one lease), the same way; 100,000 on the memory store.
 //!
 //! Performance targets are printed PASS or MISS, not asserted: the run fails (exits non-zero)
 //! only when something does not work — a server that does not start, a store error, a lock
@@ -33,7 +34,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use held::HeldPlan;
-use leasehold::{EtcdMode, LockClient, LockManager, MemoryBackend};
+use leasehold::{EtcdBackend, EtcdMode, LockClient, LockManager, MemoryBackend};
 use leasehold_bench_support::cpu;
 use leasehold_test_support::{EtcdServer, RedisServer};
 use progress::Progress;
@@ -49,7 +50,9 @@ pub struct Plan {
     measure: Duration,
     /// How long each handoff contest runs.
     handoff: Duration,
-    held: [HeldPlan; 3],
+    held: [HeldPlan; 4],
+    /// With `--held-only STORE`: only that store's held-locks scenario.
+    held_only: Option<Store>,
 }
 
 fn full() -> Plan {
@@ -60,6 +63,7 @@ fn full() -> Plan {
         warmup: Duration::from_millis(200),
         measure: Duration::from_millis(600),
         handoff: Duration::from_secs(3),
+        held_only: None,
         held: [
             HeldPlan {
                 store: Store::Memory,
@@ -88,6 +92,15 @@ fn full() -> Plan {
                 parallel: 500,
                 estimate: Duration::from_secs(8),
             },
+            HeldPlan {
+                store: Store::EtcdSession,
+                locks: 100_000,
+                ttl: Duration::from_secs(10),
+                hold: Duration::from_secs(60),
+                // One raft write each (the put), the session's keep-alives shared.
+                parallel: 500,
+                estimate: Duration::from_secs(30),
+            },
         ],
     }
 }
@@ -103,6 +116,7 @@ fn smoke() -> Plan {
         warmup: Duration::from_millis(50),
         measure: Duration::from_millis(150),
         handoff: Duration::from_millis(300),
+        held_only: None,
         held: [
             HeldPlan {
                 store: Store::Memory,
@@ -128,9 +142,20 @@ fn smoke() -> Plan {
                 parallel: 100,
                 estimate: Duration::from_millis(300),
             },
+            HeldPlan {
+                store: Store::EtcdSession,
+                locks: 100,
+                ttl,
+                hold,
+                parallel: 100,
+                estimate: Duration::from_millis(300),
+            },
         ],
     }
 }
+
+/// The session lease's ttl in the session scenario: the held locks' ttl in both plans fits.
+const SESSION_TTL: Duration = Duration::from_secs(10);
 
 /// The servers this run started.
 pub struct Stores {
@@ -148,6 +173,14 @@ impl Stores {
             Store::EtcdTxn => builder.with_backend("etcd", self.etcd.backend(EtcdMode::Txn).await),
             Store::EtcdLock => {
                 builder.with_backend("etcd", self.etcd.backend(EtcdMode::Lock).await)
+            }
+            Store::EtcdSession => {
+                let session = EtcdBackend::builder([self.etcd.endpoint()])
+                    .with_session(SESSION_TTL)
+                    .connect()
+                    .await
+                    .expect("etcd backend on a session lease");
+                builder.with_backend("etcd", session)
             }
         };
         builder.start().await.expect("lock manager")
@@ -168,7 +201,9 @@ struct Args {
 }
 
 fn parse_args() -> Args {
-    let usage = "usage: loadtest [--smoke] [--out DIR]   (default DIR: target/report)";
+    let usage = "usage: loadtest [--smoke] [--out DIR] [--held-only STORE]   \
+                 (default DIR: target/report; STORE: memory, redis, etcd-txn, etcd-session)";
+    let mut held_only = None;
     let mut args = Args {
         plan: full(),
         out: PathBuf::from("target/report"),
@@ -181,6 +216,15 @@ fn parse_args() -> Args {
                 Some(dir) => args.out = PathBuf::from(dir),
                 None => fail(&format!("--out takes a directory\n{usage}")),
             },
+            "--held-only" => match given.next().as_deref() {
+                Some("memory") => held_only = Some(Store::Memory),
+                Some("redis") => held_only = Some(Store::Redis),
+                Some("etcd-txn") => held_only = Some(Store::EtcdTxn),
+                Some("etcd-session") => held_only = Some(Store::EtcdSession),
+                other => fail(&format!(
+                    "--held-only takes a store, not {other:?}\n{usage}"
+                )),
+            },
             "--help" | "-h" => {
                 println!("{usage}");
                 std::process::exit(0);
@@ -188,6 +232,7 @@ fn parse_args() -> Args {
             other => fail(&format!("unknown argument {other:?}\n{usage}")),
         }
     }
+    args.plan.held_only = held_only;
     args
 }
 
@@ -244,16 +289,31 @@ async fn run(stores: &Stores, plan: &Plan) -> Report {
         etcd_txn: stores.manager("loadtest-etcd-txn", Store::EtcdTxn).await,
         etcd_lock: stores.manager("loadtest-etcd-lock", Store::EtcdLock).await,
     };
+    let held_plans: Vec<&HeldPlan> = plan
+        .held
+        .iter()
+        .filter(|held| plan.held_only.is_none_or(|only| only == held.store))
+        .collect();
     let lineup = throughput::lineup(&nodes, stores).await;
-    let total = throughput::planned(plan, lineup.len())
-        + handoff::planned(plan)
-        + plan.held.iter().map(HeldPlan::planned).sum::<Duration>();
+    let everything = plan.held_only.is_none();
+    let total = held_plans
+        .iter()
+        .map(|held| held.planned())
+        .sum::<Duration>()
+        + if everything {
+            throughput::planned(plan, lineup.len()) + handoff::planned(plan)
+        } else {
+            Duration::ZERO
+        };
     let progress = Progress::new(total);
 
-    let throughput = throughput::measure(lineup, plan, &progress).await;
-    progress.print(&format!("\n{}", report::throughput_table(&throughput)));
-    let handoff = handoff::measure(&nodes, stores, plan, &progress).await;
-    progress.print(&report::handoff_table(&handoff));
+    let (mut throughput, mut handoff) = (Vec::new(), Vec::new());
+    if everything {
+        throughput = throughput::measure(lineup, plan, &progress).await;
+        progress.print(&format!("\n{}", report::throughput_table(&throughput)));
+        handoff = handoff::measure(&nodes, stores, plan, &progress).await;
+        progress.print(&report::handoff_table(&handoff));
+    }
     for node in [
         &nodes.memory,
         &nodes.redis,
@@ -264,7 +324,7 @@ async fn run(stores: &Stores, plan: &Plan) -> Report {
     }
 
     let mut held = Vec::new();
-    for scenario in &plan.held {
+    for scenario in held_plans {
         let name = format!("loadtest-held-{}", scenario.store).replace(' ', "-");
         let client = stores.manager(&name, scenario.store).await;
         let result = held::measure(client, scenario, &progress).await;

@@ -158,5 +158,6 @@ fn color(series: &Series) -> RGBColor {
         (_, Store::Redis) => RGBColor(200, 30, 40),
         (_, Store::EtcdTxn) => RGBColor(30, 90, 200),
         (_, Store::EtcdLock) => RGBColor(20, 150, 80),
+        (_, Store::EtcdSession) => RGBColor(0, 170, 190),
     }
 }

@@ -1,0 +1,231 @@
+//! The etcd backend on a session lease (`EtcdBackendBuilder::with_session`), on real `etcd`
+//! servers: the whole conformance suite, then what the session changes — one lease under every
+//! lock, a release that deletes only its key, every lock lost together when the session lease
+//! is revoked from outside, and the session's bounds refused before any I/O.
+
+use leasehold_test_support::etcd_server;
+
+use std::time::Duration;
+
+use etcd_client::{Client, GetOptions};
+use etcd_server::EtcdServer;
+use leasehold::testing::{start, unique_key};
+use leasehold::{Error, EtcdBackend, EtcdMode, LockOptions, LostReason, Wait};
+use tokio::time::timeout;
+
+/// The session's ttl in these tests: longer than every ttl the conformance suite asks for.
+const SESSION: Duration = Duration::from_secs(120);
+
+async fn session_backend(server: &EtcdServer, ttl: Duration) -> EtcdBackend {
+    EtcdBackend::builder([server.endpoint()])
+        .with_prefix(unique_key("session/"))
+        .with_session(ttl)
+        .connect()
+        .await
+        .expect("etcd backend on a session lease")
+}
+
+// `EtcdServer::start()` is a temporary of the statement that runs each test, so the server
+// lives until the test is over and is stopped when it ends.
+mod conformance {
+    leasehold::conformance_suite!(
+        real,
+        super::session_backend(&super::EtcdServer::start(), super::SESSION).await
+    );
+}
+
+/// The etcd key of `key`'s lock, read by a plain client.
+async fn lock_key(etcd: &mut Client, backend: &EtcdBackend, key: &str) -> etcd_client::KeyValue {
+    let read = etcd.get(backend.lock_key(key), None).await.unwrap();
+    read.kvs().first().cloned().expect("the lock key exists")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_share_one_lease_and_a_release_deletes_only_its_key() {
+    let server = EtcdServer::start();
+    let backend = session_backend(&server, Duration::from_secs(10)).await;
+    let node = start(backend.clone()).await;
+    let mut etcd = Client::connect([server.endpoint()], None).await.unwrap();
+    let keys: Vec<String> = (0..3).map(|i| unique_key(&format!("shared{i}"))).collect();
+    let mut guards = Vec::new();
+    for key in &keys {
+        let opts = LockOptions::new().with_ttl(Duration::from_secs(10));
+        guards.push(node.try_lock(key, opts).await.unwrap().expect("free key"));
+    }
+    let mut leases = Vec::new();
+    for key in &keys {
+        leases.push(lock_key(&mut etcd, &backend, key).await.lease());
+    }
+    assert_ne!(leases[0], 0, "the locks are on a lease");
+    assert!(
+        leases.iter().all(|&lease| lease == leases[0]),
+        "one session lease under every lock: {leases:?}"
+    );
+    let tokens: Vec<u64> = guards.iter().map(|g| g.fencing_token()).collect();
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "tokens {tokens:?}");
+
+    let first = guards.remove(0);
+    first.release().await.unwrap();
+    let gone = etcd.get(backend.lock_key(&keys[0]), None).await.unwrap();
+    assert_eq!(gone.count(), 0, "the released lock's key is deleted");
+    let alive = etcd.lease_time_to_live(leases[0], None).await.unwrap();
+    assert!(alive.ttl() > 0, "the release left the session lease alive");
+    for (guard, key) in guards.iter().zip(&keys[1..]) {
+        assert!(guard.is_held());
+        assert_eq!(lock_key(&mut etcd, &backend, key).await.lease(), leases[0]);
+    }
+    for guard in guards {
+        guard.release().await.unwrap();
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_the_session_lease_loses_every_lock_on_it_and_a_new_session_follows() {
+    let server = EtcdServer::start();
+    let ttl = Duration::from_secs(6);
+    let backend = session_backend(&server, ttl).await;
+    let node = start(backend.clone()).await;
+    let other = start(backend.clone()).await;
+    let mut etcd = Client::connect([server.endpoint()], None).await.unwrap();
+    let keys: Vec<String> = (0..4).map(|i| unique_key(&format!("revoked{i}"))).collect();
+    let mut guards = Vec::new();
+    for key in &keys {
+        let opts = LockOptions::new().with_ttl(ttl);
+        guards.push(node.try_lock(key, opts).await.unwrap().expect("free key"));
+    }
+    let session = lock_key(&mut etcd, &backend, &keys[0]).await.lease();
+    etcd.lease_revoke(session).await.unwrap();
+    // At once, before the keeper's next keep-alive could have noticed: a new lock is taken on
+    // a new session lease.
+    let fresh = unique_key("after-revoke");
+    let taken = other
+        .try_lock(&fresh, LockOptions::new().with_ttl(ttl))
+        .await
+        .unwrap()
+        .expect("a free key right after the revoke");
+    let fresh_on = lock_key(&mut etcd, &backend, &fresh).await.lease();
+    assert_ne!(
+        fresh_on, session,
+        "the new lock is not on the revoked lease"
+    );
+    taken.release().await.unwrap();
+    // Each lock hears of it at its next renewal (every ttl/3): before its deadline.
+    for guard in &guards {
+        let reason = timeout(ttl, guard.lost())
+            .await
+            .expect("lost before the ttl ran out");
+        assert_eq!(reason, LostReason::NotOwner);
+        assert!(!guard.is_held());
+    }
+    // The next acquisition is on a new session lease.
+    let again = other
+        .lock(
+            &keys[0],
+            LockOptions::new()
+                .with_ttl(ttl)
+                .with_wait(Wait::UpTo(Duration::from_secs(5))),
+        )
+        .await
+        .unwrap();
+    let renewed_on = lock_key(&mut etcd, &backend, &keys[0]).await.lease();
+    assert_ne!(renewed_on, session, "a new session after the revoke");
+    assert!(again.fencing_token() > guards[0].fencing_token());
+    again.release().await.unwrap();
+    node.shutdown().await;
+    other.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_locks_are_kept_for_several_session_ttls_by_the_keeper() {
+    let server = EtcdServer::start();
+    let ttl = Duration::from_secs(2);
+    let backend = session_backend(&server, ttl).await;
+    let node = start(backend.clone()).await;
+    let other = start(backend.clone()).await;
+    let key = unique_key("kept");
+    let held = node
+        .try_lock(&key, LockOptions::new().with_ttl(ttl))
+        .await
+        .unwrap()
+        .expect("free key");
+    // Three session ttls: without keep-alives etcd would have deleted the key twice over.
+    let survived = timeout(3 * ttl, held.lost()).await;
+    assert!(survived.is_err(), "lost while renewing: {survived:?}");
+    assert!(held.is_held());
+    let mut etcd = Client::connect([server.endpoint()], None).await.unwrap();
+    let lease = lock_key(&mut etcd, &backend, &key).await.lease();
+    assert!(etcd.lease_time_to_live(lease, None).await.unwrap().ttl() > 0);
+    assert!(
+        other
+            .try_lock(&key, LockOptions::new().with_ttl(ttl))
+            .await
+            .unwrap()
+            .is_none(),
+        "a held session lock was taken"
+    );
+    held.release().await.unwrap();
+    node.shutdown().await;
+    other.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_bounds_are_refused_before_any_io() {
+    let server = EtcdServer::start();
+    for (ttl, named) in [
+        (Duration::from_millis(1500), "1.5s"),
+        (Duration::from_millis(2500), "2.5s"),
+    ] {
+        let refused = EtcdBackend::builder([server.endpoint()])
+            .with_session(ttl)
+            .connect()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&refused, Error::InvalidConfig(why) if why.contains(named)),
+            "{refused:?}"
+        );
+    }
+    let refused = EtcdBackend::builder([server.endpoint()])
+        .with_session(Duration::from_secs(5))
+        .with_mode(EtcdMode::Lock)
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, Error::InvalidConfig(why) if why.contains("txn mode")),
+        "{refused:?}"
+    );
+
+    let backend = session_backend(&server, Duration::from_secs(5)).await;
+    let node = start(backend.clone()).await;
+    let key = unique_key("bounds");
+    let longer = Duration::from_secs(6);
+    let refused = node
+        .try_lock(&key, LockOptions::new().with_ttl(longer))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, Error::InvalidTtl { ttl, .. } if ttl == longer),
+        "{refused:?}"
+    );
+    let mut etcd = Client::connect([server.endpoint()], None).await.unwrap();
+    let under_prefix = etcd
+        .get(backend.prefix(), Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert_eq!(under_prefix.count(), 0, "the refused lock wrote nothing");
+    let held = node
+        .try_lock(&key, LockOptions::new().with_ttl(Duration::from_secs(5)))
+        .await
+        .unwrap()
+        .expect("free key");
+    let refused = held.renew(longer).await.unwrap_err();
+    assert!(
+        matches!(refused, Error::InvalidTtl { ttl, .. } if ttl == longer),
+        "{refused:?}"
+    );
+    assert!(held.is_held(), "a refused renewal leaves the lock held");
+    held.release().await.unwrap();
+    node.shutdown().await;
+}
