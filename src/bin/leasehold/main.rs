@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
+mod doctor;
 mod elect;
 mod leader;
-mod doctor;
 mod run;
 mod status;
 mod store;
