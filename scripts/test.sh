@@ -36,6 +36,7 @@ step cargo build
 step cargo test --features testing
 step cargo test --all-features
 step cargo run --example quickstart
+step cargo run --example election
 step cargo run -p leasehold-loadtest -- --smoke --out target/loadtest-smoke
 
 # The store examples, each against a throwaway server on a free loopback port, stopped by pid.

@@ -238,4 +238,82 @@ pub trait LockBackend: Send + Sync + 'static {
             op: "watch_prefix",
         })
     }
+
+    // --- Leader election (see `crate::election`). An election on `name` is a lease on the
+    // key `name`: the leader holds it, its fencing token is the term, and its metadata is the
+    // leader's value, so `renew`, `release` and `inspect` serve elections unchanged.
+
+    /// One attempt of `candidate` to become leader of `name`: takes the lease as
+    /// [`acquire`](Self::acquire) does (with `value` as its metadata) if nobody leads and
+    /// `candidate` is first in the store's queue of candidates; otherwise puts `candidate` in
+    /// that queue (or keeps its place there) and answers `Held`. The same `candidate` token
+    /// is used for every attempt of one campaign, so its place is kept between attempts.
+    ///
+    /// A queue entry is itself leased (for `ttl`): a candidate that stops trying delays the
+    /// others no longer than that. A `Held` answer's `remaining_ttl` is at most half the
+    /// entry's ttl, so the waiting candidate's next attempt refreshes its entry in time.
+    ///
+    /// The default has no queue: it is [`acquire`](Self::acquire), so candidates on different
+    /// nodes are served in the order their attempts land.
+    async fn campaign(
+        &self,
+        name: &str,
+        candidate: OwnerToken,
+        ttl: Duration,
+        value: &str,
+    ) -> Result<Acquisition, StoreError> {
+        self.acquire(name, candidate, ttl, Some(value)).await
+    }
+
+    /// Takes `candidate` out of the queue of `name` (it stopped waiting), and sends the
+    /// release notice if that lets the next candidate in. The default has no queue.
+    async fn withdraw(&self, name: &str, candidate: OwnerToken) -> Result<(), StoreError> {
+        let _ = (name, candidate);
+        Ok(())
+    }
+
+    /// Replaces the leader's value if `lease.owner` still leads (`Ok(false)` if not), in the
+    /// same term, and tells the observers.
+    async fn proclaim(&self, lease: &Lease, value: &str) -> Result<bool, StoreError> {
+        let _ = (lease, value);
+        Err(StoreError::Unsupported {
+            store: self.kind(),
+            op: "proclaim",
+        })
+    }
+
+    /// The leader of `name` now (or `None`), then every change, in the store's order: a new
+    /// leader, a proclaimed value, no leader. Consecutive items differ. It ends if the
+    /// store's notices break.
+    async fn observe(&self, name: &str) -> Result<LeaderChanges, StoreError> {
+        let _ = name;
+        Err(StoreError::Unsupported {
+            store: self.kind(),
+            op: "observe",
+        })
+    }
 }
+
+/// The leader of an election, as the store holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct Leader {
+    /// The value the leader campaigned with, or proclaimed since.
+    pub value: String,
+    /// The leader's term: its lease's fencing token, strictly greater than every earlier
+    /// leader's.
+    pub term: u64,
+}
+
+impl Leader {
+    /// A leader with `value` in `term`.
+    pub fn new(value: impl Into<String>, term: u64) -> Self {
+        Leader {
+            value: value.into(),
+            term,
+        }
+    }
+}
+
+/// A stream of leaders of one election: `Some` while one leads, `None` while nobody does.
+pub type LeaderChanges = BoxStream<'static, Option<Leader>>;

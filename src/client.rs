@@ -242,7 +242,6 @@ impl LockClient {
         }
     }
 
-    #[cfg(feature = "testing")]
     pub(crate) fn backend_ctx(&self) -> &Arc<BackendCtx> {
         &self.backend
     }

@@ -58,6 +58,20 @@ pub enum Error {
         /// The longest metadata accepted.
         max: usize,
     },
+    /// An election's name was the empty string.
+    #[error("invalid election name: the name is empty")]
+    EmptyElectionName,
+    /// A candidate's value is longer than
+    /// [`MAX_ELECTION_VALUE_LEN`](crate::MAX_ELECTION_VALUE_LEN).
+    #[error("invalid election value {value:?}: {len} bytes is over the maximum of {max} bytes")]
+    ElectionValueTooLong {
+        /// The first bytes of the value (it is too long to print whole).
+        value: String,
+        /// The value's length in bytes.
+        len: usize,
+        /// The longest value accepted.
+        max: usize,
+    },
     /// No backend is registered under this name.
     #[error("unknown backend {name:?} (configured: {known:?})")]
     UnknownBackend {
@@ -151,6 +165,8 @@ impl Error {
             Error::KeyHasControlChar { .. } => ErrorKind::KeyHasControlChar,
             Error::InvalidTtl { .. } => ErrorKind::InvalidTtl,
             Error::MetadataTooLong { .. } => ErrorKind::MetadataTooLong,
+            Error::EmptyElectionName => ErrorKind::EmptyElectionName,
+            Error::ElectionValueTooLong { .. } => ErrorKind::ElectionValueTooLong,
             Error::UnknownBackend { .. } => ErrorKind::UnknownBackend,
             Error::InvalidConfig(_) => ErrorKind::InvalidConfig,
             Error::AlreadyHeld { .. } => ErrorKind::AlreadyHeld,
@@ -197,6 +213,10 @@ pub enum ErrorKind {
     InvalidTtl,
     /// [`Error::MetadataTooLong`].
     MetadataTooLong,
+    /// [`Error::EmptyElectionName`].
+    EmptyElectionName,
+    /// [`Error::ElectionValueTooLong`].
+    ElectionValueTooLong,
     /// [`Error::UnknownBackend`].
     UnknownBackend,
     /// [`Error::InvalidConfig`].
@@ -240,6 +260,8 @@ impl ErrorKind {
                 | ErrorKind::KeyHasControlChar
                 | ErrorKind::InvalidTtl
                 | ErrorKind::MetadataTooLong
+                | ErrorKind::EmptyElectionName
+                | ErrorKind::ElectionValueTooLong
                 | ErrorKind::UnknownBackend
                 | ErrorKind::InvalidConfig
                 | ErrorKind::ManagerNotFound

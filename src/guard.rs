@@ -138,6 +138,23 @@ impl LockGuard {
 
     /// The key actor's answer; or, if it has stopped or holds this lease no longer, why the
     /// lease ended, as its last status says.
+    /// Replaces the value stored with the lease (an election leader's `proclaim`).
+    pub(crate) async fn proclaim(&self, value: String) -> Result<()> {
+        let owner = self.owner;
+        let call = self
+            .actor
+            .call(
+                |reply| KeyMsg::Proclaim {
+                    value,
+                    owner,
+                    reply,
+                },
+                None,
+            )
+            .await;
+        self.answer(call)
+    }
+
     fn answer<M>(
         &self,
         call: Result<CallResult<Result<()>>, ractor::MessagingErr<M>>,

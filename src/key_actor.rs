@@ -51,6 +51,12 @@ pub(crate) enum KeyMsg {
         owner: Option<OwnerToken>,
         reply: RpcReplyPort<Result<()>>,
     },
+    /// Replace the leader's value (an election's lease), if `owner` holds the lease.
+    Proclaim {
+        value: String,
+        owner: OwnerToken,
+        reply: RpcReplyPort<Result<()>>,
+    },
     /// The renewal timer fired: renew if auto-renew is on, declare the lease lost if the
     /// deadline has come.
     Tick,
@@ -175,6 +181,17 @@ impl Actor for KeyActor {
                 };
                 let _ = reply.send(result);
             }
+            KeyMsg::Proclaim {
+                value,
+                owner,
+                reply,
+            } => {
+                let result = match state.check_owner(Some(owner)) {
+                    Ok(()) => state.proclaim(&myself, &value).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
+            }
             KeyMsg::Tick => state.tick(&myself).await,
             KeyMsg::Adopt { backend, key, job } => {
                 state.backend = backend;
@@ -260,19 +277,29 @@ impl KeyState {
             id: job,
             key: request.key.clone(),
         });
-        let owner = OwnerToken::random();
+        // A campaign keeps its candidate token across attempts: the store's candidate queue
+        // knows it by that.
+        let owner = request.candidate.unwrap_or_else(OwnerToken::random);
         let sent_at = Instant::now();
+        let metadata = request.metadata.as_deref();
+        let store = &ctx.store;
         // One attempt always gets its full operation budget, even if it overruns the wait
         // budget: a short wait must still try at least once.
-        let attempt = timeout_at(
-            sent_at + ctx.timing.op_timeout,
-            ctx.store.acquire(
-                &request.key,
-                owner,
-                request.ttl,
-                request.metadata.as_deref(),
-            ),
-        )
+        let attempt = timeout_at(sent_at + ctx.timing.op_timeout, async {
+            match request.candidate {
+                Some(_) => {
+                    let value = metadata.unwrap_or_default();
+                    store
+                        .campaign(&request.key, owner, request.ttl, value)
+                        .await
+                }
+                None => {
+                    store
+                        .acquire(&request.key, owner, request.ttl, metadata)
+                        .await
+                }
+            }
+        })
         .await
         .unwrap_or(Err(StoreError::TimedOut {
             op: "acquire",
@@ -600,6 +627,21 @@ impl KeyState {
         // A store error leaves the lease to expire in the store by itself; the caller still
         // learns the release did not reach it.
         released.map(drop).map_err(|error| ctx.store_error(error))
+    }
+
+    /// Replaces the value stored with the lease (an election leader's value).
+    async fn proclaim(&mut self, myself: &ActorRef<KeyMsg>, value: &str) -> Result<()> {
+        let ctx = self.ctx.clone();
+        let Some(held) = self.held.as_ref() else {
+            return Err(self.not_held());
+        };
+        let proclaimed = timeout_at(held.lose_at, ctx.store.proclaim(&held.lease, value)).await;
+        match proclaimed {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err(self.lose(myself, LostReason::NotOwner).await),
+            Ok(Err(error)) => Err(ctx.store_error(error)),
+            Err(_deadline_passed) => Err(self.lose(myself, LostReason::Expired).await),
+        }
     }
 
     fn check_owner(&self, owner: Option<OwnerToken>) -> Result<()> {

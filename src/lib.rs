@@ -27,6 +27,8 @@
 //! - `backend.rs`: the [`LockBackend`] trait, the seam to the stores, with one file per store:
 //!   `backend/memory.rs` ([`MemoryBackend`]), `backend/redis.rs` (`RedisBackend`, its Lua
 //!   scripts and its pub/sub notice hub in `backend/redis/`), `backend/etcd.rs`.
+//! - `election.rs`: [`Election`], leader election on the same leases: [`Leadership`] for async
+//!   code, [`Candidacy`] and [`CandidateMsg`] for candidate actors.
 //! - `options.rs`, `event.rs`, `error.rs`: [`LockOptions`], [`LockEvent`], [`Error`].
 //! - `fence.rs`: the resource side of fencing, [`Fence`] in this process, and token checks
 //!   inside the stores people protect, one file per store: `fence/redis.rs` (`RedisFence`),
@@ -75,6 +77,7 @@
 mod backend_actor;
 mod backend_ctx;
 mod client;
+mod election;
 mod error;
 mod event;
 mod fence;
@@ -98,10 +101,14 @@ pub use backend::memory::MemoryBackend;
 #[cfg(feature = "redis")]
 pub use backend::redis::RedisBackend;
 pub use backend::{
-    Acquisition, Contention, Lease, LockBackend, LockInfo, OwnerToken, ReleaseNotices, StoreEvent,
-    StoreEventKind, StoreEvents,
+    Acquisition, Contention, Leader, LeaderChanges, Lease, LockBackend, LockInfo, OwnerToken,
+    ReleaseNotices, StoreEvent, StoreEventKind, StoreEvents,
 };
 pub use client::LockClient;
+pub use election::{
+    CampaignOptions, Candidacy, CandidateMsg, Election, Leadership, Observer,
+    MAX_ELECTION_VALUE_LEN,
+};
 pub use error::{Error, ErrorKind, Result, StoreCause, StoreError, StoreErrorKind};
 pub use event::{LockEvent, LockEventKind, LockMetrics, LostReason, ReleaseReason};
 #[cfg(feature = "etcd")]

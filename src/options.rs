@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use ractor::ActorCell;
 
+use crate::backend::OwnerToken;
 use crate::error::{Error, Result};
 
 /// The longest key accepted, in bytes (after it is prefixed, a store key stays well under the
@@ -81,6 +82,9 @@ pub struct LockOptions {
     pub(crate) auto_renew: bool,
     pub(crate) holder: Option<ActorCell>,
     pub(crate) metadata: Option<String>,
+    /// Set for an election's campaign: the candidate's token, kept across the attempts of
+    /// one campaign (the store keeps the candidate's place in its queue by it).
+    pub(crate) candidate: Option<OwnerToken>,
 }
 
 impl Default for LockOptions {
@@ -91,6 +95,7 @@ impl Default for LockOptions {
             auto_renew: true,
             holder: None,
             metadata: None,
+            candidate: None,
         }
     }
 }

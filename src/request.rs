@@ -7,7 +7,7 @@ use std::time::Duration;
 use ractor::{ActorCell, ActorId, RpcReplyPort};
 use tokio::time::Instant;
 
-use crate::backend::{Contention, LockInfo};
+use crate::backend::{Contention, LockInfo, OwnerToken};
 use crate::backend_ctx::BackendCtx;
 use crate::error::{Error, Result};
 use crate::event::LockEventKind;
@@ -25,6 +25,8 @@ pub(crate) struct AcquireRequest {
     pub(crate) auto_renew: bool,
     pub(crate) holder: Option<ActorCell>,
     pub(crate) metadata: Option<String>,
+    /// The candidate's token when this is an election's campaign (see `LockOptions`).
+    pub(crate) candidate: Option<OwnerToken>,
     pub(crate) requested_at: Instant,
 }
 
@@ -56,6 +58,7 @@ impl AcquireRequest {
             auto_renew: options.auto_renew,
             holder: options.holder,
             metadata: options.metadata,
+            candidate: options.candidate,
             requested_at,
         })
     }

@@ -11,8 +11,13 @@
 //! leasehold::conformance_suite!(real, redis_server::RedisServer::start().backend().await);
 //! ```
 //!
+//! Backends that hold elections (`campaign`, `proclaim`, `observe`) also run the election
+//! suite, [`election_suite!`](crate::election_suite) (see [`election`]).
+//!
 //! The tests use ttls of a few hundred milliseconds where time is the subject, so they stay
 //! quick against real stores, and take no time at all under a paused clock.
+
+pub mod election;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -38,6 +38,15 @@ mod lock {
     );
 }
 
+mod election {
+    leasehold::election_suite!(
+        real,
+        super::EtcdServer::start()
+            .backend(leasehold::EtcdMode::Lock)
+            .await
+    );
+}
+
 const MODES: [EtcdMode; 2] = [EtcdMode::Txn, EtcdMode::Lock];
 
 fn waiting(limit: Duration) -> LockOptions {

@@ -2,3 +2,4 @@
 //! renewal are tested in virtual time.
 
 leasehold::conformance_suite!(paused, leasehold::MemoryBackend::new());
+leasehold::election_suite!(paused, leasehold::MemoryBackend::new());

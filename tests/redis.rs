@@ -26,6 +26,7 @@ use tokio::time::{timeout, Instant};
 // `RedisServer::start()` is a temporary of the statement that runs each test, so the server
 // lives until the test is over and is stopped when it ends.
 leasehold::conformance_suite!(real, redis_server::RedisServer::start().backend().await);
+leasehold::election_suite!(real, redis_server::RedisServer::start().backend().await);
 
 /// A plain client of the same server: "another client" that knows nothing of leasehold.
 async fn other_client(server: &RedisServer) -> MultiplexedConnection {

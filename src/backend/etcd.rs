@@ -121,6 +121,7 @@
 //! | `renew.rs` | renewal: keep-alive plus the watch's word, or a read |
 //! | `session.rs` | the session lease shared by every lock, when configured |
 //! | `watch.rs` | watches for waiters and for monitoring |
+//! | `election.rs` | elections in etcd's Election layout (`lock` mode) |
 //! | `values.rs` | lock key values, owner compares, fencing tokens from revisions |
 //! | `call.rs` | one call tried again when it failed in transit; error classification |
 
@@ -145,6 +146,7 @@ use crate::backend::{
 use crate::error::{Error, Result, StoreError};
 
 mod call;
+mod election;
 mod held;
 mod keep_alive;
 mod lease;
@@ -223,6 +225,8 @@ struct Shared {
     keep_alives: KeepAlives,
     /// One watch per key prefix in use, noticing held keys taken away (see `held.rs`).
     held: std::sync::Mutex<HashMap<Arc<str>, HeldCell>>,
+    /// Election candidates of this backend waiting in a queue (see `election.rs`).
+    candidates: election::Entries,
 }
 
 /// A prefix's watch, opened once by the first lock taken under it.
@@ -409,6 +413,7 @@ impl EtcdBackendBuilder {
             shared: Arc::new(Shared {
                 keep_alives: KeepAlives::start(client.clone(), tries),
                 held: std::sync::Mutex::default(),
+                candidates: election::Entries::default(),
                 client,
                 endpoints,
                 tries,
@@ -622,8 +627,35 @@ impl LockBackend for EtcdBackend {
             key: key.to_owned(),
             fencing_token: token(kv.create_revision())?,
             remaining_ttl,
-            metadata: Holder::decode(kv.value()).and_then(|h| h.metadata.map(str::to_owned)),
+            metadata: match Holder::decode(kv.value()) {
+                Some(holder) => holder.metadata.map(str::to_owned),
+                // Another client's key (`etcdctl elect NAME VALUE`): its value as it is.
+                None if !kv.value().is_empty() => Some(election::value_of(kv.value())),
+                None => None,
+            },
         }))
+    }
+
+    async fn campaign(
+        &self,
+        name: &str,
+        candidate: OwnerToken,
+        ttl: Duration,
+        value: &str,
+    ) -> Result<Acquisition, StoreError> {
+        self.campaign_in_queue(name, candidate, ttl, value).await
+    }
+
+    async fn withdraw(&self, _name: &str, candidate: OwnerToken) -> Result<(), StoreError> {
+        self.withdraw_from_queue(candidate).await
+    }
+
+    async fn proclaim(&self, lease: &Lease, value: &str) -> Result<bool, StoreError> {
+        self.proclaim_value(lease, value).await
+    }
+
+    async fn observe(&self, name: &str) -> Result<crate::backend::LeaderChanges, StoreError> {
+        self.observe_leader(name).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>, StoreError> {

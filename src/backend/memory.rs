@@ -1,7 +1,7 @@
 //! The in-process store: the same contract as the networked stores (ttl expiry, fencing,
 //! compare-and-delete, release notices), with zero set-up.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::backend::{
-    Acquisition, Contention, Lease, LockBackend, LockInfo, OwnerToken, ReleaseNotices, StoreEvent,
-    StoreEventKind, StoreEvents,
+    Acquisition, Contention, Leader, LeaderChanges, Lease, LockBackend, LockInfo, OwnerToken,
+    ReleaseNotices, StoreEvent, StoreEventKind, StoreEvents,
 };
 use crate::error::StoreError;
 
@@ -65,6 +65,19 @@ struct Slot {
     holder: Option<Holder>,
     /// One sender per subscription; a closed one (its stream was dropped) is pruned.
     subscribers: Vec<mpsc::UnboundedSender<()>>,
+    /// An election's candidates waiting for their turn, in the order they first campaigned.
+    candidates: VecDeque<Candidate>,
+    /// An election's observers, each told every change of `told`.
+    observers: Vec<mpsc::UnboundedSender<Option<Leader>>>,
+    /// The leader the observers were last told of: each change is told once, to all of them
+    /// together, so every observer sees the same sequence.
+    told: Option<Leader>,
+}
+
+/// A candidate's entry in an election's queue; leased, like the leadership itself.
+struct Candidate {
+    token: OwnerToken,
+    expires_at: Instant,
 }
 
 struct Holder {
@@ -87,6 +100,24 @@ impl Slot {
 
     fn notify(&mut self) {
         self.subscribers.retain(|tx| tx.send(()).is_ok());
+    }
+
+    /// The leader, if the key is held as an election (or a lock: its metadata is the value).
+    fn leader(&self, now: Instant) -> Option<Leader> {
+        self.live_holder(now).map(|holder| Leader {
+            value: holder.metadata.clone().unwrap_or_default(),
+            term: self.fence,
+        })
+    }
+
+    /// Tells the observers if the leader changed since they were last told.
+    fn tell_observers(&mut self, now: Instant) {
+        let leader = self.leader(now);
+        if leader == self.told {
+            return;
+        }
+        self.observers.retain(|tx| tx.send(leader.clone()).is_ok());
+        self.told = leader;
     }
 }
 
@@ -118,23 +149,14 @@ impl LockBackend for MemoryBackend {
         ttl: Duration,
         metadata: Option<&str>,
     ) -> Result<Acquisition, StoreError> {
-        let now = Instant::now();
-        let mut table = self.table();
-        let slot = table.slot(key);
-        if let Some(holder) = slot.live_holder(now) {
-            return Ok(Acquisition::Held(Contention::with_remaining_ttl(Some(
-                holder.expires_at - now,
-            ))));
-        }
-        slot.fence += 1;
-        slot.holder = Some(Holder {
+        Ok(take(
+            &mut self.table(),
+            key,
             owner,
-            expires_at: now + ttl,
-            metadata: metadata.map(str::to_owned),
-        });
-        let fencing_token = slot.fence;
-        table.publish(key, StoreEventKind::Acquired { fencing_token });
-        Ok(Acquisition::Acquired(Lease::new(key, owner, fencing_token)))
+            ttl,
+            metadata,
+            Instant::now(),
+        ))
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, StoreError> {
@@ -164,6 +186,7 @@ impl LockBackend for MemoryBackend {
         }
         slot.holder = None;
         slot.notify();
+        slot.tell_observers(now);
         table.publish(&lease.key, StoreEventKind::Released);
         Ok(true)
     }
@@ -215,6 +238,148 @@ impl LockBackend for MemoryBackend {
         self.table().watchers.push((prefix.to_owned(), tx));
         Ok(receiver_stream(rx))
     }
+
+    async fn campaign(
+        &self,
+        name: &str,
+        candidate: OwnerToken,
+        ttl: Duration,
+        value: &str,
+    ) -> Result<Acquisition, StoreError> {
+        let now = Instant::now();
+        let mut table = self.table();
+        {
+            let slot = table.slot(name);
+            slot.candidates.retain(|c| c.expires_at > now);
+            // A leader that expired is gone for the observers before anyone follows it.
+            slot.tell_observers(now);
+            let first = slot.candidates.front().map(|c| c.token);
+            if slot.live_holder(now).is_none() && first.is_none_or(|token| token == candidate) {
+                slot.candidates.pop_front();
+            } else {
+                // Keep (or take) a place in the queue, leased for `ttl` from this attempt.
+                match slot.candidates.iter_mut().find(|c| c.token == candidate) {
+                    Some(entry) => entry.expires_at = now + ttl,
+                    None => slot.candidates.push_back(Candidate {
+                        token: candidate,
+                        expires_at: now + ttl,
+                    }),
+                }
+                // Whoever is ahead (the leader, or the first candidate) may be gone by then;
+                // and the next attempt must come before this entry runs out.
+                let ahead = match slot.live_holder(now) {
+                    Some(holder) => holder.expires_at - now,
+                    None => slot
+                        .candidates
+                        .front()
+                        .map_or(Duration::ZERO, |c| c.expires_at - now),
+                };
+                let contention = Contention::with_remaining_ttl(Some(ahead.min(ttl / 2)));
+                return Ok(Acquisition::Held(contention));
+            }
+        }
+        // Nobody leads and this candidate is first: take the lease.
+        Ok(take(&mut table, name, candidate, ttl, Some(value), now))
+    }
+
+    async fn withdraw(&self, name: &str, candidate: OwnerToken) -> Result<(), StoreError> {
+        let mut table = self.table();
+        if let Some(slot) = table.slots.get_mut(name) {
+            let was_first = slot
+                .candidates
+                .front()
+                .is_some_and(|c| c.token == candidate);
+            slot.candidates.retain(|c| c.token != candidate);
+            if was_first {
+                slot.notify();
+            }
+        }
+        Ok(())
+    }
+
+    async fn proclaim(&self, lease: &Lease, value: &str) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let mut table = self.table();
+        let Some(slot) = table.slots.get_mut(&lease.key) else {
+            return Ok(false);
+        };
+        let Some(holder) = slot.held_by(lease.owner, now) else {
+            return Ok(false);
+        };
+        holder.metadata = Some(value.to_owned());
+        slot.tell_observers(now);
+        Ok(true)
+    }
+
+    async fn observe(&self, name: &str) -> Result<LeaderChanges, StoreError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        {
+            let now = Instant::now();
+            let mut table = self.table();
+            let slot = table.slot(name);
+            slot.tell_observers(now);
+            slot.observers.retain(|tx| !tx.is_closed());
+            // The current leader first, then every change.
+            let _ = tx.send(slot.told.clone());
+            slot.observers.push(tx);
+        }
+        // Nothing in an in-process table notices a lease running out; each observer's stream
+        // looks when the current leader's lease would end, and whoever looks first tells all.
+        let table = self.table.clone();
+        let name = name.to_owned();
+        Ok(futures::stream::unfold(rx, move |mut rx| {
+            let (table, name) = (table.clone(), name.clone());
+            async move {
+                loop {
+                    let expires_at = {
+                        let table = table.lock().unwrap_or_else(|p| p.into_inner());
+                        let now = Instant::now();
+                        table
+                            .slots
+                            .get(&name)
+                            .and_then(|slot| slot.live_holder(now).map(|h| h.expires_at))
+                    };
+                    tokio::select! {
+                        item = rx.recv() => return item.map(|item| (item, rx)),
+                        () = tokio::time::sleep_until(expires_at.unwrap_or_else(Instant::now)),
+                            if expires_at.is_some() =>
+                        {
+                            let mut table = table.lock().unwrap_or_else(|p| p.into_inner());
+                            table.slot(&name).tell_observers(Instant::now());
+                        }
+                    }
+                }
+            }
+        })
+        .boxed())
+    }
+}
+
+/// Takes `key` for `owner` if nobody holds it: the one write behind `acquire` and `campaign`.
+fn take(
+    table: &mut Table,
+    key: &str,
+    owner: OwnerToken,
+    ttl: Duration,
+    metadata: Option<&str>,
+    now: Instant,
+) -> Acquisition {
+    let slot = table.slot(key);
+    if let Some(holder) = slot.live_holder(now) {
+        return Acquisition::Held(Contention::with_remaining_ttl(Some(
+            holder.expires_at - now,
+        )));
+    }
+    slot.fence += 1;
+    slot.holder = Some(Holder {
+        owner,
+        expires_at: now + ttl,
+        metadata: metadata.map(str::to_owned),
+    });
+    let fencing_token = slot.fence;
+    slot.tell_observers(now);
+    table.publish(key, StoreEventKind::Acquired { fencing_token });
+    Acquisition::Acquired(Lease::new(key, owner, fencing_token))
 }
 
 /// The receiver as a stream; dropping the stream closes the channel, which is how the table

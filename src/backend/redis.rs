@@ -25,6 +25,9 @@
 //! `<owner> ` and so cannot release a value of this version without metadata, and 0.1's
 //! `inspect` looks for the token in the value.
 //!
+//! Elections add a queue of candidates and a leader channel beside the lock key: see
+//! `redis/election.rs`.
+//!
 //! # Operations
 //! Acquire, release and renew are each one Lua script (the `.lua` files beside this one), which
 //! the server runs atomically, in one round trip. The commands each runs:
@@ -119,6 +122,7 @@ use crate::backend::{
 };
 use crate::error::{Error, Result, StoreError};
 
+mod election;
 mod notices;
 
 use notices::NoticeHub;
@@ -429,6 +433,28 @@ impl LockBackend for RedisBackend {
             remaining_ttl,
             metadata,
         }))
+    }
+
+    async fn campaign(
+        &self,
+        name: &str,
+        candidate: OwnerToken,
+        ttl: Duration,
+        value: &str,
+    ) -> Result<Acquisition, StoreError> {
+        self.campaign_in_queue(name, candidate, ttl, value).await
+    }
+
+    async fn withdraw(&self, name: &str, candidate: OwnerToken) -> Result<(), StoreError> {
+        self.withdraw_from_queue(name, candidate).await
+    }
+
+    async fn proclaim(&self, lease: &Lease, value: &str) -> Result<bool, StoreError> {
+        self.proclaim_value(lease, value).await
+    }
+
+    async fn observe(&self, name: &str) -> Result<crate::backend::LeaderChanges, StoreError> {
+        self.observe_leader(name).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>, StoreError> {

@@ -20,6 +20,8 @@ use std::time::Duration;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 mod doctor;
+mod elect;
+mod leader;
 mod run;
 mod status;
 mod store;
@@ -62,6 +64,14 @@ enum Command {
     /// Print acquisitions and releases of keys under PREFIX as the store sees them, until
     /// interrupted.
     Watch(WatchArgs),
+    /// Campaign for leadership of NAME, run CMD while leader, resign when CMD exits.
+    ///
+    /// CMD gets LEASEHOLD_ELECTION, LEASEHOLD_LEADER_TERM and LEASEHOLD_LEADER_VALUE in its
+    /// environment. Exit codes as for `run`; 76 if demoted while CMD ran (CMD is sent SIGTERM
+    /// at once, before the lease's deadline, and SIGKILL after --kill-grace).
+    Elect(elect::ElectArgs),
+    /// Show who leads NAME (value and term); with --watch, each change after that.
+    Leader(leader::LeaderArgs),
     /// Check a deployment's settings that decide lock safety (eviction, persistence,
     /// replicas, clocks, latency; on etcd members, leader, quorum, database size) and say what
     /// to change. Exits 1 if anything found is dangerous.
@@ -220,6 +230,8 @@ fn main() -> ExitCode {
             Command::Run(args) => run::run(args).await,
             Command::Status(args) => status::status(args).await,
             Command::Watch(args) => status::watch(args).await,
+            Command::Elect(args) => elect::elect(args).await,
+            Command::Leader(args) => leader::leader(args).await,
             Command::Doctor(args) => doctor::doctor(args).await,
             Command::Completions(_) | Command::Man => unreachable!("answered above"),
         }
