@@ -32,9 +32,54 @@ RUSTDOCFLAGS="-D warnings" step cargo doc --no-deps --all-features
 # The default build must need neither protoc nor ractor's cluster feature.
 step cargo build --no-default-features
 step cargo build
-# Every test, with ractor's cluster feature off and then on (message types change shape).
-step cargo test --features testing
-step cargo test --all-features
+# Every test, with ractor's cluster feature off and on (message types change shape): what
+# `cargo test --features testing` and `cargo test --all-features` run. Both are built first,
+# one after the other; then their test binaries run side by side, since the suites spend most
+# of their time waiting on servers and ttls, not on the CPU (each binary from its package's
+# directory, as `cargo test` runs it). A configuration's output is printed whole when both are
+# done; the doc tests run after them.
+test_binaries() {
+    cargo test "$@" --no-run --message-format=json-render-diagnostics | python3 -c '
+import json, os, sys
+for line in sys.stdin:
+    try:
+        message = json.loads(line)
+    except ValueError:
+        continue
+    if message.get("reason") == "compiler-artifact" and message.get("executable") \
+            and message.get("profile", {}).get("test"):
+        print(os.path.dirname(message["manifest_path"]) + "\t" + message["executable"])
+'
+}
+run_binaries() {
+    local dir exe status=0
+    while IFS=$'\t' read -r dir exe; do
+        echo "     Running $exe"
+        (cd "$dir" && "$exe") || status=1
+    done <"$1"
+    return $status
+}
+runs=$(mktemp -d)
+echo; echo "==> building the tests: cargo test --no-run --features testing, then --all-features"
+test_binaries --features testing >"$runs/off"
+test_binaries --all-features >"$runs/on"
+echo; echo "==> running them side by side ($(wc -l <"$runs/off") and $(wc -l <"$runs/on") test binaries)"
+run_binaries "$runs/off" >"$runs/off.log" 2>&1 &
+off=$!
+run_binaries "$runs/on" >"$runs/on.log" 2>&1 &
+on=$!
+failed=""
+wait "$off" || failed+=" --features testing"
+wait "$on" || failed+=" --all-features"
+echo; echo "==> tests with --features testing (cluster feature off)"; cat "$runs/off.log"
+echo; echo "==> tests with --all-features (cluster feature on)"; cat "$runs/on.log"
+rm -rf "$runs"
+if [ -n "$failed" ]; then
+    echo; echo "==> tests FAILED with:$failed (see above)"
+    exit 1
+fi
+step cargo test --doc --features testing
+step cargo test --doc --all-features
 step cargo run --example quickstart
 step cargo run --example election
 step cargo run -p leasehold-loadtest -- --smoke --out target/loadtest-smoke
