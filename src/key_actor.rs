@@ -25,6 +25,7 @@ use crate::backend_ctx::BackendCtx;
 use crate::error::{Error, Result, StoreError};
 use crate::event::{LockEventKind, LostReason, ReleaseReason};
 use crate::guard::{status_cell, LeaseStatus, LockGuard, StatusWriter};
+use crate::metrics::Counted;
 use crate::request::{AcquireReply, AcquireRequest, Requeue};
 use timer::RenewalTimer;
 
@@ -111,6 +112,8 @@ struct Held {
     failures: u32,
     /// The guard's view of this lease.
     status: StatusWriter,
+    /// This lease's share of the `leasehold_held` gauge, given back however the lease ends.
+    _counted: Counted,
 }
 
 impl KeyState {
@@ -248,6 +251,9 @@ impl Held {
 }
 
 impl KeyState {
+    #[tracing::instrument(level = "debug", name = "acquire_attempt", skip_all, fields(
+        backend = %self.ctx.name, key = %request.key, token = tracing::field::Empty,
+    ))]
     async fn attempt(
         &mut self,
         myself: &ActorRef<KeyMsg>,
@@ -376,6 +382,7 @@ impl KeyState {
         });
         let now = Instant::now();
         let token = lease.fencing_token;
+        tracing::Span::current().record("token", token);
         ctx.emit(
             &request.key,
             Some(token),
@@ -405,6 +412,7 @@ impl KeyState {
             tick_at: deadline,
             failures: 0,
             status,
+            _counted: ctx.metrics.held(),
         };
         held.set_deadline(deadline, ctx.timing.drift);
         self.held = Some(held);
@@ -467,6 +475,9 @@ impl KeyState {
 
     /// One renewal, bounded by the loss check: a store that hangs cannot keep the holder
     /// believing past the deadline.
+    #[tracing::instrument(level = "debug", name = "renew", skip_all, fields(
+        backend = %self.ctx.name, key = self.job_name(), token = self.token(),
+    ))]
     async fn renew(&mut self, myself: &ActorRef<KeyMsg>, ttl: Option<Duration>) -> Result<()> {
         let ctx = self.ctx.clone();
         let Some(held) = self.held.as_mut() else {
@@ -479,6 +490,7 @@ impl KeyState {
         let token = held.lease.fencing_token;
         let renewing = ctx.store.renew_from(&held.lease, held.ttl, sent_at);
         let renewed = timeout_at(held.lose_at, renewing).await;
+        ctx.metrics.renewal(sent_at);
         match &renewed {
             Ok(outcome) => ctx.record(outcome),
             Err(_) => ctx.record::<()>(&Err(StoreError::TimedOut {
@@ -554,6 +566,9 @@ impl KeyState {
         error
     }
 
+    #[tracing::instrument(level = "debug", name = "release", skip_all, fields(
+        backend = %self.ctx.name, key = self.job_name(), token = self.token(), ?reason,
+    ))]
     async fn release(&mut self, myself: &ActorRef<KeyMsg>, reason: ReleaseReason) -> Result<()> {
         let Some(held) = self.held.take() else {
             return Err(self.not_held());
@@ -614,6 +629,18 @@ impl KeyState {
         Error::NotHeld {
             key: self.job.as_ref().map_or("", |job| &job.key).to_owned(),
         }
+    }
+
+    /// The key of the job under way, for spans ("" while idle).
+    fn job_name(&self) -> &str {
+        self.job.as_ref().map_or("", |job| &job.key)
+    }
+
+    /// The fencing token of the lease held, for spans (0 when none is).
+    fn token(&self) -> u64 {
+        self.held
+            .as_ref()
+            .map_or(0, |held| held.lease.fencing_token)
     }
 
     fn job_key(&self) -> Arc<str> {
