@@ -5,6 +5,10 @@
 //! compare (the README's "Metrics" section has the commands):
 //!
 //! `cargo bench --bench metrics` and `cargo bench --bench metrics --features metrics`.
+//!
+//! With `LEASEHOLD_BENCH_FIXED=N` it runs instead a fixed N cycles over 64 tasks and exits, for
+//! counting the process's instructions per cycle (`perf stat -e instructions:u`), which the
+//! machine's other load does not move the way it moves a rate.
 
 use std::time::Duration;
 
@@ -57,6 +61,14 @@ async fn run(recording: &str) {
         .start()
         .await
         .expect("lock manager");
+    if let Some(total) = std::env::var("LEASEHOLD_BENCH_FIXED")
+        .ok()
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        fixed(&client, 64, total).await;
+        client.shutdown().await;
+        return;
+    }
     for tasks in [1, 64] {
         let cycle = |client: LockClient, task: usize| async move {
             let key = format!("bench/{task}");
@@ -84,4 +96,32 @@ async fn run(recording: &str) {
     }
     println!("load average at end: {}", cpu::loadavg());
     client.shutdown().await;
+}
+
+/// `total` cycles split over `tasks` tasks, each on a key of its own.
+async fn fixed(client: &LockClient, tasks: u64, total: u64) {
+    let (started, cpu_from) = (std::time::Instant::now(), cpu::process());
+    let workers: Vec<_> = (0..tasks)
+        .map(|task| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let key = format!("bench/{task}");
+                for _ in 0..total / tasks {
+                    let guard = client.try_lock(&key, LockOptions::new()).await;
+                    let guard = guard.expect("lock").expect("own key is free");
+                    guard.release().await.expect("release");
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.expect("bench task");
+    }
+    let (elapsed, cpu) = (started.elapsed(), cpu::process() - cpu_from);
+    let done = (total / tasks * tasks) as f64;
+    println!(
+        "{tasks} tasks, {done} cycles: {:.0} cycles/s, {:.2} µs CPU/cycle",
+        done / elapsed.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / done
+    );
 }

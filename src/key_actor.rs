@@ -25,7 +25,6 @@ use crate::backend_ctx::BackendCtx;
 use crate::error::{Error, Result, StoreError};
 use crate::event::{LockEventKind, LostReason, ReleaseReason};
 use crate::guard::{status_cell, LeaseStatus, LockGuard, StatusWriter};
-use crate::metrics::Counted;
 use crate::request::{AcquireReply, AcquireRequest, Requeue};
 use timer::RenewalTimer;
 
@@ -112,8 +111,6 @@ struct Held {
     failures: u32,
     /// The guard's view of this lease.
     status: StatusWriter,
-    /// This lease's share of the `leasehold_held` gauge, given back however the lease ends.
-    _counted: Counted,
 }
 
 impl KeyState {
@@ -235,6 +232,7 @@ impl Actor for KeyActor {
             // Stopped from outside while still holding: the guard must not go on believing.
             // The store lease expires by itself.
             held.status.send(LeaseStatus::Gone(LostReason::Shutdown));
+            state.ctx.metrics.held_silently_ended();
             if let Some(holder) = &held.holder {
                 myself.get_cell().unmonitor(holder.clone());
             }
@@ -412,7 +410,6 @@ impl KeyState {
             tick_at: deadline,
             failures: 0,
             status,
-            _counted: ctx.metrics.held(),
         };
         held.set_deadline(deadline, ctx.timing.drift);
         self.held = Some(held);

@@ -10,11 +10,16 @@
 //! record into nothing.
 //!
 //! The hooks are one line each, at the places that already count [`LockMetrics`]:
-//! [`BackendCtx::emit`] passes each lifecycle event to [`BackendMetrics::event`]; the key
-//! actor times its renewals ([`BackendMetrics::renewal`]) and keeps a [`Counted`] in each
-//! lease it holds, the backend actor one in each waiter it queues (a gauge that counts what
-//! exists, down on drop, so that no path out can miss it); and the store is wrapped by
-//! [`timed`], which times every call at the backend seam.
+//! [`BackendCtx::emit`] passes each lifecycle event to [`BackendMetrics::event`] (which also
+//! moves the held-leases gauge: up on `Acquired`, down on `Released` and `Lost`); the key
+//! actor times its renewals ([`BackendMetrics::renewal`]); the backend actor keeps a
+//! [`Counted`] in each waiter it queues (its share of the waiters gauge, given back on drop,
+//! so that no way out of the queue can miss it); and the store is wrapped by [`timed`], which
+//! times every call at the backend seam.
+//!
+//! On the hot path (an uncontended lock and release) that is two counter adds, two gauge
+//! moves and four histogram samples (wait, hold, the acquire and release calls), and four
+//! clock reads to time those two calls.
 //!
 //! Without the feature every type here is empty and every call an inlined no-op.
 //!
@@ -93,7 +98,6 @@ mod on {
 
     /// One backend's series: registered once, recorded through handles.
     pub(crate) struct BackendMetrics {
-        requests: Counter,
         acquired: Counter,
         contended: Counter,
         renewals: Counter,
@@ -133,7 +137,6 @@ mod on {
                 labels
             };
             BackendMetrics {
-                requests: counter!("leasehold_requests_total", labels.clone()),
                 acquired: counter!("leasehold_acquired_total", labels.clone()),
                 contended: counter!("leasehold_contended_total", labels.clone()),
                 renewals: counter!("leasehold_renewals_total", labels.clone()),
@@ -162,26 +165,30 @@ mod on {
         #[inline]
         pub(crate) fn event(&self, kind: &LockEventKind) {
             match kind {
-                LockEventKind::Requested => self.requests.increment(1),
                 LockEventKind::Acquired { waited } => {
                     self.acquired.increment(1);
+                    self.held.increment(1.0);
                     self.wait.record(*waited);
                 }
                 LockEventKind::Contended => self.contended.increment(1),
                 LockEventKind::Renewed { .. } => self.renewals.increment(1),
                 LockEventKind::RenewFailed { .. } => self.renewal_failures.increment(1),
                 LockEventKind::Lost { reason } => {
+                    self.held.decrement(1.0);
                     if let Some(at) = LOST_REASONS.iter().position(|(r, _)| r == reason) {
                         self.lost[at].increment(1);
                     }
                 }
                 LockEventKind::Released { held_for, reason } => {
+                    self.held.decrement(1.0);
                     if let Some(at) = RELEASE_REASONS.iter().position(|(r, _)| r == reason) {
                         self.released[at].increment(1);
                     }
                     self.hold.record(*held_for);
                 }
-                LockEventKind::BackendDown | LockEventKind::BackendRestored => {}
+                LockEventKind::Requested
+                | LockEventKind::BackendDown
+                | LockEventKind::BackendRestored => {}
             }
         }
 
@@ -191,10 +198,10 @@ mod on {
             self.renewal.record(sent_at.elapsed());
         }
 
-        /// One more lease held, until the returned value is dropped.
-        #[inline]
-        pub(crate) fn held(&self) -> Counted {
-            Counted::new(&self.held)
+        /// A lease ended without an event (its key actor was stopped from outside while
+        /// holding it): it is no longer held.
+        pub(crate) fn held_silently_ended(&self) {
+            self.held.decrement(1.0);
         }
 
         /// One more request queued for a key, until the returned value is dropped.
@@ -346,11 +353,6 @@ mod on {
     /// recorder current when any manager starts has them.
     fn describe() {
         describe_counter!(
-            "leasehold_requests_total",
-            Unit::Count,
-            "Acquisitions asked for."
-        );
-        describe_counter!(
             "leasehold_acquired_total",
             Unit::Count,
             "Acquisitions that succeeded."
@@ -439,9 +441,7 @@ mod off {
         pub(crate) fn renewal(&self, _sent_at: Instant) {}
 
         #[inline(always)]
-        pub(crate) fn held(&self) -> Counted {
-            Counted
-        }
+        pub(crate) fn held_silently_ended(&self) {}
 
         #[inline(always)]
         pub(crate) fn waiting(&self) -> Counted {

@@ -200,7 +200,6 @@ async fn memory_backend_records_a_scripted_sequence() {
         .await;
 
     seen.update().assert_counters(&[
-        ("leasehold_requests_total", 4),
         ("leasehold_acquired_total", 3),
         ("leasehold_contended_total", 2),
         ("leasehold_renewals_total", 1),
@@ -284,7 +283,6 @@ async fn redis_backend_records_renewal_failures_and_losses() {
     seen.until("nothing held", |r| r.gauge("leasehold_held") == 0.0)
         .await;
     seen.assert_counters(&[
-        ("leasehold_requests_total", 3),
         ("leasehold_acquired_total", 2),
         ("leasehold_contended_total", 1),
         ("leasehold_renewals_total", 1),
