@@ -43,6 +43,7 @@ use crate::error::{Error, Result, StoreError};
 use crate::event::{LockEventKind, ReleaseReason};
 use crate::key_actor::{KeyActor, KeyArgs, KeyMsg, KeyState};
 use crate::manager::LockManagerMsg;
+use crate::metrics::Counted;
 use crate::request::{AcquireReply, AcquireRequest, InspectReply, Requeue};
 use crate::task::AbortOnDrop;
 
@@ -153,6 +154,8 @@ struct Waiter {
     request: AcquireRequest,
     reply: AcquireReply,
     _timeout: Option<AbortOnDrop<TimerResult>>,
+    /// Its share of the `leasehold_waiters` gauge, given back however it leaves the queue.
+    _counted: Counted,
 }
 
 impl Actor for BackendActor {
@@ -522,6 +525,7 @@ impl BackendState {
             request,
             reply,
             _timeout: timeout,
+            _counted: self.ctx.metrics.waiting(),
         };
         if front {
             slot.waiters.push_front(waiter);

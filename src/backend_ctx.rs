@@ -15,6 +15,7 @@ use crate::backend_actor::{BackendMsg, Busy};
 use crate::error::{Error, Result, StoreError};
 use crate::event::{EventBus, LockEventKind};
 use crate::key_actor::KeyMsg;
+use crate::metrics::{timed, BackendMetrics};
 use crate::request::{AcquireReply, AcquireRequest};
 use crate::timing::Timing;
 
@@ -25,6 +26,8 @@ pub(crate) struct BackendCtx {
     pub(crate) store: Arc<dyn LockBackend>,
     pub(crate) events: Arc<EventBus>,
     pub(crate) timing: Timing,
+    /// This backend's series in the `metrics` recorder (nothing without the feature).
+    pub(crate) metrics: BackendMetrics,
     /// The running backend actor, or why there is none. Kept here, beside the store, so that
     /// `LockClient`s send acquisitions straight to it (one actor hop less on the hot path than
     /// routing each one through the manager), and wait here for it while it is down.
@@ -68,11 +71,14 @@ impl BackendCtx {
         events: Arc<EventBus>,
         timing: Timing,
     ) -> Self {
+        let metrics = BackendMetrics::new(&name, store.kind());
         BackendCtx {
             name,
-            store,
+            // Timed at the seam: every store call's latency, by operation.
+            store: timed(store, &metrics),
             events,
             timing,
+            metrics,
             serving: watch::Sender::new(Serving::Down { panic: None }),
             handover: Mutex::default(),
             next_job: AtomicU64::new(1),
@@ -211,6 +217,7 @@ impl BackendCtx {
     }
 
     pub(crate) fn emit(&self, key: &Arc<str>, fencing_token: Option<u64>, kind: LockEventKind) {
+        self.metrics.event(&kind);
         self.events.emit(&self.name, Some(key), fencing_token, kind);
     }
 

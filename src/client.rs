@@ -211,7 +211,10 @@ impl LockClient {
     }
 
     /// Validates here and sends straight to the backend actor: the manager only routes, and
-    /// this handle already knows the route.
+    /// this handle already knows the route. Its span covers the whole wait.
+    #[tracing::instrument(level = "debug", name = "acquire", skip_all, fields(
+        backend = %self.backend.name, key = key, token = tracing::field::Empty,
+    ))]
     async fn acquire(
         &self,
         key: &str,
@@ -227,6 +230,9 @@ impl LockClient {
                 .call(|reply| BackendMsg::Acquire(request.clone(), reply), None)
                 .await;
             if let Ok(CallResult::Success(result)) = call {
+                if let Ok(Some(guard)) = &result {
+                    tracing::Span::current().record("token", guard.fencing_token());
+                }
                 return result;
             }
             // The request went unanswered: the backend actor went away with it (in its

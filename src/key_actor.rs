@@ -249,6 +249,7 @@ impl Actor for KeyActor {
             // Stopped from outside while still holding: the guard must not go on believing.
             // The store lease expires by itself.
             held.status.send(LeaseStatus::Gone(LostReason::Shutdown));
+            state.ctx.metrics.held_silently_ended();
             if let Some(holder) = &held.holder {
                 myself.get_cell().unmonitor(holder.clone());
             }
@@ -265,6 +266,9 @@ impl Held {
 }
 
 impl KeyState {
+    #[tracing::instrument(level = "debug", name = "acquire_attempt", skip_all, fields(
+        backend = %self.ctx.name, key = %request.key, token = tracing::field::Empty,
+    ))]
     async fn attempt(
         &mut self,
         myself: &ActorRef<KeyMsg>,
@@ -403,6 +407,7 @@ impl KeyState {
         });
         let now = Instant::now();
         let token = lease.fencing_token;
+        tracing::Span::current().record("token", token);
         ctx.emit(
             &request.key,
             Some(token),
@@ -494,6 +499,9 @@ impl KeyState {
 
     /// One renewal, bounded by the loss check: a store that hangs cannot keep the holder
     /// believing past the deadline.
+    #[tracing::instrument(level = "debug", name = "renew", skip_all, fields(
+        backend = %self.ctx.name, key = self.job_name(), token = self.token(),
+    ))]
     async fn renew(&mut self, myself: &ActorRef<KeyMsg>, ttl: Option<Duration>) -> Result<()> {
         let ctx = self.ctx.clone();
         let Some(held) = self.held.as_mut() else {
@@ -506,6 +514,7 @@ impl KeyState {
         let token = held.lease.fencing_token;
         let renewing = ctx.store.renew_from(&held.lease, held.ttl, sent_at);
         let renewed = timeout_at(held.lose_at, renewing).await;
+        ctx.metrics.renewal(sent_at);
         match &renewed {
             Ok(outcome) => ctx.record(outcome),
             Err(_) => ctx.record::<()>(&Err(StoreError::TimedOut {
@@ -581,6 +590,9 @@ impl KeyState {
         error
     }
 
+    #[tracing::instrument(level = "debug", name = "release", skip_all, fields(
+        backend = %self.ctx.name, key = self.job_name(), token = self.token(), ?reason,
+    ))]
     async fn release(&mut self, myself: &ActorRef<KeyMsg>, reason: ReleaseReason) -> Result<()> {
         let Some(held) = self.held.take() else {
             return Err(self.not_held());
@@ -656,6 +668,18 @@ impl KeyState {
         Error::NotHeld {
             key: self.job.as_ref().map_or("", |job| &job.key).to_owned(),
         }
+    }
+
+    /// The key of the job under way, for spans ("" while idle).
+    fn job_name(&self) -> &str {
+        self.job.as_ref().map_or("", |job| &job.key)
+    }
+
+    /// The fencing token of the lease held, for spans (0 when none is).
+    fn token(&self) -> u64 {
+        self.held
+            .as_ref()
+            .map_or(0, |held| held.lease.fencing_token)
     }
 
     fn job_key(&self) -> Arc<str> {

@@ -29,7 +29,8 @@
 //!   scripts and its pub/sub notice hub in `backend/redis/`), `backend/etcd.rs`.
 //! - `election.rs`: [`Election`], leader election on the same leases: [`Leadership`] for async
 //!   code, [`Candidacy`] and [`CandidateMsg`] for candidate actors.
-//! - `options.rs`, `event.rs`, `error.rs`: [`LockOptions`], [`LockEvent`], [`Error`].
+//! - `options.rs`, `event.rs`, `error.rs`: [`LockOptions`], [`LockEvent`], [`Error`];
+//!   `metrics.rs`: the same events (and store calls) recorded through the `metrics` facade.
 //! - `fence.rs`: the resource side of fencing, [`Fence`] in this process, and token checks
 //!   inside the stores people protect, one file per store: `fence/redis.rs` (`RedisFence`),
 //!   `fence/etcd.rs` (`EtcdFence`), `fence/postgres.rs` (`PgFence`).
@@ -68,6 +69,9 @@
 //! - `etcd`: `EtcdBackend`, on `etcd-client`, and `EtcdFence`.
 //! - `postgres`: `PgFence`, fenced transactions on `tokio-postgres`.
 //! - `testing`: the public conformance suite, `testing`.
+//! - `metrics`: counters, histograms and gauges through the [`metrics`](https://docs.rs/metrics)
+//!   crate facade, for any of its exporters (the README lists them); install the recorder
+//!   before starting the manager. Off, recording compiles to nothing.
 //! - `cli`: the `leasehold` command line (`src/bin/leasehold/`).
 //! - `cluster`: the `cluster` module (lock messages from other `ractor_cluster` nodes); turns
 //!   on ractor's `cluster` feature and gives the message types explicit
@@ -84,6 +88,7 @@ mod fence;
 mod guard;
 mod key_actor;
 mod manager;
+mod metrics;
 mod options;
 mod request;
 mod task;
