@@ -6,22 +6,21 @@
 
 #[path = "support/child.rs"]
 mod child;
+#[path = "support/clients.rs"]
+mod clients;
 #[path = "support/paused_holder.rs"]
 mod paused_holder;
 
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, KvClient, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, KvClient, Txn, TxnOp, TxnOpResponse};
 use leasehold::testing::{start, unique_key};
 use leasehold::{EtcdFence, EtcdMode, FenceError, LockOptions, StaleToken, Wait};
 use leasehold_test_support::EtcdServer;
 use paused_holder::FencedValue;
 
 async fn kv(server: &EtcdServer) -> KvClient {
-    Client::connect([server.endpoint()], None)
-        .await
-        .unwrap()
-        .kv_client()
+    clients::etcd_kv(&server.endpoint()).await
 }
 
 async fn get(kv: &mut KvClient, key: &str) -> Option<String> {
@@ -228,14 +227,9 @@ async fn holder_process_paused_past_its_ttl_cannot_write_after_the_next_holder()
 #[ignore = "run by holder_process_paused_past_its_ttl_cannot_write_after_the_next_holder"]
 async fn child_paused_holder() {
     let endpoint = child::var(ENV_ETCD);
-    let backend = leasehold::EtcdBackend::builder([endpoint.as_str()])
-        .with_mode(EtcdMode::Txn)
-        .connect()
-        .await
-        .unwrap();
-    let kv = Client::connect([endpoint], None).await.unwrap().kv_client();
+    let kv = clients::etcd_kv(&endpoint).await;
     let mut value = FencedKey::new(kv, &child::var(paused_holder::ENV_RESOURCE));
-    paused_holder::child_side(start(backend).await, &mut value).await;
+    paused_holder::child_side(clients::etcd_locks(&endpoint).await, &mut value).await;
 }
 
 /// The etcd endpoint, for the child.

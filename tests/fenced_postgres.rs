@@ -7,6 +7,8 @@
 
 #[path = "support/child.rs"]
 mod child;
+#[path = "support/clients.rs"]
+mod clients;
 #[path = "support/paused_holder.rs"]
 mod paused_holder;
 
@@ -16,14 +18,10 @@ use leasehold::testing::{start, unique_key};
 use leasehold::{FenceError, LockOptions, MemoryBackend, PgFence, StaleToken, Wait};
 use leasehold_test_support::{PostgresServer, RedisServer};
 use paused_holder::FencedValue;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 async fn connect(server: &PostgresServer) -> Client {
-    let (client, connection) = tokio_postgres::connect(&server.url(), NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connect to {}: {e}\n{}", server.url(), server.log()));
-    tokio::spawn(connection);
-    client
+    clients::postgres(&server.url()).await
 }
 
 /// A fence table and a `resources` table (name → value), fresh for the test.
@@ -320,19 +318,13 @@ async fn holder_process_paused_past_its_ttl_cannot_write_after_the_next_holder()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by holder_process_paused_past_its_ttl_cannot_write_after_the_next_holder"]
 async fn child_paused_holder() {
-    let backend = leasehold::RedisBackend::connect(&child::var(ENV_REDIS))
-        .await
-        .unwrap();
-    let (client, connection) = tokio_postgres::connect(&child::var(ENV_POSTGRES), NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
     let mut row = FencedRow {
-        client,
+        client: clients::postgres(&child::var(ENV_POSTGRES)).await,
         fence: PgFence::new(),
         name: child::var(paused_holder::ENV_RESOURCE),
     };
-    paused_holder::child_side(start(backend).await, &mut row).await;
+    let node = clients::redis_locks(&child::var(ENV_REDIS)).await;
+    paused_holder::child_side(node, &mut row).await;
 }
 
 /// The PostgreSQL server and the Redis server of the locks, for the child.

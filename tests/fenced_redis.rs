@@ -6,6 +6,8 @@
 
 #[path = "support/child.rs"]
 mod child;
+#[path = "support/clients.rs"]
+mod clients;
 #[path = "support/paused_holder.rs"]
 mod paused_holder;
 
@@ -18,11 +20,7 @@ use paused_holder::FencedValue;
 use redis::aio::MultiplexedConnection;
 
 async fn client(server: &RedisServer) -> MultiplexedConnection {
-    redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
+    clients::redis(&server.url()).await
 }
 
 async fn get(conn: &mut MultiplexedConnection, key: &str) -> Option<String> {
@@ -203,14 +201,9 @@ async fn holder_process_paused_past_its_ttl_cannot_write_after_the_next_holder()
 #[ignore = "run by holder_process_paused_past_its_ttl_cannot_write_after_the_next_holder"]
 async fn child_paused_holder() {
     let url = child::var(ENV_REDIS);
-    let backend = leasehold::RedisBackend::connect(&url).await.unwrap();
-    let conn = redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let conn = clients::redis(&url).await;
     let mut value = FencedKey::new(conn, &child::var(paused_holder::ENV_RESOURCE));
-    paused_holder::child_side(start(backend).await, &mut value).await;
+    paused_holder::child_side(clients::redis_locks(&url).await, &mut value).await;
 }
 
 /// The Redis server, for the child.

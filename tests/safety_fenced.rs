@@ -29,6 +29,8 @@
 
 #[path = "support/child.rs"]
 mod child;
+#[path = "support/clients.rs"]
+mod clients;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -38,10 +40,10 @@ use std::time::{Duration, Instant};
 
 use child::ChildTest;
 use etcd_client::{GetOptions, KvClient, TxnOp, TxnOpResponse};
-use leasehold::testing::{start, unique_key};
+use leasehold::testing::unique_key;
 use leasehold::{
-    Error, EtcdBackend, EtcdFence, EtcdMode, FenceError, FencedScript, LockClient, LockGuard,
-    LockOptions, PgFence, RedisBackend, RedisFence, Wait,
+    Error, EtcdFence, FenceError, FencedScript, LockClient, LockGuard, LockOptions, PgFence,
+    RedisFence, Wait,
 };
 use leasehold_test_support::{EtcdServer, PostgresServer, RedisServer};
 use redis::aio::MultiplexedConnection;
@@ -422,15 +424,18 @@ impl History {
                 ));
             }
         }
+        // Each write against the one before it, so that one lost update is one violation.
+        let mut previous = 0;
         for (n, entry) in self.log.iter().enumerate() {
-            if entry.value != n as u64 + 1 {
+            if entry.value != previous + 1 {
                 found.push(format!(
-                    "lost update: log entry {} ({}) wrote {}",
+                    "lost update: log entry {} ({}) wrote {} after {previous}",
                     n + 1,
                     entry.id,
                     entry.value
                 ));
             }
+            previous = entry.value;
         }
         if self.value != self.log.len() as u64 {
             found.push(format!(
@@ -542,24 +547,8 @@ impl Store {
 /// A lock manager on the lock store: etcd's for the etcd counter, Redis's for the others.
 async fn lock_node(store: Store, locks: &str) -> LockClient {
     match store {
-        Store::Etcd => {
-            start(
-                EtcdBackend::builder([locks])
-                    .with_mode(EtcdMode::Txn)
-                    .connect()
-                    .await
-                    .unwrap_or_else(|e| panic!("connect to etcd at {locks}: {e}")),
-            )
-            .await
-        }
-        Store::Redis | Store::Postgres => {
-            start(
-                RedisBackend::connect(locks)
-                    .await
-                    .unwrap_or_else(|e| panic!("connect to redis at {locks}: {e}")),
-            )
-            .await
-        }
+        Store::Etcd => clients::etcd_locks(locks).await,
+        Store::Redis | Store::Postgres => clients::redis_locks(locks).await,
     }
 }
 
@@ -647,34 +636,21 @@ impl Counter {
     async fn connect(store: Store, address: &str, key: &str) -> Counter {
         match store {
             Store::Redis => Counter::Redis {
-                conn: redis::Client::open(address)
-                    .unwrap()
-                    .get_multiplexed_async_connection()
-                    .await
-                    .unwrap_or_else(|e| panic!("connect to {address}: {e}")),
+                conn: clients::redis(address).await,
                 fence: RedisFence::new(format!("{{{key}}}:counter")),
                 log: format!("{{{key}}}:log"),
             },
             Store::Etcd => Counter::Etcd {
-                kv: etcd_client::Client::connect([address], None)
-                    .await
-                    .unwrap_or_else(|e| panic!("connect to {address}: {e}"))
-                    .kv_client(),
+                kv: clients::etcd_kv(address).await,
                 fence: EtcdFence::new(format!("{key}/fence")),
                 counter: format!("{key}/counter"),
                 log: format!("{key}/log/"),
             },
-            Store::Postgres => {
-                let (client, connection) = tokio_postgres::connect(address, tokio_postgres::NoTls)
-                    .await
-                    .unwrap_or_else(|e| panic!("connect to {address}: {e}"));
-                tokio::spawn(connection);
-                Counter::Postgres {
-                    client,
-                    fence: PgFence::new(),
-                    name: key.to_owned(),
-                }
-            }
+            Store::Postgres => Counter::Postgres {
+                client: clients::postgres(address).await,
+                fence: PgFence::new(),
+                name: key.to_owned(),
+            },
         }
     }
 
