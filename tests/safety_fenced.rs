@@ -13,11 +13,11 @@
 //! write accepted after a newer holder read the same value — the lost update a fence on
 //! writes alone lets through.
 //!
-//! The fault makes two holders believe they hold at once: the child takes the lock, reads,
-//! and is frozen (SIGSTOP) before its write, past its ttl; a newer holder takes the lock and
-//! writes; the child is resumed and writes with its old token without looking at its lock
-//! first, as a process resuming from a long GC pause would. Then the store's own record must
-//! show:
+//! The fault makes two holders act as holders at once. The child takes the lock and reads;
+//! then, before its write, either its process is frozen (SIGSTOP) or the lock store is frozen
+//! for twice the ttl, so that its lease runs out; a newer holder takes the lock and writes;
+//! then the child writes with its old token without looking at its lock first, as a process
+//! resuming from a long GC pause would. Then the store's own record must show:
 //! - the stale write refused, and absent from the log;
 //! - tokens never decreasing in the log's order (the store's order of the fenced writes);
 //! - no update lost: the log's values are 1, 2, …, n and the counter is n;
@@ -25,7 +25,8 @@
 //!   write in it.
 //!
 //! The locks are leasehold's Redis backend for the Redis and PostgreSQL counters (there is no
-//! PostgreSQL lock backend) and its etcd backend for the etcd counter.
+//! PostgreSQL lock backend) and its etcd backend for the etcd counter, on a server of their
+//! own beside the counter's.
 
 #[path = "support/child.rs"]
 mod child;
@@ -57,9 +58,9 @@ const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// A child has to start (a fresh test binary), connect and report within this; each stage of
 /// the run has as long to happen.
 const WITHIN: Duration = Duration::from_secs(30);
-/// How many holds with a write the child makes before the one it is frozen in.
+/// How many holds with a write the child makes before the one the fault strikes.
 const CHILD_WRITES_FIRST: u64 = 2;
-/// How many accepted writes the run needs after the frozen holder was resumed.
+/// How many accepted writes the run needs after the stale holder's write.
 const WRITES_AFTER: usize = 10;
 
 /// What the parent tells the child.
@@ -71,29 +72,98 @@ const ENV_KEY: &str = "LEASEHOLD_SAFETY_FENCED_KEY";
 const CHILD_CONTENDER: &str = "child_contender_frozen_before_a_write";
 
 // ---------------------------------------------------------------------------------------------
-// The runs, one per store.
+// The runs: each store, under each fault.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_counter_behind_redis_fence_refuses_the_frozen_holder_and_loses_no_update() {
-    let redis = RedisServer::start();
-    contend(Store::Redis, redis.url(), redis.url()).await;
+async fn redis_counter_refuses_a_holder_frozen_past_its_ttl_and_loses_no_update() {
+    contend(Store::Redis, Fault::FreezeHolder).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_counter_behind_etcd_fence_refuses_the_frozen_holder_and_loses_no_update() {
-    let etcd = EtcdServer::start();
-    contend(Store::Etcd, etcd.endpoint(), etcd.endpoint()).await;
+async fn redis_counter_refuses_a_holder_whose_lock_store_paused_past_its_ttl() {
+    contend(Store::Redis, Fault::PauseLockStore).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_counter_behind_pg_fence_refuses_the_frozen_holder_and_loses_no_update() {
-    let redis = RedisServer::start();
-    let postgres = PostgresServer::start();
-    contend(Store::Postgres, postgres.url(), redis.url()).await;
+async fn etcd_counter_refuses_a_holder_frozen_past_its_ttl_and_loses_no_update() {
+    contend(Store::Etcd, Fault::FreezeHolder).await;
 }
 
-/// One run: `resource` is the counter's store, `locks` the lock store's address.
-async fn contend(store: Store, resource: String, locks: String) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_counter_refuses_a_holder_whose_lock_store_paused_past_its_ttl() {
+    contend(Store::Etcd, Fault::PauseLockStore).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_counter_refuses_a_holder_frozen_past_its_ttl_and_loses_no_update() {
+    contend(Store::Postgres, Fault::FreezeHolder).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_counter_refuses_a_holder_whose_lock_store_paused_past_its_ttl() {
+    contend(Store::Postgres, Fault::PauseLockStore).await;
+}
+
+/// What makes the child a holder that still acts as one after a newer holder took over. In
+/// both, the child has read the counter and holds the lock when the fault strikes, and writes
+/// (without looking at its lock) once a newer holder has written.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// The child's process is frozen (SIGSTOP) until a newer holder has written: its
+    /// renewals stop with it.
+    FreezeHolder,
+    /// The lock store is frozen (SIGSTOP) for twice the ttl: the child's renewals go
+    /// unanswered and its lease runs out in the store.
+    PauseLockStore,
+}
+
+/// A server of one of the stores.
+enum Server {
+    Redis(RedisServer),
+    Etcd(EtcdServer),
+    Postgres(PostgresServer),
+}
+
+impl Server {
+    fn start(store: Store) -> Server {
+        match store {
+            Store::Redis => Server::Redis(RedisServer::start()),
+            Store::Etcd => Server::Etcd(EtcdServer::start()),
+            Store::Postgres => Server::Postgres(PostgresServer::start()),
+        }
+    }
+
+    fn address(&self) -> String {
+        match self {
+            Server::Redis(server) => server.url(),
+            Server::Etcd(server) => server.endpoint(),
+            Server::Postgres(server) => server.url(),
+        }
+    }
+
+    fn pause(&self) {
+        match self {
+            Server::Redis(server) => server.pause(),
+            Server::Etcd(server) => server.pause(),
+            Server::Postgres(_) => unreachable!("PostgreSQL holds no locks here"),
+        }
+    }
+
+    fn resume(&self) {
+        match self {
+            Server::Redis(server) => server.resume(),
+            Server::Etcd(server) => server.resume(),
+            Server::Postgres(_) => unreachable!("PostgreSQL holds no locks here"),
+        }
+    }
+}
+
+/// One run. The counter and the locks are on servers of their own, so that pausing the lock
+/// store leaves the counter reachable.
+async fn contend(store: Store, fault: Fault) {
+    let counter_server = Server::start(store);
+    let lock_server = Server::start(store.lock_store());
+    let (resource, locks) = (counter_server.address(), lock_server.address());
     let key = unique_key("safety-fenced");
     let mut checker = Counter::connect(store, &resource, &key).await;
     checker.create().await;
@@ -142,15 +212,25 @@ async fn contend(store: Store, resource: String, locks: String) {
         .next_tagged("FREEZE-ME", WITHIN, |r| child_reports.push(r.to_owned()))
         .await;
     let old_token: u64 = frozen["token"].parse().unwrap();
-    child.stop();
-    // Renewals stop with the process: its lease runs out, and a newer holder writes.
+    match fault {
+        Fault::FreezeHolder => child.stop(),
+        Fault::PauseLockStore => {
+            lock_server.pause();
+            // The sleep is the fault: the child's lease outlives its ttl while nothing answers.
+            tokio::time::sleep(TTL * 2).await;
+            lock_server.resume();
+        }
+    }
+    // The child's lease has run out, or runs out: a newer holder takes the lock and writes.
     wait_for_log(
         &mut checker,
-        "a newer holder writes while the child is frozen",
+        "a newer holder writes after the fault",
         |log| log.iter().any(|entry| entry.token > old_token),
     )
     .await;
-    child.resume();
+    if let Fault::FreezeHolder = fault {
+        child.resume();
+    }
     child.send("write").await;
     let stale = child
         .next_tagged("STALE-WRITE", WITHIN, |r| child_reports.push(r.to_owned()))
@@ -196,7 +276,7 @@ async fn contend(store: Store, resource: String, locks: String) {
             .count()
     };
     eprintln!(
-        "{store:?}: {} writes accepted ({} by the child), {} refused, {} failed; the frozen \
+        "{store:?}, {fault:?}: {} writes accepted ({} by the child), {} refused, {} failed; the stale \
          holder's write with token {old_token} was {} (is_held() said {})",
         count("accepted"),
         history
@@ -250,6 +330,15 @@ async fn take(node: &LockClient, key: &str) -> Option<LockGuard> {
         Ok(guard) => Some(guard),
         Err(Error::Timeout { .. }) => None,
         Err(e) if e.is_retryable() => {
+            tokio::time::sleep(RETRY_PAUSE).await;
+            None
+        }
+        // A shortcoming of the etcd backend in `txn` mode, not of the fences: the lease an
+        // acquisition grants itself can run out before its transaction when the store freezes
+        // in between, and etcd answers "requested lease not found", which the backend reports
+        // as not retryable although a new attempt (a new lease) succeeds.
+        Err(e) if e.to_string().contains("requested lease not found") => {
+            eprintln!("lock({key}): {e}; asking again");
             tokio::time::sleep(RETRY_PAUSE).await;
             None
         }
@@ -312,9 +401,10 @@ async fn hold(
     })
 }
 
-/// The child's frozen hold, between its read and its write: says FREEZE-ME (the parent
-/// freezes the process, and resumes it once a newer holder has written), waits for "write",
-/// and notes what `is_held()` said then; the holder writes without acting on it.
+/// The child's hold that the fault strikes, between its read and its write: says FREEZE-ME
+/// (the parent freezes the process or the lock store, and says "write" once a newer holder
+/// has written), waits for "write", and notes what `is_held()` said then; the holder writes
+/// without acting on it.
 struct Freeze<'a> {
     commands: &'a mut child::Commands,
     held_after: Option<bool>,
@@ -403,10 +493,10 @@ struct History {
 impl History {
     fn violations(&self) -> Vec<String> {
         let mut found = Vec::new();
-        // (1) The frozen holder's late write was refused and left nothing.
+        // (1) The stale holder's late write was refused and left nothing.
         if self.stale_outcome != "refused" {
             found.push(format!(
-                "the frozen holder's write {} with token {} was {}, not refused",
+                "the stale holder's write {} with token {} was {}, not refused",
                 self.stale_id, self.stale_token, self.stale_outcome
             ));
         }
@@ -472,7 +562,7 @@ impl History {
         }
         if logged.contains_key(self.stale_id.as_str()) {
             found.push(format!(
-                "the frozen holder's refused write {} is in the log",
+                "the stale holder's refused write {} is in the log",
                 self.stale_id
             ));
         }
@@ -496,7 +586,7 @@ impl fmt::Display for History {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{:?}: the frozen holder wrote {} with token {}: {} (is_held() said {})",
+            "{:?}: the stale holder wrote {} with token {}: {} (is_held() said {})",
             self.store, self.stale_id, self.stale_token, self.stale_outcome, self.stale_held
         )?;
         writeln!(f, "the store's log, in its order:")?;
@@ -535,6 +625,15 @@ enum Store {
 impl Store {
     const ALL: [Store; 3] = [Store::Redis, Store::Etcd, Store::Postgres];
 
+    /// The lock store beside this store's counter: etcd's own locks for the etcd counter, and
+    /// Redis's for the others (there is no PostgreSQL lock backend).
+    fn lock_store(self) -> Store {
+        match self {
+            Store::Etcd => Store::Etcd,
+            Store::Redis | Store::Postgres => Store::Redis,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Store::Redis => "redis",
@@ -544,9 +643,9 @@ impl Store {
     }
 }
 
-/// A lock manager on the lock store: etcd's for the etcd counter, Redis's for the others.
+/// A lock manager on the lock store of `store`'s counter (see [`Store::lock_store`]).
 async fn lock_node(store: Store, locks: &str) -> LockClient {
-    match store {
+    match store.lock_store() {
         Store::Etcd => clients::etcd_locks(locks).await,
         Store::Redis | Store::Postgres => clients::redis_locks(locks).await,
     }
@@ -854,9 +953,9 @@ impl Counter {
 // The child process.
 
 /// Contends like the in-process workers, reporting each write, until it has written
-/// [`CHILD_WRITES_FIRST`] times; then, in its next hold, reads, says FREEZE-ME (the parent
-/// freezes it and resumes it once a newer holder has written) and waits for "write"; then
-/// writes without looking at its lock and reports what the fence said.
+/// [`CHILD_WRITES_FIRST`] times; then, in its next hold, reads, says FREEZE-ME and waits for
+/// "write" (see [`Freeze`]); then writes without looking at its lock and reports what the
+/// fence said.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "child process of the fenced safety tests; started by them"]
 async fn child_contender_frozen_before_a_write() {
