@@ -1,19 +1,26 @@
 //! Fenced writes on a real etcd (one member per test, on free loopback ports): the caller's
 //! operations run in one transaction guarded by the resource's fence key, so a stale holder's
-//! write is refused and leaves nothing behind.
+//! write is refused and leaves nothing behind. The last test pauses a holder's whole process
+//! (SIGSTOP) past its ttl: this test binary, started again to run the `#[ignore]`d entry
+//! `child_paused_holder`.
+
+#[path = "support/child.rs"]
+mod child;
+#[path = "support/clients.rs"]
+mod clients;
+#[path = "support/paused_holder.rs"]
+mod paused_holder;
 
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, KvClient, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, KvClient, Txn, TxnOp, TxnOpResponse};
 use leasehold::testing::{start, unique_key};
-use leasehold::{EtcdFence, EtcdMode, LockOptions, StaleToken, Wait};
+use leasehold::{EtcdFence, EtcdMode, FenceError, LockOptions, StaleToken, Wait};
 use leasehold_test_support::EtcdServer;
+use paused_holder::FencedValue;
 
 async fn kv(server: &EtcdServer) -> KvClient {
-    Client::connect([server.endpoint()], None)
-        .await
-        .unwrap()
-        .kv_client()
+    clients::etcd_kv(&server.endpoint()).await
 }
 
 async fn get(kv: &mut KvClient, key: &str) -> Option<String> {
@@ -191,4 +198,71 @@ async fn holder_whose_lease_ran_out_cannot_write_after_the_next_holder() {
     second.release().await.unwrap();
     first_node.shutdown().await;
     second_node.shutdown().await;
+}
+
+/// Issue 19's scenario with a real pause (`support/paused_holder.rs`): a holder process is
+/// frozen (SIGSTOP) past its ttl, the next holder writes, and the frozen one's late write is
+/// refused, leaving nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holder_process_paused_past_its_ttl_cannot_write_after_the_next_holder() {
+    let server = EtcdServer::start();
+    let node = start(server.backend(EtcdMode::Txn).await).await;
+    let key = unique_key("paused");
+    let resource = format!("resource/{key}");
+    let mut value = FencedKey::new(kv(&server).await, &resource);
+    paused_holder::parent_side(
+        "child_paused_holder",
+        &[(ENV_ETCD, server.endpoint())],
+        &node,
+        &key,
+        &resource,
+        &mut value,
+    )
+    .await;
+    node.shutdown().await;
+}
+
+/// The child side of the test above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by holder_process_paused_past_its_ttl_cannot_write_after_the_next_holder"]
+async fn child_paused_holder() {
+    let endpoint = child::var(ENV_ETCD);
+    let kv = clients::etcd_kv(&endpoint).await;
+    let mut value = FencedKey::new(kv, &child::var(paused_holder::ENV_RESOURCE));
+    paused_holder::child_side(clients::etcd_locks(&endpoint).await, &mut value).await;
+}
+
+/// The etcd endpoint, for the child.
+const ENV_ETCD: &str = "FENCED_CHILD_ETCD";
+
+/// An etcd key written through an `EtcdFence` (its fence key beside it).
+struct FencedKey {
+    kv: KvClient,
+    key: String,
+    fence: EtcdFence,
+}
+
+impl FencedKey {
+    fn new(kv: KvClient, key: &str) -> Self {
+        FencedKey {
+            kv,
+            key: key.to_owned(),
+            fence: EtcdFence::new(format!("{key}/fence")),
+        }
+    }
+}
+
+impl FencedValue for FencedKey {
+    async fn write(&mut self, token: u64, value: &str) -> Result<(), StaleToken> {
+        let put = [TxnOp::put(self.key.as_str(), value, None)];
+        match self.fence.run(&mut self.kv, token, put).await {
+            Ok(_) => Ok(()),
+            Err(FenceError::Stale(stale)) => Err(stale),
+            Err(e) => panic!("fenced put of {}: {e}", self.key),
+        }
+    }
+
+    async fn read(&mut self) -> Option<String> {
+        get(&mut self.kv, &self.key).await
+    }
 }

@@ -1,20 +1,27 @@
 //! Fenced transactions on a real PostgreSQL (one server per test, on a free loopback
 //! port, made by `initdb` in a temp dir): the fence row is advanced first in the caller's
-//! transaction, so a stale holder's transaction is refused before it writes anything.
+//! transaction, so a stale holder's transaction is refused before it writes anything. The test
+//! with a holder process paused (SIGSTOP) past its ttl runs this test binary again for the
+//! `#[ignore]`d entry `child_paused_holder`, and takes its locks from a real `redis-server`
+//! (there is no PostgreSQL lock backend).
+
+#[path = "support/child.rs"]
+mod child;
+#[path = "support/clients.rs"]
+mod clients;
+#[path = "support/paused_holder.rs"]
+mod paused_holder;
 
 use std::time::Duration;
 
 use leasehold::testing::{start, unique_key};
-use leasehold::{LockOptions, MemoryBackend, PgFence, StaleToken, Wait};
-use leasehold_test_support::PostgresServer;
-use tokio_postgres::{Client, NoTls};
+use leasehold::{FenceError, LockOptions, MemoryBackend, PgFence, StaleToken, Wait};
+use leasehold_test_support::{PostgresServer, RedisServer};
+use paused_holder::FencedValue;
+use tokio_postgres::Client;
 
 async fn connect(server: &PostgresServer) -> Client {
-    let (client, connection) = tokio_postgres::connect(&server.url(), NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connect to {}: {e}\n{}", server.url(), server.log()));
-    tokio::spawn(connection);
-    client
+    clients::postgres(&server.url()).await
 }
 
 /// A fence table and a `resources` table (name → value), fresh for the test.
@@ -277,4 +284,70 @@ async fn pipelined_statements_of_a_stale_token_are_rolled_back() {
         .unwrap();
     assert_eq!(value(&client, &name).await.as_deref(), Some("ten"));
     assert_eq!(fence.newest(&client, &name).await.unwrap(), Some(10));
+}
+
+/// Issue 19's scenario with a real pause (`support/paused_holder.rs`): a holder process is
+/// frozen (SIGSTOP) past its ttl, the next holder writes, and the frozen one's late write is
+/// refused, leaving nothing. The locks come from Redis, the tokens are checked by PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holder_process_paused_past_its_ttl_cannot_write_after_the_next_holder() {
+    let server = PostgresServer::start();
+    let locks = RedisServer::start();
+    let (client, fence) = setup(&server).await;
+    let node = start(locks.backend().await).await;
+    let key = unique_key("paused");
+    let mut row = FencedRow {
+        client,
+        fence,
+        name: format!("resource/{key}"),
+    };
+    let name = row.name.clone();
+    paused_holder::parent_side(
+        "child_paused_holder",
+        &[(ENV_POSTGRES, server.url()), (ENV_REDIS, locks.url())],
+        &node,
+        &key,
+        &name,
+        &mut row,
+    )
+    .await;
+    node.shutdown().await;
+}
+
+/// The child side of the test above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by holder_process_paused_past_its_ttl_cannot_write_after_the_next_holder"]
+async fn child_paused_holder() {
+    let mut row = FencedRow {
+        client: clients::postgres(&child::var(ENV_POSTGRES)).await,
+        fence: PgFence::new(),
+        name: child::var(paused_holder::ENV_RESOURCE),
+    };
+    let node = clients::redis_locks(&child::var(ENV_REDIS)).await;
+    paused_holder::child_side(node, &mut row).await;
+}
+
+/// The PostgreSQL server and the Redis server of the locks, for the child.
+const ENV_POSTGRES: &str = "FENCED_CHILD_POSTGRES";
+const ENV_REDIS: &str = "FENCED_CHILD_REDIS";
+
+/// A row of `resources` written through a `PgFence`.
+struct FencedRow {
+    client: Client,
+    fence: PgFence,
+    name: String,
+}
+
+impl FencedValue for FencedRow {
+    async fn write(&mut self, token: u64, value: &str) -> Result<(), StaleToken> {
+        match write(&mut self.client, &self.fence, &self.name, token, value).await {
+            Ok(()) => Ok(()),
+            Err(FenceError::Stale(stale)) => Err(stale),
+            Err(e) => panic!("fenced write of {}: {e}", self.name),
+        }
+    }
+
+    async fn read(&mut self) -> Option<String> {
+        value(&self.client, &self.name).await
+    }
 }

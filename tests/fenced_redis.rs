@@ -4,22 +4,23 @@
 //! a holder's whole process (SIGSTOP) past its ttl: this test binary, started again to run the
 //! `#[ignore]`d entry `child_paused_holder`.
 
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+#[path = "support/child.rs"]
+mod child;
+#[path = "support/clients.rs"]
+mod clients;
+#[path = "support/paused_holder.rs"]
+mod paused_holder;
+
+use std::time::Duration;
 
 use leasehold::testing::{start, unique_key};
 use leasehold::{FenceError, FencedScript, LockOptions, RedisFence, StaleToken, Wait};
 use leasehold_test_support::RedisServer;
+use paused_holder::FencedValue;
 use redis::aio::MultiplexedConnection;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::time::timeout;
 
 async fn client(server: &RedisServer) -> MultiplexedConnection {
-    redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
+    clients::redis(&server.url()).await
 }
 
 async fn get(conn: &mut MultiplexedConnection, key: &str) -> Option<String> {
@@ -173,156 +174,66 @@ async fn holder_whose_lease_ran_out_cannot_write_after_the_next_holder() {
     second_node.shutdown().await;
 }
 
-/// The child's lines on stdout that are meant for the parent start with this.
-const REPORT: &str = "fenced-child: ";
-
-/// Issue 19's scenario with a real pause: a holder process, renewing its lease as usual, is
-/// frozen (SIGSTOP) past its ttl; another holder takes the key and writes; the frozen one is
-/// thawed and, before it looks at its lock, writes with its old token: refused, nothing
-/// written.
+/// Issue 19's scenario with a real pause (`support/paused_holder.rs`): a holder process is
+/// frozen (SIGSTOP) past its ttl, the next holder writes, and the frozen one's late write is
+/// refused, leaving nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn holder_process_paused_past_its_ttl_cannot_write_after_the_next_holder() {
     let server = RedisServer::start();
-    let mut conn = client(&server).await;
+    let node = start(server.backend().await).await;
     let key = unique_key("paused");
     let resource = format!("resource:{key}");
-    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "child_paused_holder", "--nocapture"])
-        .env("FENCED_CHILD_REDIS", server.url())
-        .env("FENCED_CHILD_KEY", &key)
-        .env("FENCED_CHILD_RESOURCE", &resource)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        // A failed test must not leave a stopped child behind.
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut report = async || loop {
-        let line = timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .expect("the child reports within 30 s")
-            .unwrap()
-            .expect("the child reports before it exits");
-        if let Some(report) = line.strip_prefix(REPORT) {
-            return report.to_owned();
-        }
-    };
-    let old_token: u64 = report()
-        .await
-        .strip_prefix("holding ")
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert_eq!(
-        get(&mut conn, &resource).await.as_deref(),
-        Some("child, in time")
-    );
-
-    let pid = child.id().unwrap();
-    signal("-STOP", pid);
-    wait_until_stopped(pid);
-    let node = start(server.backend().await).await;
-    // The child cannot renew now: the key frees when its ttl runs out (a bounded wait).
-    let next = node
-        .lock(
-            &key,
-            LockOptions::new().with_wait(Wait::UpTo(Duration::from_secs(15))),
-        )
-        .await
-        .unwrap();
-    assert!(next.fencing_token() > old_token);
-    let fence = RedisFence::new(resource.clone());
-    fence
-        .set(&mut conn, next.fencing_token(), "next holder")
-        .await
-        .unwrap();
-
-    signal("-CONT", pid);
-    stdin.write_all(b"write\n").await.unwrap();
-    assert_eq!(
-        report().await,
-        format!("refused {old_token} newest {}", next.fencing_token())
-    );
-    assert_eq!(
-        get(&mut conn, &resource).await.as_deref(),
-        Some("next holder")
-    );
-    drop(stdin);
-    let status = timeout(Duration::from_secs(30), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "the child failed: {status}");
-    next.release().await.unwrap();
+    let mut value = FencedKey::new(client(&server).await, &resource);
+    paused_holder::parent_side(
+        "child_paused_holder",
+        &[(ENV_REDIS, server.url())],
+        &node,
+        &key,
+        &resource,
+        &mut value,
+    )
+    .await;
     node.shutdown().await;
 }
 
-/// The child side of the test above: takes the lock (1 s ttl, auto-renew on), writes, reports
-/// its token, then on `write` writes again with that token and reports what the fence said.
+/// The child side of the test above.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by holder_process_paused_past_its_ttl_cannot_write_after_the_next_holder"]
 async fn child_paused_holder() {
-    let env = |name: &str| std::env::var(name).expect("started by the parent test");
-    let backend = leasehold::RedisBackend::connect(&env("FENCED_CHILD_REDIS"))
-        .await
-        .unwrap();
-    let mut conn = redis::Client::open(env("FENCED_CHILD_REDIS"))
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let node = start(backend).await;
-    let guard = node
-        .try_lock(
-            &env("FENCED_CHILD_KEY"),
-            LockOptions::new().with_ttl(Duration::from_secs(1)),
-        )
-        .await
-        .unwrap()
-        .expect("the key is free");
-    let token = guard.fencing_token();
-    let fence = RedisFence::new(env("FENCED_CHILD_RESOURCE"));
-    fence.set(&mut conn, token, "child, in time").await.unwrap();
-    println!("{REPORT}holding {token}");
+    let url = child::var(ENV_REDIS);
+    let conn = clients::redis(&url).await;
+    let mut value = FencedKey::new(conn, &child::var(paused_holder::ENV_RESOURCE));
+    paused_holder::child_side(clients::redis_locks(&url).await, &mut value).await;
+}
 
-    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
-    assert_eq!(stdin.next_line().await.unwrap().as_deref(), Some("write"));
-    // A stale process does not look before it writes: the fence is what stops it.
-    match fence.set(&mut conn, token, "child, too late").await {
-        Err(FenceError::Stale(stale)) => {
-            println!("{REPORT}refused {} newest {}", stale.token, stale.newest)
+/// The Redis server, for the child.
+const ENV_REDIS: &str = "FENCED_CHILD_REDIS";
+
+/// A Redis key written through its `RedisFence`.
+struct FencedKey {
+    conn: MultiplexedConnection,
+    fence: RedisFence,
+}
+
+impl FencedKey {
+    fn new(conn: MultiplexedConnection, key: &str) -> Self {
+        FencedKey {
+            conn,
+            fence: RedisFence::new(key),
         }
-        other => println!("{REPORT}not refused: {other:?}"),
     }
-    drop(guard);
-    node.shutdown().await;
 }
 
-fn signal(signal: &str, pid: u32) {
-    let status = std::process::Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill {signal} {pid}");
-}
-
-/// Returns once the kernel shows `pid` stopped (bounded).
-fn wait_until_stopped(pid: u32) {
-    let give_up = Instant::now() + Duration::from_secs(10);
-    loop {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // The state is the field after the command name, which is in parentheses.
-        if stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.chars().next())
-            == Some('T')
-        {
-            return;
+impl FencedValue for FencedKey {
+    async fn write(&mut self, token: u64, value: &str) -> Result<(), StaleToken> {
+        match self.fence.set(&mut self.conn, token, value).await {
+            Ok(()) => Ok(()),
+            Err(FenceError::Stale(stale)) => Err(stale),
+            Err(e) => panic!("fenced SET of {}: {e}", self.fence.key()),
         }
-        assert!(Instant::now() < give_up, "{pid} did not stop: {stat}");
-        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    async fn read(&mut self) -> Option<String> {
+        get(&mut self.conn, self.fence.key()).await
     }
 }

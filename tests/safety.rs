@@ -18,24 +18,25 @@
 //! (A holder *actor* that panics releases at once: that is the conformance suite's
 //! `holder_actor_panic_releases`, run against Redis by `tests/redis.rs`.)
 
+#[path = "support/child.rs"]
+mod child;
+
 use leasehold_test_support::redis_server;
 use leasehold_test_support::register;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use child::{fields, report, var, ChildTest};
 use leasehold::testing::{start, unique_key};
 use leasehold::{Error, LockClient, LockGuard, LockOptions, RedisBackend, Wait};
 use redis_server::RedisServer;
 use register::{Op, OpKind, Register, RegisterClient};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin, Command};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::timeout;
 
 /// The lease of every hold in the contention runs.
@@ -69,9 +70,6 @@ const ENV_QUARANTINE_MS: &str = "LEASEHOLD_SAFETY_QUARANTINE_MS";
 /// The end of a contention run, in nanoseconds since the Unix epoch: both processes read the
 /// same wall clock, so they stop together.
 const ENV_RUN_UNTIL: &str = "LEASEHOLD_SAFETY_RUN_UNTIL_NANOS";
-
-/// Marks the child's stdout reports meant for the parent (the test harness prints its own).
-const REPORT: &str = "safety-report:";
 
 // ---------------------------------------------------------------------------------------------
 // The contention runs.
@@ -646,15 +644,6 @@ impl fmt::Display for History {
     }
 }
 
-/// The `key=value` words of a report line that starts with `tag`.
-fn fields<'a>(line: &'a str, tag: &str) -> Option<HashMap<&'a str, &'a str>> {
-    let mut words = line.split_whitespace();
-    if words.next()? != tag {
-        return None;
-    }
-    words.map(|word| word.split_once('=')).collect()
-}
-
 fn nanos(t: SystemTime) -> u64 {
     let since_epoch = t.duration_since(UNIX_EPOCH).expect("clock after 1970");
     u64::try_from(since_epoch.as_nanos()).expect("before 2554")
@@ -809,138 +798,6 @@ async fn holder_process_killed_while_holding_frees_the_key_only_when_its_ttl_run
 // ---------------------------------------------------------------------------------------------
 // The child process.
 
-/// This test binary, started again to run one child entry, with its stdout read line by line.
-struct ChildTest {
-    entry: &'static str,
-    process: Child,
-    stdin: Option<ChildStdin>,
-    /// Lines that start with [`REPORT`], without it.
-    reports: mpsc::UnboundedReceiver<String>,
-    /// Everything the child wrote, stdout and stderr, for failure messages.
-    output: Arc<Mutex<Vec<String>>>,
-}
-
-impl ChildTest {
-    fn spawn(entry: &'static str, env: &[(&str, String)]) -> ChildTest {
-        let exe = std::env::current_exe().expect("path of this test binary");
-        let mut process = Command::new(exe)
-            .args(["--ignored", "--exact", entry, "--nocapture"])
-            .args(["--test-threads", "1"])
-            .envs(env.iter().map(|(name, value)| (name, value)))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // A failed test must not leave a stopped or holding child behind.
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start this test binary again as a child");
-        let output = Arc::new(Mutex::new(Vec::new()));
-        let (sender, reports) = mpsc::unbounded_channel();
-        read_lines(process.stdout.take().unwrap(), output.clone(), Some(sender));
-        read_lines(process.stderr.take().unwrap(), output.clone(), None);
-        ChildTest {
-            entry,
-            stdin: process.stdin.take(),
-            process,
-            reports,
-            output,
-        }
-    }
-
-    /// The next report, or a panic with the child's output.
-    async fn next_report(&mut self, limit: Duration) -> String {
-        match timeout(limit, self.reports.recv()).await {
-            Ok(Some(report)) => report,
-            Ok(None) => panic!(
-                "child {} ended without reporting\n{}",
-                self.entry,
-                self.output()
-            ),
-            Err(_) => panic!(
-                "child {} reported nothing within {limit:?}\n{}",
-                self.entry,
-                self.output()
-            ),
-        }
-    }
-
-    async fn send(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin open");
-        stdin
-            .write_all(format!("{line}\n").as_bytes())
-            .await
-            .expect("write to the child");
-        stdin.flush().await.expect("flush to the child");
-    }
-
-    fn signal(&self, signal: &str) {
-        let pid = self.process.id().expect("the child is running");
-        let status = std::process::Command::new("kill")
-            .arg(signal)
-            .arg(pid.to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill {signal} {pid} failed");
-    }
-
-    /// SIGKILL, and reap.
-    async fn kill(&mut self) {
-        self.process.kill().await.expect("kill the child");
-    }
-
-    /// Closes its stdin, waits for it to exit, asserts it passed, and returns the reports it
-    /// had not handed out yet.
-    async fn finish(mut self, limit: Duration) -> Vec<String> {
-        drop(self.stdin.take());
-        let status = match timeout(limit, self.process.wait()).await {
-            Ok(status) => status.expect("wait for the child"),
-            Err(_) => panic!(
-                "child {} still running after {limit:?}\n{}",
-                self.entry,
-                self.output()
-            ),
-        };
-        assert!(
-            status.success(),
-            "child {} failed: {status}\n{}",
-            self.entry,
-            self.output()
-        );
-        let mut reports = Vec::new();
-        // The readers end at EOF, which follows the exit.
-        while let Some(report) = self.reports.recv().await {
-            reports.push(report);
-        }
-        reports
-    }
-
-    fn output(&self) -> String {
-        format!(
-            "--- output of child {} ---\n{}",
-            self.entry,
-            self.output.lock().unwrap().join("\n")
-        )
-    }
-}
-
-fn read_lines(
-    from: impl AsyncRead + Unpin + Send + 'static,
-    output: Arc<Mutex<Vec<String>>>,
-    reports: Option<mpsc::UnboundedSender<String>>,
-) {
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(from).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            // Not only at the start: libtest prints `test NAME ... ` without a newline before
-            // the test's own first line.
-            if let (Some(reports), Some((_, report))) = (&reports, line.split_once(REPORT)) {
-                let _ = reports.send(report.trim().to_owned());
-            }
-            output.lock().unwrap().push(line);
-        }
-    });
-}
-
 /// What a child is told through its environment.
 struct ChildEnv {
     redis_url: String,
@@ -975,16 +832,6 @@ impl ChildEnv {
         }
         start(backend).await
     }
-}
-
-fn var(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!("{name} is not set: this is a child process of the safety tests, started by them")
-    })
-}
-
-fn report(line: &str) {
-    println!("{REPORT} {line}");
 }
 
 /// Contends like the in-process workers, and reports each hold on stdout.
