@@ -333,15 +333,6 @@ async fn take(node: &LockClient, key: &str) -> Option<LockGuard> {
             tokio::time::sleep(RETRY_PAUSE).await;
             None
         }
-        // A shortcoming of the etcd backend in `txn` mode, not of the fences: the lease an
-        // acquisition grants itself can run out before its transaction when the store freezes
-        // in between, and etcd answers "requested lease not found", which the backend reports
-        // as not retryable although a new attempt (a new lease) succeeds.
-        Err(e) if e.to_string().contains("requested lease not found") => {
-            eprintln!("lock({key}): {e}; asking again");
-            tokio::time::sleep(RETRY_PAUSE).await;
-            None
-        }
         Err(e) => panic!("lock({key}) failed for good: {e}"),
     }
 }

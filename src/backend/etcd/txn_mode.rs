@@ -44,11 +44,26 @@ impl EtcdBackend {
         }
         // The lease first, so the put can attach the key to it: the key then disappears with
         // the lease, whether it is revoked or runs out.
-        let grant = self.grant(ttl).await?;
-        let value = Holder::encode(owner, grant.ttl, metadata);
+        let mut grant = self.grant(ttl).await?;
         // Recorded before the write, so the prefix watch cannot miss a change right after it.
-        let registration = self.register(owner, grant.id, grant.ttl).await;
-        let answer = self.txn(create(&lock_key, value, grant.id)).await?;
+        let mut registration = self.register(owner, grant.id, grant.ttl).await;
+        let mut answer = self
+            .txn(create(
+                &lock_key,
+                Holder::encode(owner, grant.ttl, metadata),
+                grant.id,
+            ))
+            .await;
+        if matches!(&answer, Err(error) if is_lease_not_found(error)) {
+            // The lease ran out before the transaction came (etcd stalled in between for its
+            // whole ttl): nothing was written. Once more, on a new lease.
+            drop(registration);
+            grant = self.grant(ttl).await?;
+            registration = self.register(owner, grant.id, grant.ttl).await;
+            let value = Holder::encode(owner, grant.ttl, metadata);
+            answer = self.txn(create(&lock_key, value, grant.id)).await;
+        }
+        let answer = answer?;
         // The transaction's revision is the put's: etcd gives each write transaction one new
         // revision, strictly greater than every earlier one, so it is a fencing token.
         let revision = txn_revision(&answer)?;
