@@ -65,7 +65,7 @@
 //!
 //! # Session lease
 //! With [`EtcdBackendBuilder::with_session`], every lock the backend takes is on one shared
-//! lease, as with etcd's `concurrency.Session`: one keep-alive every ttl/4 for all of them,
+//! lease, as with etcd's `concurrency.Session`: one keep-alive every ttl/8 for all of them,
 //! no lease grant or revoke per lock, for users with 100,000 locks and more. Each key actor
 //! still keeps its key, deadline and timer, and counts its deadline from the session's last
 //! keep-alive (see `session.rs`). Lock ttls are bounded by the session's ttl (a longer one
@@ -293,7 +293,7 @@ impl EtcdBackendBuilder {
     }
 
     /// Puts every lock on one session lease of `ttl`, as etcd's `concurrency.Session` does:
-    /// one keep-alive every `ttl / 4` for all locks, instead of a lease (grant, keep-alives,
+    /// one keep-alive every `ttl / 8` for all locks, instead of a lease (grant, keep-alives,
     /// revoke) per lock. For many locks (100,000 and more) per backend. The session is granted
     /// by the first acquisition, and again after it is lost.
     ///

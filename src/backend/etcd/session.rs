@@ -2,12 +2,12 @@
 //! `concurrency.Session` does (see [`EtcdBackendBuilder::with_session`]).
 //!
 //! With a lease per lock, 100,000 locks are 100,000 leases, each kept alive on its own. With a
-//! session they are one lease, kept alive by one small task every ttl/4, and a lock costs its
+//! session they are one lease, kept alive by one small task every ttl/8, and a lock costs its
 //! key alone: taking it is one transaction (no grant, no revoke), releasing it one delete.
 //!
 //! Each key actor still keeps its key, its deadline and its timer. Its renewal asks the session
 //! when its last keep-alive was sent (`kept`), and counts its deadline from that instant: the
-//! session lease runs at least its ttl from there. A keep-alive older than a third of the
+//! session lease runs at least its ttl from there. A keep-alive older than a sixth of the
 //! lock's ttl is too old to renew on, and the renewal sends one of its own (renewals at once
 //! share it on the backend's keep-alive stream). Whether the key itself is still ours comes
 //! from the prefix watch (`held.rs`), as for any lock.
@@ -157,7 +157,7 @@ impl Current {
     }
 }
 
-/// The keeper: a keep-alive every quarter of the granted ttl, until etcd says the lease is
+/// The keeper: a keep-alive every eighth of the granted ttl, until etcd says the lease is
 /// gone, no keep-alive succeeded for a whole ttl, or the session is dropped.
 async fn keep(backend: EtcdBackend, session: std::sync::Weak<Current>) {
     loop {
@@ -168,7 +168,7 @@ async fn keep(backend: EtcdBackend, session: std::sync::Weak<Current>) {
             return;
         };
         let granted = Duration::from_secs(u64::try_from(current.granted).unwrap_or(1));
-        let next = kept.sent_at + granted / 4;
+        let next = kept.sent_at + granted / 8;
         drop(current);
         tokio::time::sleep_until(next).await;
         let Some(current) = session.upgrade() else {
@@ -197,7 +197,7 @@ async fn keep(backend: EtcdBackend, session: std::sync::Weak<Current>) {
 }
 
 /// Checks a session ttl before any I/O: etcd counts whole seconds, and the keeper renews every
-/// quarter of it.
+/// eighth of it.
 pub(super) fn check_ttl(ttl: Duration) -> Result<(), String> {
     if ttl < Duration::from_secs(2) {
         return Err(format!(
