@@ -1,17 +1,14 @@
 //! `leasehold elect`: campaign for leadership of NAME, run a command while leader.
 
 use std::io::ErrorKind;
-use std::os::unix::process::ExitStatusExt;
-use std::process::ExitStatus;
 use std::time::Duration;
 
 use clap::Args;
 use leasehold::{CampaignOptions, Wait};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::time::{sleep_until, Instant};
 
-use crate::run::fail;
+use crate::run::{exit_code, fail, supervise};
 use crate::{exit, parse_duration, StoreArgs};
 
 #[derive(Args, Debug)]
@@ -103,27 +100,15 @@ pub(crate) async fn elect(args: ElectArgs) -> u8 {
             };
         }
     };
-    let mut kill_at: Option<Instant> = None;
-    let status = loop {
-        tokio::select! {
-            status = child.wait() => break status,
-            reason = leadership.lost(), if kill_at.is_none() => {
-                // Demoted (told before the lease's deadline): stop leading now, before anyone
-                // else can be elected, with a grace period to clean up.
-                eprintln!("leasehold: demoted from leading {:?} ({reason}); sending SIGTERM to the command", args.name);
-                send(&child, libc::SIGTERM);
-                kill_at = Some(Instant::now() + args.kill_grace);
-            }
-            _ = sleep_until(kill_at.unwrap_or_else(Instant::now)), if kill_at.is_some() => {
-                eprintln!("leasehold: the command outlived its {:?} grace; sending SIGKILL", args.kill_grace);
-                send(&child, libc::SIGKILL);
-                kill_at = Some(Instant::now() + args.kill_grace * 1000);
-            }
-            _ = interrupts.recv() => send(&child, libc::SIGINT),
-            _ = terminations.recv() => send(&child, libc::SIGTERM),
-        }
-    };
-    let demoted = kill_at.is_some();
+    let name = args.name.clone();
+    let (status, demoted) = supervise(
+        &mut child,
+        leadership.lost(),
+        |reason| format!("demoted from leading {name:?} ({reason})"),
+        args.kill_grace,
+        (&mut interrupts, &mut terminations),
+    )
+    .await;
     let resigned = if demoted {
         Ok(())
     } else {
@@ -151,25 +136,4 @@ fn default_value() -> String {
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "localhost".to_owned());
     format!("{host}:{}", std::process::id())
-}
-
-// `send` and `exit_code` are as in `run.rs` (kept apart so the two commands can change alone).
-
-/// Signals the child if it is still running.
-fn send(child: &Child, signal: libc::c_int) {
-    if let Some(pid) = child.id() {
-        // SAFETY: kill(2) takes any pid and signal number; the worst outcome is an error.
-        unsafe {
-            libc::kill(pid as libc::pid_t, signal);
-        }
-    }
-}
-
-/// The command's exit code, or 128 + the signal that ended it, as shells report it.
-fn exit_code(status: ExitStatus) -> u8 {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => code as u8,
-        (None, Some(signal)) => 128u8.saturating_add(signal as u8),
-        _ => exit::SOFTWARE,
-    }
 }

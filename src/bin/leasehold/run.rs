@@ -1,12 +1,14 @@
 //! `leasehold run`: hold the lock while a child process runs.
 
+use std::future::Future;
 use std::io::ErrorKind;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
+use std::time::Duration;
 
-use leasehold::{Error, LockOptions, Wait};
+use leasehold::{Error, LockOptions, LostReason, Wait};
 use tokio::process::{Child, Command};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::time::{sleep_until, Instant};
 
 use crate::{exit, RunArgs};
@@ -72,27 +74,15 @@ pub(crate) async fn run(args: RunArgs) -> u8 {
             return exit::SOFTWARE;
         }
     };
-    let mut kill_at: Option<Instant> = None;
-    let status = loop {
-        tokio::select! {
-            status = child.wait() => break status,
-            reason = guard.lost(), if kill_at.is_none() => {
-                // The lock is no longer ours: stop the work now, before anyone else can
-                // take the key, and give the command a grace period to clean up.
-                eprintln!("leasehold: lease on {:?} lost ({reason}); sending SIGTERM to the command", args.key);
-                send(&child, libc::SIGTERM);
-                kill_at = Some(Instant::now() + args.kill_grace);
-            }
-            _ = sleep_until(kill_at.unwrap_or_else(Instant::now)), if kill_at.is_some() => {
-                eprintln!("leasehold: the command outlived its {:?} grace; sending SIGKILL", args.kill_grace);
-                send(&child, libc::SIGKILL);
-                kill_at = Some(Instant::now() + args.kill_grace * 1000);
-            }
-            _ = interrupts.recv() => send(&child, libc::SIGINT),
-            _ = terminations.recv() => send(&child, libc::SIGTERM),
-        }
-    };
-    let lost = kill_at.is_some();
+    let key = args.key.clone();
+    let (status, lost) = supervise(
+        &mut child,
+        guard.lost(),
+        |reason| format!("lease on {key:?} lost ({reason})"),
+        args.kill_grace,
+        (&mut interrupts, &mut terminations),
+    )
+    .await;
     let released = if lost { Ok(()) } else { guard.release().await };
     client.shutdown().await;
     if lost {
@@ -111,8 +101,43 @@ pub(crate) async fn run(args: RunArgs) -> u8 {
     }
 }
 
+/// Waits for `child` to end, passing SIGINT and SIGTERM on to it. When `lost` resolves first
+/// (the lock or the leadership is gone, told before its deadline), says `told(reason)` and
+/// sends the command SIGTERM at once, then SIGKILL after `kill_grace`. The command's exit
+/// status, and whether `lost` came first. Shared by `run` and `elect`.
+pub(crate) async fn supervise(
+    child: &mut Child,
+    lost: impl Future<Output = LostReason>,
+    told: impl Fn(LostReason) -> String,
+    kill_grace: Duration,
+    (interrupts, terminations): (&mut Signal, &mut Signal),
+) -> (std::io::Result<ExitStatus>, bool) {
+    let mut lost = std::pin::pin!(lost);
+    let mut kill_at: Option<Instant> = None;
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status,
+            reason = &mut lost, if kill_at.is_none() => {
+                // No longer ours: stop the work now, before anyone else can take over, and
+                // give the command a grace period to clean up.
+                eprintln!("leasehold: {}; sending SIGTERM to the command", told(reason));
+                send(child, libc::SIGTERM);
+                kill_at = Some(Instant::now() + kill_grace);
+            }
+            _ = sleep_until(kill_at.unwrap_or_else(Instant::now)), if kill_at.is_some() => {
+                eprintln!("leasehold: the command outlived its {kill_grace:?} grace; sending SIGKILL");
+                send(child, libc::SIGKILL);
+                kill_at = Some(Instant::now() + kill_grace * 1000);
+            }
+            _ = interrupts.recv() => send(child, libc::SIGINT),
+            _ = terminations.recv() => send(child, libc::SIGTERM),
+        }
+    };
+    (status, kill_at.is_some())
+}
+
 /// Signals the child if it is still running.
-fn send(child: &Child, signal: libc::c_int) {
+pub(crate) fn send(child: &Child, signal: libc::c_int) {
     if let Some(pid) = child.id() {
         // SAFETY: kill(2) takes any pid and signal number; the worst outcome is an error.
         unsafe {
@@ -122,7 +147,7 @@ fn send(child: &Child, signal: libc::c_int) {
 }
 
 /// The command's exit code, or 128 + the signal that ended it, as shells report it.
-fn exit_code(status: ExitStatus) -> u8 {
+pub(crate) fn exit_code(status: ExitStatus) -> u8 {
     match (status.code(), status.signal()) {
         (Some(code), _) => code as u8,
         (None, Some(signal)) => 128u8.saturating_add(signal as u8),
