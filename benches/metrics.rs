@@ -33,18 +33,30 @@ fn main() {
 }
 
 /// Installs the Prometheus recorder (before the manager starts: leasehold registers its
-/// series then) and scrapes it once a second on a thread of its own.
+/// series then) and scrapes it once a second on a thread of its own. Histograms are the
+/// exporter's default summaries, or with `LEASEHOLD_BENCH_BUCKETS=1` Prometheus histograms
+/// with buckets (what a fleet aggregating across instances configures).
 #[cfg(feature = "metrics")]
 fn record() -> &'static str {
-    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .expect("prometheus recorder");
+    let buckets = std::env::var_os("LEASEHOLD_BENCH_BUCKETS").is_some();
+    let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+    if buckets {
+        let bounds = [
+            1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0,
+        ];
+        builder = builder.set_buckets(&bounds).expect("bucket bounds");
+    }
+    let handle = builder.install_recorder().expect("prometheus recorder");
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_secs(1));
         handle.run_upkeep();
         std::hint::black_box(handle.render());
     });
-    "on (metrics-exporter-prometheus recorder, scraped every second)"
+    if buckets {
+        "on (metrics-exporter-prometheus recorder, histograms with buckets, scraped every second)"
+    } else {
+        "on (metrics-exporter-prometheus recorder, default summaries, scraped every second)"
+    }
 }
 
 #[cfg(not(feature = "metrics"))]

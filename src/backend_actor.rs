@@ -43,7 +43,7 @@ use crate::error::{Error, Result, StoreError};
 use crate::event::{LockEventKind, ReleaseReason};
 use crate::key_actor::{KeyActor, KeyArgs, KeyMsg, KeyState};
 use crate::manager::LockManagerMsg;
-use crate::metrics::Counted;
+use crate::metrics::{Counted, StoreOp};
 use crate::request::{AcquireReply, AcquireRequest, InspectReply, Requeue};
 use crate::task::AbortOnDrop;
 
@@ -197,7 +197,8 @@ impl Actor for BackendActor {
         // A restart: the store answers before this actor takes anything over. A failed probe
         // fails this actor, and the manager tries again after a longer pause.
         let budget = state.ctx.timing.op_timeout;
-        match timeout(budget, state.ctx.store.ping()).await {
+        let ctx = &state.ctx;
+        match timeout(budget, ctx.metrics.timed(StoreOp::Ping, ctx.store.ping())).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => return Err(format!("store probe failed: {error}").into()),
             Err(_) => return Err(format!("store probe timed out after {budget:?}").into()),
@@ -655,11 +656,12 @@ impl BackendState {
             .as_ref()
             .is_none_or(|watch| watch.0.is_finished())
         {
-            let store = self.ctx.store.clone();
+            let ctx = self.ctx.clone();
             let (me, key, seen) = (myself.clone(), key.clone(), contention.clone());
             let backend = self.ctx.name.clone();
             slot.watch = Some(AbortOnDrop(tokio::spawn(async move {
-                match store.subscribe(&key, &seen).await {
+                let subscribe = ctx.store.subscribe(&key, &seen);
+                match ctx.metrics.timed(StoreOp::Subscribe, subscribe).await {
                     Ok(mut notices) => {
                         // A release between the failed attempt and this subscription would
                         // otherwise be missed: look once more now that notices flow.
@@ -705,7 +707,8 @@ impl BackendState {
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
             let budget = ctx.timing.op_timeout;
-            let result = match timeout(budget, ctx.store.inspect(&key)).await {
+            let inspect = ctx.metrics.timed(StoreOp::Inspect, ctx.store.inspect(&key));
+            let result = match timeout(budget, inspect).await {
                 Ok(result) => result.map_err(|e| ctx.store_error(e)),
                 Err(_) => Err(ctx.store_error(StoreError::TimedOut {
                     op: "inspect",

@@ -15,7 +15,7 @@ use crate::backend_actor::{BackendMsg, Busy};
 use crate::error::{Error, Result, StoreError};
 use crate::event::{EventBus, LockEventKind};
 use crate::key_actor::KeyMsg;
-use crate::metrics::{timed, BackendMetrics};
+use crate::metrics::{BackendMetrics, StoreOp};
 use crate::request::{AcquireReply, AcquireRequest};
 use crate::timing::Timing;
 
@@ -74,8 +74,7 @@ impl BackendCtx {
         let metrics = BackendMetrics::new(&name, store.kind());
         BackendCtx {
             name,
-            // Timed at the seam: every store call's latency, by operation.
-            store: timed(store, &metrics),
+            store,
             events,
             timing,
             metrics,
@@ -233,9 +232,22 @@ impl BackendCtx {
         self.next_job.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// A call on a lease (`op`: acquire, renew or release) answered after `took` (from the
+    /// clock readings its key actor takes anyway): into the store-call metrics, and towards
+    /// the backend's health.
+    pub(crate) fn answered<T>(
+        &self,
+        op: StoreOp,
+        took: Duration,
+        outcome: &std::result::Result<T, StoreError>,
+    ) {
+        self.metrics.store_call(op, took, outcome.is_err());
+        self.record(outcome);
+    }
+
     /// Counts a store operation's outcome towards the backend's health. After failures (and no
     /// success) for longer than the retry budget, tells the backend actor the store is down.
-    pub(crate) fn record<T>(&self, outcome: &std::result::Result<T, StoreError>) {
+    fn record<T>(&self, outcome: &std::result::Result<T, StoreError>) {
         match outcome {
             Ok(_) => self.health.succeeded(),
             Err(error) if error.is_retryable() => {

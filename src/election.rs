@@ -32,6 +32,7 @@ use crate::client::LockClient;
 use crate::error::{Error, Result};
 use crate::event::LostReason;
 use crate::guard::LockGuard;
+use crate::metrics::StoreOp;
 use crate::options::{validate_key, validate_ttl, LockOptions, Wait, MAX_METADATA_LEN};
 use crate::task::AbortOnDrop;
 
@@ -189,7 +190,10 @@ impl Election {
     pub async fn observe(&self) -> Result<LeaderChanges> {
         let ctx = self.client.backend_ctx();
         let budget = ctx.timing.op_timeout;
-        match timeout(budget, ctx.store.observe(&self.name)).await {
+        let observe = ctx
+            .metrics
+            .timed(StoreOp::Observe, ctx.store.observe(&self.name));
+        match timeout(budget, observe).await {
             Ok(Ok(changes)) => Ok(changes),
             Ok(Err(error)) => Err(ctx.store_error(error)),
             Err(_) => Err(ctx.store_error(crate::StoreError::TimedOut {
@@ -266,7 +270,8 @@ impl Drop for Withdraw {
         let candidate = self.candidate;
         runtime.spawn(async move {
             let ctx = election.client.backend_ctx();
-            let withdrawn = ctx.store.withdraw(&election.name, candidate);
+            let withdraw = ctx.store.withdraw(&election.name, candidate);
+            let withdrawn = ctx.metrics.timed(StoreOp::Withdraw, withdraw);
             if let Ok(Err(error)) = timeout(ctx.timing.op_timeout, withdrawn).await {
                 tracing::debug!(name = %election.name, %error, "withdrawing a candidate failed; its entry runs out at its ttl");
             }

@@ -25,6 +25,7 @@ use crate::backend_ctx::BackendCtx;
 use crate::error::{Error, Result, StoreError};
 use crate::event::{LockEventKind, LostReason, ReleaseReason};
 use crate::guard::{status_cell, LeaseStatus, LockGuard, StatusWriter};
+use crate::metrics::StoreOp;
 use crate::request::{AcquireReply, AcquireRequest, Requeue};
 use timer::RenewalTimer;
 
@@ -309,13 +310,17 @@ impl KeyState {
             op: "acquire",
             after: ctx.timing.op_timeout,
         }));
-        ctx.record(&attempt);
+        let now = Instant::now();
+        let op = match request.candidate {
+            Some(_) => StoreOp::Campaign,
+            None => StoreOp::Acquire,
+        };
+        ctx.answered(op, now - sent_at, &attempt);
         let outcome = match attempt {
             Ok(Acquisition::Acquired(lease)) => {
                 let deadline = ctx.timing.deadline(sent_at, request.ttl);
-                let now = Instant::now();
                 if now < lose_at(deadline, request.ttl, ctx.timing.drift) {
-                    return self.hold(myself, lease, request, sent_at, reply);
+                    return self.hold(myself, lease, request, sent_at, now, reply);
                 }
                 // The store's answer came too late to be of use: the lease it granted may
                 // already have expired there. Give it back and treat this as a slow store,
@@ -346,8 +351,11 @@ impl KeyState {
     /// matches, so this never touches another holder's key. Better than leaving the key held
     /// by nobody until its ttl.
     async fn take_back(&self, lease: Lease) {
-        let budget = Instant::now() + self.ctx.timing.op_timeout;
-        let _ = timeout_at(budget, self.ctx.store.release(&lease)).await;
+        let ctx = &self.ctx;
+        let release = ctx
+            .metrics
+            .timed(StoreOp::Release, ctx.store.release(&lease));
+        let _ = timeout_at(Instant::now() + ctx.timing.op_timeout, release).await;
     }
 
     /// An attempt that did not acquire: answer the caller, or hand the request back to the
@@ -397,6 +405,7 @@ impl KeyState {
         lease: Lease,
         request: AcquireRequest,
         sent_at: Instant,
+        now: Instant,
         reply: AcquireReply,
     ) {
         let ctx = &self.ctx;
@@ -405,7 +414,6 @@ impl KeyState {
             deadline,
             ttl: request.ttl,
         });
-        let now = Instant::now();
         let token = lease.fencing_token;
         tracing::Span::current().record("token", token);
         ctx.emit(
@@ -514,13 +522,18 @@ impl KeyState {
         let token = held.lease.fencing_token;
         let renewing = ctx.store.renew_from(&held.lease, held.ttl, sent_at);
         let renewed = timeout_at(held.lose_at, renewing).await;
-        ctx.metrics.renewal(sent_at);
+        let took = sent_at.elapsed();
+        ctx.metrics.renewal(took);
         match &renewed {
-            Ok(outcome) => ctx.record(outcome),
-            Err(_) => ctx.record::<()>(&Err(StoreError::TimedOut {
-                op: "renew",
-                after: held.lose_at.saturating_duration_since(sent_at),
-            })),
+            Ok(outcome) => ctx.answered(StoreOp::Renew, took, outcome),
+            Err(_) => ctx.answered::<()>(
+                StoreOp::Renew,
+                took,
+                &Err(StoreError::TimedOut {
+                    op: "renew",
+                    after: took,
+                }),
+            ),
         }
         match renewed {
             Ok(Ok(Some(from))) => {
@@ -585,7 +598,11 @@ impl KeyState {
             // hold this actor (and a shutdown waiting for it) any longer than that.
             let store_expiry = held.deadline + held.ttl.mul_f64(self.ctx.timing.drift);
             let budget = store_expiry.min(Instant::now() + self.ctx.timing.op_timeout);
-            let _ = timeout_at(budget, self.ctx.store.release(&held.lease)).await;
+            let ctx = &self.ctx;
+            let release = ctx
+                .metrics
+                .timed(StoreOp::Release, ctx.store.release(&held.lease));
+            let _ = timeout_at(budget, release).await;
         }
         error
     }
@@ -601,14 +618,18 @@ impl KeyState {
         let ctx = self.ctx.clone();
         let token = held.lease.fencing_token;
         self.stop_holding(myself, &held);
-        let budget = Instant::now() + ctx.timing.op_timeout;
-        let released = timeout_at(budget, ctx.store.release(&held.lease))
-            .await
-            .unwrap_or(Err(StoreError::TimedOut {
-                op: "release",
-                after: ctx.timing.op_timeout,
-            }));
-        ctx.record(&released);
+        let sent_at = Instant::now();
+        let released = timeout_at(
+            sent_at + ctx.timing.op_timeout,
+            ctx.store.release(&held.lease),
+        )
+        .await
+        .unwrap_or(Err(StoreError::TimedOut {
+            op: "release",
+            after: ctx.timing.op_timeout,
+        }));
+        let now = Instant::now();
+        ctx.answered(StoreOp::Release, now - sent_at, &released);
         // Free on this node before anyone is answered.
         self.done(myself, None);
         if let Ok(false) = released {
@@ -632,7 +653,7 @@ impl KeyState {
             &key,
             Some(token),
             LockEventKind::Released {
-                held_for: held.acquired_at.elapsed(),
+                held_for: now - held.acquired_at,
                 reason,
             },
         );
@@ -647,7 +668,10 @@ impl KeyState {
         let Some(held) = self.held.as_ref() else {
             return Err(self.not_held());
         };
-        let proclaimed = timeout_at(held.lose_at, ctx.store.proclaim(&held.lease, value)).await;
+        let proclaim = ctx
+            .metrics
+            .timed(StoreOp::Proclaim, ctx.store.proclaim(&held.lease, value));
+        let proclaimed = timeout_at(held.lose_at, proclaim).await;
         match proclaimed {
             Ok(Ok(true)) => Ok(()),
             Ok(Ok(false)) => Err(self.lose(myself, LostReason::NotOwner).await),

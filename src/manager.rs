@@ -15,6 +15,7 @@ use crate::client::LockClient;
 use crate::error::{Error, Result};
 use crate::event::{EventBus, LockEvent, LockEventKind};
 use crate::guard::LockGuard;
+use crate::metrics::StoreOp;
 use crate::options::{validate_key, validate_ttl, Caller, LockOptions, MAX_TTL};
 use crate::request::{AcquireReply, AcquireRequest, InspectReply};
 use crate::timing::Timing;
@@ -466,7 +467,8 @@ impl Actor for LockManager {
                     let ctx = ctx.clone();
                     // Opening a watch is store I/O: not in this actor's loop.
                     tokio::spawn(async move {
-                        let events = ctx.store.watch_prefix(&prefix).await;
+                        let watch = ctx.store.watch_prefix(&prefix);
+                        let events = ctx.metrics.timed(StoreOp::WatchPrefix, watch).await;
                         let _ = reply.send(events.map_err(|e| ctx.store_error(e)));
                     });
                 }

@@ -14,17 +14,26 @@
 //! moves the held-leases gauge: up on `Acquired`, down on `Released` and `Lost`); the key
 //! actor times its renewals ([`BackendMetrics::renewal`]); the backend actor keeps a
 //! [`Counted`] in each waiter it queues (its share of the waiters gauge, given back on drop,
-//! so that no way out of the queue can miss it); and the store is wrapped by [`timed`], which
-//! times every call at the backend seam.
+//! so that no way out of the queue can miss it); and every store call is timed where it is
+//! made, by operation ([`StoreOp`]).
+//!
+//! The calls on a lease (acquire, renew, release) are timed by the key actor from the clock
+//! readings it takes anyway (when it asked, which starts the lease's deadline; when the answer
+//! came, which starts the hold or ends it), through [`BackendCtx::answered`]; the rarer calls
+//! through [`BackendMetrics::timed`]. An earlier version wrapped the store in a timing
+//! `LockBackend`: that cost a second boxed future and two clock reads per call, on the hot
+//! path, for readings the key actor already had.
 //!
 //! On the hot path (an uncontended lock and release) that is two counter adds, two gauge
-//! moves and four histogram samples (wait, hold, the acquire and release calls), and four
-//! clock reads to time those two calls.
+//! moves and four histogram samples (wait, hold, the acquire and release calls), and no clock
+//! read of its own. On the memory store, whose calls are in-process, the store-call series
+//! are not kept: two histogram samples.
 //!
 //! Without the feature every type here is empty and every call an inlined no-op.
 //!
 //! [`BackendCtx`]: crate::backend_ctx::BackendCtx
 //! [`BackendCtx::emit`]: crate::backend_ctx::BackendCtx::emit
+//! [`BackendCtx::answered`]: crate::backend_ctx::BackendCtx::answered
 //! [`LockMetrics`]: crate::LockMetrics
 
 #[cfg(feature = "metrics")]
@@ -38,22 +47,53 @@ pub(crate) use off::*;
 #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
 const PRIMITIVE: &str = "mutex";
 
+/// The store calls, by the `operation` label of `leasehold_store_call_seconds`.
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+pub(crate) enum StoreOp {
+    Acquire,
+    Renew,
+    Release,
+    Inspect,
+    Subscribe,
+    Ping,
+    WatchPrefix,
+    Campaign,
+    Withdraw,
+    Proclaim,
+    Observe,
+}
+
+impl StoreOp {
+    /// Each operation's label, indexed as the enum.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    const LABELS: [&'static str; 11] = [
+        "acquire",
+        "renew",
+        "release",
+        "inspect",
+        "subscribe",
+        "ping",
+        "watch_prefix",
+        "campaign",
+        "withdraw",
+        "proclaim",
+        "observe",
+    ];
+}
+
 #[cfg(feature = "metrics")]
 mod on {
-    use std::sync::Arc;
+    use std::future::Future;
     use std::time::Duration;
 
     use ::metrics::{
         counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
         Gauge, Histogram, Label, Unit,
     };
-    use async_trait::async_trait;
     use tokio::time::Instant;
 
-    use crate::backend::{
-        Acquisition, Contention, LeaderChanges, Lease, LockBackend, LockInfo, OwnerToken,
-        ReleaseNotices, StoreEvents,
-    };
+    use super::StoreOp;
     use crate::error::StoreError;
     use crate::event::{LockEventKind, LostReason, ReleaseReason};
 
@@ -72,38 +112,6 @@ mod on {
         (LostReason::HolderStopped, "holder_stopped"),
     ];
 
-    /// The store calls, by the `operation` label of `leasehold_store_call_seconds`.
-    #[derive(Clone, Copy)]
-    enum Op {
-        Acquire,
-        Renew,
-        Release,
-        Inspect,
-        Subscribe,
-        Ping,
-        List,
-        WatchPrefix,
-        Campaign,
-        Withdraw,
-        Proclaim,
-        Observe,
-    }
-
-    const OPS: [&str; 12] = [
-        "acquire",
-        "renew",
-        "release",
-        "inspect",
-        "subscribe",
-        "ping",
-        "list",
-        "watch_prefix",
-        "campaign",
-        "withdraw",
-        "proclaim",
-        "observe",
-    ];
-
     /// One backend's series: registered once, recorded through handles.
     pub(crate) struct BackendMetrics {
         acquired: Counter,
@@ -117,16 +125,18 @@ mod on {
         wait: Histogram,
         hold: Histogram,
         renewal: Histogram,
-        /// Shared with the [`Timed`] store.
-        calls: Arc<StoreCalls>,
+        /// `None` for the in-process memory store: its calls are function calls on a map,
+        /// with no latency worth a series, and four histogram samples per lock cycle would be
+        /// most of what recording costs there.
+        calls: Option<StoreCalls>,
         held: Gauge,
         waiters: Gauge,
     }
 
     struct StoreCalls {
-        /// Indexed as `OPS`.
-        latency: [Histogram; 12],
-        errors: [Counter; 12],
+        /// Indexed as [`StoreOp`].
+        latency: [Histogram; 11],
+        errors: [Counter; 11],
     }
 
     impl BackendMetrics {
@@ -157,11 +167,11 @@ mod on {
                 wait: histogram!("leasehold_wait_seconds", labels.clone()),
                 hold: histogram!("leasehold_hold_seconds", labels.clone()),
                 renewal: histogram!("leasehold_renewal_seconds", labels.clone()),
-                calls: Arc::new(StoreCalls {
-                    latency: OPS.map(|op| {
+                calls: (store != "memory").then(|| StoreCalls {
+                    latency: StoreOp::LABELS.map(|op| {
                         histogram!("leasehold_store_call_seconds", with("operation", op))
                     }),
-                    errors: OPS
+                    errors: StoreOp::LABELS
                         .map(|op| counter!("leasehold_store_errors_total", with("operation", op))),
                 }),
                 held: gauge!("leasehold_held", labels.clone()),
@@ -200,10 +210,39 @@ mod on {
             }
         }
 
-        /// A renewal sent at `sent_at` just ended (renewed, refused, failed or timed out).
+        /// A renewal that took `took` just ended (renewed, refused, failed or timed out).
         #[inline]
-        pub(crate) fn renewal(&self, sent_at: Instant) {
-            self.renewal.record(sent_at.elapsed());
+        pub(crate) fn renewal(&self, took: Duration) {
+            self.renewal.record(took);
+        }
+
+        /// A store call answered after `took`; `failed` if with an error (a call its caller
+        /// stopped waiting for counts as one, taking as long as the caller waited).
+        #[inline]
+        pub(crate) fn store_call(&self, op: StoreOp, took: Duration, failed: bool) {
+            let Some(calls) = &self.calls else {
+                return;
+            };
+            let op = op as usize;
+            calls.latency[op].record(took);
+            if failed {
+                calls.errors[op].increment(1);
+            }
+        }
+
+        /// Makes the store call `call`, timed as `op`.
+        pub(crate) async fn timed<T>(
+            &self,
+            op: StoreOp,
+            call: impl Future<Output = Result<T, StoreError>>,
+        ) -> Result<T, StoreError> {
+            if self.calls.is_none() {
+                return call.await;
+            }
+            let started = Instant::now();
+            let outcome = call.await;
+            self.store_call(op, started.elapsed(), outcome.is_err());
+            outcome
         }
 
         /// A lease ended without an event (its key actor was stopped from outside while
@@ -232,161 +271,6 @@ mod on {
     impl Drop for Counted {
         fn drop(&mut self) {
             self.0.decrement(1.0);
-        }
-    }
-
-    /// `store`, with every call timed into `metrics`' store-call series.
-    pub(crate) fn timed(
-        store: Arc<dyn LockBackend>,
-        metrics: &BackendMetrics,
-    ) -> Arc<dyn LockBackend> {
-        Arc::new(Timed {
-            store,
-            calls: metrics.calls.clone(),
-        })
-    }
-
-    /// The backend seam, timed: each call's latency by operation, and its errors. A call
-    /// abandoned by its caller's timeout records nothing here (the renewal histogram and the
-    /// events count those).
-    struct Timed {
-        store: Arc<dyn LockBackend>,
-        calls: Arc<StoreCalls>,
-    }
-
-    impl Timed {
-        #[inline]
-        fn record<T>(&self, op: Op, started: std::time::Instant, outcome: &Result<T, StoreError>) {
-            let op = op as usize;
-            self.calls.latency[op].record(started.elapsed());
-            if outcome.is_err() {
-                self.calls.errors[op].increment(1);
-            }
-        }
-    }
-
-    #[async_trait]
-    impl LockBackend for Timed {
-        fn kind(&self) -> &'static str {
-            self.store.kind()
-        }
-
-        async fn acquire(
-            &self,
-            key: &str,
-            owner: OwnerToken,
-            ttl: Duration,
-            metadata: Option<&str>,
-        ) -> Result<Acquisition, StoreError> {
-            let started = std::time::Instant::now();
-            let outcome = self.store.acquire(key, owner, ttl, metadata).await;
-            self.record(Op::Acquire, started, &outcome);
-            outcome
-        }
-
-        async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, StoreError> {
-            let started = std::time::Instant::now();
-            let outcome = self.store.renew(lease, ttl).await;
-            self.record(Op::Renew, started, &outcome);
-            outcome
-        }
-
-        // Every method of the trait is passed on, those with a default too: the default here
-        // would be the trait's, not the wrapped store's.
-        async fn renew_from(
-            &self,
-            lease: &Lease,
-            ttl: Duration,
-            asked_at: Instant,
-        ) -> Result<Option<Instant>, StoreError> {
-            let started = std::time::Instant::now();
-            let outcome = self.store.renew_from(lease, ttl, asked_at).await;
-            self.record(Op::Renew, started, &outcome);
-            outcome
-        }
-
-        fn max_ttl(&self) -> Option<Duration> {
-            self.store.max_ttl()
-        }
-
-        async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {
-            let started = std::time::Instant::now();
-            let outcome = self.store.release(lease).await;
-            self.record(Op::Release, started, &outcome);
-            outcome
-        }
-
-        async fn inspect(&self, key: &str) -> Result<Option<LockInfo>, StoreError> {
-            let started = std::time::Instant::now();
-            let outcome = self.store.inspect(key).await;
-            self.record(Op::Inspect, started, &outcome);
-            outcome
-        }
-
-        async fn subscribe(
-            &self,
-            key: &str,
-            seen: &Contention,
-        ) -> Result<ReleaseNotices, StoreError> {
-            let started = std::time::Instant::now();
-            let outcome = self.store.subscribe(key, seen).await;
-            self.record(Op::Subscribe, started, &outcome);
-            outcome
-        }
-
-        async fn ping(&self) -> Result<(), StoreError> {
-            let started = std::time::Instant::now();
-            let outcome = self.store.ping().await;
-            self.record(Op::Ping, started, &outcome);
-            outcome
-        }
-
-        async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>, StoreError> {
-            let started = std::time::Instant::now();
-            let outcome = self.store.list(prefix).await;
-            self.record(Op::List, started, &outcome);
-            outcome
-        }
-
-        async fn watch_prefix(&self, prefix: &str) -> Result<StoreEvents, StoreError> {
-            let started = std::time::Instant::now();
-            let outcome = self.store.watch_prefix(prefix).await;
-            self.record(Op::WatchPrefix, started, &outcome);
-            outcome
-        }
-
-        async fn campaign(
-            &self,
-            name: &str,
-            candidate: OwnerToken,
-            ttl: Duration,
-            value: &str,
-        ) -> Result<Acquisition, StoreError> {
-            let started = std::time::Instant::now();
-            let outcome = self.store.campaign(name, candidate, ttl, value).await;
-            self.record(Op::Campaign, started, &outcome);
-            outcome
-        }
-
-        async fn withdraw(&self, name: &str, candidate: OwnerToken) -> Result<(), StoreError> {
-            let started = std::time::Instant::now();
-            let outcome = self.store.withdraw(name, candidate).await;
-            self.record(Op::Withdraw, started, &outcome);
-            outcome
-        }
-
-        async fn proclaim(&self, lease: &Lease, value: &str) -> Result<bool, StoreError> {
-            let started = std::time::Instant::now();
-            let outcome = self.store.proclaim(lease, value).await;
-            self.record(Op::Proclaim, started, &outcome);
-            outcome
-        }
-
-        async fn observe(&self, name: &str) -> Result<LeaderChanges, StoreError> {
-            let started = std::time::Instant::now();
-            let outcome = self.store.observe(name).await;
-            self.record(Op::Observe, started, &outcome);
-            outcome
         }
     }
 
@@ -460,11 +344,11 @@ mod on {
 
 #[cfg(not(feature = "metrics"))]
 mod off {
-    use std::sync::Arc;
+    use std::future::Future;
+    use std::time::Duration;
 
-    use tokio::time::Instant;
-
-    use crate::backend::LockBackend;
+    use super::StoreOp;
+    use crate::error::StoreError;
     use crate::event::LockEventKind;
 
     /// Built without the `metrics` feature: nothing to record into.
@@ -480,7 +364,20 @@ mod off {
         pub(crate) fn event(&self, _kind: &LockEventKind) {}
 
         #[inline(always)]
-        pub(crate) fn renewal(&self, _sent_at: Instant) {}
+        pub(crate) fn renewal(&self, _took: Duration) {}
+
+        #[inline(always)]
+        pub(crate) fn store_call(&self, _op: StoreOp, _took: Duration, _failed: bool) {}
+
+        /// Makes the store call `call`, untimed.
+        #[inline(always)]
+        pub(crate) async fn timed<T>(
+            &self,
+            _op: StoreOp,
+            call: impl Future<Output = Result<T, StoreError>>,
+        ) -> Result<T, StoreError> {
+            call.await
+        }
 
         #[inline(always)]
         pub(crate) fn held_silently_ended(&self) {}
@@ -493,12 +390,4 @@ mod off {
 
     /// Nothing, without the `metrics` feature.
     pub(crate) struct Counted;
-
-    #[inline(always)]
-    pub(crate) fn timed(
-        store: Arc<dyn LockBackend>,
-        _metrics: &BackendMetrics,
-    ) -> Arc<dyn LockBackend> {
-        store
-    }
 }
