@@ -9,7 +9,8 @@ use etcd_client::{
 };
 
 use super::call::is_lease_not_found;
-use super::lease::lease_seconds;
+use super::held::Registration;
+use super::lease::{lease_seconds, Grant};
 use super::session::Current;
 use super::values::{token, txn_revision, Holder};
 use super::EtcdBackend;
@@ -24,8 +25,8 @@ impl EtcdBackend {
         ttl: Duration,
         metadata: Option<&str>,
     ) -> Result<Acquisition, StoreError> {
-        let lock_key = self.lock_key(key);
         if let Some(session) = &self.session {
+            let lock_key = self.lock_key(key);
             let current = session.lease(self).await?;
             let acquired = self
                 .acquire_on_session(key, &lock_key, owner, ttl, &current, metadata)
@@ -42,27 +43,15 @@ impl EtcdBackend {
                 acquired => acquired,
             };
         }
-        // The lease first, so the put can attach the key to it: the key then disappears with
-        // the lease, whether it is revoked or runs out.
-        let mut grant = self.grant(ttl).await?;
-        // Recorded before the write, so the prefix watch cannot miss a change right after it.
-        let mut registration = self.register(owner, grant.id, grant.ttl).await;
-        let mut answer = self
-            .txn(create(
-                &lock_key,
-                Holder::encode(owner, grant.ttl, metadata),
-                grant.id,
-            ))
-            .await;
-        if matches!(&answer, Err(error) if is_lease_not_found(error)) {
+        let mut taken = self.take_on_new_lease(key, owner, ttl, metadata).await?;
+        if matches!(&taken.2, Err(error) if is_lease_not_found(error)) {
             // The lease ran out before the transaction came (etcd stalled in between for its
-            // whole ttl): nothing was written. Once more, on a new lease.
-            drop(registration);
-            grant = self.grant(ttl).await?;
-            registration = self.register(owner, grant.id, grant.ttl).await;
-            let value = Holder::encode(owner, grant.ttl, metadata);
-            answer = self.txn(create(&lock_key, value, grant.id)).await;
+            // whole ttl): nothing was written. Once more, on a new lease (the first one's
+            // registration goes first: the second is under the same owner).
+            drop(taken);
+            taken = self.take_on_new_lease(key, owner, ttl, metadata).await?;
         }
+        let (grant, registration, answer) = taken;
         let answer = answer?;
         // The transaction's revision is the put's: etcd gives each write transaction one new
         // revision, strictly greater than every earlier one, so it is a fencing token.
@@ -78,6 +67,25 @@ impl EtcdBackend {
         let (_, contention) =
             futures::join!(grant.revoke(), self.contention(holder.as_ref(), revision));
         Ok(Acquisition::Held(contention))
+    }
+
+    /// Grants a lease and writes `key` on it if the key is free: the grant, its record in the
+    /// prefix watch's registry, and the transaction's answer. The lease comes first, so that
+    /// the put can attach the key to it: the key then disappears with the lease, whether it is
+    /// revoked or runs out.
+    async fn take_on_new_lease(
+        &self,
+        key: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        metadata: Option<&str>,
+    ) -> Result<(Grant, Registration, Result<TxnResponse, StoreError>), StoreError> {
+        let grant = self.grant(ttl).await?;
+        // Recorded before the write, so the prefix watch cannot miss a change right after it.
+        let registration = self.register(owner, grant.id, grant.ttl).await;
+        let value = Holder::encode(owner, grant.ttl, metadata);
+        let answer = self.txn(create(&self.lock_key(key), value, grant.id)).await;
+        Ok((grant, registration, answer))
     }
 
     /// `txn` mode on the session lease: one transaction, and beside it a keep-alive of the
