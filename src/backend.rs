@@ -201,6 +201,14 @@ pub trait LockBackend: Send + Sync + 'static {
         None
     }
 
+    /// True when a key stays in the store past its lease's ttl for as long as this client
+    /// lives (an etcd backend on a session lease: the session keeps every key on it alive).
+    /// A lease lost by expiry is then deleted with the whole operation budget: the store
+    /// would not free it by itself.
+    fn keys_outlive_ttl(&self) -> bool {
+        false
+    }
+
     /// Deletes the key if `lease.owner` still holds it (compare-and-delete) and wakes the
     /// key's waiters. `Ok(false)` means the lease was not held any more.
     async fn release(&self, lease: &Lease) -> Result<bool, StoreError>;

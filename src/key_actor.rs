@@ -595,9 +595,14 @@ impl KeyState {
             // Our deadline runs ahead of the store's expiry by the drift margin: if the lease
             // is still ours there, give it back now instead of making the next holder wait.
             // Past the store's expiry there is nothing to give back, so a stalled store cannot
-            // hold this actor (and a shutdown waiting for it) any longer than that.
+            // hold this actor (and a shutdown waiting for it) any longer than that. Unless the
+            // store keeps the key past its ttl (a session lease): then only this delete frees
+            // it, and it gets the whole budget.
             let store_expiry = held.deadline + held.ttl.mul_f64(self.ctx.timing.drift);
-            let budget = store_expiry.min(Instant::now() + self.ctx.timing.op_timeout);
+            let mut budget = Instant::now() + self.ctx.timing.op_timeout;
+            if !self.ctx.store.keys_outlive_ttl() {
+                budget = budget.min(store_expiry);
+            }
             let ctx = &self.ctx;
             let release = ctx
                 .metrics

@@ -560,6 +560,10 @@ impl LockBackend for EtcdBackend {
         self.session.as_ref().map(|session| session.ttl)
     }
 
+    fn keys_outlive_ttl(&self) -> bool {
+        self.session.is_some()
+    }
+
     async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {
         // Whatever the outcome, the caller stops holding this lease: the watch need not look
         // out for it any more. Forgotten first, so a release that fails or is given up
@@ -593,7 +597,7 @@ impl LockBackend for EtcdBackend {
             .or(lease.lease_id)
             .unwrap_or(0);
         let on_session = match &self.session {
-            Some(session) => session.get(on_lease).await.is_some(),
+            Some(session) => session.get(on_lease).is_some(),
             None => false,
         };
         if on_lease != 0 && !on_session {

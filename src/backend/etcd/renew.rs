@@ -122,7 +122,7 @@ impl EtcdBackend {
         let held = self.held_keys().await;
         let owner = lease.owner;
         let current = match lease.lease_id {
-            Some(id) => session.get(id).await,
+            Some(id) => session.get(id),
             None => None,
         };
         let not_held = || {

@@ -36,8 +36,12 @@ const RETRY_AFTER: Duration = Duration::from_millis(200);
 pub(super) struct Session {
     /// The session lease's ttl, as asked.
     pub(super) ttl: Duration,
-    /// The live session lease, once the first lock asked for one.
-    current: tokio::sync::Mutex<Option<Arc<Current>>>,
+    /// The live session lease, once the first lock asked for one. A plain mutex, held only to
+    /// read or swap the pointer: every renewal of every lock on the session reads it.
+    current: Mutex<Option<Arc<Current>>>,
+    /// Held while a new session lease is granted, so that locks asking at once share one grant
+    /// instead of each granting a lease.
+    granting: tokio::sync::Mutex<()>,
 }
 
 /// One granted session lease.
@@ -61,16 +65,21 @@ impl Session {
     pub(super) fn new(ttl: Duration) -> Self {
         Session {
             ttl,
-            current: tokio::sync::Mutex::new(None),
+            current: Mutex::new(None),
+            granting: tokio::sync::Mutex::new(()),
         }
     }
 
     /// The live session lease, granting a new one (and starting its keeper) when there is none
     /// or the last one is gone.
     pub(super) async fn lease(&self, backend: &EtcdBackend) -> Result<Arc<Current>, StoreError> {
-        let mut current = self.current.lock().await;
-        if let Some(live) = current.as_ref().filter(|c| c.alive()) {
-            return Ok(Arc::clone(live));
+        if let Some(live) = self.live() {
+            return Ok(live);
+        }
+        let _granting = self.granting.lock().await;
+        // Another lock may have granted one while this one waited.
+        if let Some(live) = self.live() {
+            return Ok(live);
         }
         let asked_at = Instant::now();
         let grant = backend.grant(self.ttl).await?;
@@ -90,14 +99,22 @@ impl Session {
         grant.keep();
         let keeper = tokio::spawn(keep(backend.clone(), Arc::downgrade(&session)));
         *session.keeper.lock().unwrap_or_else(|p| p.into_inner()) = Some(AbortOnDrop(keeper));
-        *current = Some(Arc::clone(&session));
+        *self.current() = Some(Arc::clone(&session));
         Ok(session)
     }
 
+    /// The current session lease, if it is alive.
+    fn live(&self) -> Option<Arc<Current>> {
+        self.current().as_ref().filter(|c| c.alive()).cloned()
+    }
+
     /// The session lease `id`, if it is the current one.
-    pub(super) async fn get(&self, id: i64) -> Option<Arc<Current>> {
-        let current = self.current.lock().await;
-        current.as_ref().filter(|c| c.id == id).cloned()
+    pub(super) fn get(&self, id: i64) -> Option<Arc<Current>> {
+        self.current().as_ref().filter(|c| c.id == id).cloned()
+    }
+
+    fn current(&self) -> std::sync::MutexGuard<'_, Option<Arc<Current>>> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -94,6 +94,7 @@ pub async fn measure(client: LockClient, plan: &HeldPlan, progress: &Progress) -
 
     let held_from = Instant::now();
     let cpu_before = cpu::process();
+    let watcher_before = watcher.as_ref().map_or(Duration::ZERO, Watcher::cpu);
     let per_lock = |at: Instant| RssSample {
         at_s: (at - held_from).as_secs_f64(),
         kib: cpu::resident_bytes().saturating_sub(baseline) as f64 / plan.locks as f64 / 1024.0,
@@ -113,7 +114,10 @@ pub async fn measure(client: LockClient, plan: &HeldPlan, progress: &Progress) -
         .step(format!("holding {what}"), plan.hold.max(SETTLE), holding)
         .await;
     let held_until = Instant::now();
-    let cpu = cpu::process() - cpu_before;
+    let watcher_cpu = watcher.as_ref().map_or(Duration::ZERO, |watcher| {
+        watcher.cpu().saturating_sub(watcher_before)
+    });
+    let cpu = (cpu::process() - cpu_before).saturating_sub(watcher_cpu);
     let renewed = client.metrics().renewed - metrics_before.renewed;
     let guards: Vec<LockGuard> = guards.into_iter().flatten().collect();
     let still_held: Vec<bool> = guards.iter().map(LockGuard::is_held).collect();
@@ -140,6 +144,7 @@ pub async fn measure(client: LockClient, plan: &HeldPlan, progress: &Progress) -
         still_held: still_held.iter().filter(|held| **held).count(),
         rss_per_lock,
         cpu_s: cpu.as_secs_f64(),
+        watcher_cpu_s: watcher_cpu.as_secs_f64(),
         release_s: releasing.elapsed().as_secs_f64(),
         renewals,
     }
@@ -152,6 +157,8 @@ struct Watcher {
     /// Sends the end of the window.
     stop: oneshot::Sender<Instant>,
     thread: JoinHandle<RenewalLog>,
+    /// The thread's id, for its CPU time.
+    tid: libc::pid_t,
 }
 
 #[derive(Default)]
@@ -178,9 +185,12 @@ impl Watcher {
             ..RenewalLog::default()
         };
         let (stop, mut stopped) = oneshot::channel();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("renewal-watcher".into())
             .spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                let _ = tid_tx.send(unsafe { libc::gettid() });
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .build()
                     .expect("watcher runtime");
@@ -214,7 +224,17 @@ impl Watcher {
                 })
             })
             .expect("spawn the renewal watcher");
-        Watcher { stop, thread }
+        let tid = tid_rx.recv().expect("the renewal watcher's thread id");
+        Watcher { stop, thread, tid }
+    }
+
+    /// CPU time of the watcher's thread so far (`/proc/self/task/TID/schedstat`, first field,
+    /// in nanoseconds).
+    fn cpu(&self) -> Duration {
+        std::fs::read_to_string(format!("/proc/self/task/{}/schedstat", self.tid))
+            .ok()
+            .and_then(|stat| stat.split_whitespace().next()?.parse().ok())
+            .map_or(Duration::ZERO, Duration::from_nanos)
     }
 
     /// Stops at `until`, the end of the window, and hands over what was seen.
