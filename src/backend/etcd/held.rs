@@ -22,6 +22,7 @@
 //! while nothing under the prefix does, renewals read their key, as before.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -65,7 +66,7 @@ struct Registry {
 /// every owner `Unsure` and the watch down in one step, so an owner recorded `Held` is always
 /// one the current watch will show every change of.
 struct Owners {
-    by_owner: HashMap<OwnerToken, Owned>,
+    by_owner: HashMap<OwnerToken, Owned, BuildHasherDefault<TokenHasher>>,
     /// The revision the current watch was created at (it shows every change after it), or 0
     /// while the watch is down.
     watching_since: i64,
@@ -109,7 +110,7 @@ impl HeldKeys {
         let revision = opened.as_ref().map_or(0, |(_, revision)| *revision);
         let registry = Arc::new(Registry {
             owners: Mutex::new(Owners {
-                by_owner: HashMap::new(),
+                by_owner: HashMap::default(),
                 watching_since: revision,
             }),
             seen: watch::channel(revision).0,
@@ -345,5 +346,29 @@ impl Drop for Registration {
         if self.armed {
             self.held.forget(self.owner);
         }
+    }
+}
+
+/// Hashes an [`OwnerToken`] to its low 64 bits. The tokens are ours, drawn uniformly at random
+/// from a secure generator, so those bits spread as well as SipHash would spread them (and no
+/// one can choose them to collide), and every renewal's look-up skips hashing 16 bytes.
+#[derive(Default)]
+struct TokenHasher(u64);
+
+impl Hasher for TokenHasher {
+    fn write_u128(&mut self, token: u128) {
+        self.0 ^= token as u64;
+    }
+
+    // Only `write_u128` is used (an `OwnerToken` is one `u128`); anything else is folded in
+    // byte by byte, FNV-1a style, to stay a correct hasher.
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = (self.0 ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
