@@ -569,8 +569,10 @@ impl BackendState {
                 reply,
                 contention,
             }) => {
+                // A semaphore's waiter listens for its permits, not for its slot's key.
+                let semaphore = request.permits.map(|_| request.name.clone());
                 self.enqueue(myself, request, reply, true);
-                self.await_release(myself, &key, &contention);
+                self.await_release(myself, &key, &contention, semaphore);
                 if self.slots.get(&key).is_some_and(|slot| slot.woken) {
                     self.serve_next(myself, &key);
                 }
@@ -638,12 +640,14 @@ impl BackendState {
         self.slots.remove(key);
     }
 
-    /// Makes sure the key has its one subscription and a backstop timer.
+    /// Makes sure the key has its one subscription and a backstop timer. With `semaphore`,
+    /// the slot is a semaphore waiter's, and the subscription is to that semaphore's notices.
     fn await_release(
         &mut self,
         myself: &ActorRef<BackendMsg>,
         key: &Arc<str>,
         contention: &Contention,
+        semaphore: Option<Arc<str>>,
     ) {
         let Some(slot) = self.slots.get_mut(key) else {
             return;
@@ -659,7 +663,11 @@ impl BackendState {
             let (me, key, seen) = (myself.clone(), key.clone(), contention.clone());
             let backend = self.ctx.name.clone();
             slot.watch = Some(AbortOnDrop(tokio::spawn(async move {
-                match store.subscribe(&key, &seen).await {
+                let subscribed = match &semaphore {
+                    Some(name) => store.subscribe_permits(name, &seen).await,
+                    None => store.subscribe(&key, &seen).await,
+                };
+                match subscribed {
                     Ok(mut notices) => {
                         // A release between the failed attempt and this subscription would
                         // otherwise be missed: look once more now that notices flow.

@@ -419,12 +419,13 @@ wire_unit_enum!(StoreErrorKind {
     StoreErrorKind::Protocol,
     StoreErrorKind::Unsupported,
     StoreErrorKind::TimedOut,
+    StoreErrorKind::PermitsMismatch,
 });
 
 /// The kinds without data are one byte, their position in this list; a store failure is the
 /// byte after the list, then its store kind. (Only this codec lists the kinds; the protocol's
 /// types are built on the crate's own.)
-const ERROR_KINDS: [ErrorKind; 15] = [
+const ERROR_KINDS: [ErrorKind; 21] = [
     ErrorKind::EmptyKey,
     ErrorKind::KeyTooLong,
     ErrorKind::KeyHasControlChar,
@@ -440,6 +441,12 @@ const ERROR_KINDS: [ErrorKind; 15] = [
     ErrorKind::ManagerStopped,
     ErrorKind::ManagerNotFound,
     ErrorKind::BackendPanicked,
+    ErrorKind::EmptyElectionName,
+    ErrorKind::ElectionValueTooLong,
+    ErrorKind::EmptySemaphoreName,
+    ErrorKind::InvalidPermits,
+    ErrorKind::InvalidPermitCount,
+    ErrorKind::PermitsMismatch,
 ];
 const STORE_KIND: u8 = ERROR_KINDS.len() as u8;
 
@@ -640,6 +647,7 @@ mod tests {
             StoreErrorKind::Protocol,
             StoreErrorKind::Unsupported,
             StoreErrorKind::TimedOut,
+            StoreErrorKind::PermitsMismatch,
         ];
         let kinds = ERROR_KINDS
             .into_iter()
