@@ -28,6 +28,10 @@ use tokio::time::{timeout, Instant};
 leasehold::conformance_suite!(real, redis_server::RedisServer::start().backend().await);
 leasehold::election_suite!(real, redis_server::RedisServer::start().backend().await);
 
+mod semaphore {
+    leasehold::semaphore_suite!(real, super::RedisServer::start().backend().await);
+}
+
 /// A plain client of the same server: "another client" that knows nothing of leasehold.
 async fn other_client(server: &RedisServer) -> MultiplexedConnection {
     redis::Client::open(server.url())

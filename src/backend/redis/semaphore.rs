@@ -1,0 +1,168 @@
+//! Semaphores on Redis: the leases of a semaphore `K` live beside its lock's keys, in the same
+//! hash slot, under names of their own (a semaphore and a lock of one name are apart):
+//!
+//! | name                    | Redis type            | holds                                    |
+//! |-------------------------|-----------------------|------------------------------------------|
+//! | `P{K}:permits`          | sorted set            | owner tokens, scored by when each lease runs out (server ms) |
+//! | `P{K}:permit-leases`    | hash                  | owner token → `"<k> <N> <token>[ <metadata>]"` |
+//! | `P{K}:permit-fence`     | string, never expires | the last fencing token handed out        |
+//! | `P{K}:permits-released` | pub/sub channel       | a notice per release                     |
+//!
+//! A lease is a member, not a key, so Redis does not expire it: every acquisition first drops
+//! the members whose score has passed (server clock), which is what frees a crashed holder's
+//! permits at its ttl. Both keys are given the expiry of their last lease, so a semaphore
+//! nobody uses any more leaves only its fence counter. The scripts: `acquire_permits.lua`
+//! (admission, N check, token), `renew_permits.lua`, `release_permits.lua` (with the notice),
+//! `permit_holders.lua`.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use futures::StreamExt;
+use redis::{Script, Value};
+
+use super::{millis, parse_token, remaining, unexpected, RedisBackend};
+use crate::backend::{
+    Acquisition, Contention, Lease, OwnerToken, PermitHolder, Permits, ReleaseNotices,
+};
+use crate::error::StoreError;
+
+static ACQUIRE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("acquire_permits.lua")));
+static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("renew_permits.lua")));
+static RELEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("release_permits.lua")));
+static HOLDERS: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("permit_holders.lua")));
+
+impl RedisBackend {
+    /// The leases' sorted set and hash of the semaphore `name`.
+    fn permit_keys(&self, name: &str) -> (String, String) {
+        let lock = self.lock_key(name);
+        (format!("{lock}:permits"), format!("{lock}:permit-leases"))
+    }
+
+    fn permits_channel(&self, name: &str) -> String {
+        format!("{}:permits-released", self.lock_key(name))
+    }
+
+    pub(super) async fn take_permits(
+        &self,
+        name: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        permits: Permits,
+        metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        let (leases, records) = self.permit_keys(name);
+        let reply: Value = ACQUIRE
+            .key(&leases)
+            .key(&records)
+            .key(format!("{}:permit-fence", self.lock_key(name)))
+            .arg(owner.to_string())
+            .arg(millis(ttl))
+            .arg(permits.total)
+            .arg(permits.count)
+            .arg(metadata.map_or_else(String::new, |m| format!(" {m}")))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|error| self.failed("acquire permits", error))?;
+        let token = match reply {
+            Value::Int(token) => {
+                u64::try_from(token).map_err(|_| unexpected("acquire permits", &reply))?
+            }
+            Value::BulkString(ref token) => parse_token(token)?,
+            Value::Array(ref answer) => {
+                return match answer.as_slice() {
+                    [Value::Int(left)] => Ok(Acquisition::Held(Contention::with_remaining_ttl(
+                        Some(remaining(*left).unwrap_or_default()),
+                    ))),
+                    [Value::BulkString(what), Value::Int(held)] if what == b"mismatch" => {
+                        Err(StoreError::PermitsMismatch {
+                            name: name.to_owned(),
+                            asked: permits.total,
+                            held: u32::try_from(*held).unwrap_or(u32::MAX),
+                        })
+                    }
+                    _ => Err(unexpected("acquire permits", &reply)),
+                };
+            }
+            other => return Err(unexpected("acquire permits", &other)),
+        };
+        let mut lease = Lease::new(name, owner, token);
+        lease.permits = Some(permits);
+        Ok(Acquisition::Acquired(lease))
+    }
+
+    pub(super) async fn renew_permits(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let (leases, records) = self.permit_keys(&lease.key);
+        RENEW
+            .key(leases)
+            .key(records)
+            .arg(lease.owner.to_string())
+            .arg(millis(ttl))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|error| self.failed("renew permits", error))
+    }
+
+    pub(super) async fn release_permits(&self, lease: &Lease) -> Result<bool, StoreError> {
+        let (leases, records) = self.permit_keys(&lease.key);
+        RELEASE
+            .key(leases)
+            .key(records)
+            .arg(lease.owner.to_string())
+            .arg(self.permits_channel(&lease.key))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|error| self.failed("release permits", error))
+    }
+
+    pub(super) async fn subscribe_to_permits(
+        &self,
+        name: &str,
+    ) -> Result<ReleaseNotices, StoreError> {
+        let channel = self.permits_channel(name);
+        Ok(self.notices.subscribe(channel).await?.boxed())
+    }
+
+    pub(super) async fn holders_of(&self, name: &str) -> Result<Vec<PermitHolder>, StoreError> {
+        let (leases, records) = self.permit_keys(name);
+        let reply: Vec<(String, i64)> = HOLDERS
+            .key(leases)
+            .key(records)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|error| self.failed("permit holders", error))?;
+        let mut holders = reply
+            .into_iter()
+            .map(|(record, left)| {
+                let holder = parse_record(name, &record, left);
+                holder.ok_or_else(|| {
+                    StoreError::protocol(format!("semaphore lease record {record:?} is malformed"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        holders.sort_by_key(|holder| holder.fencing_token);
+        Ok(holders)
+    }
+}
+
+/// A lease's record, `"<k> <N> <token>[ <metadata>]"`, with its `left` milliseconds.
+fn parse_record(name: &str, record: &str, left: i64) -> Option<PermitHolder> {
+    let mut parts = record.splitn(4, ' ');
+    let count = parts.next()?.parse().ok()?;
+    let total = parts.next()?.parse().ok()?;
+    let fencing_token = parts.next()?.parse().ok()?;
+    Some(PermitHolder {
+        name: name.to_owned(),
+        fencing_token,
+        permits: Permits::new(total, count),
+        remaining_ttl: remaining(left).unwrap_or_default(),
+        metadata: parts.next().map(str::to_owned),
+    })
+}
