@@ -1,0 +1,245 @@
+//! Semaphores on etcd: each lease of a semaphore `NAME` is a key of its own on an etcd lease
+//! of its own, under the semaphore's directory `P + NAME + "\x1fpermits/"`:
+//!
+//! | key | value | lease |
+//! |-----|-------|-------|
+//! | `P NAME \x1f permits/<owner in hex>` | `"<k> <N>[ <metadata>]"` | granted for the ttl, kept alive by the holder's key actor |
+//!
+//! The separator is a control character, which no key or name has: so no lock key (in `txn`
+//! mode `P + KEY`, in `lock` mode under `P + NAME/`) is ever in a semaphore's directory, and
+//! a semaphore and a lock of one name are apart. Monitoring (`list`, `watch_prefix`) does not
+//! show semaphore keys.
+//!
+//! | operation | etcd calls |
+//! |-----------|------------|
+//! | acquire   | `Range(dir)` at revision R: the live leases, their k and N. Too few free → `Held`, with R. Enough → `LeaseGrant`, then ONE `Txn`: if no key under `dir` was written after R (`mod_revision(dir) < R + 1`, over the range) then `Put(key, value, lease)`; the fencing token is the put's revision. A write in between fails the compare: read and try again. |
+//! | renew     | `LeaseKeepAlive` on the backend's one stream, then `Range(key)`: still ours if it is on our lease |
+//! | release   | `Txn`: if the key is on our lease then `DeleteRange(key)`; then `LeaseRevoke` |
+//! | wait      | one `Watch` of `dir` for deletes, from R + 1: a release, a revoke and a lease that ran out all delete a key |
+//!
+//! A lease that runs out deletes its key: a crashed holder's permits free at its ttl. Only
+//! admitted leases are ever written (the compare keeps out any write the read did not see), so
+//! a waiter's watch sees only deletes that free permits, never a rival's attempt.
+//!
+//! A renewal cannot ask for more than the ttl its etcd lease was granted with (etcd cannot
+//! lengthen a lease, and a permit's key stays on its first one): that is refused as
+//! unsupported.
+
+use std::time::Duration;
+
+use etcd_client::{
+    Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, Txn,
+    TxnOp, WatchFilterType, WatchOptions,
+};
+use futures::StreamExt;
+
+use super::lease::lease_seconds;
+use super::values::{token, txn_revision};
+use super::EtcdBackend;
+use crate::backend::{
+    Acquisition, Contention, Lease, OwnerToken, PermitHolder, Permits, ReleaseNotices,
+};
+use crate::error::StoreError;
+
+/// How often one acquisition reads and tries to write when other writes keep coming between
+/// the two, before it answers `Held` (and waits for a notice, or tries again at once if one
+/// came).
+const TRIES: usize = 5;
+
+impl EtcdBackend {
+    /// The semaphore's directory: every lease of it is a key under this.
+    fn permits_dir(&self, name: &str) -> String {
+        format!("{}{name}\u{1f}permits/", self.prefix)
+    }
+
+    pub(super) async fn take_permits(
+        &self,
+        name: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        permits: Permits,
+        metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        let dir = self.permits_dir(name);
+        let key = format!("{dir}{owner}");
+        let value = match metadata {
+            Some(metadata) => format!("{} {} {metadata}", permits.count, permits.total),
+            None => format!("{} {}", permits.count, permits.total),
+        };
+        let mut grant = None;
+        let mut seen = 0;
+        for _ in 0..TRIES {
+            let read = self
+                .get(&dir, Some(GetOptions::new().with_prefix()))
+                .await?;
+            seen = read.header().map_or(0, |h| h.revision());
+            let mut used = 0u32;
+            for kv in read.kvs() {
+                let Some(lease) = Record::decode(kv) else {
+                    continue; // not a key leasehold wrote: it grants nothing
+                };
+                if lease.permits.total != permits.total {
+                    return Err(StoreError::PermitsMismatch {
+                        name: name.to_owned(),
+                        asked: permits.total,
+                        held: lease.permits.total,
+                    });
+                }
+                used = used.saturating_add(lease.permits.count);
+            }
+            if used.saturating_add(permits.count) > permits.total {
+                break;
+            }
+            // The lease first, so the put can attach the key to it; granted once, for every
+            // try of this acquisition.
+            let id = match &grant {
+                Some(grant) => grant,
+                None => grant.insert(self.grant(ttl).await?),
+            }
+            .id;
+            let txn = Txn::new()
+                .when([
+                    Compare::mod_revision(dir.as_str(), CompareOp::Less, seen + 1).with_prefix(),
+                    Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                ])
+                .and_then([TxnOp::put(
+                    key.as_str(),
+                    value.as_str(),
+                    Some(PutOptions::new().with_lease(id)),
+                )]);
+            let answer = self.txn(txn).await?;
+            if answer.succeeded() {
+                let revision = txn_revision(&answer)?;
+                let mut lease = Lease::new(name, owner, token(revision)?);
+                lease.permits = Some(permits);
+                lease.lease_id = grant.map(|grant| grant.keep());
+                return Ok(Acquisition::Acquired(lease));
+            }
+        }
+        if let Some(grant) = grant {
+            grant.revoke().await;
+        }
+        // No remaining ttl: the watch of deletes from `seen` wakes the waiter, and the backstop
+        // timer covers a missed one.
+        Ok(Acquisition::Held(Contention {
+            remaining_ttl: None,
+            revision: Some(seen),
+        }))
+    }
+
+    pub(super) async fn renew_permits(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let Some(id) = lease.lease_id else {
+            return Ok(false);
+        };
+        let kept = self.keep_alive(id).await?;
+        if kept.ttl <= 0 {
+            return Ok(false); // the lease is gone, and the key with it
+        }
+        if lease_seconds(ttl) > kept.ttl {
+            return Err(StoreError::Unsupported {
+                store: "etcd",
+                op: "renewing semaphore permits for longer than their first ttl",
+            });
+        }
+        // The lease lives; the key on it may have been deleted by another client.
+        let key = format!("{}{}", self.permits_dir(&lease.key), lease.owner);
+        let read = self.get(&key, None).await?;
+        Ok(read.kvs().first().is_some_and(|kv| kv.lease() == id))
+    }
+
+    pub(super) async fn release_permits(&self, lease: &Lease) -> Result<bool, StoreError> {
+        let Some(id) = lease.lease_id else {
+            return Ok(false);
+        };
+        let key = format!("{}{}", self.permits_dir(&lease.key), lease.owner);
+        // Compare-and-delete: only the key on our lease. The delete wakes the waiters' watches.
+        let txn = Txn::new()
+            .when([Compare::lease(key.as_str(), CompareOp::Equal, id)])
+            .and_then([TxnOp::delete(key.as_str(), None)]);
+        let deleted = self.txn(txn).await?.succeeded();
+        // The permits are free already; revoking just ends the lease now rather than at its
+        // ttl. A failure costs nothing but that.
+        if let Err(error) = self.revoke(id).await {
+            tracing::debug!(name = %lease.key, %error, "lease revoke after a permit release failed; it will run out");
+        }
+        Ok(deleted)
+    }
+
+    pub(super) async fn subscribe_to_permits(
+        &self,
+        name: &str,
+        seen: &Contention,
+    ) -> Result<ReleaseNotices, StoreError> {
+        // Deletes only: every one frees permits (only admitted leases are written).
+        let mut options = WatchOptions::new()
+            .with_prefix()
+            .with_filters([WatchFilterType::NoPut]);
+        if let Some(revision) = seen.revision {
+            options = options.with_start_revision(revision + 1);
+        }
+        let watch = self.open_watch(self.permits_dir(name), options).await?;
+        let deletes = futures::stream::unfold(watch, |mut watch| async move {
+            loop {
+                let answer = watch.message().await.ok().flatten()?;
+                if answer.canceled() {
+                    return None;
+                }
+                let freed = answer
+                    .events()
+                    .iter()
+                    .any(|event| event.event_type() == EventType::Delete);
+                if freed {
+                    return Some(((), watch));
+                }
+            }
+        });
+        Ok(deletes.boxed())
+    }
+
+    pub(super) async fn holders_of(&self, name: &str) -> Result<Vec<PermitHolder>, StoreError> {
+        let options = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend);
+        let read = self.get(&self.permits_dir(name), Some(options)).await?;
+        let mut holders = Vec::new();
+        for kv in read.kvs() {
+            let Some(record) = Record::decode(kv) else {
+                continue;
+            };
+            let Some(remaining_ttl) = self.remaining(kv.lease()).await? else {
+                continue; // ran out since the read
+            };
+            holders.push(PermitHolder {
+                name: name.to_owned(),
+                fencing_token: token(kv.create_revision())?,
+                permits: record.permits,
+                remaining_ttl,
+                metadata: record.metadata.map(str::to_owned),
+            });
+        }
+        Ok(holders)
+    }
+}
+
+/// A semaphore lease's value, `"<k> <N>[ <metadata>]"`.
+struct Record<'a> {
+    permits: Permits,
+    metadata: Option<&'a str>,
+}
+
+impl<'a> Record<'a> {
+    fn decode(kv: &'a KeyValue) -> Option<Self> {
+        let value = std::str::from_utf8(kv.value()).ok()?;
+        let mut parts = value.splitn(3, ' ');
+        let count = parts.next()?.parse().ok()?;
+        let total = parts.next()?.parse().ok()?;
+        Some(Record {
+            permits: Permits::new(total, count),
+            metadata: parts.next(),
+        })
+    }
+}
