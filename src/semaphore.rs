@@ -96,6 +96,23 @@ impl LockClient {
     }
 }
 
+impl LockClient {
+    /// Who holds the permits of the semaphore `name` now, according to the store, oldest
+    /// first (whatever N they were granted with: each holder says). Empty when nobody does.
+    pub async fn semaphore_holders(&self, name: &str) -> Result<Vec<PermitHolder>> {
+        let ctx = self.backend_ctx();
+        let budget = ctx.timing.op_timeout;
+        match timeout(budget, ctx.store.permit_holders(name)).await {
+            Ok(Ok(holders)) => Ok(holders),
+            Ok(Err(error)) => Err(ctx.store_error(error)),
+            Err(_) => Err(ctx.store_error(StoreError::TimedOut {
+                op: "permit holders",
+                after: budget,
+            })),
+        }
+    }
+}
+
 impl Semaphore {
     /// The semaphore's name.
     pub fn name(&self) -> &str {
@@ -139,16 +156,7 @@ impl Semaphore {
 
     /// Who holds the semaphore's permits now, according to the store, oldest first.
     pub async fn holders(&self) -> Result<Vec<PermitHolder>> {
-        let ctx = self.client.backend_ctx();
-        let budget = ctx.timing.op_timeout;
-        match timeout(budget, ctx.store.permit_holders(&self.name)).await {
-            Ok(Ok(holders)) => Ok(holders),
-            Ok(Err(error)) => Err(ctx.store_error(error)),
-            Err(_) => Err(ctx.store_error(StoreError::TimedOut {
-                op: "permit holders",
-                after: budget,
-            })),
-        }
+        self.client.semaphore_holders(&self.name).await
     }
 
     fn options(&self, count: u32, mut options: LockOptions) -> Result<LockOptions> {
