@@ -30,6 +30,7 @@ use std::sync::Arc;
 use tokio::time::timeout;
 
 use crate::backend::{PermitHolder, Permits};
+use crate::backend_ctx::BackendCtx;
 use crate::client::LockClient;
 use crate::error::{Error, Result, StoreError};
 use crate::guard::LockGuard;
@@ -77,39 +78,74 @@ impl LockClient {
     /// [`MAX_KEY_LEN`](crate::MAX_KEY_LEN) bytes, no control characters), and `permits` from
     /// 1 to [`MAX_PERMITS`]. A semaphore and a lock of the same name are different things.
     pub fn semaphore(&self, name: &str, permits: u32) -> Result<Semaphore> {
-        if name.is_empty() {
-            return Err(Error::EmptySemaphoreName);
-        }
-        validate_key(name)?;
-        let why = if permits == 0 {
-            "a semaphore needs at least 1 permit"
-        } else if permits > MAX_PERMITS {
-            "over the maximum of 4096 permits"
-        } else {
-            return Ok(Semaphore {
-                client: self.clone(),
-                name: name.into(),
-                permits,
-            });
-        };
-        Err(Error::InvalidPermits { permits, why })
+        validate_semaphore(name, permits)?;
+        Ok(Semaphore {
+            client: self.clone(),
+            name: name.into(),
+            permits,
+        })
     }
+}
+
+/// The checks on a semaphore's name and N, before any I/O.
+pub(crate) fn validate_semaphore(name: &str, permits: u32) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::EmptySemaphoreName);
+    }
+    validate_key(name)?;
+    let why = if permits == 0 {
+        "a semaphore needs at least 1 permit"
+    } else if permits > MAX_PERMITS {
+        "over the maximum of 4096 permits"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidPermits { permits, why })
+}
+
+/// `options` for an acquisition of `count` of `permits` permits, checked before any I/O (the
+/// name and N as [`validate_semaphore`] checks them, k from 1 to N).
+pub(crate) fn permit_options(
+    name: &str,
+    permits: u32,
+    count: u32,
+    mut options: LockOptions,
+) -> Result<LockOptions> {
+    validate_semaphore(name, permits)?;
+    let why = if count == 0 {
+        "at least 1 permit must be asked for"
+    } else if count > permits {
+        "more permits than the semaphore has"
+    } else {
+        options.permits = Some(Permits::new(permits, count));
+        return Ok(options);
+    };
+    Err(Error::InvalidPermitCount {
+        count,
+        permits,
+        why,
+    })
 }
 
 impl LockClient {
     /// Who holds the permits of the semaphore `name` now, according to the store, oldest
     /// first (whatever N they were granted with: each holder says). Empty when nobody does.
     pub async fn semaphore_holders(&self, name: &str) -> Result<Vec<PermitHolder>> {
-        let ctx = self.backend_ctx();
-        let budget = ctx.timing.op_timeout;
-        match timeout(budget, ctx.store.permit_holders(name)).await {
-            Ok(Ok(holders)) => Ok(holders),
-            Ok(Err(error)) => Err(ctx.store_error(error)),
-            Err(_) => Err(ctx.store_error(StoreError::TimedOut {
-                op: "permit holders",
-                after: budget,
-            })),
-        }
+        validate_semaphore(name, 1)?;
+        holders(self.backend_ctx(), name).await
+    }
+}
+
+/// The store's holders of the semaphore `name`, within the operation budget.
+pub(crate) async fn holders(ctx: &BackendCtx, name: &str) -> Result<Vec<PermitHolder>> {
+    let budget = ctx.timing.op_timeout;
+    match timeout(budget, ctx.store.permit_holders(name)).await {
+        Ok(Ok(holders)) => Ok(holders),
+        Ok(Err(error)) => Err(ctx.store_error(error)),
+        Err(_) => Err(ctx.store_error(StoreError::TimedOut {
+            op: "permit holders",
+            after: budget,
+        })),
     }
 }
 
@@ -159,20 +195,8 @@ impl Semaphore {
         self.client.semaphore_holders(&self.name).await
     }
 
-    fn options(&self, count: u32, mut options: LockOptions) -> Result<LockOptions> {
-        let why = if count == 0 {
-            "at least 1 permit must be asked for"
-        } else if count > self.permits {
-            "more permits than the semaphore has"
-        } else {
-            options.permits = Some(Permits::new(self.permits, count));
-            return Ok(options);
-        };
-        Err(Error::InvalidPermitCount {
-            count,
-            permits: self.permits,
-            why,
-        })
+    fn options(&self, count: u32, options: LockOptions) -> Result<LockOptions> {
+        permit_options(&self.name, self.permits, count, options)
     }
 }
 

@@ -10,8 +10,8 @@ use ractor::Actor;
 
 use super::{eventually, start, unique_key, Holder, PROMPT};
 use crate::{
-    Acquisition, Error, ErrorKind, LockBackend, LockOptions, LostReason, OwnerToken, Permits, Wait,
-    MAX_PERMITS,
+    Acquisition, Error, ErrorKind, LockBackend, LockManagerMsg, LockOptions, LostReason,
+    OwnerToken, Permits, Wait, MAX_PERMITS,
 };
 
 /// Generates one `#[tokio::test]` per semaphore test for the backend built by `$backend`, as
@@ -37,6 +37,7 @@ macro_rules! semaphore_suite {
             bad_semaphore_input_is_rejected_naming_the_value,
             permit_renews_releases_and_shows_in_holders,
             semaphore_and_lock_of_one_name_are_apart,
+            permits_by_message_to_the_manager,
         );
     };
     (@each $attr:tt, $backend:expr, $($name:ident),+ $(,)?) => {
@@ -387,5 +388,54 @@ pub async fn semaphore_and_lock_of_one_name_are_apart<B: LockBackend + Clone>(ba
     assert!(permit.is_some(), "the semaphore is free");
     assert!(client.is_locked(&name).await.unwrap());
     drop((lock, permit));
+    client.shutdown().await;
+}
+
+/// Actors ask for permits, and for a semaphore's holders, by message to the manager: the
+/// same checks, the same guard.
+pub async fn permits_by_message_to_the_manager<B: LockBackend + Clone>(backend: B) {
+    let client = start(backend).await;
+    let manager = client.manager().clone();
+    let name = unique_key("semaphore-message");
+    let ask = |count: u32| {
+        let name = name.clone();
+        move |reply| LockManagerMsg::AcquirePermits {
+            backend: None,
+            name,
+            permits: 2,
+            count,
+            options: LockOptions::new().with_metadata("by message"),
+            reply,
+        }
+    };
+    let both = ractor::call!(manager, ask(2)).unwrap().unwrap();
+    let both = both.expect("2 free");
+    assert_eq!(both.key(), name);
+    let none = ractor::call!(manager, ask(1)).unwrap().unwrap();
+    assert!(
+        none.is_none(),
+        "no permit free, and a message does not wait by default"
+    );
+    let err = ractor::call!(manager, ask(3)).unwrap().unwrap_err();
+    assert!(matches!(
+        err,
+        Error::InvalidPermitCount {
+            count: 3,
+            permits: 2,
+            ..
+        }
+    ));
+    let holders = ractor::call!(manager, |reply| LockManagerMsg::PermitHolders {
+        backend: None,
+        name: name.clone(),
+        reply,
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!(holders.len(), 1);
+    assert_eq!(holders[0].fencing_token, both.fencing_token());
+    assert_eq!(holders[0].permits, Permits::new(2, 2));
+    assert_eq!(holders[0].metadata.as_deref(), Some("by message"));
+    both.release().await.unwrap();
     client.shutdown().await;
 }
