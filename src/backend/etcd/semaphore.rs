@@ -42,9 +42,14 @@ use crate::backend::{
 use crate::error::StoreError;
 
 /// How often one acquisition reads and tries to write when other writes keep coming between
-/// the two, before it answers `Held` (and waits for a notice, or tries again at once if one
-/// came).
-const TRIES: usize = 5;
+/// the two, before it answers `Held`: a waiter then tries again after [`RACED_PAUSE`], and a
+/// `try_acquire` says none is free (under heavy contention on one semaphore, it may say so
+/// while permits are free: every lost race was another caller's acquisition).
+const TRIES: usize = 16;
+
+/// How long a waiter that lost every race pauses before it tries again (no release notice is
+/// coming: the permits may be free).
+const RACED_PAUSE: Duration = Duration::from_millis(5);
 
 impl EtcdBackend {
     /// The semaphore's directory: every lease of it is a key under this.
@@ -68,6 +73,7 @@ impl EtcdBackend {
         };
         let mut grant = None;
         let mut seen = 0;
+        let mut full = false;
         for _ in 0..TRIES {
             let read = self
                 .get(&dir, Some(GetOptions::new().with_prefix()))
@@ -88,6 +94,7 @@ impl EtcdBackend {
                 used = used.saturating_add(lease.permits.count);
             }
             if used.saturating_add(permits.count) > permits.total {
+                full = true;
                 break;
             }
             // The lease first, so the put can attach the key to it; granted once, for every
@@ -119,10 +126,10 @@ impl EtcdBackend {
         if let Some(grant) = grant {
             grant.revoke().await;
         }
-        // No remaining ttl: the watch of deletes from `seen` wakes the waiter, and the backstop
-        // timer covers a missed one.
+        // Full: no remaining ttl, the watch of deletes from `seen` wakes the waiter, and the
+        // backstop timer covers a missed one. Raced: look again soon.
         Ok(Acquisition::Held(Contention {
-            remaining_ttl: None,
+            remaining_ttl: (!full).then_some(RACED_PAUSE),
             revision: Some(seen),
         }))
     }
