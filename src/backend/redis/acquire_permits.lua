@@ -1,48 +1,58 @@
 -- Takes k of a semaphore's N permits as one lease, if that many are free, in one round trip.
 --
--- KEYS[1]  the leases: a sorted set of owner tokens, each scored by when its lease runs out
---          (server milliseconds)
--- KEYS[2]  the leases' records: a hash, owner token -> "<k> <N> <token>[ <metadata>]"
+-- KEYS[1]  the leases: a sorted set of members "<owner>:<k>:<N>:<token>", each scored by when
+--          its lease runs out (server milliseconds)
+-- KEYS[2]  the leases' metadata: a hash, owner token -> metadata (only leases that have any)
 -- KEYS[3]  the fence counter: the last fencing token handed out for this semaphore; never
 --          expires
 -- ARGV[1]  owner token (32 hex digits)
 -- ARGV[2]  ttl in milliseconds
 -- ARGV[3]  N, the semaphore's permits
 -- ARGV[4]  k, the permits asked for
--- ARGV[5]  "" or " <metadata>"
+-- ARGV[5]  the metadata, or "" for none
 --
 -- Returns the fencing token when the permits were taken: an integer, or its decimal digits as
 -- a string when it is 2^53 or more. When too few are free: a one-element array, how long the
 -- first lease to run out has left (ms). When the live leases were granted with another N: the
 -- array { "mismatch", <their N> }.
+--
+-- A free semaphore costs TIME, ZRANGE, INCR, ZADD and PEXPIREAT.
 
 local now = redis.call('TIME')
 now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local total = tonumber(ARGV[3])
 local count = tonumber(ARGV[4])
 
--- Nothing deletes a lease at its expiry (it is a member, not a key): the leases that ran out
--- are dropped here, which is what frees a crashed holder's permits.
-local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
-if #expired > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-  redis.call('HDEL', KEYS[2], unpack(expired))
-end
-
--- At most N leases' records (N is at most 4096), each saying its k and its N.
-local used = 0
-for _, lease in ipairs(redis.call('HVALS', KEYS[2])) do
-  local k, n = string.match(lease, '^(%d+) (%d+) ')
-  if tonumber(n) ~= total then
-    return { 'mismatch', tonumber(n) }
+-- Every lease, soonest to run out first (at most N of them live: N is at most 4096). A lease
+-- is a member, not a key, so nothing deletes it at its expiry: the ones that ran out are
+-- dropped here, which is what frees a crashed holder's permits.
+local leases = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local used, expired, first, last = 0, {}, nil, nil
+for i = 1, #leases, 2 do
+  local expires = tonumber(leases[i + 1])
+  if expires <= now then
+    expired[#expired + 1] = leases[i]
+  else
+    local k, n = string.match(leases[i], '^%x+:(%d+):(%d+):')
+    if tonumber(n) ~= total then
+      return { 'mismatch', tonumber(n) }
+    end
+    used = used + tonumber(k)
+    first = first or expires
+    last = expires
   end
-  used = used + tonumber(k)
+end
+if #expired > 0 then
+  redis.call('ZREM', KEYS[1], unpack(expired))
+  for i, member in ipairs(expired) do
+    expired[i] = string.match(member, '^(%x+):')
+  end
+  redis.call('HDEL', KEYS[2], unpack(expired))
 end
 if used + count > total then
   -- Too few free: the first lease to run out may free enough, and an expiry publishes
   -- nothing, so the waiter looks again by then at the latest.
-  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  return { math.max(tonumber(first[2]) - now, 0) }
+  return { (first or now) - now }
 end
 
 -- Granted. The token as in acquire.lua: seeded from the clock if the counter was missing.
@@ -57,10 +67,15 @@ if token >= 9007199254740992 then
 end
 local digits = type(token) == 'number' and string.format('%.0f', token) or token
 
-redis.call('ZADD', KEYS[1], string.format('%.0f', now + tonumber(ARGV[2])), ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[4] .. ' ' .. ARGV[3] .. ' ' .. digits .. ARGV[5])
--- Both keys go when the last lease runs out, so a semaphore nobody uses leaves nothing.
-local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-redis.call('PEXPIREAT', KEYS[1], last[2])
-redis.call('PEXPIREAT', KEYS[2], last[2])
+local expires = now + tonumber(ARGV[2])
+local member = ARGV[1] .. ':' .. ARGV[4] .. ':' .. ARGV[3] .. ':' .. digits
+redis.call('ZADD', KEYS[1], string.format('%.0f', expires), member)
+-- The set goes when its last lease runs out, so a semaphore nobody uses leaves only its
+-- fence counter.
+local until_ms = string.format('%.0f', math.max(expires, last or 0))
+redis.call('PEXPIREAT', KEYS[1], until_ms)
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[5])
+  redis.call('PEXPIREAT', KEYS[2], until_ms)
+end
 return token

@@ -1,8 +1,8 @@
--- Extends a semaphore lease, if it is still ours and has not run out.
+-- Extends a semaphore lease, if it is still live.
 --
--- KEYS[1]  the leases (sorted set, owner -> expiry in server ms)
--- KEYS[2]  the leases' records (hash)
--- ARGV[1]  owner token
+-- KEYS[1]  the leases (sorted set of "<owner>:<k>:<N>:<token>", by expiry in server ms)
+-- KEYS[2]  the leases' metadata (hash, owner -> metadata)
+-- ARGV[1]  the lease's member
 -- ARGV[2]  new ttl in milliseconds, from now
 --
 -- Returns 1 when extended, 0 when the lease is gone (it ran out, or was released).
@@ -13,8 +13,9 @@ local expires = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not expires or tonumber(expires) <= now then
   return 0
 end
-redis.call('ZADD', KEYS[1], 'XX', string.format('%.0f', now + tonumber(ARGV[2])), ARGV[1])
-local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-redis.call('PEXPIREAT', KEYS[1], last[2])
-redis.call('PEXPIREAT', KEYS[2], last[2])
+local until_ms = string.format('%.0f', now + tonumber(ARGV[2]))
+redis.call('ZADD', KEYS[1], 'XX', until_ms, ARGV[1])
+-- GT: only ever later (the keys always have an expiry, set by the acquisition).
+redis.call('PEXPIREAT', KEYS[1], until_ms, 'GT')
+redis.call('PEXPIREAT', KEYS[2], until_ms, 'GT')
 return 1

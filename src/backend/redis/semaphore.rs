@@ -3,16 +3,19 @@
 //!
 //! | name                    | Redis type            | holds                                    |
 //! |-------------------------|-----------------------|------------------------------------------|
-//! | `P{K}:permits`          | sorted set            | owner tokens, scored by when each lease runs out (server ms) |
-//! | `P{K}:permit-leases`    | hash                  | owner token → `"<k> <N> <token>[ <metadata>]"` |
+//! | `P{K}:permits`          | sorted set            | a member `"<owner>:<k>:<N>:<token>"` per lease, scored by when it runs out (server ms) |
+//! | `P{K}:permit-metadata`  | hash                  | owner token → metadata, for leases that have any |
 //! | `P{K}:permit-fence`     | string, never expires | the last fencing token handed out        |
 //! | `P{K}:permits-released` | pub/sub channel       | a notice per release                     |
 //!
-//! A lease is a member, not a key, so Redis does not expire it: every acquisition first drops
-//! the members whose score has passed (server clock), which is what frees a crashed holder's
-//! permits at its ttl. Both keys are given the expiry of their last lease, so a semaphore
-//! nobody uses any more leaves only its fence counter. The scripts: `acquire_permits.lua`
-//! (admission, N check, token), `renew_permits.lua`, `release_permits.lua` (with the notice),
+//! A lease is a member, not a key, so Redis does not expire it: every acquisition reads the
+//! whole set (at most N live members) and drops the members whose score has passed (server
+//! clock), which is what frees a crashed holder's permits at its ttl. Each member says its k
+//! and N, so the same read counts the permits in use and checks N. The set is given the
+//! expiry of its last lease, so a semaphore nobody uses any more leaves only its fence
+//! counter. A lease's guard knows its member (owner, k, N and token are all in its lease), so
+//! renew and release find it in one step. The scripts: `acquire_permits.lua` (admission, N
+//! check, token), `renew_permits.lua`, `release_permits.lua` (with the notice),
 //! `permit_holders.lua`.
 
 use std::sync::LazyLock;
@@ -39,7 +42,7 @@ impl RedisBackend {
     /// The leases' sorted set and hash of the semaphore `name`.
     fn permit_keys(&self, name: &str) -> (String, String) {
         let lock = self.lock_key(name);
-        (format!("{lock}:permits"), format!("{lock}:permit-leases"))
+        (format!("{lock}:permits"), format!("{lock}:permit-metadata"))
     }
 
     fn permits_channel(&self, name: &str) -> String {
@@ -63,7 +66,7 @@ impl RedisBackend {
             .arg(millis(ttl))
             .arg(permits.total)
             .arg(permits.count)
-            .arg(metadata.map_or_else(String::new, |m| format!(" {m}")))
+            .arg(metadata.unwrap_or_default())
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|error| self.failed("acquire permits", error))?;
@@ -103,7 +106,7 @@ impl RedisBackend {
         RENEW
             .key(leases)
             .key(records)
-            .arg(lease.owner.to_string())
+            .arg(member(lease))
             .arg(millis(ttl))
             .invoke_async(&mut self.conn.clone())
             .await
@@ -115,7 +118,7 @@ impl RedisBackend {
         RELEASE
             .key(leases)
             .key(records)
-            .arg(lease.owner.to_string())
+            .arg(member(lease))
             .arg(self.permits_channel(&lease.key))
             .invoke_async(&mut self.conn.clone())
             .await
@@ -132,29 +135,45 @@ impl RedisBackend {
 
     pub(super) async fn holders_of(&self, name: &str) -> Result<Vec<PermitHolder>, StoreError> {
         let (leases, records) = self.permit_keys(name);
-        let reply: Vec<(String, i64)> = HOLDERS
+        let reply: Vec<Value> = HOLDERS
             .key(leases)
             .key(records)
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|error| self.failed("permit holders", error))?;
-        let mut holders = reply
-            .into_iter()
-            .map(|(record, left)| {
-                let holder = parse_record(name, &record, left);
-                holder.ok_or_else(|| {
-                    StoreError::protocol(format!("semaphore lease record {record:?} is malformed"))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut holders = Vec::with_capacity(reply.len() / 3);
+        for lease in reply.chunks(3) {
+            let holder = match lease {
+                [Value::BulkString(member), Value::Int(left), Value::BulkString(metadata)] => {
+                    parse_member(name, member, *left, metadata)
+                }
+                _ => None,
+            };
+            holders.push(holder.ok_or_else(|| {
+                StoreError::protocol(format!("semaphore lease {lease:?} is malformed"))
+            })?);
+        }
         holders.sort_by_key(|holder| holder.fencing_token);
         Ok(holders)
     }
 }
 
-/// A lease's record, `"<k> <N> <token>[ <metadata>]"`, with its `left` milliseconds.
-fn parse_record(name: &str, record: &str, left: i64) -> Option<PermitHolder> {
-    let mut parts = record.splitn(4, ' ');
+/// The lease's member in the set, `"<owner>:<k>:<N>:<token>"`; only the owner for a lease
+/// whose token is not known (an acquisition whose answer never came: the script looks for it).
+fn member(lease: &Lease) -> String {
+    match lease.permits {
+        Some(permits) if lease.fencing_token != 0 => format!(
+            "{}:{}:{}:{}",
+            lease.owner, permits.count, permits.total, lease.fencing_token
+        ),
+        _ => lease.owner.to_string(),
+    }
+}
+
+/// A lease's member with its `left` milliseconds and its metadata ("" for none).
+fn parse_member(name: &str, member: &[u8], left: i64, metadata: &[u8]) -> Option<PermitHolder> {
+    let member = std::str::from_utf8(member).ok()?;
+    let mut parts = member.split(':').skip(1);
     let count = parts.next()?.parse().ok()?;
     let total = parts.next()?.parse().ok()?;
     let fencing_token = parts.next()?.parse().ok()?;
@@ -163,6 +182,6 @@ fn parse_record(name: &str, record: &str, left: i64) -> Option<PermitHolder> {
         fencing_token,
         permits: Permits::new(total, count),
         remaining_ttl: remaining(left).unwrap_or_default(),
-        metadata: parts.next().map(str::to_owned),
+        metadata: (!metadata.is_empty()).then(|| String::from_utf8_lossy(metadata).into_owned()),
     })
 }
