@@ -38,6 +38,7 @@ macro_rules! semaphore_suite {
             permit_renews_releases_and_shows_in_holders,
             semaphore_and_lock_of_one_name_are_apart,
             permits_by_message_to_the_manager,
+            a_permit_known_only_by_its_owner_is_given_back,
         );
     };
     (@each $attr:tt, $backend:expr, $($name:ident),+ $(,)?) => {
@@ -438,4 +439,34 @@ pub async fn permits_by_message_to_the_manager<B: LockBackend + Clone>(backend: 
     assert_eq!(holders[0].metadata.as_deref(), Some("by message"));
     both.release().await.unwrap();
     client.shutdown().await;
+}
+
+/// An acquisition whose answer never came (a timeout, a broken connection) is given back by
+/// its owner token alone, its token unknown: the store finds it, and frees its permits now
+/// rather than at its ttl.
+pub async fn a_permit_known_only_by_its_owner_is_given_back<B: LockBackend + Clone>(backend: B) {
+    let name = unique_key("semaphore-take-back");
+    let owner = OwnerToken::random();
+    let permits = Permits::new(2, 2);
+    let ttl = Duration::from_secs(30);
+    let taken = backend
+        .acquire_permits(&name, owner, ttl, permits, Some("lost answer"))
+        .await
+        .unwrap();
+    assert!(matches!(taken, Acquisition::Acquired(_)), "{taken:?}");
+    let mut unknown = crate::Lease::new(name.clone(), owner, 0);
+    unknown.permits = Some(permits);
+    assert!(
+        backend.release(&unknown).await.unwrap(),
+        "found and released"
+    );
+    assert!(backend.permit_holders(&name).await.unwrap().is_empty());
+    let again = backend
+        .acquire_permits(&name, OwnerToken::random(), ttl, permits, None)
+        .await
+        .unwrap();
+    let Acquisition::Acquired(again) = again else {
+        panic!("both permits are free again: {again:?}");
+    };
+    assert!(backend.release(&again).await.unwrap());
 }

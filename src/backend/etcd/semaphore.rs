@@ -159,10 +159,19 @@ impl EtcdBackend {
     }
 
     pub(super) async fn release_permits(&self, lease: &Lease) -> Result<bool, StoreError> {
-        let Some(id) = lease.lease_id else {
-            return Ok(false);
-        };
         let key = format!("{}{}", self.permits_dir(&lease.key), lease.owner);
+        let Some(id) = lease.lease_id else {
+            // An acquisition whose answer never came: its lease id is not known, but the key
+            // is named after its owner, so only it can have written it.
+            let txn = Txn::new()
+                .when([Compare::create_revision(
+                    key.as_str(),
+                    CompareOp::Greater,
+                    0,
+                )])
+                .and_then([TxnOp::delete(key.as_str(), None)]);
+            return Ok(self.txn(txn).await?.succeeded());
+        };
         // Compare-and-delete: only the key on our lease. The delete wakes the waiters' watches.
         let txn = Txn::new()
             .when([Compare::lease(key.as_str(), CompareOp::Equal, id)])
