@@ -1043,3 +1043,36 @@ async fn restart_quarantine_keeps_a_key_from_everyone_until_its_old_holder_knows
     assert!(!held.is_held());
     assert!(taken.fencing_token() > before);
 }
+
+/// A restart quarantine holds back a semaphore's permits as it does a lock: a fresh server
+/// (as after a data loss) grants none until the quarantine is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_quarantine_holds_back_semaphore_permits_too() {
+    let server = RedisServer::start();
+    let quarantine = Duration::from_millis(500);
+    let backend = server.backend().await.with_restart_quarantine(quarantine);
+    let name = unique_key("quarantine-permits");
+    let ask = || {
+        let (backend, name) = (backend.clone(), name.clone());
+        async move {
+            let permits = leasehold::Permits::new(1, 1);
+            let ttl = Duration::from_secs(5);
+            backend
+                .acquire_permits(&name, OwnerToken::random(), ttl, permits, None)
+                .await
+                .unwrap()
+        }
+    };
+    let started = Instant::now();
+    let Acquisition::Held(held) = ask().await else {
+        panic!("granted during the quarantine");
+    };
+    assert!(held.remaining_ttl.is_some_and(|left| left <= quarantine));
+    eventually(
+        "a permit after the quarantine",
+        Duration::from_secs(5),
+        || async { matches!(ask().await, Acquisition::Acquired(_)) },
+    )
+    .await;
+    assert!(started.elapsed() >= quarantine.mul_f64(0.9));
+}

@@ -39,6 +39,7 @@ macro_rules! semaphore_suite {
             semaphore_and_lock_of_one_name_are_apart,
             permits_by_message_to_the_manager,
             a_permit_known_only_by_its_owner_is_given_back,
+            a_permit_taken_away_is_lost,
         );
     };
     (@each $attr:tt, $backend:expr, $($name:ident),+ $(,)?) => {
@@ -469,4 +470,34 @@ pub async fn a_permit_known_only_by_its_owner_is_given_back<B: LockBackend + Clo
         panic!("both permits are free again: {again:?}");
     };
     assert!(backend.release(&again).await.unwrap());
+}
+
+/// When the store stops knowing a permit (another client deleted it), its next renewal finds
+/// out: the guard reports `NotOwner` and is no longer held.
+pub async fn a_permit_taken_away_is_lost<B: LockBackend + Clone>(backend: B) {
+    let client = start(backend.clone()).await;
+    let semaphore = client.semaphore(&unique_key("semaphore-lost"), 2).unwrap();
+    let permit = semaphore
+        .try_acquire(LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    // Another client deletes it, knowing only its owner (as in the store's own records).
+    let mut theirs = crate::Lease::new(semaphore.name(), permit.owner(), 0);
+    theirs.permits = Some(Permits::new(2, 1));
+    assert!(backend.release(&theirs).await.unwrap());
+    let err = permit.renew(Duration::from_secs(30)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LeaseLost {
+                reason: LostReason::NotOwner,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(permit.lost().await, LostReason::NotOwner);
+    assert!(!permit.is_held());
+    client.shutdown().await;
 }

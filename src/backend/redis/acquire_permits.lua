@@ -10,6 +10,9 @@
 -- ARGV[3]  N, the semaphore's permits
 -- ARGV[4]  k, the permits asked for
 -- ARGV[5]  the metadata, or "" for none
+-- ARGV[6]  restart quarantine in milliseconds; 0 turns it off
+-- KEYS[4]  with a quarantine only: when this server first served leasehold since it last lost
+--          its data (see acquire.lua)
 --
 -- Returns the fencing token when the permits were taken: an integer, or its decimal digits as
 -- a string when it is 2^53 or more. When too few are free: a one-element array, how long the
@@ -20,6 +23,20 @@
 
 local now = redis.call('TIME')
 now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+-- A server that lost its data has forgotten the leases it granted, and their holders may not
+-- have noticed yet: as in acquire.lua, nothing is granted until the quarantine is over.
+local quarantine = tonumber(ARGV[6])
+if quarantine > 0 then
+  local first = redis.call('SET', KEYS[4], now, 'NX', 'GET')
+  if not first then
+    return { quarantine }
+  end
+  local left = tonumber(first) + quarantine - now
+  if left > 0 then
+    return { left }
+  end
+end
+
 local total = tonumber(ARGV[3])
 local count = tonumber(ARGV[4])
 

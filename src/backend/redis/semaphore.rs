@@ -8,6 +8,9 @@
 //! | `P{K}:permit-fence`     | string, never expires | the last fencing token handed out        |
 //! | `P{K}:permits-released` | pub/sub channel       | a notice per release                     |
 //!
+//! With [`RedisBackend::with_restart_quarantine`], an acquisition of permits waits out the
+//! quarantine after a data loss as a lock's does (the same `<prefix>epoch` key).
+//!
 //! A lease is a member, not a key, so Redis does not expire it: every acquisition reads the
 //! whole set (at most N live members) and drops the members whose score has passed (server
 //! clock), which is what frees a crashed holder's permits at its ttl. Each member says its k
@@ -58,15 +61,19 @@ impl RedisBackend {
         metadata: Option<&str>,
     ) -> Result<Acquisition, StoreError> {
         let (leases, records) = self.permit_keys(name);
-        let reply: Value = ACQUIRE
-            .key(&leases)
-            .key(&records)
+        let mut call = ACQUIRE.key(&leases);
+        call.key(&records)
             .key(format!("{}:permit-fence", self.lock_key(name)))
             .arg(owner.to_string())
             .arg(millis(ttl))
             .arg(permits.total)
             .arg(permits.count)
             .arg(metadata.unwrap_or_default())
+            .arg(u64::try_from(self.quarantine.as_millis()).unwrap_or(u64::MAX));
+        if !self.quarantine.is_zero() {
+            call.key(format!("{}epoch", self.prefix));
+        }
+        let reply: Value = call
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|error| self.failed("acquire permits", error))?;
