@@ -1076,3 +1076,106 @@ async fn restart_quarantine_holds_back_semaphore_permits_too() {
     .await;
     assert!(started.elapsed() >= quarantine.mul_f64(0.9));
 }
+
+/// A semaphore of 3, six workers on two managers, one of them holding for three ttls at a
+/// time, and the server paused (SIGSTOP) for twice the ttl while it holds: it is told its
+/// permit is lost, and by the library's own account (from each acquisition to the release or
+/// to the moment its guard said "lost") there are never more than 3 holders at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semaphore_never_has_more_than_n_holders_through_a_pause_past_the_ttl() {
+    use std::sync::atomic::AtomicBool;
+    const N: u32 = 3;
+    let server = RedisServer::start();
+    let nodes = [
+        start(server.backend().await).await,
+        start(server.backend().await).await,
+    ];
+    let name = unique_key("semaphore-pause");
+    let ttl = Duration::from_millis(600);
+    let stop = Arc::new(AtomicBool::new(false));
+    // Set while the long holder holds; the ends of its holds, `true` for a loss.
+    let long_holds = Arc::new(AtomicBool::new(false));
+    let long_ends: Arc<Mutex<Vec<bool>>> = Arc::default();
+    let holds: Arc<Mutex<Vec<(Instant, Instant)>>> = Arc::default();
+    let mut workers = Vec::new();
+    for worker in 0..6 {
+        let semaphore = nodes[worker % 2].semaphore(&name, N).unwrap();
+        let (stop, holds) = (stop.clone(), holds.clone());
+        let (long_holds, long_ends) = (long_holds.clone(), long_ends.clone());
+        let hold_for = if worker == 0 {
+            ttl * 3
+        } else {
+            Duration::from_millis(30)
+        };
+        workers.push(tokio::spawn(async move {
+            let opts = LockOptions::new()
+                .with_ttl(ttl)
+                .with_wait(Wait::UpTo(Duration::from_millis(200)));
+            while !stop.load(Ordering::SeqCst) {
+                // A wait that runs out, or a store that does not answer, is no hold.
+                let Ok(permit) = semaphore.acquire(opts.clone()).await else {
+                    continue;
+                };
+                let from = Instant::now();
+                if worker == 0 {
+                    long_holds.store(true, Ordering::SeqCst);
+                }
+                let lost = tokio::select! {
+                    _ = permit.lost() => true,
+                    () = tokio::time::sleep(hold_for) => false,
+                };
+                let to = Instant::now();
+                if worker == 0 {
+                    long_holds.store(false, Ordering::SeqCst);
+                    long_ends.lock().unwrap().push(lost);
+                }
+                holds.lock().unwrap().push((from, to));
+                if !lost {
+                    let _ = permit.release().await;
+                }
+            }
+        }));
+    }
+    eventually("the long holder holds", Duration::from_secs(10), || async {
+        long_holds.load(Ordering::SeqCst) && holds.lock().unwrap().len() >= 10
+    })
+    .await;
+    server.pause();
+    let paused_at = Instant::now();
+    while paused_at.elapsed() < ttl * 2 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.resume();
+    let before = holds.lock().unwrap().len();
+    eventually("holds after the pause", Duration::from_secs(20), || async {
+        holds.lock().unwrap().len() >= before + 10
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    assert!(
+        long_ends.lock().unwrap().contains(&true),
+        "the long holder was told of no loss"
+    );
+    // +1 at each acquisition, -1 at each end (ends first at equal instants): never above N.
+    let mut edges: Vec<(Instant, i32)> = Vec::new();
+    for &(from, to) in holds.lock().unwrap().iter() {
+        edges.push((from, 1));
+        edges.push((to, -1));
+    }
+    edges.sort();
+    let mut holding = 0;
+    for (at, step) in edges {
+        holding += step;
+        assert!(
+            holding <= N as i32,
+            "{holding} holders at {:?} after the start of the pause",
+            at.checked_duration_since(paused_at)
+        );
+    }
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
