@@ -354,23 +354,27 @@ pub async fn bad_semaphore_input_is_rejected_naming_the_value<B: LockBackend + C
     client.shutdown().await;
 }
 
-/// A permit's guard renews (the store keeps it), releases (the store forgets it), and shows
-/// in `holders` with its metadata, permits and token meanwhile.
+/// A permit's guard renews, also for a longer ttl than it was taken with (the store keeps it
+/// that long), releases (the store forgets it), and shows in `holders` with its metadata,
+/// permits and token meanwhile.
 pub async fn permit_renews_releases_and_shows_in_holders<B: LockBackend + Clone>(backend: B) {
     let client = start(backend).await;
     let semaphore = client.semaphore(&unique_key("semaphore-guard"), 4).unwrap();
     let opts = LockOptions::new().with_metadata("worker 7");
     let permit = semaphore.try_acquire_many(2, opts).await.unwrap().unwrap();
     assert_eq!(permit.key(), semaphore.name());
-    permit.renew(Duration::from_secs(20)).await.unwrap();
-    assert_eq!(permit.ttl(), Some(Duration::from_secs(20)));
+    // Longer than the 30 s it was taken with (etcd moves it to a longer lease).
+    permit.renew(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(permit.ttl(), Some(Duration::from_secs(60)));
     let holders = semaphore.holders().await.unwrap();
     assert_eq!(holders.len(), 1);
     let holder = &holders[0];
     assert_eq!(holder.fencing_token, permit.fencing_token());
     assert_eq!(holder.permits, Permits::new(4, 2));
     assert_eq!(holder.metadata.as_deref(), Some("worker 7"));
-    assert!(holder.remaining_ttl > Duration::from_secs(10), "{holder:?}");
+    assert!(holder.remaining_ttl > Duration::from_secs(40), "{holder:?}");
+    // Its auto-renewal goes on with the new ttl.
+    permit.renew(Duration::from_secs(60)).await.unwrap();
     permit.release().await.unwrap();
     assert!(semaphore.holders().await.unwrap().is_empty());
     client.shutdown().await;

@@ -13,23 +13,19 @@
 //! | operation | etcd calls |
 //! |-----------|------------|
 //! | acquire   | `Range(dir)` at revision R: the live leases, their k and N. Too few free → `Held`, with R. Enough → `LeaseGrant`, then ONE `Txn`: if no key under `dir` was written after R (`mod_revision(dir) < R + 1`, over the range) then `Put(key, value, lease)`; the fencing token is the put's revision. A write in between fails the compare: read and try again. |
-//! | renew     | `LeaseKeepAlive` on the backend's one stream, then `Range(key)`: still ours if it is on our lease |
-//! | release   | `Txn`: if the key is on our lease then `DeleteRange(key)`; then `LeaseRevoke` |
+//! | renew     | `Range(key)`: still ours if its create revision is our token; then `LeaseKeepAlive` of the lease it is on, on the backend's one stream. For a longer ttl than that lease was granted: `LeaseGrant`, a `Txn` that moves the key to the new lease if it is still on the old, `LeaseRevoke` of the old |
+//! | release   | `Txn`: if the key's create revision is our token then `DeleteRange(key)`; then `LeaseRevoke` of the lease it was on |
 //! | wait      | one `Watch` of `dir` for deletes, from R + 1: a release, a revoke and a lease that ran out all delete a key |
 //!
 //! A lease that runs out deletes its key: a crashed holder's permits free at its ttl. Only
 //! admitted leases are ever written (the compare keeps out any write the read did not see), so
 //! a waiter's watch sees only deletes that free permits, never a rival's attempt.
-//!
-//! A renewal cannot ask for more than the ttl its etcd lease was granted with (etcd cannot
-//! lengthen a lease, and a permit's key stays on its first one): that is refused as
-//! unsupported.
 
 use std::time::Duration;
 
 use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, Txn,
-    TxnOp, WatchFilterType, WatchOptions,
+    Compare, CompareOp, DeleteOptions, EventType, GetOptions, KeyValue, PutOptions, SortOrder,
+    SortTarget, Txn, TxnOp, TxnOpResponse, WatchFilterType, WatchOptions,
 };
 use futures::StreamExt;
 
@@ -139,50 +135,74 @@ impl EtcdBackend {
         lease: &Lease,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let Some(id) = lease.lease_id else {
-            return Ok(false);
+        // The key, created with the lease's token as its create revision, tells which etcd
+        // lease it is on now (a renewal for a longer ttl moves it to a new one).
+        let key = format!("{}{}", self.permits_dir(&lease.key), lease.owner);
+        let read = self.get(&key, None).await?;
+        let Some(kv) = read.kvs().first() else {
+            return Ok(false); // released, run out, or deleted by another client
         };
-        let kept = self.keep_alive(id).await?;
+        if token(kv.create_revision()).ok() != Some(lease.fencing_token) {
+            return Ok(false);
+        }
+        let current = kv.lease();
+        let kept = self.keep_alive(current).await?;
         if kept.ttl <= 0 {
             return Ok(false); // the lease is gone, and the key with it
         }
-        if lease_seconds(ttl) > kept.ttl {
-            return Err(StoreError::Unsupported {
-                store: "etcd",
-                op: "renewing semaphore permits for longer than their first ttl",
-            });
+        if lease_seconds(ttl) <= kept.ttl {
+            return Ok(true);
         }
-        // The lease lives; the key on it may have been deleted by another client.
-        let key = format!("{}{}", self.permits_dir(&lease.key), lease.owner);
-        let read = self.get(&key, None).await?;
-        Ok(read.kvs().first().is_some_and(|kv| kv.lease() == id))
+        // etcd cannot lengthen a lease: the key moves to a new, longer one if it is still on
+        // the old (its create revision, the token, stays).
+        let grant = self.grant(ttl).await?;
+        let txn = Txn::new()
+            .when([Compare::lease(key.as_str(), CompareOp::Equal, current)])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                kv.value(),
+                Some(PutOptions::new().with_lease(grant.id)),
+            )]);
+        if !self.txn(txn).await?.succeeded() {
+            grant.revoke().await;
+            return Ok(false);
+        }
+        grant.keep();
+        // Nothing is on the old lease any more; a failure leaves it to run out.
+        let _ = self.revoke(current).await;
+        Ok(true)
     }
 
     pub(super) async fn release_permits(&self, lease: &Lease) -> Result<bool, StoreError> {
         let key = format!("{}{}", self.permits_dir(&lease.key), lease.owner);
-        let Some(id) = lease.lease_id else {
-            // An acquisition whose answer never came: its lease id is not known, but the key
-            // is named after its owner, so only it can have written it.
-            let txn = Txn::new()
-                .when([Compare::create_revision(
-                    key.as_str(),
-                    CompareOp::Greater,
-                    0,
-                )])
-                .and_then([TxnOp::delete(key.as_str(), None)]);
-            return Ok(self.txn(txn).await?.succeeded());
+        // Compare-and-delete: only the key of this lease (its create revision is the token;
+        // token 0 is an acquisition whose answer never came, and the key named after its owner
+        // is its own). The delete wakes the waiters' watches.
+        let ours = match i64::try_from(lease.fencing_token) {
+            Ok(0) => Compare::create_revision(key.as_str(), CompareOp::Greater, 0),
+            Ok(token) => Compare::create_revision(key.as_str(), CompareOp::Equal, token),
+            Err(_) => return Ok(false),
         };
-        // Compare-and-delete: only the key on our lease. The delete wakes the waiters' watches.
-        let txn = Txn::new()
-            .when([Compare::lease(key.as_str(), CompareOp::Equal, id)])
-            .and_then([TxnOp::delete(key.as_str(), None)]);
-        let deleted = self.txn(txn).await?.succeeded();
+        let txn = Txn::new().when([ours]).and_then([TxnOp::delete(
+            key.as_str(),
+            Some(DeleteOptions::new().with_prev_key()),
+        )]);
+        let answer = self.txn(txn).await?;
+        if !answer.succeeded() {
+            return Ok(false);
+        }
+        let on_lease = answer.op_responses().into_iter().find_map(|op| match op {
+            TxnOpResponse::Delete(delete) => delete.prev_kvs().first().map(KeyValue::lease),
+            _ => None,
+        });
         // The permits are free already; revoking just ends the lease now rather than at its
         // ttl. A failure costs nothing but that.
-        if let Err(error) = self.revoke(id).await {
-            tracing::debug!(name = %lease.key, %error, "lease revoke after a permit release failed; it will run out");
+        if let Some(id) = on_lease.filter(|&id| id != 0) {
+            if let Err(error) = self.revoke(id).await {
+                tracing::debug!(name = %lease.key, %error, "lease revoke after a permit release failed; it will run out");
+            }
         }
-        Ok(deleted)
+        Ok(true)
     }
 
     pub(super) async fn subscribe_to_permits(
