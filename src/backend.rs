@@ -63,6 +63,10 @@ pub struct Lease {
     pub fencing_token: u64,
     /// The store's own lease id, for stores that have one (etcd).
     pub lease_id: Option<i64>,
+    /// Set when the lease is a semaphore's permits rather than a lock (see
+    /// [`acquire_permits`](LockBackend::acquire_permits)): `renew` and `release` then act on
+    /// the permits of the semaphore named `key`.
+    pub permits: Option<Permits>,
 }
 
 impl Lease {
@@ -73,8 +77,45 @@ impl Lease {
             owner,
             fencing_token,
             lease_id: None,
+            permits: None,
         }
     }
+}
+
+/// What a semaphore acquisition asks for: `count` of the semaphore's `total` permits, as one
+/// lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct Permits {
+    /// How many permits the semaphore has (its N). Every caller of one semaphore must give
+    /// the same N while any of them holds a permit.
+    pub total: u32,
+    /// How many of them this lease takes (its k), from 1 to `total`.
+    pub count: u32,
+}
+
+impl Permits {
+    /// `count` of `total` permits (unchecked: the [`Semaphore`](crate::Semaphore) handle
+    /// checks them before any I/O).
+    pub fn new(total: u32, count: u32) -> Self {
+        Permits { total, count }
+    }
+}
+
+/// One holder of a semaphore's permits, as `permit_holders` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PermitHolder {
+    /// The semaphore's name.
+    pub name: String,
+    /// The holder's fencing token.
+    pub fencing_token: u64,
+    /// How many permits it holds, and of how many.
+    pub permits: Permits,
+    /// How long its lease has left.
+    pub remaining_ttl: Duration,
+    /// The metadata the holder stored with its permits.
+    pub metadata: Option<String>,
 }
 
 /// The answer to an acquisition attempt.
@@ -298,6 +339,58 @@ pub trait LockBackend: Send + Sync + 'static {
         Err(StoreError::Unsupported {
             store: self.kind(),
             op: "observe",
+        })
+    }
+
+    // --- Semaphores (see `crate::semaphore`). A semaphore of N permits on `name` is a set of
+    // leases, one per acquisition of k permits, none of them the lock on the key `name`. A
+    // permit lease carries `Lease::permits`, and `renew` and `release` act on it as on a
+    // lock's lease: the store's semaphore, not its lock, is renewed or released.
+
+    /// One attempt to take `permits.count` of the `permits.total` permits of the semaphore
+    /// `name` for `owner`, as one lease for `ttl`: atomic, granted only if the live leases hold
+    /// at most `total - count` permits. The lease's fencing token is strictly greater than
+    /// every token returned for this semaphore before, and its `permits` is set.
+    ///
+    /// A lease that is not renewed frees its permits at its ttl. Leases that ask with another
+    /// `total` than the live ones get [`StoreError::PermitsMismatch`]: a semaphore's N is the
+    /// one its live leases were granted with, and a new one is taken only once none is left.
+    async fn acquire_permits(
+        &self,
+        name: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        permits: Permits,
+        metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        let _ = (name, owner, ttl, permits, metadata);
+        Err(StoreError::Unsupported {
+            store: self.kind(),
+            op: "semaphores",
+        })
+    }
+
+    /// Subscribes to notices that permits of the semaphore `name` may have been freed (a
+    /// release; an expiry too, on stores that see it), as [`subscribe`](Self::subscribe)
+    /// does for a lock.
+    async fn subscribe_permits(
+        &self,
+        name: &str,
+        seen: &Contention,
+    ) -> Result<ReleaseNotices, StoreError> {
+        let _ = (name, seen);
+        Err(StoreError::Unsupported {
+            store: self.kind(),
+            op: "semaphores",
+        })
+    }
+
+    /// The live holders of the semaphore `name`'s permits, oldest first.
+    async fn permit_holders(&self, name: &str) -> Result<Vec<PermitHolder>, StoreError> {
+        let _ = name;
+        Err(StoreError::Unsupported {
+            store: self.kind(),
+            op: "semaphores",
         })
     }
 }

@@ -570,8 +570,10 @@ impl BackendState {
                 reply,
                 contention,
             }) => {
+                // A semaphore's waiter listens for its permits, not for its slot's key.
+                let semaphore = request.permits.map(|_| request.name.clone());
                 self.enqueue(myself, request, reply, true);
-                self.await_release(myself, &key, &contention);
+                self.await_release(myself, &key, &contention, semaphore);
                 if self.slots.get(&key).is_some_and(|slot| slot.woken) {
                     self.serve_next(myself, &key);
                 }
@@ -639,12 +641,14 @@ impl BackendState {
         self.slots.remove(key);
     }
 
-    /// Makes sure the key has its one subscription and a backstop timer.
+    /// Makes sure the key has its one subscription and a backstop timer. With `semaphore`,
+    /// the slot is a semaphore waiter's, and the subscription is to that semaphore's notices.
     fn await_release(
         &mut self,
         myself: &ActorRef<BackendMsg>,
         key: &Arc<str>,
         contention: &Contention,
+        semaphore: Option<Arc<str>>,
     ) {
         let Some(slot) = self.slots.get_mut(key) else {
             return;
@@ -660,7 +664,12 @@ impl BackendState {
             let (me, key, seen) = (myself.clone(), key.clone(), contention.clone());
             let backend = self.ctx.name.clone();
             slot.watch = Some(AbortOnDrop(tokio::spawn(async move {
-                let subscribe = ctx.store.subscribe(&key, &seen);
+                let subscribe = async {
+                    match &semaphore {
+                        Some(name) => ctx.store.subscribe_permits(name, &seen).await,
+                        None => ctx.store.subscribe(&key, &seen).await,
+                    }
+                };
                 match ctx.metrics.timed(StoreOp::Subscribe, subscribe).await {
                     Ok(mut notices) => {
                         // A release between the failed attempt and this subscription would

@@ -221,6 +221,10 @@ impl BackendCtx {
     }
 
     pub(crate) fn store_error(&self, source: StoreError) -> Error {
+        // Not a store failure: the callers of one semaphore disagree on its N.
+        if let StoreError::PermitsMismatch { name, asked, held } = source {
+            return Error::PermitsMismatch { name, asked, held };
+        }
         Error::Store {
             backend: self.name.to_string(),
             source,

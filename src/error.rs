@@ -72,6 +72,39 @@ pub enum Error {
         /// The longest value accepted.
         max: usize,
     },
+    /// A semaphore's name was the empty string.
+    #[error("invalid semaphore name: the name is empty")]
+    EmptySemaphoreName,
+    /// A semaphore's number of permits is zero or over
+    /// [`MAX_PERMITS`](crate::MAX_PERMITS).
+    #[error("invalid number of permits {permits}: {why}")]
+    InvalidPermits {
+        /// The number as given.
+        permits: u32,
+        /// Which bound it broke.
+        why: &'static str,
+    },
+    /// An acquisition asked for zero permits, or for more than the semaphore has.
+    #[error("invalid permit count {count}: {why} (the semaphore has {permits} permits)")]
+    InvalidPermitCount {
+        /// How many permits were asked for at once.
+        count: u32,
+        /// How many the semaphore has.
+        permits: u32,
+        /// Which bound it broke.
+        why: &'static str,
+    },
+    /// The semaphore is held with another number of permits than this handle's: every
+    /// caller of one semaphore must give the same N while any of them holds a permit.
+    #[error("semaphore {name:?} is held with {held} permits, asked with {asked}")]
+    PermitsMismatch {
+        /// The semaphore's name.
+        name: String,
+        /// The number of permits this handle asked with.
+        asked: u32,
+        /// The number its live holders were granted with.
+        held: u32,
+    },
     /// No backend is registered under this name.
     #[error("unknown backend {name:?} (configured: {known:?})")]
     UnknownBackend {
@@ -167,6 +200,10 @@ impl Error {
             Error::MetadataTooLong { .. } => ErrorKind::MetadataTooLong,
             Error::EmptyElectionName => ErrorKind::EmptyElectionName,
             Error::ElectionValueTooLong { .. } => ErrorKind::ElectionValueTooLong,
+            Error::EmptySemaphoreName => ErrorKind::EmptySemaphoreName,
+            Error::InvalidPermits { .. } => ErrorKind::InvalidPermits,
+            Error::InvalidPermitCount { .. } => ErrorKind::InvalidPermitCount,
+            Error::PermitsMismatch { .. } => ErrorKind::PermitsMismatch,
             Error::UnknownBackend { .. } => ErrorKind::UnknownBackend,
             Error::InvalidConfig(_) => ErrorKind::InvalidConfig,
             Error::AlreadyHeld { .. } => ErrorKind::AlreadyHeld,
@@ -217,6 +254,14 @@ pub enum ErrorKind {
     EmptyElectionName,
     /// [`Error::ElectionValueTooLong`].
     ElectionValueTooLong,
+    /// [`Error::EmptySemaphoreName`].
+    EmptySemaphoreName,
+    /// [`Error::InvalidPermits`].
+    InvalidPermits,
+    /// [`Error::InvalidPermitCount`].
+    InvalidPermitCount,
+    /// [`Error::PermitsMismatch`].
+    PermitsMismatch,
     /// [`Error::UnknownBackend`].
     UnknownBackend,
     /// [`Error::InvalidConfig`].
@@ -262,6 +307,9 @@ impl ErrorKind {
                 | ErrorKind::MetadataTooLong
                 | ErrorKind::EmptyElectionName
                 | ErrorKind::ElectionValueTooLong
+                | ErrorKind::EmptySemaphoreName
+                | ErrorKind::InvalidPermits
+                | ErrorKind::InvalidPermitCount
                 | ErrorKind::UnknownBackend
                 | ErrorKind::InvalidConfig
                 | ErrorKind::ManagerNotFound
@@ -318,6 +366,16 @@ pub enum StoreError {
         /// How long it was given.
         after: Duration,
     },
+    /// A semaphore's live holders were granted with another number of permits than the
+    /// acquisition asked with. Not retryable as it stands.
+    PermitsMismatch {
+        /// The semaphore's name.
+        name: String,
+        /// The number of permits asked with.
+        asked: u32,
+        /// The number the live holders were granted with.
+        held: u32,
+    },
 }
 
 /// Which [`StoreError`] happened: what decides whether trying again may help.
@@ -332,6 +390,8 @@ pub enum StoreErrorKind {
     Unsupported,
     /// [`StoreError::TimedOut`].
     TimedOut,
+    /// [`StoreError::PermitsMismatch`].
+    PermitsMismatch,
 }
 
 impl StoreErrorKind {
@@ -339,7 +399,9 @@ impl StoreErrorKind {
     pub fn is_retryable(self) -> bool {
         match self {
             StoreErrorKind::Unavailable | StoreErrorKind::TimedOut => true,
-            StoreErrorKind::Protocol | StoreErrorKind::Unsupported => false,
+            StoreErrorKind::Protocol
+            | StoreErrorKind::Unsupported
+            | StoreErrorKind::PermitsMismatch => false,
         }
     }
 }
@@ -450,6 +512,7 @@ impl StoreError {
             StoreError::Protocol { .. } => StoreErrorKind::Protocol,
             StoreError::Unsupported { .. } => StoreErrorKind::Unsupported,
             StoreError::TimedOut { .. } => StoreErrorKind::TimedOut,
+            StoreError::PermitsMismatch { .. } => StoreErrorKind::PermitsMismatch,
         }
     }
 
@@ -464,7 +527,9 @@ impl StoreError {
             StoreError::Unavailable { cause, .. } | StoreError::Protocol { cause, .. } => {
                 cause.as_ref()
             }
-            StoreError::Unsupported { .. } | StoreError::TimedOut { .. } => None,
+            StoreError::Unsupported { .. }
+            | StoreError::TimedOut { .. }
+            | StoreError::PermitsMismatch { .. } => None,
         }
     }
 }
@@ -479,6 +544,12 @@ impl fmt::Display for StoreError {
             }
             StoreError::TimedOut { op, after } => {
                 return write!(f, "store operation {op} timed out after {after:?}")
+            }
+            StoreError::PermitsMismatch { name, asked, held } => {
+                return write!(
+                    f,
+                    "semaphore {name:?} is held with {held} permits, asked with {asked}"
+                )
             }
         };
         write!(f, "{what}: {context}")?;

@@ -95,7 +95,10 @@ pub(crate) struct KeyState {
 
 struct Job {
     id: u64,
+    /// The backend actor's slot (see `AcquireRequest::key`): what `KeyDone` names.
     key: Arc<str>,
+    /// The key or semaphore name the caller asked for: what events and errors name.
+    name: Arc<str>,
 }
 
 /// Everything about a lease that is held.
@@ -268,7 +271,7 @@ impl Held {
 
 impl KeyState {
     #[tracing::instrument(level = "debug", name = "acquire_attempt", skip_all, fields(
-        backend = %self.ctx.name, key = %request.key, token = tracing::field::Empty,
+        backend = %self.ctx.name, key = %request.name, token = tracing::field::Empty,
     ))]
     async fn attempt(
         &mut self,
@@ -281,6 +284,7 @@ impl KeyState {
         self.job = Some(Job {
             id: job,
             key: request.key.clone(),
+            name: request.name.clone(),
         });
         // A campaign keeps its candidate token across attempts: the store's candidate queue
         // knows it by that.
@@ -291,14 +295,19 @@ impl KeyState {
         // One attempt always gets its full operation budget, even if it overruns the wait
         // budget: a short wait must still try at least once.
         let attempt = timeout_at(sent_at + ctx.timing.op_timeout, async {
-            match request.candidate {
-                Some(_) => {
+            match (request.candidate, request.permits) {
+                (_, Some(permits)) => {
+                    store
+                        .acquire_permits(&request.name, owner, request.ttl, permits, metadata)
+                        .await
+                }
+                (Some(_), None) => {
                     let value = metadata.unwrap_or_default();
                     store
                         .campaign(&request.key, owner, request.ttl, value)
                         .await
                 }
-                None => {
+                (None, None) => {
                     store
                         .acquire(&request.key, owner, request.ttl, metadata)
                         .await
@@ -311,9 +320,10 @@ impl KeyState {
             after: ctx.timing.op_timeout,
         }));
         let now = Instant::now();
-        let op = match request.candidate {
-            Some(_) => StoreOp::Campaign,
-            None => StoreOp::Acquire,
+        let op = match (request.candidate, request.permits) {
+            (_, Some(_)) => StoreOp::AcquirePermits,
+            (Some(_), None) => StoreOp::Campaign,
+            (None, None) => StoreOp::Acquire,
         };
         ctx.answered(op, now - sent_at, &attempt);
         let outcome = match attempt {
@@ -332,14 +342,13 @@ impl KeyState {
                 })
             }
             Ok(Acquisition::Held(contention)) => {
-                ctx.emit(&request.key, None, LockEventKind::Contended);
+                ctx.emit(&request.name, None, LockEventKind::Contended);
                 Ok(contention)
             }
             Err(error) => {
                 // A timeout or a broken connection may still have let the write through.
                 if error.is_retryable() {
-                    self.take_back(Lease::new(request.key.to_string(), owner, 0))
-                        .await;
+                    self.take_back(request.lease_for(owner)).await;
                 }
                 Err(error)
             }
@@ -385,7 +394,7 @@ impl KeyState {
             // A waiting request rides out a store outage: it keeps its place in the queue and
             // tries again after a short pause, until its wait budget runs out.
             Err(error) => {
-                tracing::debug!(backend = %self.ctx.name, key = %request.key, %error, "acquire attempt failed; will retry");
+                tracing::debug!(backend = %self.ctx.name, key = %request.name, %error, "acquire attempt failed; will retry");
                 let requeue = Requeue {
                     request,
                     reply,
@@ -417,14 +426,14 @@ impl KeyState {
         let token = lease.fencing_token;
         tracing::Span::current().record("token", token);
         ctx.emit(
-            &request.key,
+            &request.name,
             Some(token),
             LockEventKind::Acquired {
                 waited: now - request.requested_at,
             },
         );
         let guard = LockGuard::new(
-            request.key.clone(),
+            request.name.clone(),
             ctx.name.clone(),
             lease.owner,
             token,
@@ -542,7 +551,7 @@ impl KeyState {
                 let (deadline, ttl) = (held.deadline, held.ttl);
                 held.status.send(LeaseStatus::Held { deadline, ttl });
                 if let Some(job) = &self.job {
-                    ctx.emit(&job.key, Some(token), LockEventKind::Renewed { deadline });
+                    ctx.emit(&job.name, Some(token), LockEventKind::Renewed { deadline });
                 }
                 self.schedule(sent_at);
                 Ok(())
@@ -556,7 +565,7 @@ impl KeyState {
                 let key = self
                     .job
                     .as_ref()
-                    .map_or_else(|| "".into(), |job| job.key.clone());
+                    .map_or_else(|| "".into(), |job| job.name.clone());
                 ctx.emit(
                     &key,
                     Some(token),
@@ -695,13 +704,13 @@ impl KeyState {
 
     fn not_held(&self) -> Error {
         Error::NotHeld {
-            key: self.job.as_ref().map_or("", |job| &job.key).to_owned(),
+            key: self.job.as_ref().map_or("", |job| &job.name).to_owned(),
         }
     }
 
     /// The key of the job under way, for spans ("" while idle).
     fn job_name(&self) -> &str {
-        self.job.as_ref().map_or("", |job| &job.key)
+        self.job.as_ref().map_or("", |job| &job.name)
     }
 
     /// The fencing token of the lease held, for spans (0 when none is).
@@ -714,7 +723,7 @@ impl KeyState {
     fn job_key(&self) -> Arc<str> {
         self.job
             .as_ref()
-            .map_or_else(|| "".into(), |job| job.key.clone())
+            .map_or_else(|| "".into(), |job| job.name.clone())
     }
 
     /// The lease is over: no more ticks, no more holder to watch.

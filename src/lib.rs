@@ -29,6 +29,8 @@
 //!   scripts and its pub/sub notice hub in `backend/redis/`), `backend/etcd.rs`.
 //! - `election.rs`: [`Election`], leader election on the same leases: [`Leadership`] for async
 //!   code, [`Candidacy`] and [`CandidateMsg`] for candidate actors.
+//! - `semaphore.rs`: [`Semaphore`], N permits on the same leases, one lease (and key actor)
+//!   per acquisition of one or more permits.
 //! - `options.rs`, `event.rs`, `error.rs`: [`LockOptions`], [`LockEvent`], [`Error`];
 //!   `metrics.rs`: the same events (and store calls) recorded through the `metrics` facade.
 //! - `fence.rs`: the resource side of fencing, [`Fence`] in this process, and token checks
@@ -91,6 +93,7 @@ mod manager;
 mod metrics;
 mod options;
 mod request;
+mod semaphore;
 mod task;
 mod timing;
 
@@ -107,7 +110,7 @@ pub use backend::memory::MemoryBackend;
 pub use backend::redis::RedisBackend;
 pub use backend::{
     Acquisition, Contention, Leader, LeaderChanges, Lease, LockBackend, LockInfo, OwnerToken,
-    ReleaseNotices, StoreEvent, StoreEventKind, StoreEvents,
+    PermitHolder, Permits, ReleaseNotices, StoreEvent, StoreEventKind, StoreEvents,
 };
 pub use client::LockClient;
 pub use election::{
@@ -126,3 +129,4 @@ pub use fence::{FencedScript, RedisFence};
 pub use guard::LockGuard;
 pub use manager::{LockManager, LockManagerBuilder, LockManagerMsg, DEFAULT_MANAGER_NAME};
 pub use options::{LockOptions, Wait, MAX_KEY_LEN, MAX_METADATA_LEN, MAX_TTL, MIN_TTL};
+pub use semaphore::{Semaphore, MAX_PERMITS};

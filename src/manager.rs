@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
-use crate::backend::{LockBackend, LockInfo, OwnerToken, StoreEvents};
+use crate::backend::{LockBackend, LockInfo, OwnerToken, PermitHolder, StoreEvents};
 use crate::backend_actor::{BackendActor, BackendArgs, BackendMsg};
 use crate::backend_ctx::{BackendCtx, Serving};
 use crate::client::LockClient;
@@ -18,6 +18,7 @@ use crate::guard::LockGuard;
 use crate::metrics::StoreOp;
 use crate::options::{validate_key, validate_ttl, Caller, LockOptions, MAX_TTL};
 use crate::request::{AcquireReply, AcquireRequest, InspectReply};
+use crate::semaphore::{holders, permit_options, validate_semaphore};
 use crate::timing::Timing;
 
 /// The name a manager registers under unless told otherwise.
@@ -54,6 +55,33 @@ pub enum LockManagerMsg {
         options: LockOptions,
         /// `Ok(None)`: the key is held and the request did not wait.
         reply: RpcReplyPort<Result<Option<LockGuard>>>,
+    },
+    /// Acquire `count` of the `permits` permits of the semaphore `name`, as one lease (see
+    /// [`Semaphore`](crate::Semaphore)). `options.wait` unset means try once. The guard
+    /// releases and renews the lease (the `Release` and `Renew` messages name locks only:
+    /// one node may hold several leases of one semaphore).
+    AcquirePermits {
+        /// The backend's name, or `None` for the default.
+        backend: Option<String>,
+        /// The semaphore's name.
+        name: String,
+        /// The semaphore's N.
+        permits: u32,
+        /// How many permits to take at once, from 1 to N.
+        count: u32,
+        /// Ttl, wait, renewal, holder, metadata.
+        options: LockOptions,
+        /// `Ok(None)`: too few permits are free and the request did not wait.
+        reply: RpcReplyPort<Result<Option<LockGuard>>>,
+    },
+    /// Who holds the permits of the semaphore `name`, oldest first.
+    PermitHolders {
+        /// The backend's name, or `None` for the default.
+        backend: Option<String>,
+        /// The semaphore's name.
+        name: String,
+        /// The answer.
+        reply: RpcReplyPort<Result<Vec<PermitHolder>>>,
     },
     /// Release the lock on `key` held with `owner` (see [`LockGuard::owner`]).
     Release {
@@ -383,27 +411,33 @@ impl Actor for LockManager {
                 key,
                 options,
                 reply,
+            } => state.acquire(backend.as_deref(), &key, Ok(options), reply),
+            LockManagerMsg::AcquirePermits {
+                backend,
+                name,
+                permits,
+                count,
+                options,
+                reply,
             } => {
-                let routed = state.running().and_then(|()| {
-                    let ctx = &state.backend(backend.as_deref())?.ctx;
-                    let request = AcquireRequest::new(ctx, &key, options, Caller::Message)?;
-                    Ok((ctx.clone(), request))
-                });
-                match routed {
-                    Ok((ctx, request)) => match ctx.actor() {
-                        Some(actor) => send_acquire(&ctx, actor, request, reply),
-                        // Waiting for a backend to come back is not this actor's to do.
-                        None => {
-                            tokio::spawn(async move {
-                                match ctx.actor_for(&request, None).await {
-                                    Ok(actor) => send_acquire(&ctx, actor, request, reply),
-                                    Err(e) => {
-                                        let _ = reply.send(Err(e));
-                                    }
-                                }
-                            });
-                        }
-                    },
+                let options = permit_options(&name, permits, count, options);
+                state.acquire(backend.as_deref(), &name, options, reply);
+            }
+            LockManagerMsg::PermitHolders {
+                backend,
+                name,
+                reply,
+            } => {
+                let live =
+                    validate_semaphore(&name, 1).and_then(|()| state.live(backend.as_deref()));
+                match live {
+                    Ok((ctx, _)) => {
+                        let ctx = ctx.clone();
+                        // Store I/O: not in this actor's loop.
+                        tokio::spawn(async move {
+                            let _ = reply.send(holders(&ctx, &name).await);
+                        });
+                    }
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }
@@ -611,6 +645,42 @@ impl ManagerState {
             None => Err(Error::BackendDown {
                 backend: ctx.name.to_string(),
             }),
+        }
+    }
+
+    /// Checks and routes an acquisition (of a lock, or of a semaphore's permits, whose
+    /// `options` were checked already) to its backend actor.
+    fn acquire(
+        &self,
+        backend: Option<&str>,
+        key: &str,
+        options: Result<LockOptions>,
+        reply: AcquireReply,
+    ) {
+        let routed = options.and_then(|options| {
+            self.running()?;
+            let ctx = &self.backend(backend)?.ctx;
+            let request = AcquireRequest::new(ctx, key, options, Caller::Message)?;
+            Ok((ctx.clone(), request))
+        });
+        match routed {
+            Ok((ctx, request)) => match ctx.actor() {
+                Some(actor) => send_acquire(&ctx, actor, request, reply),
+                // Waiting for a backend to come back is not this actor's to do.
+                None => {
+                    tokio::spawn(async move {
+                        match ctx.actor_for(&request, None).await {
+                            Ok(actor) => send_acquire(&ctx, actor, request, reply),
+                            Err(e) => {
+                                let _ = reply.send(Err(e));
+                            }
+                        }
+                    });
+                }
+            },
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
         }
     }
 

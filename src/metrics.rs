@@ -62,12 +62,14 @@ pub(crate) enum StoreOp {
     Withdraw,
     Proclaim,
     Observe,
+    AcquirePermits,
+    PermitHolders,
 }
 
 impl StoreOp {
     /// Each operation's label, indexed as the enum.
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-    const LABELS: [&'static str; 11] = [
+    const LABELS: [&'static str; 13] = [
         "acquire",
         "renew",
         "release",
@@ -79,6 +81,8 @@ impl StoreOp {
         "withdraw",
         "proclaim",
         "observe",
+        "acquire_permits",
+        "permit_holders",
     ];
 }
 
@@ -135,8 +139,8 @@ mod on {
 
     struct StoreCalls {
         /// Indexed as [`StoreOp`].
-        latency: [Histogram; 11],
-        errors: [Counter; 11],
+        latency: [Histogram; 13],
+        errors: [Counter; 13],
     }
 
     impl BackendMetrics {

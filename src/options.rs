@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use ractor::ActorCell;
 
-use crate::backend::OwnerToken;
+use crate::backend::{OwnerToken, Permits};
 use crate::error::{Error, Result};
 
 /// The longest key accepted, in bytes (after it is prefixed, a store key stays well under the
@@ -85,6 +85,8 @@ pub struct LockOptions {
     /// Set for an election's campaign: the candidate's token, kept across the attempts of
     /// one campaign (the store keeps the candidate's place in its queue by it).
     pub(crate) candidate: Option<OwnerToken>,
+    /// Set for a semaphore's acquisition: how many of how many permits (see `semaphore.rs`).
+    pub(crate) permits: Option<Permits>,
 }
 
 impl Default for LockOptions {
@@ -96,6 +98,7 @@ impl Default for LockOptions {
             holder: None,
             metadata: None,
             candidate: None,
+            permits: None,
         }
     }
 }

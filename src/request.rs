@@ -1,13 +1,14 @@
 //! What a backend actor is asked: an acquisition request, checked before any I/O, and the
 //! reply ports of the requests it answers.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{ActorCell, ActorId, RpcReplyPort};
 use tokio::time::Instant;
 
-use crate::backend::{Contention, LockInfo, OwnerToken};
+use crate::backend::{Contention, Lease, LockInfo, OwnerToken, Permits};
 use crate::backend_ctx::BackendCtx;
 use crate::error::{Error, Result};
 use crate::event::LockEventKind;
@@ -17,7 +18,14 @@ use crate::options::{validate_key, Caller, LockOptions, Wait};
 /// One acquisition request, validated and resolved to a backend.
 #[derive(Clone)]
 pub(crate) struct AcquireRequest {
+    /// The backend actor's slot for this request: the key, for a lock; for a semaphore's
+    /// permits, a slot of this request's own (the name, a NUL, a number), since one node may
+    /// hold several leases of one semaphore at once.
     pub(crate) key: Arc<str>,
+    /// What the caller asked for: the key, or the semaphore's name.
+    pub(crate) name: Arc<str>,
+    /// Set for a semaphore's permits.
+    pub(crate) permits: Option<Permits>,
     pub(crate) ttl: Duration,
     pub(crate) wait: Wait,
     /// When a waiting request gives up (`None`: try once, or wait forever).
@@ -48,10 +56,21 @@ impl AcquireRequest {
             Wait::UpTo(budget) => requested_at.checked_add(budget),
             _ => None,
         };
-        let key: Arc<str> = key.into();
-        ctx.emit(&key, None, LockEventKind::Requested);
+        let name: Arc<str> = key.into();
+        ctx.emit(&name, None, LockEventKind::Requested);
+        let key = match options.permits {
+            // NUL is in no valid key, so no lock's slot is ever one of these.
+            Some(_) => {
+                static NEXT: AtomicU64 = AtomicU64::new(0);
+                let n = NEXT.fetch_add(1, Ordering::Relaxed);
+                format!("{name}\0{n}").into()
+            }
+            None => name.clone(),
+        };
         Ok(AcquireRequest {
             key,
+            name,
+            permits: options.permits,
             ttl: options.ttl,
             wait,
             deadline,
@@ -75,9 +94,17 @@ impl AcquireRequest {
 
     pub(crate) fn timeout_error(&self, now: Instant) -> Error {
         Error::Timeout {
-            key: self.key.to_string(),
+            key: self.name.to_string(),
             waited: now - self.requested_at,
         }
+    }
+
+    /// The lease this request would hold for `owner`, before the store gave it a token (to
+    /// give back an attempt whose outcome is unknown).
+    pub(crate) fn lease_for(&self, owner: OwnerToken) -> Lease {
+        let mut lease = Lease::new(self.name.to_string(), owner, 0);
+        lease.permits = self.permits;
+        lease
     }
 
     pub(crate) fn holder_id(&self) -> Option<ActorId> {

@@ -634,3 +634,107 @@ fn watch_ends_quietly_when_its_reader_goes_away() {
     assert_eq!(status.signal(), Some(libc::SIGPIPE), "{status:?}: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn runs_with_permits_never_exceed_n_at_once_and_see_their_permits() {
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("intervals");
+    let key = unique_key("cli-semaphore");
+    // Each run appends one line: start time, end time, fencing token, permits.
+    let script = format!(
+        "s=$(date +%s%N); sleep 0.1; e=$(date +%s%N); echo \"$s $e $LEASEHOLD_FENCING_TOKEN $LEASEHOLD_PERMITS\" >> {}",
+        log.display()
+    );
+    let mut runs: Vec<Child> = (0..6)
+        .map(|_| {
+            leasehold(&server)
+                .args(["run", "--permits", "2", "--wait", "60s", &key])
+                .args(["--", "sh", "-c", &script])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for run in &mut runs {
+        assert!(wait_exit(run, Duration::from_secs(60)).success());
+    }
+    let lines: Vec<Vec<String>> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|line| line.split_whitespace().map(str::to_owned).collect())
+        .collect();
+    assert_eq!(lines.len(), 6, "{lines:?}");
+    // +1 at each start, -1 at each end (ends first at equal times): never above 2.
+    let mut edges: Vec<(u128, i32)> = Vec::new();
+    for line in &lines {
+        assert_eq!(line[3], "2", "LEASEHOLD_PERMITS: {line:?}");
+        assert!(line[2].parse::<u64>().unwrap() > 0);
+        edges.push((line[0].parse().unwrap(), 1));
+        edges.push((line[1].parse().unwrap(), -1));
+    }
+    edges.sort();
+    let mut running = 0;
+    for (_, step) in edges {
+        running += step;
+        assert!(running <= 2, "{running} commands at once with 2 permits");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_lists_a_semaphores_holders() {
+    let server = RedisServer::start();
+    let client = LockManager::builder()
+        .with_name(unique_key("cli-semaphore-status"))
+        .with_backend("redis", server.backend().await)
+        .start()
+        .await
+        .unwrap();
+    let key = unique_key("cli-semaphore-status");
+    let semaphore = client.semaphore(&key, 3).unwrap();
+    let one = semaphore
+        .try_acquire(LockOptions::new().with_metadata("worker a"))
+        .await
+        .unwrap()
+        .unwrap();
+    let two = semaphore
+        .try_acquire_many(2, LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut command = leasehold(&server);
+    command.args(["status", "--json", &key]);
+    let out = tokio::task::spawn_blocking(move || output(&mut command))
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["held"], false, "the lock of that name is free");
+    let listed = &status["semaphore"];
+    assert_eq!(listed["permits"], 3, "{status}");
+    assert_eq!(listed["held"], 3, "{status}");
+    let holders = listed["holders"].as_array().unwrap();
+    assert_eq!(holders.len(), 2, "{status}");
+    assert_eq!(holders[0]["fencing_token"], one.fencing_token());
+    assert_eq!(holders[0]["metadata"], "worker a");
+    assert_eq!(holders[1]["permits"], 2);
+    let mut command = leasehold(&server);
+    command.args(["status", &key]);
+    let out = tokio::task::spawn_blocking(move || output(&mut command))
+        .await
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("3 of 3 permits held"), "{text}");
+    assert!(text.contains("worker a"), "{text}");
+    drop((one, two));
+    client.shutdown().await;
+}
+
+#[test]
+fn zero_permits_exit_64_naming_the_value() {
+    let server = RedisServer::start();
+    let key = unique_key("cli-semaphore-bad");
+    let out = output(leasehold(&server).args(["run", "--permits", "0", &key, "--", "true"]));
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("permits 0"), "{stderr}");
+}

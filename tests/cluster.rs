@@ -479,3 +479,43 @@ async fn lease_renewed_by_the_remote_holder_expires_when_renewals_stop() {
     .await;
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_actor_takes_renews_and_releases_a_semaphores_permits() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start().await;
+    let (_actor, holder, _seen) = spawn_holder().await;
+    let name = unique_key("remote-semaphore");
+    let lease = cluster
+        .remote
+        .acquire(RemoteAcquire::new(&name, &holder).with_permits(3, 2))
+        .await
+        .unwrap()
+        .expect("3 free");
+    assert_eq!(lease.key, name);
+    let semaphore = cluster.locks.semaphore(&name, 3).unwrap();
+    let holders = semaphore.holders().await.unwrap();
+    assert_eq!(holders.len(), 1);
+    assert_eq!(holders[0].fencing_token, lease.fencing_token);
+    assert_eq!(holders[0].permits.count, 2);
+    // One permit is left: two more are refused, one is granted.
+    let (_other, other_holder, _) = spawn_holder().await;
+    let two = RemoteAcquire::new(&name, &other_holder).with_permits(3, 2);
+    assert!(cluster.remote.acquire(two).await.unwrap().is_none());
+    cluster
+        .remote
+        .renew(&lease, Duration::from_secs(20))
+        .await
+        .unwrap();
+    cluster.remote.release(&lease).await.unwrap();
+    assert!(semaphore.holders().await.unwrap().is_empty());
+    // Another N while nobody holds it: the new N holds; a bad count is refused.
+    let bad = RemoteAcquire::new(&name, &other_holder).with_permits(3, 4);
+    let err = cluster.remote.acquire(bad).await.unwrap_err();
+    assert_eq!(
+        err.kind,
+        RemoteErrorKind::Manager(ErrorKind::InvalidPermitCount),
+        "{err}"
+    );
+    cluster.stop().await;
+}

@@ -47,6 +47,26 @@ mod election {
     );
 }
 
+mod semaphore {
+    leasehold::semaphore_suite!(
+        real,
+        super::EtcdServer::start()
+            .backend(leasehold::EtcdMode::Txn)
+            .await
+    );
+}
+
+// The semaphore's keys are laid out the same in both modes; in `lock` mode they must stay out
+// of the Lock service's contender range of a lock of the same name.
+mod semaphore_lock_mode {
+    leasehold::semaphore_suite!(
+        real,
+        super::EtcdServer::start()
+            .backend(leasehold::EtcdMode::Lock)
+            .await
+    );
+}
+
 const MODES: [EtcdMode; 2] = [EtcdMode::Txn, EtcdMode::Lock];
 
 fn waiting(limit: Duration) -> LockOptions {

@@ -3,3 +3,7 @@
 
 leasehold::conformance_suite!(paused, leasehold::MemoryBackend::new());
 leasehold::election_suite!(paused, leasehold::MemoryBackend::new());
+
+mod semaphore {
+    leasehold::semaphore_suite!(paused, leasehold::MemoryBackend::new());
+}

@@ -28,6 +28,10 @@ use tokio::time::{timeout, Instant};
 leasehold::conformance_suite!(real, redis_server::RedisServer::start().backend().await);
 leasehold::election_suite!(real, redis_server::RedisServer::start().backend().await);
 
+mod semaphore {
+    leasehold::semaphore_suite!(real, super::RedisServer::start().backend().await);
+}
+
 /// A plain client of the same server: "another client" that knows nothing of leasehold.
 async fn other_client(server: &RedisServer) -> MultiplexedConnection {
     redis::Client::open(server.url())
@@ -1038,4 +1042,140 @@ async fn restart_quarantine_keeps_a_key_from_everyone_until_its_old_holder_knows
     );
     assert!(!held.is_held());
     assert!(taken.fencing_token() > before);
+}
+
+/// A restart quarantine holds back a semaphore's permits as it does a lock: a fresh server
+/// (as after a data loss) grants none until the quarantine is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_quarantine_holds_back_semaphore_permits_too() {
+    let server = RedisServer::start();
+    let quarantine = Duration::from_millis(500);
+    let backend = server.backend().await.with_restart_quarantine(quarantine);
+    let name = unique_key("quarantine-permits");
+    let ask = || {
+        let (backend, name) = (backend.clone(), name.clone());
+        async move {
+            let permits = leasehold::Permits::new(1, 1);
+            let ttl = Duration::from_secs(5);
+            backend
+                .acquire_permits(&name, OwnerToken::random(), ttl, permits, None)
+                .await
+                .unwrap()
+        }
+    };
+    let started = Instant::now();
+    let Acquisition::Held(held) = ask().await else {
+        panic!("granted during the quarantine");
+    };
+    assert!(held.remaining_ttl.is_some_and(|left| left <= quarantine));
+    eventually(
+        "a permit after the quarantine",
+        Duration::from_secs(5),
+        || async { matches!(ask().await, Acquisition::Acquired(_)) },
+    )
+    .await;
+    assert!(started.elapsed() >= quarantine.mul_f64(0.9));
+}
+
+/// A semaphore of 3, six workers on two managers, one of them holding for three ttls at a
+/// time, and the server paused (SIGSTOP) for twice the ttl while it holds: it is told its
+/// permit is lost, and by the library's own account (from each acquisition to the release or
+/// to the moment its guard said "lost") there are never more than 3 holders at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semaphore_never_has_more_than_n_holders_through_a_pause_past_the_ttl() {
+    use std::sync::atomic::AtomicBool;
+    const N: u32 = 3;
+    let server = RedisServer::start();
+    let nodes = [
+        start(server.backend().await).await,
+        start(server.backend().await).await,
+    ];
+    let name = unique_key("semaphore-pause");
+    let ttl = Duration::from_millis(600);
+    let stop = Arc::new(AtomicBool::new(false));
+    // Set while the long holder holds; the ends of its holds, `true` for a loss.
+    let long_holds = Arc::new(AtomicBool::new(false));
+    let long_ends: Arc<Mutex<Vec<bool>>> = Arc::default();
+    let holds: Arc<Mutex<Vec<(Instant, Instant)>>> = Arc::default();
+    let mut workers = Vec::new();
+    for worker in 0..6 {
+        let semaphore = nodes[worker % 2].semaphore(&name, N).unwrap();
+        let (stop, holds) = (stop.clone(), holds.clone());
+        let (long_holds, long_ends) = (long_holds.clone(), long_ends.clone());
+        let hold_for = if worker == 0 {
+            ttl * 3
+        } else {
+            Duration::from_millis(30)
+        };
+        workers.push(tokio::spawn(async move {
+            let opts = LockOptions::new()
+                .with_ttl(ttl)
+                .with_wait(Wait::UpTo(Duration::from_millis(200)));
+            while !stop.load(Ordering::SeqCst) {
+                // A wait that runs out, or a store that does not answer, is no hold.
+                let Ok(permit) = semaphore.acquire(opts.clone()).await else {
+                    continue;
+                };
+                let from = Instant::now();
+                if worker == 0 {
+                    long_holds.store(true, Ordering::SeqCst);
+                }
+                let lost = tokio::select! {
+                    _ = permit.lost() => true,
+                    () = tokio::time::sleep(hold_for) => false,
+                };
+                let to = Instant::now();
+                if worker == 0 {
+                    long_holds.store(false, Ordering::SeqCst);
+                    long_ends.lock().unwrap().push(lost);
+                }
+                holds.lock().unwrap().push((from, to));
+                if !lost {
+                    let _ = permit.release().await;
+                }
+            }
+        }));
+    }
+    eventually("the long holder holds", Duration::from_secs(10), || async {
+        long_holds.load(Ordering::SeqCst) && holds.lock().unwrap().len() >= 10
+    })
+    .await;
+    server.pause();
+    let paused_at = Instant::now();
+    while paused_at.elapsed() < ttl * 2 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.resume();
+    let before = holds.lock().unwrap().len();
+    eventually("holds after the pause", Duration::from_secs(20), || async {
+        holds.lock().unwrap().len() >= before + 10
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    assert!(
+        long_ends.lock().unwrap().contains(&true),
+        "the long holder was told of no loss"
+    );
+    // +1 at each acquisition, -1 at each end (ends first at equal instants): never above N.
+    let mut edges: Vec<(Instant, i32)> = Vec::new();
+    for &(from, to) in holds.lock().unwrap().iter() {
+        edges.push((from, 1));
+        edges.push((to, -1));
+    }
+    edges.sort();
+    let mut holding = 0;
+    for (at, step) in edges {
+        holding += step;
+        assert!(
+            holding <= N as i32,
+            "{holding} holders at {:?} after the start of the pause",
+            at.checked_duration_since(paused_at)
+        );
+    }
+    for node in nodes {
+        node.shutdown().await;
+    }
 }

@@ -152,6 +152,7 @@ mod keep_alive;
 mod lease;
 mod lock_mode;
 mod renew;
+mod semaphore;
 mod session;
 mod txn_mode;
 mod values;
@@ -550,6 +551,9 @@ impl LockBackend for EtcdBackend {
         ttl: Duration,
         asked_at: tokio::time::Instant,
     ) -> Result<Option<tokio::time::Instant>, StoreError> {
+        if lease.permits.is_some() {
+            return Ok(self.renew_permits(lease, ttl).await?.then_some(asked_at));
+        }
         match &self.session {
             Some(session) => self.renew_on_session(session, lease, ttl, asked_at).await,
             None => Ok(self.renew_lease(lease, ttl).await?.then_some(asked_at)),
@@ -565,6 +569,9 @@ impl LockBackend for EtcdBackend {
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {
+        if lease.permits.is_some() {
+            return self.release_permits(lease).await;
+        }
         // Whatever the outcome, the caller stops holding this lease: the watch need not look
         // out for it any more. Forgotten first, so a release that fails or is given up
         // half-way (a key actor bounds it by its budget) leaves no record behind.
@@ -660,6 +667,32 @@ impl LockBackend for EtcdBackend {
 
     async fn observe(&self, name: &str) -> Result<crate::backend::LeaderChanges, StoreError> {
         self.observe_leader(name).await
+    }
+
+    async fn acquire_permits(
+        &self,
+        name: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        permits: crate::backend::Permits,
+        metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        self.take_permits(name, owner, ttl, permits, metadata).await
+    }
+
+    async fn subscribe_permits(
+        &self,
+        name: &str,
+        seen: &Contention,
+    ) -> Result<ReleaseNotices, StoreError> {
+        self.subscribe_to_permits(name, seen).await
+    }
+
+    async fn permit_holders(
+        &self,
+        name: &str,
+    ) -> Result<Vec<crate::backend::PermitHolder>, StoreError> {
+        self.holders_of(name).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>, StoreError> {

@@ -13,9 +13,11 @@ use tokio::time::Instant;
 
 use crate::backend::{
     Acquisition, Contention, Leader, LeaderChanges, Lease, LockBackend, LockInfo, OwnerToken,
-    ReleaseNotices, StoreEvent, StoreEventKind, StoreEvents,
+    PermitHolder, Permits, ReleaseNotices, StoreEvent, StoreEventKind, StoreEvents,
 };
 use crate::error::StoreError;
+
+mod semaphore;
 
 /// An in-process lock table.
 ///
@@ -30,6 +32,9 @@ pub struct MemoryBackend {
 #[derive(Default)]
 struct Table {
     slots: HashMap<String, Slot>,
+    /// Semaphores, by name (apart from the locks: a semaphore and a lock of one name are two
+    /// things).
+    semaphores: HashMap<String, semaphore::SemaphoreRow>,
     /// `watch_prefix` subscribers; a closed one is pruned at the next event.
     watchers: Vec<(String, mpsc::UnboundedSender<StoreEvent>)>,
 }
@@ -160,6 +165,9 @@ impl LockBackend for MemoryBackend {
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, StoreError> {
+        if lease.permits.is_some() {
+            return Ok(self.renew_permits(lease, ttl));
+        }
         let now = Instant::now();
         let mut table = self.table();
         let holder = table
@@ -176,6 +184,9 @@ impl LockBackend for MemoryBackend {
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {
+        if lease.permits.is_some() {
+            return Ok(self.release_permits(lease));
+        }
         let now = Instant::now();
         let mut table = self.table();
         let Some(slot) = table.slots.get_mut(&lease.key) else {
@@ -231,6 +242,29 @@ impl LockBackend for MemoryBackend {
         slot.subscribers.retain(|tx| !tx.is_closed());
         slot.subscribers.push(tx);
         Ok(receiver_stream(rx))
+    }
+
+    async fn acquire_permits(
+        &self,
+        name: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        permits: Permits,
+        metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        self.take_permits(name, owner, ttl, permits, metadata)
+    }
+
+    async fn subscribe_permits(
+        &self,
+        name: &str,
+        _seen: &Contention,
+    ) -> Result<ReleaseNotices, StoreError> {
+        Ok(self.subscribe_to_permits(name))
+    }
+
+    async fn permit_holders(&self, name: &str) -> Result<Vec<PermitHolder>, StoreError> {
+        Ok(self.holders_of(name))
     }
 
     async fn watch_prefix(&self, prefix: &str) -> Result<StoreEvents, StoreError> {

@@ -124,6 +124,7 @@ use crate::error::{Error, Result, StoreError};
 
 mod election;
 mod notices;
+mod semaphore;
 
 use notices::NoticeHub;
 
@@ -374,6 +375,9 @@ impl LockBackend for RedisBackend {
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool, StoreError> {
+        if lease.permits.is_some() {
+            return self.renew_permits(lease, ttl).await;
+        }
         let lock = self.lock_key(&lease.key);
         RENEW
             .key(&lock)
@@ -385,6 +389,9 @@ impl LockBackend for RedisBackend {
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {
+        if lease.permits.is_some() {
+            return self.release_permits(lease).await;
+        }
         let lock = self.lock_key(&lease.key);
         RELEASE
             .key(&lock)
@@ -455,6 +462,32 @@ impl LockBackend for RedisBackend {
 
     async fn observe(&self, name: &str) -> Result<crate::backend::LeaderChanges, StoreError> {
         self.observe_leader(name).await
+    }
+
+    async fn acquire_permits(
+        &self,
+        name: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        permits: crate::backend::Permits,
+        metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        self.take_permits(name, owner, ttl, permits, metadata).await
+    }
+
+    async fn subscribe_permits(
+        &self,
+        name: &str,
+        _seen: &Contention,
+    ) -> Result<ReleaseNotices, StoreError> {
+        self.subscribe_to_permits(name).await
+    }
+
+    async fn permit_holders(
+        &self,
+        name: &str,
+    ) -> Result<Vec<crate::backend::PermitHolder>, StoreError> {
+        self.holders_of(name).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>, StoreError> {

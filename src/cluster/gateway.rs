@@ -173,15 +173,38 @@ impl Actor for ClusterGateway {
                 });
             }
             RemoteLockMsg::Renew(request, reply) => {
+                // One of ours: renewed through its guard, which knows its key actor (a
+                // semaphore's permits cannot be found by name: one node may hold several).
+                let guard = {
+                    let mut leases = leases.lock().expect("lease map");
+                    match leases.get(&request.owner.as_u128()) {
+                        Some(g) if g.key() == request.key => {
+                            leases.remove(&request.owner.as_u128())
+                        }
+                        _ => None,
+                    }
+                };
                 state.tasks.spawn(async move {
-                    let answer = ask(&manager, |reply| LockManagerMsg::Renew {
-                        backend: request.backend,
-                        key: request.key,
-                        owner: request.owner,
-                        ttl: request.ttl,
-                        reply,
-                    })
-                    .await;
+                    let answer = match guard {
+                        Some(guard) => {
+                            let renewed = guard.renew(request.ttl).await;
+                            leases
+                                .lock()
+                                .expect("lease map")
+                                .insert(guard.owner().as_u128(), guard);
+                            renewed.map_err(RemoteError::from)
+                        }
+                        None => {
+                            ask(&manager, |reply| LockManagerMsg::Renew {
+                                backend: request.backend,
+                                key: request.key,
+                                owner: request.owner,
+                                ttl: request.ttl,
+                                reply,
+                            })
+                            .await
+                        }
+                    };
                     let _ = reply.send(RemoteReply(answer));
                 });
             }
@@ -264,13 +287,28 @@ async fn acquire(
     if let Some(metadata) = request.metadata {
         options = options.with_metadata(metadata);
     }
-    let guard = ask(manager, |reply| LockManagerMsg::Acquire {
-        backend: request.backend,
-        key: request.key,
-        options,
-        reply,
-    })
-    .await?;
+    let guard = match request.permits {
+        Some(permits) => {
+            ask(manager, |reply| LockManagerMsg::AcquirePermits {
+                backend: request.backend,
+                name: request.key,
+                permits,
+                count: request.count,
+                options,
+                reply,
+            })
+            .await?
+        }
+        None => {
+            ask(manager, |reply| LockManagerMsg::Acquire {
+                backend: request.backend,
+                key: request.key,
+                options,
+                reply,
+            })
+            .await?
+        }
+    };
     Ok(guard.map(|guard| {
         let lease = LeaseDescriptor::of(&guard);
         leases

@@ -26,6 +26,10 @@ pub struct RemoteAcquire {
     pub(super) metadata: Option<String>,
     pub(super) auto_renew: bool,
     pub(super) holder: RemoteHolder,
+    /// Set for a semaphore's permits: N.
+    pub(super) permits: Option<u32>,
+    /// How many permits at once (1 unless `with_permits` said).
+    pub(super) count: u32,
 }
 
 impl RemoteAcquire {
@@ -40,7 +44,19 @@ impl RemoteAcquire {
             metadata: None,
             auto_renew: true,
             holder: holder.clone(),
+            permits: None,
+            count: 1,
         }
+    }
+
+    /// Acquire `count` of the `permits` permits of the semaphore named `key` (see
+    /// [`Semaphore`](crate::Semaphore)), as one lease, instead of the lock `key`. Released
+    /// as a lock's lease is ([`RemoteLockClient::release`](super::RemoteLockClient::release)),
+    /// or when the holder stops.
+    pub fn with_permits(mut self, permits: u32, count: u32) -> Self {
+        self.permits = Some(permits);
+        self.count = count;
+        self
     }
 
     /// The backend, by its name on the manager's node.
@@ -419,12 +435,13 @@ wire_unit_enum!(StoreErrorKind {
     StoreErrorKind::Protocol,
     StoreErrorKind::Unsupported,
     StoreErrorKind::TimedOut,
+    StoreErrorKind::PermitsMismatch,
 });
 
 /// The kinds without data are one byte, their position in this list; a store failure is the
 /// byte after the list, then its store kind. (Only this codec lists the kinds; the protocol's
 /// types are built on the crate's own.)
-const ERROR_KINDS: [ErrorKind; 15] = [
+const ERROR_KINDS: [ErrorKind; 21] = [
     ErrorKind::EmptyKey,
     ErrorKind::KeyTooLong,
     ErrorKind::KeyHasControlChar,
@@ -440,6 +457,12 @@ const ERROR_KINDS: [ErrorKind; 15] = [
     ErrorKind::ManagerStopped,
     ErrorKind::ManagerNotFound,
     ErrorKind::BackendPanicked,
+    ErrorKind::EmptyElectionName,
+    ErrorKind::ElectionValueTooLong,
+    ErrorKind::EmptySemaphoreName,
+    ErrorKind::InvalidPermits,
+    ErrorKind::InvalidPermitCount,
+    ErrorKind::PermitsMismatch,
 ];
 const STORE_KIND: u8 = ERROR_KINDS.len() as u8;
 
@@ -581,6 +604,8 @@ wire_struct!(RemoteAcquire {
     metadata,
     auto_renew,
     holder,
+    permits,
+    count,
 });
 wire_struct!(LeaseDescriptor {
     key,
@@ -640,6 +665,7 @@ mod tests {
             StoreErrorKind::Protocol,
             StoreErrorKind::Unsupported,
             StoreErrorKind::TimedOut,
+            StoreErrorKind::PermitsMismatch,
         ];
         let kinds = ERROR_KINDS
             .into_iter()

@@ -88,6 +88,9 @@ impl EtcdBackend {
     /// a contender key `NAME/<lease>` (`lock` mode).
     pub(super) fn key_of(&self, etcd_key: &str) -> Option<String> {
         let rest = etcd_key.strip_prefix(&*self.prefix)?;
+        if rest.contains('\u{1f}') {
+            return None; // a semaphore's lease (see `semaphore.rs`), not a lock
+        }
         match self.mode {
             EtcdMode::Txn => Some(rest.to_owned()),
             EtcdMode::Lock => {

@@ -52,14 +52,15 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Acquire KEY, run CMD while holding it (renewing), release it when CMD exits.
+    /// Acquire KEY (or, with --permits N, one of the N permits of the semaphore KEY), run CMD
+    /// while holding it (renewing), release it when CMD exits.
     ///
     /// CMD gets LEASEHOLD_KEY and LEASEHOLD_FENCING_TOKEN in its environment. leasehold exits
     /// with CMD's exit code; 75 if the key was not acquired within the wait; 76 if the lease
     /// was lost while CMD ran (CMD is sent SIGTERM at once, SIGKILL after --kill-grace).
     Run(RunArgs),
-    /// Show whether KEY is held: fencing token, remaining ttl, metadata; with --prefix, every
-    /// held key under PREFIX as a table.
+    /// Show whether KEY is held: fencing token, remaining ttl, metadata, and the holders of the
+    /// semaphore KEY if it has any; with --prefix, every held key under PREFIX as a table.
     Status(StatusArgs),
     /// Print acquisitions and releases of keys under PREFIX as the store sees them, until
     /// interrupted.
@@ -113,6 +114,11 @@ struct RunArgs {
     /// A short text stored with the lock, shown by `status`.
     #[arg(long)]
     metadata: Option<String>,
+    /// Hold one of N permits of the semaphore KEY instead of the lock KEY: at most N such
+    /// commands run at once, on any number of machines. Every caller of KEY must give the
+    /// same N while any of them holds a permit. CMD also gets LEASEHOLD_PERMITS.
+    #[arg(long, value_name = "N")]
+    permits: Option<u32>,
     /// The exit code when the key is not acquired.
     #[arg(long, default_value_t = exit::TEMPFAIL)]
     conflict_exit_code: u8,

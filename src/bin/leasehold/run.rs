@@ -27,13 +27,23 @@ pub(crate) async fn run(args: RunArgs) -> u8 {
     if let Some(metadata) = args.metadata {
         options = options.with_metadata(metadata);
     }
-    let guard = match client.lock(&args.key, options).await {
+    let acquired = match args.permits {
+        Some(permits) => match client.semaphore(&args.key, permits) {
+            Ok(semaphore) => semaphore.acquire(options).await,
+            Err(error) => Err(error),
+        },
+        None => client.lock(&args.key, options).await,
+    };
+    let guard = match acquired {
         Ok(guard) => guard,
         Err(Error::Timeout { waited, .. }) => {
             eprintln!(
                 "leasehold: {:?} is held by someone else (waited {waited:.1?})",
                 args.key
             );
+            if args.permits.is_some() {
+                eprintln!("leasehold: (all its permits are held)");
+            }
             client.shutdown().await;
             return args.conflict_exit_code;
         }
@@ -43,11 +53,15 @@ pub(crate) async fn run(args: RunArgs) -> u8 {
         }
     };
     let (program, rest) = args.command.split_first().expect("clap requires a command");
-    let child = Command::new(program)
+    let mut command = Command::new(program);
+    command
         .args(rest)
         .env("LEASEHOLD_KEY", &args.key)
-        .env("LEASEHOLD_FENCING_TOKEN", guard.fencing_token().to_string())
-        .spawn();
+        .env("LEASEHOLD_FENCING_TOKEN", guard.fencing_token().to_string());
+    if let Some(permits) = args.permits {
+        command.env("LEASEHOLD_PERMITS", permits.to_string());
+    }
+    let child = command.spawn();
     let mut child = match child {
         Ok(child) => child,
         Err(error) => {

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use leasehold::{LockInfo, StoreEventKind};
+use leasehold::{LockInfo, PermitHolder, StoreEventKind};
 use serde_json::json;
 
 use crate::run::fail;
@@ -20,9 +20,15 @@ pub(crate) async fn status(args: StatusArgs) -> u8 {
         Err(error) => return fail(&error),
     };
     let info = client.info(&key).await;
+    // The semaphore of the same name is another thing: its holders are listed too.
+    let holders = client.semaphore_holders(&key).await;
     client.shutdown().await;
     let info = match info {
         Ok(info) => info,
+        Err(error) => return fail(&error),
+    };
+    let holders = match holders {
+        Ok(holders) => holders,
         Err(error) => return fail(&error),
     };
     if args.json {
@@ -36,6 +42,19 @@ pub(crate) async fn status(args: StatusArgs) -> u8 {
             }),
             None => json!({ "key": key, "held": false }),
         };
+        let mut line = line;
+        if let Some(first) = holders.first() {
+            line["semaphore"] = json!({
+                "permits": first.permits.total,
+                "held": holders.iter().map(|h| h.permits.count).sum::<u32>(),
+                "holders": holders.iter().map(|h| json!({
+                    "fencing_token": h.fencing_token,
+                    "permits": h.permits.count,
+                    "remaining_ttl_ms": ttl_millis(h.remaining_ttl),
+                    "metadata": h.metadata,
+                })).collect::<Vec<_>>(),
+            });
+        }
         println!("{line}");
     } else {
         match &info {
@@ -49,10 +68,33 @@ pub(crate) async fn status(args: StatusArgs) -> u8 {
                     .map(|m| format!(", metadata {m:?}"))
                     .unwrap_or_default()
             ),
-            None => println!("{key:?} is free"),
+            None if holders.is_empty() => println!("{key:?} is free"),
+            None => {}
+        }
+        if let Some(first) = holders.first() {
+            let held: u32 = holders.iter().map(|h| h.permits.count).sum();
+            let total = first.permits.total;
+            println!("semaphore {key:?}: {held} of {total} permits held");
+            print!("{}", permit_table(&holders));
         }
     }
     0
+}
+
+/// A semaphore's holders as an aligned table with a header line.
+fn permit_table(holders: &[PermitHolder]) -> String {
+    let rows = holders.iter().map(|holder| {
+        [
+            holder.fencing_token.to_string(),
+            holder.permits.count.to_string(),
+            format!("{:.1}s", holder.remaining_ttl.as_secs_f64()),
+            holder.metadata.clone().unwrap_or_default(),
+        ]
+    });
+    aligned(
+        ["FENCING TOKEN", "PERMITS", "TTL LEFT", "METADATA"],
+        rows.collect(),
+    )
 }
 
 /// `status --prefix`: every held key under the prefix, read from the store directly (no lock
@@ -114,7 +156,12 @@ fn table(held: &[LockInfo]) -> String {
             ]
         })
         .collect();
-    let header = ["KEY", "FENCING TOKEN", "TTL LEFT", "METADATA"].map(str::to_owned);
+    aligned(["KEY", "FENCING TOKEN", "TTL LEFT", "METADATA"], rows)
+}
+
+/// Rows under a header, the first column left-aligned, the middle two right-aligned.
+fn aligned(header: [&str; 4], rows: Vec<[String; 4]>) -> String {
+    let header = header.map(str::to_owned);
     let mut widths = header.clone().map(|h| h.len());
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {

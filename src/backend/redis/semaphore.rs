@@ -1,0 +1,194 @@
+//! Semaphores on Redis: the leases of a semaphore `K` live beside its lock's keys, in the same
+//! hash slot, under names of their own (a semaphore and a lock of one name are apart):
+//!
+//! | name                    | Redis type            | holds                                    |
+//! |-------------------------|-----------------------|------------------------------------------|
+//! | `P{K}:permits`          | sorted set            | a member `"<owner>:<k>:<N>:<token>"` per lease, scored by when it runs out (server ms) |
+//! | `P{K}:permit-metadata`  | hash                  | owner token → metadata, for leases that have any |
+//! | `P{K}:permit-fence`     | string, never expires | the last fencing token handed out        |
+//! | `P{K}:permits-released` | pub/sub channel       | a notice per release                     |
+//!
+//! With [`RedisBackend::with_restart_quarantine`], an acquisition of permits waits out the
+//! quarantine after a data loss as a lock's does (the same `<prefix>epoch` key).
+//!
+//! A lease is a member, not a key, so Redis does not expire it: every acquisition reads the
+//! whole set (at most N live members) and drops the members whose score has passed (server
+//! clock), which is what frees a crashed holder's permits at its ttl. Each member says its k
+//! and N, so the same read counts the permits in use and checks N. The set is given the
+//! expiry of its last lease, so a semaphore nobody uses any more leaves only its fence
+//! counter. A lease's guard knows its member (owner, k, N and token are all in its lease), so
+//! renew and release find it in one step. The scripts: `acquire_permits.lua` (admission, N
+//! check, token), `renew_permits.lua`, `release_permits.lua` (with the notice),
+//! `permit_holders.lua`.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use futures::StreamExt;
+use redis::{Script, Value};
+
+use super::{millis, parse_token, remaining, unexpected, RedisBackend};
+use crate::backend::{
+    Acquisition, Contention, Lease, OwnerToken, PermitHolder, Permits, ReleaseNotices,
+};
+use crate::error::StoreError;
+
+static ACQUIRE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("acquire_permits.lua")));
+static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("renew_permits.lua")));
+static RELEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("release_permits.lua")));
+static HOLDERS: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("permit_holders.lua")));
+
+impl RedisBackend {
+    /// The leases' sorted set and hash of the semaphore `name`.
+    fn permit_keys(&self, name: &str) -> (String, String) {
+        let lock = self.lock_key(name);
+        (format!("{lock}:permits"), format!("{lock}:permit-metadata"))
+    }
+
+    fn permits_channel(&self, name: &str) -> String {
+        format!("{}:permits-released", self.lock_key(name))
+    }
+
+    pub(super) async fn take_permits(
+        &self,
+        name: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        permits: Permits,
+        metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        let (leases, records) = self.permit_keys(name);
+        let mut call = ACQUIRE.key(&leases);
+        call.key(&records)
+            .key(format!("{}:permit-fence", self.lock_key(name)))
+            .arg(owner.to_string())
+            .arg(millis(ttl))
+            .arg(permits.total)
+            .arg(permits.count)
+            .arg(metadata.unwrap_or_default())
+            .arg(u64::try_from(self.quarantine.as_millis()).unwrap_or(u64::MAX));
+        if !self.quarantine.is_zero() {
+            call.key(format!("{}epoch", self.prefix));
+        }
+        let reply: Value = call
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|error| self.failed("acquire permits", error))?;
+        let token = match reply {
+            Value::Int(token) => {
+                u64::try_from(token).map_err(|_| unexpected("acquire permits", &reply))?
+            }
+            Value::BulkString(ref token) => parse_token(token)?,
+            Value::Array(ref answer) => {
+                return match answer.as_slice() {
+                    [Value::Int(left)] => Ok(Acquisition::Held(Contention::with_remaining_ttl(
+                        Some(remaining(*left).unwrap_or_default()),
+                    ))),
+                    [Value::BulkString(what), Value::Int(held)] if what == b"mismatch" => {
+                        Err(StoreError::PermitsMismatch {
+                            name: name.to_owned(),
+                            asked: permits.total,
+                            held: u32::try_from(*held).unwrap_or(u32::MAX),
+                        })
+                    }
+                    _ => Err(unexpected("acquire permits", &reply)),
+                };
+            }
+            other => return Err(unexpected("acquire permits", &other)),
+        };
+        let mut lease = Lease::new(name, owner, token);
+        lease.permits = Some(permits);
+        Ok(Acquisition::Acquired(lease))
+    }
+
+    pub(super) async fn renew_permits(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let (leases, records) = self.permit_keys(&lease.key);
+        RENEW
+            .key(leases)
+            .key(records)
+            .arg(member(lease))
+            .arg(millis(ttl))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|error| self.failed("renew permits", error))
+    }
+
+    pub(super) async fn release_permits(&self, lease: &Lease) -> Result<bool, StoreError> {
+        let (leases, records) = self.permit_keys(&lease.key);
+        RELEASE
+            .key(leases)
+            .key(records)
+            .arg(member(lease))
+            .arg(self.permits_channel(&lease.key))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|error| self.failed("release permits", error))
+    }
+
+    pub(super) async fn subscribe_to_permits(
+        &self,
+        name: &str,
+    ) -> Result<ReleaseNotices, StoreError> {
+        let channel = self.permits_channel(name);
+        Ok(self.notices.subscribe(channel).await?.boxed())
+    }
+
+    pub(super) async fn holders_of(&self, name: &str) -> Result<Vec<PermitHolder>, StoreError> {
+        let (leases, records) = self.permit_keys(name);
+        let reply: Vec<Value> = HOLDERS
+            .key(leases)
+            .key(records)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|error| self.failed("permit holders", error))?;
+        let mut holders = Vec::with_capacity(reply.len() / 3);
+        for lease in reply.chunks(3) {
+            let holder = match lease {
+                [Value::BulkString(member), Value::Int(left), Value::BulkString(metadata)] => {
+                    parse_member(name, member, *left, metadata)
+                }
+                _ => None,
+            };
+            holders.push(holder.ok_or_else(|| {
+                StoreError::protocol(format!("semaphore lease {lease:?} is malformed"))
+            })?);
+        }
+        holders.sort_by_key(|holder| holder.fencing_token);
+        Ok(holders)
+    }
+}
+
+/// The lease's member in the set, `"<owner>:<k>:<N>:<token>"`; only the owner for a lease
+/// whose token is not known (an acquisition whose answer never came: the script looks for it).
+fn member(lease: &Lease) -> String {
+    match lease.permits {
+        Some(permits) if lease.fencing_token != 0 => format!(
+            "{}:{}:{}:{}",
+            lease.owner, permits.count, permits.total, lease.fencing_token
+        ),
+        _ => lease.owner.to_string(),
+    }
+}
+
+/// A lease's member with its `left` milliseconds and its metadata ("" for none).
+fn parse_member(name: &str, member: &[u8], left: i64, metadata: &[u8]) -> Option<PermitHolder> {
+    let member = std::str::from_utf8(member).ok()?;
+    let mut parts = member.split(':').skip(1);
+    let count = parts.next()?.parse().ok()?;
+    let total = parts.next()?.parse().ok()?;
+    let fencing_token = parts.next()?.parse().ok()?;
+    Some(PermitHolder {
+        name: name.to_owned(),
+        fencing_token,
+        permits: Permits::new(total, count),
+        remaining_ttl: remaining(left).unwrap_or_default(),
+        metadata: (!metadata.is_empty()).then(|| String::from_utf8_lossy(metadata).into_owned()),
+    })
+}
