@@ -439,7 +439,9 @@ impl BackendState {
         }
         // Held or being attempted on this node, or others are queued before this request: no
         // store round trip can succeed before they are done.
-        self.ctx.emit(&request.key, None, LockEventKind::Contended);
+        let primitive = request.primitive();
+        self.ctx
+            .emit(primitive, &request.name, None, LockEventKind::Contended);
         if request.tries_once() {
             let _ = reply.send(Ok(None));
         } else {
@@ -521,12 +523,13 @@ impl BackendState {
             AbortOnDrop(myself.send_after(delay, move || BackendMsg::WaiterTimedOut(key, id)))
         });
         let slot = self.slots.entry(request.key.clone()).or_default();
+        let counted = self.ctx.metrics.waiting(request.primitive());
         let waiter = Waiter {
             id,
             request,
             reply,
             _timeout: timeout,
-            _counted: self.ctx.metrics.waiting(),
+            _counted: counted,
         };
         if front {
             slot.waiters.push_front(waiter);

@@ -15,7 +15,7 @@ use crate::backend_actor::{BackendMsg, Busy};
 use crate::error::{Error, Result, StoreError};
 use crate::event::{EventBus, LockEventKind};
 use crate::key_actor::KeyMsg;
-use crate::metrics::{BackendMetrics, StoreOp};
+use crate::metrics::{BackendMetrics, Primitive, StoreOp};
 use crate::request::{AcquireReply, AcquireRequest};
 use crate::timing::Timing;
 
@@ -215,8 +215,16 @@ impl BackendCtx {
         }
     }
 
-    pub(crate) fn emit(&self, key: &Arc<str>, fencing_token: Option<u64>, kind: LockEventKind) {
-        self.metrics.event(&kind);
+    /// A lifecycle event of a lease of kind `primitive` on `key`: into the metrics, and to
+    /// whoever listens.
+    pub(crate) fn emit(
+        &self,
+        primitive: Primitive,
+        key: &Arc<str>,
+        fencing_token: Option<u64>,
+        kind: LockEventKind,
+    ) {
+        self.metrics.event(primitive, &kind);
         self.events.emit(&self.name, Some(key), fencing_token, kind);
     }
 

@@ -25,7 +25,7 @@ use crate::backend_ctx::BackendCtx;
 use crate::error::{Error, Result, StoreError};
 use crate::event::{LockEventKind, LostReason, ReleaseReason};
 use crate::guard::{status_cell, LeaseStatus, LockGuard, StatusWriter};
-use crate::metrics::StoreOp;
+use crate::metrics::{Primitive, StoreOp};
 use crate::request::{AcquireReply, AcquireRequest, Requeue};
 use timer::RenewalTimer;
 
@@ -99,6 +99,8 @@ struct Job {
     key: Arc<str>,
     /// The key or semaphore name the caller asked for: what events and errors name.
     name: Arc<str>,
+    /// What the lease is taken as, for the metrics.
+    primitive: Primitive,
 }
 
 /// Everything about a lease that is held.
@@ -253,7 +255,7 @@ impl Actor for KeyActor {
             // Stopped from outside while still holding: the guard must not go on believing.
             // The store lease expires by itself.
             held.status.send(LeaseStatus::Gone(LostReason::Shutdown));
-            state.ctx.metrics.held_silently_ended();
+            state.ctx.metrics.held_silently_ended(state.primitive());
             if let Some(holder) = &held.holder {
                 myself.get_cell().unmonitor(holder.clone());
             }
@@ -285,6 +287,7 @@ impl KeyState {
             id: job,
             key: request.key.clone(),
             name: request.name.clone(),
+            primitive: request.primitive(),
         });
         // A campaign keeps its candidate token across attempts: the store's candidate queue
         // knows it by that.
@@ -342,7 +345,8 @@ impl KeyState {
                 })
             }
             Ok(Acquisition::Held(contention)) => {
-                ctx.emit(&request.name, None, LockEventKind::Contended);
+                let primitive = request.primitive();
+                ctx.emit(primitive, &request.name, None, LockEventKind::Contended);
                 Ok(contention)
             }
             Err(error) => {
@@ -426,6 +430,7 @@ impl KeyState {
         let token = lease.fencing_token;
         tracing::Span::current().record("token", token);
         ctx.emit(
+            request.primitive(),
             &request.name,
             Some(token),
             LockEventKind::Acquired {
@@ -521,6 +526,7 @@ impl KeyState {
     ))]
     async fn renew(&mut self, myself: &ActorRef<KeyMsg>, ttl: Option<Duration>) -> Result<()> {
         let ctx = self.ctx.clone();
+        let primitive = self.primitive();
         let Some(held) = self.held.as_mut() else {
             return Err(self.not_held());
         };
@@ -532,7 +538,7 @@ impl KeyState {
         let renewing = ctx.store.renew_from(&held.lease, held.ttl, sent_at);
         let renewed = timeout_at(held.lose_at, renewing).await;
         let took = sent_at.elapsed();
-        ctx.metrics.renewal(took);
+        ctx.metrics.renewal(primitive, took);
         match &renewed {
             Ok(outcome) => ctx.answered(StoreOp::Renew, took, outcome),
             Err(_) => ctx.answered::<()>(
@@ -551,7 +557,8 @@ impl KeyState {
                 let (deadline, ttl) = (held.deadline, held.ttl);
                 held.status.send(LeaseStatus::Held { deadline, ttl });
                 if let Some(job) = &self.job {
-                    ctx.emit(&job.name, Some(token), LockEventKind::Renewed { deadline });
+                    let renewed = LockEventKind::Renewed { deadline };
+                    ctx.emit(primitive, &job.name, Some(token), renewed);
                 }
                 self.schedule(sent_at);
                 Ok(())
@@ -567,6 +574,7 @@ impl KeyState {
                     .as_ref()
                     .map_or_else(|| "".into(), |job| job.name.clone());
                 ctx.emit(
+                    primitive,
                     &key,
                     Some(token),
                     LockEventKind::RenewFailed {
@@ -588,6 +596,7 @@ impl KeyState {
             return self.not_held();
         };
         let key = self.job_key();
+        let primitive = self.primitive();
         let error = Error::LeaseLost {
             key: key.to_string(),
             reason,
@@ -596,6 +605,7 @@ impl KeyState {
         self.done(myself, None);
         held.status.send(LeaseStatus::Gone(reason));
         self.ctx.emit(
+            primitive,
             &key,
             Some(held.lease.fencing_token),
             LockEventKind::Lost { reason },
@@ -629,6 +639,7 @@ impl KeyState {
             return Err(self.not_held());
         };
         let key = self.job_key();
+        let primitive = self.primitive();
         let ctx = self.ctx.clone();
         let token = held.lease.fencing_token;
         self.stop_holding(myself, &held);
@@ -651,7 +662,7 @@ impl KeyState {
             // release.
             let reason = LostReason::NotOwner;
             held.status.send(LeaseStatus::Gone(reason));
-            ctx.emit(&key, Some(token), LockEventKind::Lost { reason });
+            ctx.emit(primitive, &key, Some(token), LockEventKind::Lost { reason });
             return Err(Error::LeaseLost {
                 key: key.to_string(),
                 reason,
@@ -664,6 +675,7 @@ impl KeyState {
         };
         held.status.send(status);
         ctx.emit(
+            primitive,
             &key,
             Some(token),
             LockEventKind::Released {
@@ -706,6 +718,13 @@ impl KeyState {
         Error::NotHeld {
             key: self.job.as_ref().map_or("", |job| &job.name).to_owned(),
         }
+    }
+
+    /// What the lease of the job under way is taken as (a lock while idle).
+    fn primitive(&self) -> Primitive {
+        self.job
+            .as_ref()
+            .map_or(Primitive::Mutex, |job| job.primitive)
     }
 
     /// The key of the job under way, for spans ("" while idle).

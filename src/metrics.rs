@@ -42,10 +42,30 @@ pub(crate) use on::*;
 #[cfg(not(feature = "metrics"))]
 pub(crate) use off::*;
 
-/// The `primitive` label of every series: the lock kind whose leases are counted. Only the
-/// mutex exists so far; the label is there so that dashboards need no change when others come.
+/// The lock kinds, by the `primitive` label of the lifecycle series: what a lease was taken
+/// as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-const PRIMITIVE: &str = "mutex";
+pub(crate) enum Primitive {
+    Mutex,
+    Semaphore,
+    Election,
+}
+
+impl Primitive {
+    /// Each kind's label, indexed as the enum.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    const LABELS: [&'static str; 3] = ["mutex", "semaphore", "election"];
+
+    /// The kind of a request: a semaphore's permits, an election's campaign, or a lock.
+    pub(crate) fn of(permits: bool, campaign: bool) -> Self {
+        match (permits, campaign) {
+            (true, _) => Primitive::Semaphore,
+            (false, true) => Primitive::Election,
+            (false, false) => Primitive::Mutex,
+        }
+    }
+}
 
 /// The store calls, by the `operation` label of `leasehold_store_call_seconds`.
 #[derive(Clone, Copy, Debug)]
@@ -97,7 +117,7 @@ mod on {
     };
     use tokio::time::Instant;
 
-    use super::StoreOp;
+    use super::{Primitive, StoreOp};
     use crate::error::StoreError;
     use crate::event::{LockEventKind, LostReason, ReleaseReason};
 
@@ -118,6 +138,16 @@ mod on {
 
     /// One backend's series: registered once, recorded through handles.
     pub(crate) struct BackendMetrics {
+        /// The lifecycle series, indexed as [`Primitive`].
+        kinds: [Series; 3],
+        /// `None` for the in-process memory store: its calls are function calls on a map,
+        /// with no latency worth a series, and four histogram samples per lock cycle would be
+        /// most of what recording costs there.
+        calls: Option<StoreCalls>,
+    }
+
+    /// The lifecycle series of one primitive on one backend.
+    struct Series {
         acquired: Counter,
         contended: Counter,
         renewals: Counter,
@@ -129,10 +159,6 @@ mod on {
         wait: Histogram,
         hold: Histogram,
         renewal: Histogram,
-        /// `None` for the in-process memory store: its calls are function calls on a map,
-        /// with no latency worth a series, and four histogram samples per lock cycle would be
-        /// most of what recording costs there.
-        calls: Option<StoreCalls>,
         held: Gauge,
         waiters: Gauge,
     }
@@ -151,62 +177,72 @@ mod on {
             let labels = vec![
                 Label::new("backend", backend.to_owned()),
                 Label::new("store", store),
-                Label::new("primitive", super::PRIMITIVE),
             ];
-            let with = |name: &'static str, value: &'static str| {
+            let with = |more: &[(&'static str, &'static str)]| {
                 let mut labels = labels.clone();
-                labels.push(Label::new(name, value));
+                labels.extend(more.iter().map(|&(name, value)| Label::new(name, value)));
                 labels
             };
+            let series = |primitive: &'static str| {
+                let labels = with(&[("primitive", primitive)]);
+                let with = |name, value| with(&[("primitive", primitive), (name, value)]);
+                Series {
+                    acquired: counter!("leasehold_acquired_total", labels.clone()),
+                    contended: counter!("leasehold_contended_total", labels.clone()),
+                    renewals: counter!("leasehold_renewals_total", labels.clone()),
+                    renewal_failures: counter!("leasehold_renewal_failures_total", labels.clone()),
+                    released: RELEASE_REASONS.map(|(_, reason)| {
+                        counter!("leasehold_released_total", with("reason", reason))
+                    }),
+                    lost: LOST_REASONS.map(|(_, reason)| {
+                        counter!("leasehold_lost_total", with("reason", reason))
+                    }),
+                    wait: histogram!("leasehold_wait_seconds", labels.clone()),
+                    hold: histogram!("leasehold_hold_seconds", labels.clone()),
+                    renewal: histogram!("leasehold_renewal_seconds", labels.clone()),
+                    held: gauge!("leasehold_held", labels.clone()),
+                    waiters: gauge!("leasehold_waiters", labels),
+                }
+            };
             BackendMetrics {
-                acquired: counter!("leasehold_acquired_total", labels.clone()),
-                contended: counter!("leasehold_contended_total", labels.clone()),
-                renewals: counter!("leasehold_renewals_total", labels.clone()),
-                renewal_failures: counter!("leasehold_renewal_failures_total", labels.clone()),
-                released: RELEASE_REASONS.map(|(_, reason)| {
-                    counter!("leasehold_released_total", with("reason", reason))
-                }),
-                lost: LOST_REASONS
-                    .map(|(_, reason)| counter!("leasehold_lost_total", with("reason", reason))),
-                wait: histogram!("leasehold_wait_seconds", labels.clone()),
-                hold: histogram!("leasehold_hold_seconds", labels.clone()),
-                renewal: histogram!("leasehold_renewal_seconds", labels.clone()),
+                kinds: Primitive::LABELS.map(series),
+                // By operation, which says the primitive where it matters.
                 calls: (store != "memory").then(|| StoreCalls {
                     latency: StoreOp::LABELS.map(|op| {
-                        histogram!("leasehold_store_call_seconds", with("operation", op))
+                        histogram!("leasehold_store_call_seconds", with(&[("operation", op)]))
                     }),
-                    errors: StoreOp::LABELS
-                        .map(|op| counter!("leasehold_store_errors_total", with("operation", op))),
+                    errors: StoreOp::LABELS.map(|op| {
+                        counter!("leasehold_store_errors_total", with(&[("operation", op)]))
+                    }),
                 }),
-                held: gauge!("leasehold_held", labels.clone()),
-                waiters: gauge!("leasehold_waiters", labels.clone()),
             }
         }
 
         /// Counts a lifecycle event (where [`LockMetrics`](crate::LockMetrics) counts it).
         #[inline]
-        pub(crate) fn event(&self, kind: &LockEventKind) {
+        pub(crate) fn event(&self, primitive: Primitive, kind: &LockEventKind) {
+            let series = &self.kinds[primitive as usize];
             match kind {
                 LockEventKind::Acquired { waited } => {
-                    self.acquired.increment(1);
-                    self.held.increment(1.0);
-                    self.wait.record(*waited);
+                    series.acquired.increment(1);
+                    series.held.increment(1.0);
+                    series.wait.record(*waited);
                 }
-                LockEventKind::Contended => self.contended.increment(1),
-                LockEventKind::Renewed { .. } => self.renewals.increment(1),
-                LockEventKind::RenewFailed { .. } => self.renewal_failures.increment(1),
+                LockEventKind::Contended => series.contended.increment(1),
+                LockEventKind::Renewed { .. } => series.renewals.increment(1),
+                LockEventKind::RenewFailed { .. } => series.renewal_failures.increment(1),
                 LockEventKind::Lost { reason } => {
-                    self.held.decrement(1.0);
+                    series.held.decrement(1.0);
                     if let Some(at) = LOST_REASONS.iter().position(|(r, _)| r == reason) {
-                        self.lost[at].increment(1);
+                        series.lost[at].increment(1);
                     }
                 }
                 LockEventKind::Released { held_for, reason } => {
-                    self.held.decrement(1.0);
+                    series.held.decrement(1.0);
                     if let Some(at) = RELEASE_REASONS.iter().position(|(r, _)| r == reason) {
-                        self.released[at].increment(1);
+                        series.released[at].increment(1);
                     }
-                    self.hold.record(*held_for);
+                    series.hold.record(*held_for);
                 }
                 LockEventKind::Requested
                 | LockEventKind::BackendDown
@@ -216,8 +252,8 @@ mod on {
 
         /// A renewal that took `took` just ended (renewed, refused, failed or timed out).
         #[inline]
-        pub(crate) fn renewal(&self, took: Duration) {
-            self.renewal.record(took);
+        pub(crate) fn renewal(&self, primitive: Primitive, took: Duration) {
+            self.kinds[primitive as usize].renewal.record(took);
         }
 
         /// A store call answered after `took`; `failed` if with an error (a call its caller
@@ -251,14 +287,14 @@ mod on {
 
         /// A lease ended without an event (its key actor was stopped from outside while
         /// holding it): it is no longer held.
-        pub(crate) fn held_silently_ended(&self) {
-            self.held.decrement(1.0);
+        pub(crate) fn held_silently_ended(&self, primitive: Primitive) {
+            self.kinds[primitive as usize].held.decrement(1.0);
         }
 
         /// One more request queued for a key, until the returned value is dropped.
         #[inline]
-        pub(crate) fn waiting(&self) -> Counted {
-            Counted::new(&self.waiters)
+        pub(crate) fn waiting(&self, primitive: Primitive) -> Counted {
+            Counted::new(&self.kinds[primitive as usize].waiters)
         }
     }
 
@@ -351,7 +387,7 @@ mod off {
     use std::future::Future;
     use std::time::Duration;
 
-    use super::StoreOp;
+    use super::{Primitive, StoreOp};
     use crate::error::StoreError;
     use crate::event::LockEventKind;
 
@@ -365,10 +401,10 @@ mod off {
         }
 
         #[inline(always)]
-        pub(crate) fn event(&self, _kind: &LockEventKind) {}
+        pub(crate) fn event(&self, _primitive: Primitive, _kind: &LockEventKind) {}
 
         #[inline(always)]
-        pub(crate) fn renewal(&self, _took: Duration) {}
+        pub(crate) fn renewal(&self, _primitive: Primitive, _took: Duration) {}
 
         #[inline(always)]
         pub(crate) fn store_call(&self, _op: StoreOp, _took: Duration, _failed: bool) {}
@@ -384,10 +420,10 @@ mod off {
         }
 
         #[inline(always)]
-        pub(crate) fn held_silently_ended(&self) {}
+        pub(crate) fn held_silently_ended(&self, _primitive: Primitive) {}
 
         #[inline(always)]
-        pub(crate) fn waiting(&self) -> Counted {
+        pub(crate) fn waiting(&self, _primitive: Primitive) -> Counted {
             Counted
         }
     }

@@ -13,6 +13,7 @@ use crate::backend_ctx::BackendCtx;
 use crate::error::{Error, Result};
 use crate::event::LockEventKind;
 use crate::guard::LockGuard;
+use crate::metrics::Primitive;
 use crate::options::{validate_key, Caller, LockOptions, Wait};
 
 /// One acquisition request, validated and resolved to a backend.
@@ -39,6 +40,11 @@ pub(crate) struct AcquireRequest {
 }
 
 impl AcquireRequest {
+    /// What this request takes a lease as.
+    pub(crate) fn primitive(&self) -> Primitive {
+        Primitive::of(self.permits.is_some(), self.candidate.is_some())
+    }
+
     /// Every check that needs no I/O, then the request as the backend actor takes it. The
     /// `caller` decides the wait when `options` leave it unset.
     pub(crate) fn new(
@@ -57,7 +63,8 @@ impl AcquireRequest {
             _ => None,
         };
         let name: Arc<str> = key.into();
-        ctx.emit(&name, None, LockEventKind::Requested);
+        let primitive = Primitive::of(options.permits.is_some(), options.candidate.is_some());
+        ctx.emit(primitive, &name, None, LockEventKind::Requested);
         let key = match options.permits {
             // NUL is in no valid key, so no lock's slot is ever one of these.
             Some(_) => {

@@ -66,11 +66,17 @@ impl Recorded {
                 "{name}: backend label"
             );
             assert_eq!(store.as_deref(), Some(self.store), "{name}: store label");
-            assert_eq!(
-                primitive.as_deref(),
-                Some("mutex"),
-                "{name}: primitive label"
-            );
+            // Lifecycle series say what the lease was taken as; a lock's are filed under the
+            // bare name, the others' with their primitive. Store calls say their operation.
+            match primitive.as_deref() {
+                None => assert!(
+                    name.starts_with("leasehold_store_"),
+                    "{name}: no primitive label"
+                ),
+                Some("mutex") => {}
+                Some(other @ ("semaphore" | "election")) => rest.push(format!("primitive={other}")),
+                Some(other) => panic!("{name}: primitive label {other:?}"),
+            }
             let series = if rest.is_empty() {
                 name.to_owned()
             } else {
@@ -199,6 +205,19 @@ async fn memory_backend_records_a_scripted_sequence() {
     seen.until("nothing held", |r| r.gauge("leasehold_held") == 0.0)
         .await;
 
+    // A semaphore's permit counts under its own primitive, not as a lock.
+    let permit = client
+        .semaphore(&unique_key("metrics/s"), 2)
+        .unwrap()
+        .acquire(LockOptions::new())
+        .await
+        .unwrap();
+    seen.until("the permit is held", |r| {
+        r.gauge("leasehold_held{primitive=semaphore}") == 1.0
+    })
+    .await;
+    permit.release().await.unwrap();
+
     seen.update().assert_counters(&[
         ("leasehold_acquired_total", 3),
         ("leasehold_contended_total", 2),
@@ -206,7 +225,17 @@ async fn memory_backend_records_a_scripted_sequence() {
         ("leasehold_released_total{reason=requested}", 1),
         ("leasehold_released_total{reason=dropped}", 1),
         ("leasehold_lost_total{reason=expired}", 1),
+        ("leasehold_acquired_total{primitive=semaphore}", 1),
+        (
+            "leasehold_released_total{reason=requested,primitive=semaphore}",
+            1,
+        ),
     ]);
+    assert_eq!(seen.gauge("leasehold_held{primitive=semaphore}"), 0.0);
+    assert_eq!(
+        seen.samples("leasehold_wait_seconds{primitive=semaphore}"),
+        1
+    );
     assert_eq!(seen.gauge("leasehold_waiters"), 0.0);
     assert_eq!(seen.samples("leasehold_wait_seconds"), 3);
     assert_eq!(seen.samples("leasehold_hold_seconds"), 2);
