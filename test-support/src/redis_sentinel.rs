@@ -106,6 +106,24 @@ impl RedisSentinel {
         self.servers.iter().map(RedisServer::port).collect()
     }
 
+    /// The data server on `port` (to pause a replica, read its log, …).
+    pub fn server(&self, port: u16) -> &RedisServer {
+        self.servers
+            .iter()
+            .find(|server| server.port() == port)
+            .unwrap_or_else(|| panic!("no data server on port {port}"))
+    }
+
+    /// The ports of the servers that are replicas now (by the sentinels' word on the primary).
+    pub fn replica_ports(&self) -> Vec<u16> {
+        let primary = self.primary_port();
+        let killed = self.killed.map(|at| self.servers[at].port());
+        self.server_ports()
+            .into_iter()
+            .filter(|&port| port != primary && Some(port) != killed)
+            .collect()
+    }
+
     /// The primary's port, as the sentinels name it (most of them agreeing).
     pub fn primary_port(&self) -> u16 {
         self.named_primary().unwrap_or_else(|| {

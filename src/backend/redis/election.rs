@@ -114,7 +114,7 @@ impl RedisBackend {
         let (leader_channel, released_channel) =
             (format!("{lock}:leader"), format!("{lock}:released"));
         let opening = async {
-            let mut pubsub = self.notices.client.get_async_pubsub().await?;
+            let mut pubsub = self.conn.pubsub().await?;
             pubsub
                 .subscribe(&[leader_channel.clone(), released_channel])
                 .await?;

@@ -1,0 +1,158 @@
+//! Replica acknowledgement ([`RedisBackend::with_replica_ack`]): an acquisition, and each
+//! renewal, counts only once Redis's `WAIT` says enough replicas have it.
+//!
+//! Replication is asynchronous: a primary answers a write before any replica has it, and a
+//! failover to a replica that missed the write forgets it. For a lock that means a second
+//! holder, and a fencing token handed out again. `WAIT replicas timeout`, sent right after the
+//! script on the same connection, blocks until that many replicas have acknowledged every
+//! write the connection made (this one included), or the timeout passes, and answers how many
+//! did. With it:
+//!
+//! - **acquire**: `EVALSHA acquire …` then `WAIT`, in one pipeline (one round trip plus the
+//!   replicas' acknowledgement). Too few acknowledgements: the acquisition is undone (the
+//!   release script, which compares the owner token, deletes the key and wakes the waiters)
+//!   and the call fails with a retryable error naming how many replicas confirmed. The fence
+//!   counter keeps the token it handed out, so the next one is greater whichever server
+//!   serves it.
+//! - **renew**: `EVALSHA renew …` then `WAIT`. Too few: a retryable error, so the key actor
+//!   counts a failed renewal (`RenewFailed`) and keeps the deadline of the last confirmed one;
+//!   the replica's copy of the lease is never shorter than what the holder counts on.
+//! - **release** and the rest are not waited for: a release a failover loses only keeps the
+//!   key until its ttl.
+//!
+//! What remains: a replica that acknowledged can still be passed over at a failover (Sentinel
+//! promotes the replica with the most data it has heard of, which is one that acknowledged
+//! when `replicas` is the number of replicas, but a replica cut off from the sentinels may
+//! lag), and a write the replicas acknowledged after `WAIT` gave up may survive the undo's
+//! loss (the key is then held by nobody until its ttl). The README's Sentinel section states
+//! the window.
+//!
+//! One multiplexed connection serves every call, and Redis runs one client's commands in
+//! order, so a `WAIT` holds back the commands pipelined behind it until the replicas answer:
+//! the cost is one replica round trip per acquisition or renewal, in series.
+
+use std::time::Duration;
+
+use redis::{Cmd, RedisError, Script, ScriptInvocation, ServerErrorKind, Value};
+
+use super::{millis, RedisBackend};
+use crate::error::{Error, Result, StoreError};
+
+/// How many replicas must acknowledge, and how long to wait for them.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ReplicaAck {
+    pub(super) replicas: u32,
+    pub(super) timeout: Duration,
+}
+
+impl ReplicaAck {
+    /// Checks the settings before any I/O; the error names the bad value.
+    pub(super) fn new(replicas: usize, timeout: Duration) -> Result<Self> {
+        if replicas == 0 {
+            return Err(Error::InvalidConfig(
+                "with_replica_ack(0, …): 0 replicas would confirm nothing; ask for at least 1 \
+                 (or leave replica acknowledgement off)"
+                    .to_owned(),
+            ));
+        }
+        let replicas = u32::try_from(replicas).map_err(|_| {
+            Error::InvalidConfig(format!(
+                "with_replica_ack({replicas}, …): no deployment has that many replicas"
+            ))
+        })?;
+        // WAIT takes whole milliseconds, and reads 0 as "wait for ever".
+        if timeout < Duration::from_millis(1) {
+            return Err(Error::InvalidConfig(format!(
+                "with_replica_ack(…, {timeout:?}): the timeout must be at least 1 ms (WAIT \
+                 with 0 would wait for ever)"
+            )));
+        }
+        Ok(ReplicaAck { replicas, timeout })
+    }
+
+    fn wait_cmd(&self) -> Cmd {
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(self.replicas).arg(millis(self.timeout));
+        wait
+    }
+}
+
+/// `EVALSHA` of a prepared script call, for a pipeline (the `redis` crate's
+/// [`ScriptInvocation::invoke_async`] runs one command on its own).
+fn evalsha(script: &Script, keys: &[String], args: &[Vec<u8>]) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys.len());
+    for key in keys {
+        cmd.arg(key);
+    }
+    for arg in args {
+        cmd.arg(arg.as_slice());
+    }
+    cmd
+}
+
+impl RedisBackend {
+    /// Runs `script` (keys, args) then `WAIT` in one pipeline; answers the script's reply and
+    /// how many replicas acknowledged. A server that forgot the script (`NOSCRIPT`, nothing
+    /// ran) gets it loaded and the pipeline sent again.
+    pub(super) async fn with_ack(
+        &self,
+        ack: &ReplicaAck,
+        script: &Script,
+        keys: &[String],
+        args: &[Vec<u8>],
+        op: &str,
+    ) -> std::result::Result<(Value, i64), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.add_command(evalsha(script, keys, args))
+            .add_command(ack.wait_cmd());
+        let mut conn = self.conn.clone();
+        let sent = pipe.query_async::<(Value, i64)>(&mut conn).await;
+        let sent = match sent {
+            Err(error) if error.kind() == redis::ErrorKind::Server(ServerErrorKind::NoScript) => {
+                let loaded: std::result::Result<String, RedisError> =
+                    script.prepare_invoke().load_async(&mut conn).await;
+                match loaded {
+                    Ok(_) => pipe.query_async(&mut conn).await,
+                    Err(error) => Err(error),
+                }
+            }
+            other => other,
+        };
+        sent.map_err(|error| self.failed(op, error))
+    }
+
+    /// The error of a write too few replicas confirmed.
+    pub(super) fn unconfirmed(
+        &self,
+        ack: &ReplicaAck,
+        what: &str,
+        acknowledged: i64,
+    ) -> StoreError {
+        StoreError::unavailable(format!(
+            "redis {what} at {} was confirmed by {acknowledged} of the {} replicas asked for \
+             within {:?} (WAIT)",
+            self.notices.addr, ack.replicas, ack.timeout
+        ))
+    }
+}
+
+/// The keys and arguments of a script call, kept to send them as `EVALSHA` in a pipeline.
+pub(super) struct Call {
+    pub(super) keys: Vec<String>,
+    pub(super) args: Vec<Vec<u8>>,
+}
+
+impl Call {
+    /// The same call as a [`ScriptInvocation`] of `script`.
+    pub(super) fn invocation<'a>(&self, script: &'a Script) -> ScriptInvocation<'a> {
+        let mut call = script.prepare_invoke();
+        for key in &self.keys {
+            call.key(key);
+        }
+        for arg in &self.args {
+            call.arg(arg.as_slice());
+        }
+        call
+    }
+}
