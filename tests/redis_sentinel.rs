@@ -204,16 +204,19 @@ async fn renewals_too_few_replicas_confirm_fail_and_the_lease_is_lost_by_its_dea
     let backend = topology
         .backend()
         .await
-        .with_replica_ack(2, Duration::from_millis(100))
+        .with_replica_ack(2, Duration::from_millis(300))
         .unwrap();
     let client = node(backend, Duration::from_secs(5)).await;
     let mut events = client.events();
     let key = unique_key("unconfirmed-renewal");
-    let ttl = Duration::from_millis(1500);
+    let ttl = Duration::from_secs(3);
+    // Waiting, so an acquisition a busy machine's replica did not confirm in time is retried.
+    let options = LockOptions::new()
+        .with_ttl(ttl)
+        .with_wait(Wait::UpTo(Duration::from_secs(10)));
     let held = client
-        .try_lock(&key, LockOptions::new().with_ttl(ttl))
+        .lock(&key, options)
         .await
-        .unwrap()
         .expect("a fresh key is free");
     let replica = topology.replica_ports()[0];
     // The last renewal that can be confirmed was sent before this.

@@ -232,6 +232,8 @@ impl RedisBackend {
     /// `replicas` equal to the number of replicas has every confirmed lock. Replication is
     /// still asynchronous: the README's Sentinel section states the window that remains.
     /// Keep `timeout` well under the ttl (a renewal must be confirmed within a third of it).
+    /// The acknowledged calls take turns on 8 connections of their own, opened on the first
+    /// one, so that one call's `WAIT` does not hold back the others.
     ///
     /// `replicas` 0 (which would confirm nothing) and a `timeout` under a millisecond (`WAIT`
     /// takes whole milliseconds, and waits for ever on 0) are rejected with

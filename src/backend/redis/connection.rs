@@ -92,9 +92,13 @@ impl RedisBackend {
         let client = Client::open(info).map_err(|error| {
             Error::InvalidConfig(format!("redis connection to {addr} is invalid: {error}"))
         })?;
-        let connecting = ConnectionManager::new_with_config(client.clone(), config);
+        let connecting = ConnectionManager::new_with_config(client.clone(), config.clone());
         let conn = match timeout(CONNECT_TIMEOUT, connecting).await {
-            Ok(Ok(conn)) => Conn::Server { conn, client },
+            Ok(Ok(conn)) => Conn::Server {
+                conn,
+                client,
+                config,
+            },
             Ok(Err(error)) => {
                 return Err(Error::Store {
                     backend: "redis".to_owned(),
@@ -203,6 +207,8 @@ pub(super) enum Conn {
     Server {
         conn: ConnectionManager,
         client: Client,
+        /// For more connections like it (see [`Conn::another`]).
+        config: ConnectionManagerConfig,
     },
     /// The primary the sentinels name.
     Sentinel(Arc<SentinelPrimary>),
@@ -215,6 +221,31 @@ impl Conn {
         match self {
             Conn::Server { client, .. } => client.get_async_pubsub().await,
             Conn::Sentinel(primary) => primary.pubsub().await,
+        }
+    }
+
+    /// Another connection to the same deployment, of the same kind and settings, opened now
+    /// (see `replica_ack.rs` for why).
+    pub(super) async fn another(&self) -> RedisResult<Conn> {
+        match self {
+            Conn::Server { client, config, .. } => {
+                let conn = ConnectionManager::new_with_config(client.clone(), config.clone());
+                let conn = match timeout(CONNECT_TIMEOUT, conn).await {
+                    Ok(conn) => conn?,
+                    Err(_) => {
+                        return Err(RedisError::from(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("connecting took over {CONNECT_TIMEOUT:?}"),
+                        )))
+                    }
+                };
+                Ok(Conn::Server {
+                    conn,
+                    client: client.clone(),
+                    config: config.clone(),
+                })
+            }
+            Conn::Sentinel(primary) => Ok(Conn::Sentinel(Arc::new(primary.another()))),
         }
     }
 

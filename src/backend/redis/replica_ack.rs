@@ -27,22 +27,51 @@
 //! loss (the key is then held by nobody until its ttl). The README's Sentinel section states
 //! the window.
 //!
-//! One multiplexed connection serves every call, and Redis runs one client's commands in
-//! order, so a `WAIT` holds back the commands pipelined behind it until the replicas answer:
-//! the cost is one replica round trip per acquisition or renewal, in series.
+//! Redis runs one client's commands in order, so a `WAIT` holds back every command pipelined
+//! behind it on its connection until the replicas answer: on the backend's one multiplexed
+//! connection, acquisitions and renewals of all tasks would wait for the replicas one after
+//! another. So the acknowledged calls go over [`LANES`] connections of their own, opened on
+//! the first one and taken in turn: `WAIT`s on different connections wait together (the
+//! primary asks the replicas for their offsets once for all the clients waiting), and the
+//! other calls (release, inspect) are never held back. The script and its `WAIT` always go
+//! in one pipeline on one connection: a `WAIT` on another connection would not cover the
+//! script's write.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::{Cmd, RedisError, Script, ScriptInvocation, ServerErrorKind, Value};
+use tokio::sync::OnceCell;
 
+use super::connection::Conn;
 use super::{millis, RedisBackend};
 use crate::error::{Error, Result, StoreError};
 
 /// How many replicas must acknowledge, and how long to wait for them.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) struct ReplicaAck {
     pub(super) replicas: u32,
     pub(super) timeout: Duration,
+    /// The connections the acknowledged calls take turns on; shared by the backend's clones.
+    lanes: Arc<Lanes>,
+}
+
+/// How many connections the acknowledged calls take turns on.
+pub(super) const LANES: usize = 8;
+
+#[derive(Default)]
+struct Lanes {
+    next: AtomicUsize,
+    conns: OnceCell<Vec<Conn>>,
+}
+
+impl std::fmt::Debug for Lanes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lanes")
+            .field("open", &self.conns.initialized())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ReplicaAck {
@@ -67,7 +96,11 @@ impl ReplicaAck {
                  with 0 would wait for ever)"
             )));
         }
-        Ok(ReplicaAck { replicas, timeout })
+        Ok(ReplicaAck {
+            replicas,
+            timeout,
+            lanes: Arc::default(),
+        })
     }
 
     fn wait_cmd(&self) -> Cmd {
@@ -106,7 +139,20 @@ impl RedisBackend {
         let mut pipe = redis::pipe();
         pipe.add_command(evalsha(script, keys, args))
             .add_command(ack.wait_cmd());
-        let mut conn = self.conn.clone();
+        let lanes = ack
+            .lanes
+            .conns
+            .get_or_try_init(|| async {
+                let mut lanes = Vec::with_capacity(LANES);
+                for _ in 0..LANES {
+                    lanes.push(self.conn.another().await?);
+                }
+                Ok::<_, RedisError>(lanes)
+            })
+            .await
+            .map_err(|error| self.failed(op, error))?;
+        let lane = ack.lanes.next.fetch_add(1, Ordering::Relaxed) % lanes.len();
+        let mut conn = lanes[lane].clone();
         let sent = pipe.query_async::<(Value, i64)>(&mut conn).await;
         let sent = match sent {
             Err(error) if error.kind() == redis::ErrorKind::Server(ServerErrorKind::NoScript) => {

@@ -27,7 +27,7 @@
 //! [`RedisBackend::connect_sentinel`](super::RedisBackend::connect_sentinel).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection, PubSub};
@@ -174,7 +174,7 @@ impl SentinelUrl {
 pub(super) struct SentinelPrimary {
     /// Asked again after every failure a failover explains. Its own connections to the
     /// sentinels are cached inside it; the lock also keeps two callers from looking up at once.
-    sentinel: tokio::sync::Mutex<SentinelClient>,
+    sentinel: Arc<tokio::sync::Mutex<SentinelClient>>,
     current: Mutex<Option<Current>>,
     generations: AtomicU64,
     config: AsyncConnectionConfig,
@@ -196,11 +196,24 @@ impl SentinelPrimary {
         config: AsyncConnectionConfig,
     ) -> Self {
         SentinelPrimary {
-            sentinel: tokio::sync::Mutex::new(sentinel),
+            sentinel: Arc::new(tokio::sync::Mutex::new(sentinel)),
             current: Mutex::new(None),
             generations: AtomicU64::new(0),
             config,
             describe,
+        }
+    }
+
+    /// Another connection to the same primary, through the same sentinels (opened on first
+    /// use).
+    pub(super) fn another(&self) -> SentinelPrimary {
+        SentinelPrimary {
+            sentinel: self.sentinel.clone(),
+            current: Mutex::new(None),
+            // Found before if this one found it: "no primary" is then a failover under way.
+            generations: AtomicU64::new(self.generations.load(Ordering::Relaxed)),
+            config: self.config.clone(),
+            describe: self.describe.clone(),
         }
     }
 
