@@ -127,6 +127,7 @@ mod notices;
 mod replica_ack;
 mod sentinel;
 
+pub use connection::primary_client;
 use connection::Conn;
 use notices::NoticeHub;
 use replica_ack::{Call, ReplicaAck};

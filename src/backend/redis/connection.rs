@@ -170,6 +170,33 @@ fn default_config() -> ConnectionManagerConfig {
 /// been applied.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The `redis` crate's client for the server a URL names now: the server of a `redis://` or
+/// `rediss://` URL, or the primary the sentinels of a `redis+sentinel://` URL name (checked to
+/// answer as a primary). For tools that talk to that server directly, such as
+/// `leasehold doctor`. A malformed URL is [`Error::InvalidConfig`], before any I/O.
+pub async fn primary_client(url: &str) -> Result<Client> {
+    match parse(url)? {
+        Target::Server(info) => Client::open(info).map_err(|error| malformed(url, &error)),
+        Target::Sentinel(parsed) => {
+            let mut sentinel = parsed.client().map_err(|error| malformed(url, &error))?;
+            let shown = hide_password(url);
+            match timeout(CONNECT_TIMEOUT, sentinel.async_get_client()).await {
+                Ok(Ok(client)) => Ok(client),
+                Ok(Err(error)) => Err(Error::Store {
+                    backend: "redis".to_owned(),
+                    source: store_error(format!("the sentinels of {shown}"), error),
+                }),
+                Err(_) => Err(Error::Store {
+                    backend: "redis".to_owned(),
+                    source: StoreError::unavailable(format!(
+                        "the sentinels of {shown} named no primary within {CONNECT_TIMEOUT:?}"
+                    )),
+                }),
+            }
+        }
+    }
+}
+
 /// What a URL names.
 enum Target {
     Server(ConnectionInfo),
