@@ -23,6 +23,22 @@ use tokio::time::{timeout, Instant};
 leasehold::conformance_suite!(real, RedisSentinel::shared().backend().await);
 leasehold::election_suite!(real, RedisSentinel::shared().backend().await);
 
+/// The same suites with every acquisition and renewal confirmed by both replicas.
+mod with_replica_ack {
+    use super::*;
+
+    async fn acked() -> RedisBackend {
+        RedisSentinel::shared()
+            .backend()
+            .await
+            .with_replica_ack(2, Duration::from_secs(1))
+            .expect("replica ack settings")
+    }
+
+    leasehold::conformance_suite!(real, acked().await);
+    leasehold::election_suite!(real, acked().await);
+}
+
 /// A manager on `backend` whose waiters re-check a key without a notice only after `backstop`.
 async fn node(backend: RedisBackend, backstop: Duration) -> leasehold::LockClient {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -21,6 +21,7 @@ use futures::StreamExt;
 use redis::{RedisError, Script, Value};
 use tokio::time::{timeout, Instant};
 
+use super::replica_ack::Call;
 use super::{parse_token, remaining, unexpected, RedisBackend, PUBSUB_TIMEOUT};
 use crate::backend::{
     Acquisition, Contention, Leader, LeaderChanges, Lease, LockBackend, OwnerToken,
@@ -40,20 +41,42 @@ impl RedisBackend {
         value: &str,
     ) -> Result<Acquisition, StoreError> {
         let lock = self.lock_key(name);
-        let mut call = CAMPAIGN.key(&lock);
-        call.key(format!("{lock}:fence"))
-            .key(format!("{lock}:queue"))
-            .key(format!("{lock}:entries"))
-            .key(format!("{lock}:arrivals"))
-            .arg(candidate.to_string())
-            .arg(value)
-            .arg(super::millis(ttl))
-            .arg(format!("{lock}:leader"))
-            .arg(format!("{lock}:acquired"));
-        let reply: Value = call
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|error| self.failed("campaign", error))?;
+        let call = Call {
+            keys: vec![
+                lock.clone(),
+                format!("{lock}:fence"),
+                format!("{lock}:queue"),
+                format!("{lock}:entries"),
+                format!("{lock}:arrivals"),
+            ],
+            args: vec![
+                candidate.to_string().into_bytes(),
+                value.as_bytes().to_vec(),
+                super::millis(ttl).to_string().into_bytes(),
+                format!("{lock}:leader").into_bytes(),
+                format!("{lock}:acquired").into_bytes(),
+            ],
+        };
+        let reply: Value = match &self.replica_ack {
+            None => call
+                .invocation(&CAMPAIGN)
+                .invoke_async(&mut self.conn.clone())
+                .await
+                .map_err(|error| self.failed("campaign", error))?,
+            // Taking the leadership is an acquisition: it counts once the replicas have it,
+            // and is undone (resigned: the leader's key deleted if it is still ours) if not.
+            Some(ack) => {
+                let (reply, acknowledged) = self
+                    .with_ack(ack, &CAMPAIGN, &call.keys, &call.args, "campaign")
+                    .await?;
+                let elected = matches!(reply, Value::Int(_) | Value::BulkString(_));
+                if elected && acknowledged < i64::from(ack.replicas) {
+                    let _ = self.release(&Lease::new(name, candidate, 0)).await;
+                    return Err(self.unconfirmed(ack, "campaign", acknowledged));
+                }
+                reply
+            }
+        };
         let term = match reply {
             Value::Int(term) => u64::try_from(term).map_err(|_| unexpected("campaign", &reply))?,
             Value::BulkString(ref term) => parse_token(term)?,

@@ -14,6 +14,8 @@
 //!   and the call fails with a retryable error naming how many replicas confirmed. The fence
 //!   counter keeps the token it handed out, so the next one is greater whichever server
 //!   serves it.
+//! - **campaign** (elections): taking the leadership is an acquisition, confirmed and undone
+//!   (resigned) the same way; a waiting candidate's place in the queue is not waited for.
 //! - **renew**: `EVALSHA renew …` then `WAIT`. Too few: a retryable error, so the key actor
 //!   counts a failed renewal (`RenewFailed`) and keeps the deadline of the last confirmed one;
 //!   the replica's copy of the lease is never shorter than what the holder counts on.
