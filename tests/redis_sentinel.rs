@@ -187,28 +187,39 @@ async fn an_acquisition_too_few_replicas_confirm_is_undone_and_fails_retryably()
         .await
         .expect_err("only two replicas can confirm");
     assert!(error.is_retryable(), "{error:?}");
+    // How many of the two confirmed within the timeout depends on the machine's load.
     assert!(
-        error.to_string().contains("confirmed by 2 of the 3"),
+        error.to_string().contains("of the 3 replicas asked for"),
         "{error}"
     );
     assert_eq!(backend.inspect(&key).await.unwrap(), None, "undone");
-    // Two replicas are there to confirm two.
+    // Two replicas are there to confirm two (on a busy machine, maybe not within the second
+    // WAIT gives them: such an attempt fails retryably and is undone, and the next one counts).
     let confirmed = topology
         .backend()
         .await
         .with_replica_ack(2, Duration::from_secs(1))
         .unwrap();
-    let taken = confirmed
-        .acquire(&key, OwnerToken::random(), Duration::from_secs(30), None)
-        .await
-        .unwrap();
-    let Acquisition::Acquired(lease) = taken else {
-        panic!("the undone key is free: {taken:?}");
+    let give_up = Instant::now() + Duration::from_secs(20);
+    let lease = loop {
+        match confirmed
+            .acquire(&key, OwnerToken::random(), Duration::from_secs(30), None)
+            .await
+        {
+            Ok(Acquisition::Acquired(lease)) => break lease,
+            Ok(held) => panic!("the undone key is free: {held:?}"),
+            Err(error) if error.is_retryable() && Instant::now() < give_up => continue,
+            Err(error) => panic!("two replicas never confirmed: {error}"),
+        }
     };
-    assert!(confirmed
-        .renew(&lease, Duration::from_secs(30))
-        .await
-        .unwrap());
+    // A renewal may be unconfirmed the same way; it is then retried.
+    let renewed = loop {
+        match confirmed.renew(&lease, Duration::from_secs(30)).await {
+            Err(error) if error.is_retryable() && Instant::now() < give_up => continue,
+            other => break other.expect("renew"),
+        }
+    };
+    assert!(renewed);
     assert!(confirmed.release(&lease).await.unwrap());
 }
 

@@ -128,7 +128,7 @@ mod replica_ack;
 mod sentinel;
 
 pub use connection::primary_client;
-use connection::Conn;
+use connection::{twice_if_dropped, Conn};
 use notices::NoticeHub;
 use replica_ack::{Call, ReplicaAck};
 
@@ -221,29 +221,6 @@ impl RedisBackend {
         self
     }
 
-    /// Makes an acquisition, and each renewal, count only once Redis's `WAIT` confirms that
-    /// `replicas` replicas have it, waiting at most `timeout` for them (see
-    /// `redis/replica_ack.rs`). Otherwise an acquisition is undone (the key deleted if it is
-    /// still ours) and fails with a retryable [`StoreError`], and a renewal fails (the key
-    /// actor retries it until the lease's deadline, and reports `Lost` if none is confirmed
-    /// by then).
-    ///
-    /// This is what keeps a failover from granting a held lock twice or handing out a
-    /// fencing token again: Sentinel promotes a replica with the most data, which with
-    /// `replicas` equal to the number of replicas has every confirmed lock. Replication is
-    /// still asynchronous: the README's Sentinel section states the window that remains.
-    /// Keep `timeout` well under the ttl (a renewal must be confirmed within a third of it).
-    /// The acknowledged calls take turns on 8 connections of their own, opened on the first
-    /// one, so that one call's `WAIT` does not hold back the others.
-    ///
-    /// `replicas` 0 (which would confirm nothing) and a `timeout` under a millisecond (`WAIT`
-    /// takes whole milliseconds, and waits for ever on 0) are rejected with
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the value, before any I/O.
-    pub fn with_replica_ack(mut self, replicas: usize, timeout: Duration) -> crate::Result<Self> {
-        self.replica_ack = Some(ReplicaAck::new(replicas, timeout)?);
-        Ok(self)
-    }
-
     /// The key prefix.
     pub fn prefix(&self) -> &str {
         &self.prefix
@@ -303,23 +280,8 @@ impl LockBackend for RedisBackend {
                 .await
                 .map_err(|error| self.failed("acquire", error))?,
             Some(ack) => {
-                let (reply, acknowledged) = self
-                    .with_ack(ack, &ACQUIRE, &call.keys, &call.args, "acquire")
-                    .await?;
-                let won = matches!(reply, Value::Int(_) | Value::BulkString(_));
-                if won && acknowledged < i64::from(ack.replicas) {
-                    // Undo: the release script deletes the key only if it is still ours, and
-                    // wakes the waiters. If even that fails, the key ends at its ttl.
-                    let undone = self.release(&Lease::new(key, owner, 0)).await;
-                    let mut error = self.unconfirmed(ack, "acquire", acknowledged);
-                    if let Err(undo) = undone {
-                        error = StoreError::unavailable(format!(
-                            "{error}; undoing it failed too ({undo}), so the key stays until its ttl"
-                        ));
-                    }
-                    return Err(error);
-                }
-                reply
+                self.acquire_confirmed(ack, &ACQUIRE, &call, "acquire", key, owner)
+                    .await?
             }
         };
         match reply {
@@ -362,16 +324,7 @@ impl LockBackend for RedisBackend {
             .await
             .map_err(|error| self.failed("renew", error));
         };
-        let (reply, acknowledged) = self
-            .with_ack(ack, &RENEW, &call.keys, &call.args, "renew")
-            .await?;
-        match reply {
-            Value::Int(0) => Ok(false),
-            Value::Int(1) if acknowledged >= i64::from(ack.replicas) => Ok(true),
-            // Extended on the primary only: not a renewal the holder may count on.
-            Value::Int(1) => Err(self.unconfirmed(ack, "renew", acknowledged)),
-            other => Err(unexpected("renew", &other)),
-        }
+        self.renew_confirmed(ack, &call).await
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {
@@ -557,22 +510,6 @@ fn glob_escape(text: &str) -> String {
         escaped.push(c);
     }
     escaped
-}
-
-/// Runs an idempotent call (renew, release: compare-and-set) once more when its connection
-/// turned out to be dropped, which is how the first call after a failover finds out: the
-/// second goes over a new connection (on Sentinel, to the new primary). Had the first one
-/// reached the server after all, the second finds the same state and answers the same, except
-/// that a release then answers "not ours", which the key actor reports as a loss.
-async fn twice_if_dropped<T, F, Fut>(mut call: F) -> redis::RedisResult<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = redis::RedisResult<T>>,
-{
-    match call().await {
-        Err(error) if error.is_connection_dropped() => call().await,
-        other => other,
-    }
 }
 
 /// Redis takes whole milliseconds. Rounding up keeps the store's lease at least as long as the

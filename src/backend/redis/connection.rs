@@ -355,3 +355,19 @@ impl ConnectionLike for Conn {
         }
     }
 }
+
+/// Runs an idempotent call (renew, release: compare-and-set) once more when its connection
+/// turned out to be dropped, which is how the first call after a failover finds out: the
+/// second goes over a new connection (on Sentinel, to the new primary). Had the first one
+/// reached the server after all, the second finds the same state and answers the same, except
+/// that a release then answers "not ours", which the key actor reports as a loss.
+pub(super) async fn twice_if_dropped<T, F, Fut>(mut call: F) -> redis::RedisResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = redis::RedisResult<T>>,
+{
+    match call().await {
+        Err(error) if error.is_connection_dropped() => call().await,
+        other => other,
+    }
+}

@@ -66,15 +66,8 @@ impl RedisBackend {
             // Taking the leadership is an acquisition: it counts once the replicas have it,
             // and is undone (resigned: the leader's key deleted if it is still ours) if not.
             Some(ack) => {
-                let (reply, acknowledged) = self
-                    .with_ack(ack, &CAMPAIGN, &call.keys, &call.args, "campaign")
-                    .await?;
-                let elected = matches!(reply, Value::Int(_) | Value::BulkString(_));
-                if elected && acknowledged < i64::from(ack.replicas) {
-                    let _ = self.release(&Lease::new(name, candidate, 0)).await;
-                    return Err(self.unconfirmed(ack, "campaign", acknowledged));
-                }
-                reply
+                self.acquire_confirmed(ack, &CAMPAIGN, &call, "campaign", name, candidate)
+                    .await?
             }
         };
         let term = match reply {

@@ -47,7 +47,8 @@ use redis::{Cmd, RedisError, Script, ScriptInvocation, ServerErrorKind, Value};
 use tokio::sync::OnceCell;
 
 use super::connection::Conn;
-use super::{millis, RedisBackend};
+use super::{millis, unexpected, RedisBackend, RENEW};
+use crate::backend::{Lease, LockBackend, OwnerToken};
 use crate::error::{Error, Result, StoreError};
 
 /// How many replicas must acknowledge, and how long to wait for them.
@@ -127,6 +128,79 @@ fn evalsha(script: &Script, keys: &[String], args: &[Vec<u8>]) -> Cmd {
 }
 
 impl RedisBackend {
+    /// Makes an acquisition, and each renewal, count only once Redis's `WAIT` confirms that
+    /// `replicas` replicas have it, waiting at most `timeout` for them (see
+    /// `redis/replica_ack.rs`). Otherwise an acquisition is undone (the key deleted if it is
+    /// still ours) and fails with a retryable [`StoreError`], and a renewal fails (the key
+    /// actor retries it until the lease's deadline, and reports `Lost` if none is confirmed
+    /// by then).
+    ///
+    /// This is what keeps a failover from granting a held lock twice or handing out a
+    /// fencing token again: Sentinel promotes a replica with the most data, which with
+    /// `replicas` equal to the number of replicas has every confirmed lock. Replication is
+    /// still asynchronous: the README's Sentinel section states the window that remains.
+    /// Keep `timeout` well under the ttl (a renewal must be confirmed within a third of it).
+    /// The acknowledged calls take turns on 8 connections of their own, opened on the first
+    /// one, so that one call's `WAIT` does not hold back the others.
+    ///
+    /// `replicas` 0 (which would confirm nothing) and a `timeout` under a millisecond (`WAIT`
+    /// takes whole milliseconds, and waits for ever on 0) are rejected with
+    /// [`Error::InvalidConfig`] naming the value, before any I/O.
+    pub fn with_replica_ack(mut self, replicas: usize, timeout: Duration) -> Result<Self> {
+        self.replica_ack = Some(ReplicaAck::new(replicas, timeout)?);
+        Ok(self)
+    }
+
+    /// An acquisition-like call (acquire, campaign) of `script`: its reply once the replicas
+    /// confirmed it, or, when the script took the key but too few confirmed, the key given back
+    /// (compare-and-delete on `owner`) and a retryable error.
+    pub(super) async fn acquire_confirmed(
+        &self,
+        ack: &ReplicaAck,
+        script: &Script,
+        call: &Call,
+        op: &str,
+        key: &str,
+        owner: OwnerToken,
+    ) -> std::result::Result<Value, StoreError> {
+        let (reply, acknowledged) = self
+            .with_ack(ack, script, &call.keys, &call.args, op)
+            .await?;
+        // A token (integer, or digits past 2^53): the key was taken. An array: it was held.
+        let took = matches!(reply, Value::Int(_) | Value::BulkString(_));
+        if took && acknowledged < i64::from(ack.replicas) {
+            // Undo: the release script deletes the key only if it is still ours, and wakes
+            // the waiters. If even that fails, the key ends at its ttl.
+            let undone = self.release(&Lease::new(key, owner, 0)).await;
+            let mut error = self.unconfirmed(ack, op, acknowledged);
+            if let Err(undo) = undone {
+                error = StoreError::unavailable(format!(
+                    "{error}; undoing it failed too ({undo}), so the key stays until its ttl"
+                ));
+            }
+            return Err(error);
+        }
+        Ok(reply)
+    }
+
+    /// A renewal: extended and confirmed, not ours any more, or (extended on the primary only,
+    /// not a renewal the holder may count on) a retryable error.
+    pub(super) async fn renew_confirmed(
+        &self,
+        ack: &ReplicaAck,
+        call: &Call,
+    ) -> std::result::Result<bool, StoreError> {
+        let (reply, acknowledged) = self
+            .with_ack(ack, &RENEW, &call.keys, &call.args, "renew")
+            .await?;
+        match reply {
+            Value::Int(0) => Ok(false),
+            Value::Int(1) if acknowledged >= i64::from(ack.replicas) => Ok(true),
+            Value::Int(1) => Err(self.unconfirmed(ack, "renew", acknowledged)),
+            other => Err(unexpected("renew", &other)),
+        }
+    }
+
     /// Runs `script` (keys, args) then `WAIT` in one pipeline; answers the script's reply and
     /// how many replicas acknowledged. A server that forgot the script (`NOSCRIPT`, nothing
     /// ran) gets it loaded and the pipeline sent again.

@@ -6,8 +6,11 @@
 //! primary. A call that fails in a way a failover explains (the connection dropped or timed
 //! out, the server refused it, or answered `READONLY`/`MASTERDOWN`/`LOADING`) fails as usual
 //! (retryable) and drops that connection, so the next call asks the sentinels again and
-//! connects to the primary they name then. Nothing is retried inside: an acquire whose reply
-//! was lost may have been applied, and the lock manager's callers decide what to do about it.
+//! connects to the primary they name then. Nothing is retried here: an acquire whose reply
+//! was lost may have been applied, and the lock manager decides what to do about it (it gives
+//! the key back, and a waiting request tries again). Renew and release, which are safe to
+//! repeat, are sent once more by the backend when their connection turned out to be dropped,
+//! which is how the first call after a failover learns of it.
 //!
 //! Pub/sub connections (release notices, `watch`, `observe`) are opened on the primary the
 //! sentinels name at the time. A failover ends them (Sentinel closes the clients of the
