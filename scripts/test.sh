@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+# The Sentinel tests (tests/redis_sentinel.rs) run three real sentinels.
+command -v redis-sentinel >/dev/null 2>&1 || need+=(redis-sentinel)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 # Certificates for the TLS tests (rediss://, etcds://).

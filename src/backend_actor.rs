@@ -681,6 +681,13 @@ impl BackendState {
                         while wake.is_ok() && notices.next().await.is_some() {
                             wake = me.cast(BackendMsg::Wake(key.clone()));
                         }
+                        // The stream ended: its connection broke (a failover, a network
+                        // fault), and a release may have gone unheard. Look again now, rather
+                        // than at the backstop timer; an attempt that finds the key still held
+                        // subscribes again (this task has finished), on a new connection.
+                        if wake.is_ok() {
+                            let _ = me.cast(BackendMsg::Wake(key.clone()));
+                        }
                     }
                     Err(error) => {
                         tracing::warn!(%backend, %key, %error, "release subscription failed; waiting on the backstop timer")

@@ -4,7 +4,7 @@
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use leasehold_test_support::{EtcdCluster, EtcdServer, RedisServer};
+use leasehold_test_support::{EtcdCluster, EtcdServer, RedisSentinel, RedisServer};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_leasehold");
@@ -189,6 +189,20 @@ fn a_replica_is_dangerous_and_a_primary_with_replicas_is_warned_about() {
     let replication = finding(&report, "replication");
     assert_eq!(replication["severity"], "warning");
     assert!(replication["found"].as_str().unwrap().contains("1 replica"));
+}
+
+/// A `redis+sentinel://` URL is checked on the primary the sentinels name: its replicas are
+/// found.
+#[test]
+fn a_sentinel_url_is_checked_on_the_primary_the_sentinels_name() {
+    let topology = RedisSentinel::start();
+    let (_, report) = doctor(&topology.url());
+    let replication = finding(&report, "replication");
+    assert_eq!(replication["severity"], "warning", "{report:#}");
+    assert!(
+        replication["found"].as_str().unwrap().contains("2 replica"),
+        "{report:#}"
+    );
 }
 
 #[test]

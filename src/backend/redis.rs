@@ -96,12 +96,15 @@
 //! again. A lease that simply expires publishes nothing; the backstop timer covers that too.
 //!
 //! # Connections
-//! Calls go through one [`redis::aio::ConnectionManager`]: a multiplexed connection (every
-//! call of every clone pipelines onto it, which is faster than a pool of exclusive
-//! connections) that reconnects by itself. Configuration passes straight through the `redis`
-//! crate's own types: a URL or a [`ConnectionInfo`] (AUTH, DB, and TLS when the application
-//! turns on one of the `redis` crate's TLS features), and optionally a
-//! [`ConnectionManagerConfig`].
+//! Calls go through one multiplexed connection (every call of every clone pipelines onto it,
+//! which is faster than a pool of exclusive connections). On one server it is a
+//! [`redis::aio::ConnectionManager`], which reconnects by itself; on Sentinel it is a
+//! connection to the primary the sentinels name, looked up again after a failure a failover
+//! explains (`redis/sentinel.rs`). Configuration passes straight through the `redis` crate's
+//! own types: a URL or a [`redis::ConnectionInfo`] (AUTH, DB, and TLS when the application
+//! turns on one of the `redis` crate's TLS features), optionally a
+//! [`redis::aio::ConnectionManagerConfig`], or a [`redis::sentinel::SentinelClient`]. The
+//! constructors and the connection code are in `redis/connection.rs`.
 
 use std::fmt;
 use std::sync::{Arc, LazyLock};
@@ -109,24 +112,26 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{
-    Client, ConnectionInfo, ErrorKind, IntoConnectionInfo, RedisError, Script, ServerErrorKind,
-    Value,
-};
+use redis::{ErrorKind, RedisError, Script, ServerErrorKind, Value};
 use tokio::time::timeout;
 
 use crate::backend::{
     Acquisition, Contention, Lease, LockBackend, LockInfo, OwnerToken, ReleaseNotices, StoreEvent,
     StoreEventKind, StoreEvents,
 };
-use crate::error::{Error, Result, StoreError};
+use crate::error::StoreError;
 
+mod connection;
 mod election;
 mod notices;
+mod replica_ack;
 mod semaphore;
+mod sentinel;
 
+pub use connection::primary_client;
+use connection::{twice_if_dropped, Conn};
 use notices::NoticeHub;
+use replica_ack::{Call, ReplicaAck};
 
 /// The key prefix used unless [`RedisBackend::with_prefix`] says otherwise.
 pub const DEFAULT_PREFIX: &str = "leasehold:";
@@ -146,10 +151,15 @@ const ACQUIRE_LUA: &str = include_str!("redis/acquire.lua");
 const RELEASE_LUA: &str = include_str!("redis/release.lua");
 const RENEW_LUA: &str = include_str!("redis/renew.lua");
 
+/// The scripts loaded when the backend connects.
+const SCRIPTS: [&str; 3] = [ACQUIRE_LUA, RELEASE_LUA, RENEW_LUA];
+
 /// Locks on a Redis server, as the module documentation describes.
 ///
-/// It connects to one server (or a proxy in front of several). Its keys are laid out for Redis
-/// Cluster (one hash tag per lock), but it does not speak the cluster protocol itself.
+/// It connects to one server (or a proxy in front of several), or to the primary of a
+/// Sentinel deployment ([`connect_sentinel`](Self::connect_sentinel)). Its keys are laid out
+/// for Redis Cluster (one hash tag per lock), but it does not speak the cluster protocol
+/// itself.
 ///
 /// Clones share one connection and one pub/sub connection, so two
 /// [`LockManager`](crate::LockManager)s given clones act as two nodes on one Redis; two
@@ -172,10 +182,12 @@ const RENEW_LUA: &str = include_str!("redis/renew.lua");
 /// ```
 #[derive(Clone)]
 pub struct RedisBackend {
-    conn: ConnectionManager,
+    conn: Conn,
     prefix: Arc<str>,
     /// See [`RedisBackend::with_restart_quarantine`]; zero when off.
     quarantine: Duration,
+    /// See [`RedisBackend::with_replica_ack`].
+    replica_ack: Option<ReplicaAck>,
     notices: Arc<NoticeHub>,
 }
 
@@ -189,85 +201,6 @@ impl fmt::Debug for RedisBackend {
 }
 
 impl RedisBackend {
-    /// Connects to the server at `url` (`redis://[user:password@]host[:port][/db]`, or
-    /// `rediss://` for TLS when a `redis` TLS feature is on).
-    ///
-    /// A malformed URL is rejected before any I/O with [`Error::InvalidConfig`] naming it (its
-    /// password hidden). A server that cannot be reached, or does not answer within
-    /// [`CONNECT_TIMEOUT`], gives a retryable [`Error::Store`] naming its address.
-    pub async fn connect(url: &str) -> Result<Self> {
-        let info = url.into_connection_info().map_err(|error| {
-            Error::InvalidConfig(format!(
-                "redis URL {:?} is malformed: {error}",
-                hide_password(url)
-            ))
-        })?;
-        Self::connect_info(info).await
-    }
-
-    /// Connects with the `redis` crate's own connection settings (address, AUTH, DB, TLS,
-    /// protocol).
-    pub async fn connect_info(info: ConnectionInfo) -> Result<Self> {
-        Self::connect_with_config(info, default_config()).await
-    }
-
-    /// Connects with the `redis` crate's connection settings and its connection-manager
-    /// settings (reconnection backoff, connection and response timeouts). The default is the
-    /// `redis` crate's, except: 3 reconnection retries at most a second apart (so a call during
-    /// an outage fails within a lease's deadline rather than after it), and a 2 s response
-    /// timeout.
-    pub async fn connect_with_config(
-        info: ConnectionInfo,
-        config: ConnectionManagerConfig,
-    ) -> Result<Self> {
-        let addr = info.addr().to_string();
-        let client = Client::open(info).map_err(|error| {
-            Error::InvalidConfig(format!("redis connection to {addr} is invalid: {error}"))
-        })?;
-        let connecting = async {
-            let mut conn = ConnectionManager::new_with_config(client.clone(), config).await?;
-            // Loading the scripts now spares the first calls a NOSCRIPT round trip, and proves
-            // the server answers and accepted our AUTH and SELECT.
-            let mut load = redis::pipe();
-            for code in [ACQUIRE_LUA, RELEASE_LUA, RENEW_LUA] {
-                load.cmd("SCRIPT").arg("LOAD").arg(code);
-            }
-            load.query_async::<Vec<String>>(&mut conn).await?;
-            Ok::<_, RedisError>(conn)
-        };
-        let conn = match timeout(CONNECT_TIMEOUT, connecting).await {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(error)) => {
-                let source = if is_transient(&error) {
-                    StoreError::unavailable_because(
-                        format!("cannot connect to redis at {addr}"),
-                        error,
-                    )
-                } else {
-                    StoreError::protocol_because(format!("redis at {addr} refused us"), error)
-                };
-                return Err(Error::Store {
-                    backend: "redis".to_owned(),
-                    source,
-                });
-            }
-            Err(_) => {
-                return Err(Error::Store {
-                    backend: "redis".to_owned(),
-                    source: StoreError::unavailable(format!(
-                        "redis at {addr} did not answer within {CONNECT_TIMEOUT:?}"
-                    )),
-                })
-            }
-        };
-        Ok(RedisBackend {
-            conn,
-            prefix: DEFAULT_PREFIX.into(),
-            quarantine: Duration::ZERO,
-            notices: Arc::new(NoticeHub::new(client, addr)),
-        })
-    }
-
     /// Puts this backend's keys under `prefix` instead of [`DEFAULT_PREFIX`]. Two backends on
     /// one server with different prefixes never see each other's locks.
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
@@ -306,19 +239,6 @@ impl RedisBackend {
     }
 }
 
-/// The connection-manager settings [`RedisBackend::connect_info`] uses.
-fn default_config() -> ConnectionManagerConfig {
-    ConnectionManagerConfig::new()
-        // A call made while the connection is down waits for the reconnection: a few quick
-        // retries keep that wait inside a lease's deadline.
-        .set_number_of_retries(3)
-        .set_max_delay(Duration::from_secs(1))
-        // Under the lock manager's 5 s operation budget, so a server that stopped answering
-        // shows up as a store error first; well above any busy server's reply time, since an
-        // acquire the client stopped waiting for may still have been applied.
-        .set_response_timeout(Some(Duration::from_secs(2)))
-}
-
 #[async_trait]
 impl LockBackend for RedisBackend {
     fn kind(&self) -> &'static str {
@@ -338,20 +258,33 @@ impl LockBackend for RedisBackend {
             Some(metadata) => format!("{owner} {metadata}"),
             None => owner.to_string(),
         };
-        let mut call = ACQUIRE.key(&lock);
-        call.key(format!("{lock}:fence"))
-            .arg(value)
-            .arg(millis(ttl))
-            .arg(u64::try_from(self.quarantine.as_millis()).unwrap_or(u64::MAX))
-            .arg(format!("{lock}:acquired"));
+        let mut call = Call {
+            keys: vec![lock.clone(), format!("{lock}:fence")],
+            args: vec![
+                value.into_bytes(),
+                millis(ttl).to_string().into_bytes(),
+                u64::try_from(self.quarantine.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .to_string()
+                    .into_bytes(),
+                format!("{lock}:acquired").into_bytes(),
+            ],
+        };
         if !self.quarantine.is_zero() {
-            call.key(format!("{}epoch", self.prefix));
+            call.keys.push(format!("{}epoch", self.prefix));
         }
-        // EVALSHA, with a reload on NOSCRIPT (see the module docs).
-        let reply: Value = call
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|error| self.failed("acquire", error))?;
+        let reply = match &self.replica_ack {
+            // EVALSHA, with a reload on NOSCRIPT (see the module docs).
+            None => call
+                .invocation(&ACQUIRE)
+                .invoke_async(&mut self.conn.clone())
+                .await
+                .map_err(|error| self.failed("acquire", error))?,
+            Some(ack) => {
+                self.acquire_confirmed(ack, &ACQUIRE, &call, "acquire", key, owner)
+                    .await?
+            }
+        };
         match reply {
             // Below 2^53 the script answers the token as an integer, above as its digits.
             Value::Int(token) => Ok(Acquisition::Acquired(Lease::new(
@@ -379,13 +312,23 @@ impl LockBackend for RedisBackend {
             return self.renew_permits(lease, ttl).await;
         }
         let lock = self.lock_key(&lease.key);
-        RENEW
-            .key(&lock)
-            .arg(lease.owner.to_string())
-            .arg(millis(ttl))
-            .invoke_async(&mut self.conn.clone())
+        let call = Call {
+            keys: vec![lock],
+            args: vec![
+                lease.owner.to_string().into_bytes(),
+                millis(ttl).to_string().into_bytes(),
+            ],
+        };
+        let Some(ack) = &self.replica_ack else {
+            return twice_if_dropped(|| async {
+                call.invocation(&RENEW)
+                    .invoke_async(&mut self.conn.clone())
+                    .await
+            })
             .await
-            .map_err(|error| self.failed("renew", error))
+            .map_err(|error| self.failed("renew", error));
+        };
+        self.renew_confirmed(ack, &call).await
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {
@@ -393,13 +336,18 @@ impl LockBackend for RedisBackend {
             return self.release_permits(lease).await;
         }
         let lock = self.lock_key(&lease.key);
-        RELEASE
-            .key(&lock)
-            .arg(lease.owner.to_string())
-            .arg(format!("{lock}:released"))
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|error| self.failed("release", error))
+        let channel = format!("{lock}:released");
+        let owner = lease.owner.to_string();
+        twice_if_dropped(|| async {
+            RELEASE
+                .key(&lock)
+                .arg(&owner)
+                .arg(&channel)
+                .invoke_async(&mut self.conn.clone())
+                .await
+        })
+        .await
+        .map_err(|error| self.failed("release", error))
     }
 
     async fn inspect(&self, key: &str) -> Result<Option<LockInfo>, StoreError> {
@@ -541,7 +489,7 @@ impl LockBackend for RedisBackend {
         // is a monitoring tool: it gets a pub/sub connection of its own, closed with the
         // stream. An expiry publishes nothing, so a watch does not see one.
         let opening = async {
-            let mut pubsub = self.notices.client.get_async_pubsub().await?;
+            let mut pubsub = self.conn.pubsub().await?;
             let pattern = format!("{}{{{}*}}:", glob_escape(&self.prefix), glob_escape(prefix));
             pubsub
                 .psubscribe(&[format!("{pattern}acquired"), format!("{pattern}released")])

@@ -1,7 +1,8 @@
 //! The servers leasehold's tests, benches and tools run against: a real `redis-server`
-//! ([`RedisServer`]), real `etcd` members ([`EtcdServer`], [`EtcdCluster`]) and a real
-//! PostgreSQL ([`PostgresServer`], for the fenced-write tests), each started on
-//! free loopback ports with a temp dir of its own, ready (answering) when `start` returns, and
+//! ([`RedisServer`]), a Sentinel-watched primary with two replicas ([`RedisSentinel`]), a
+//! Redis Cluster of three primaries and three replicas ([`RedisCluster`]), real `etcd` members
+//! ([`EtcdServer`], [`EtcdCluster`]) and a real PostgreSQL ([`PostgresServer`], for the
+//! fenced-write tests), each started on free loopback ports with a temp dir of its own, ready (answering) when `start` returns, and
 //! stopped by pid when dropped. A server that does not start panics with its log; a missing
 //! binary panics with the Debian package to install. Fault tests stop, pause (SIGSTOP) and
 //! restart them.
@@ -16,11 +17,16 @@
 
 pub mod etcd_server;
 pub mod postgres_server;
+pub mod redis_cluster;
+pub mod redis_sentinel;
 pub mod redis_server;
 pub mod register;
+pub mod resp;
 pub mod tls;
 
 pub use etcd_server::{EtcdCluster, EtcdServer};
 pub use postgres_server::PostgresServer;
+pub use redis_cluster::RedisCluster;
+pub use redis_sentinel::RedisSentinel;
 pub use redis_server::RedisServer;
 pub use register::{Op, OpKind, Register, RegisterClient, Stale};

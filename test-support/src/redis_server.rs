@@ -146,6 +146,25 @@ impl RedisServer {
         }
     }
 
+    /// Kills the server (SIGKILL) and reaps it, as a crash would; the port and temp dir stay
+    /// for [`restart_with_args`](Self::restart_with_args).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port, without data, with these `redis-server`
+    /// arguments instead of the ones it was started with (e.g. `--replicaof` a new primary).
+    pub fn restart_with_args(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|&a| a.to_owned()).collect();
+        self.restart();
+    }
+
+    /// The server's temp dir (its log, and its data if persistence is turned on).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         read_log(&self.dir)
@@ -169,7 +188,7 @@ impl Drop for RedisServer {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     let probe = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a loopback port");
     probe.local_addr().expect("probe address").port()
 }
@@ -228,7 +247,7 @@ fn wait_ready(port: u16, child: &mut Child) -> Result<(), String> {
 }
 
 /// The pid of the server answering `INFO server` on `port`, if one does.
-fn answering_pid(port: u16) -> Option<u32> {
+pub(crate) fn answering_pid(port: u16) -> Option<u32> {
     let attempt = || -> std::io::Result<String> {
         let mut conn = TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
         conn.set_read_timeout(Some(Duration::from_millis(500)))?;

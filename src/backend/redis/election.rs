@@ -21,6 +21,7 @@ use futures::StreamExt;
 use redis::{RedisError, Script, Value};
 use tokio::time::{timeout, Instant};
 
+use super::replica_ack::Call;
 use super::{parse_token, remaining, unexpected, RedisBackend, PUBSUB_TIMEOUT};
 use crate::backend::{
     Acquisition, Contention, Leader, LeaderChanges, Lease, LockBackend, OwnerToken,
@@ -40,20 +41,35 @@ impl RedisBackend {
         value: &str,
     ) -> Result<Acquisition, StoreError> {
         let lock = self.lock_key(name);
-        let mut call = CAMPAIGN.key(&lock);
-        call.key(format!("{lock}:fence"))
-            .key(format!("{lock}:queue"))
-            .key(format!("{lock}:entries"))
-            .key(format!("{lock}:arrivals"))
-            .arg(candidate.to_string())
-            .arg(value)
-            .arg(super::millis(ttl))
-            .arg(format!("{lock}:leader"))
-            .arg(format!("{lock}:acquired"));
-        let reply: Value = call
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|error| self.failed("campaign", error))?;
+        let call = Call {
+            keys: vec![
+                lock.clone(),
+                format!("{lock}:fence"),
+                format!("{lock}:queue"),
+                format!("{lock}:entries"),
+                format!("{lock}:arrivals"),
+            ],
+            args: vec![
+                candidate.to_string().into_bytes(),
+                value.as_bytes().to_vec(),
+                super::millis(ttl).to_string().into_bytes(),
+                format!("{lock}:leader").into_bytes(),
+                format!("{lock}:acquired").into_bytes(),
+            ],
+        };
+        let reply: Value = match &self.replica_ack {
+            None => call
+                .invocation(&CAMPAIGN)
+                .invoke_async(&mut self.conn.clone())
+                .await
+                .map_err(|error| self.failed("campaign", error))?,
+            // Taking the leadership is an acquisition: it counts once the replicas have it,
+            // and is undone (resigned: the leader's key deleted if it is still ours) if not.
+            Some(ack) => {
+                self.acquire_confirmed(ack, &CAMPAIGN, &call, "campaign", name, candidate)
+                    .await?
+            }
+        };
         let term = match reply {
             Value::Int(term) => u64::try_from(term).map_err(|_| unexpected("campaign", &reply))?,
             Value::BulkString(ref term) => parse_token(term)?,
@@ -114,7 +130,7 @@ impl RedisBackend {
         let (leader_channel, released_channel) =
             (format!("{lock}:leader"), format!("{lock}:released"));
         let opening = async {
-            let mut pubsub = self.notices.client.get_async_pubsub().await?;
+            let mut pubsub = self.conn.pubsub().await?;
             pubsub
                 .subscribe(&[leader_channel.clone(), released_channel])
                 .await?;

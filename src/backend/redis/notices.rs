@@ -9,18 +9,19 @@ use std::task::{Context, Poll};
 
 use futures::{Stream, StreamExt};
 use redis::aio::{PubSubSink, PubSubStream};
-use redis::{Client, RedisError};
+use redis::RedisError;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
+use super::connection::Conn;
 use super::{store_error, PUBSUB_TIMEOUT};
 use crate::error::StoreError;
 
 /// The pub/sub side of one backend (and its clones): the task that owns the pub/sub
 /// connection, started on the first subscription.
 pub(super) struct NoticeHub {
-    pub(super) client: Client,
+    conn: Conn,
     pub(super) addr: String,
     next_id: AtomicU64,
     task: Mutex<Option<HubTask>>,
@@ -45,9 +46,9 @@ enum HubCommand {
 }
 
 impl NoticeHub {
-    pub(super) fn new(client: Client, addr: String) -> Self {
+    pub(super) fn new(conn: Conn, addr: String) -> Self {
         NoticeHub {
-            client,
+            conn,
             addr,
             next_id: AtomicU64::new(0),
             task: Mutex::new(None),
@@ -68,7 +69,7 @@ impl NoticeHub {
             Some(running) if !running.commands.is_closed() => running.commands.clone(),
             _ => {
                 let (commands, queue) = mpsc::unbounded_channel();
-                let handle = tokio::spawn(run_hub(self.client.clone(), self.addr.clone(), queue));
+                let handle = tokio::spawn(run_hub(self.conn.clone(), self.addr.clone(), queue));
                 *task = Some(HubTask {
                     commands: commands.clone(),
                     handle,
@@ -152,7 +153,7 @@ impl Drop for Notices {
 
 /// The task that owns the pub/sub connection.
 struct Hub {
-    client: Client,
+    conn_to: Conn,
     addr: String,
     /// `None` until the first subscription, and again after the connection broke.
     conn: Option<(PubSubSink, PubSubStream)>,
@@ -166,9 +167,9 @@ enum HubEvent {
     Message(Option<redis::Msg>),
 }
 
-async fn run_hub(client: Client, addr: String, mut commands: mpsc::UnboundedReceiver<HubCommand>) {
+async fn run_hub(conn_to: Conn, addr: String, mut commands: mpsc::UnboundedReceiver<HubCommand>) {
     let mut hub = Hub {
-        client,
+        conn_to,
         addr,
         conn: None,
         channels: HashMap::new(),
@@ -234,7 +235,8 @@ impl Hub {
         if self.conn.is_none() {
             // A dedicated connection: one in SUBSCRIBE mode can run nothing but (un)subscribe
             // commands, so it cannot be the multiplexed one the scripts use.
-            let connecting = timeout(PUBSUB_TIMEOUT, self.client.get_async_pubsub());
+            // On Sentinel: on the primary the sentinels name now.
+            let connecting = timeout(PUBSUB_TIMEOUT, self.conn_to.pubsub());
             let pubsub = match connecting.await {
                 Ok(Ok(pubsub)) => pubsub,
                 Ok(Err(error)) => return Err(self.failed("connect", error)),

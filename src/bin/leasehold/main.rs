@@ -91,8 +91,9 @@ struct CompletionsArgs {
 
 #[derive(Args, Debug)]
 struct StoreArgs {
-    /// The store: redis://[user:password@]host[:port][/db], rediss://… (TLS), or
-    /// etcd://[user:password@]host:port[,host:port…][?mode=txn|lock], etcds://…[?ca=FILE]
+    /// The store: redis://[user:password@]host[:port][/db], rediss://… (TLS),
+    /// redis+sentinel://[[user]:password@]host[:port][,host[:port]…]/master-name[/db],
+    /// rediss+sentinel://… (TLS), or etcd://[user:password@]host:port[,host:port…][?mode=txn|lock], etcds://…[?ca=FILE]
     /// [&cert=FILE&key=FILE] (TLS).
     #[arg(long, env = "LEASEHOLD_BACKEND", value_parser = BackendUrl::parse)]
     backend: BackendUrl,

@@ -3,6 +3,10 @@
 //! ```text
 //! redis://[user:password@]host[:port][/db]       passed to the `redis` crate as it is
 //! rediss://…                                     the same over TLS (system roots, or SSL_CERT_FILE)
+//! redis+sentinel://[[user]:password@]host[:port][,host[:port]…]/master-name[/db]
+//!                                                the primary these sentinels name, followed
+//!                                                across failovers (`RedisBackend::connect`)
+//! rediss+sentinel://…                            the same over TLS
 //! etcd://[user:password@]host:port[,host:port…][?mode=txn|lock]
 //! etcds://…[?ca=FILE][&cert=FILE&key=FILE]       the same over TLS; a private CA, a client certificate
 //! ```
@@ -17,7 +21,8 @@ use redis::IntoConnectionInfo;
 /// A store named on the command line.
 #[derive(Debug, Clone)]
 pub(crate) enum BackendUrl {
-    /// `redis://…` or `rediss://…`, passed to the `redis` crate as it is.
+    /// `redis://…`, `rediss://…`, `redis+sentinel://…` or `rediss+sentinel://…`, passed to
+    /// `RedisBackend::connect` as it is.
     Redis(RedisUrl),
     /// `etcd://…` or `etcds://…`.
     Etcd(EtcdUrl),
@@ -77,13 +82,19 @@ impl BackendUrl {
                 .map_err(|e| format!("backend URL {shown:?} is not a valid redis URL: {e}"))?;
             return Ok(BackendUrl::Redis(RedisUrl(text.to_owned())));
         }
+        if text.starts_with("redis+sentinel://") || text.starts_with("rediss+sentinel://") {
+            RedisBackend::check_url(text).map_err(|e| {
+                format!("backend URL {shown:?} is not a valid redis Sentinel URL: {e}")
+            })?;
+            return Ok(BackendUrl::Redis(RedisUrl(text.to_owned())));
+        }
         let (rest, tls) = if let Some(rest) = text.strip_prefix("etcd://") {
             (rest, false)
         } else if let Some(rest) = text.strip_prefix("etcds://") {
             (rest, true)
         } else {
             return Err(format!(
-                "backend URL {shown:?} has an unknown scheme (use redis://, rediss://, etcd:// or etcds://)"
+                "backend URL {shown:?} has an unknown scheme (use redis://, rediss://, redis+sentinel://, rediss+sentinel://, etcd:// or etcds://)"
             ));
         };
         let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
@@ -284,12 +295,20 @@ mod tests {
 
     #[test]
     fn urls_are_checked_before_any_io() {
-        assert!(matches!(
-            BackendUrl::parse("redis://127.0.0.1:6379/2"),
-            Ok(BackendUrl::Redis(_))
-        ));
+        for good in [
+            "redis://127.0.0.1:6379/2",
+            "redis+sentinel://10.0.0.1:26379,10.0.0.2/mymaster",
+            "rediss+sentinel://:pw@s1:26380/mymaster/2",
+        ] {
+            assert!(
+                matches!(BackendUrl::parse(good), Ok(BackendUrl::Redis(_))),
+                "{good}"
+            );
+        }
         for (bad, named) in [
             ("http://x", "unknown scheme"),
+            ("redis+sentinel://s1:26379", "no master name"),
+            ("redis+sentinel://s1:x/m", "bad port"),
             ("redis://:6379:bad", "not a valid redis URL"),
             ("etcd://hostonly", "\"hostonly\" is not host:port"),
             ("etcd://h:1?mode=fast", "mode=fast"),

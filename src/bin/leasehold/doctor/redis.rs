@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ::redis::aio::MultiplexedConnection;
-use ::redis::{Client, Value};
-use leasehold::backend::redis::DEFAULT_PREFIX;
+use ::redis::Value;
+use leasehold::backend::redis::{primary_client, DEFAULT_PREFIX};
 
 use super::{bounded, latency, Finding};
 
@@ -60,7 +60,10 @@ pub(crate) async fn check(url: &str, ttl: Duration) -> Vec<Finding> {
 }
 
 async fn connect(url: &str) -> Result<MultiplexedConnection, String> {
-    let client = Client::open(url).map_err(|e| format!("the URL is not usable: {e}"))?;
+    // A Sentinel URL: the primary its sentinels name now.
+    let client = primary_client(url)
+        .await
+        .map_err(|e| format!("the URL is not usable: {e}"))?;
     bounded("connect", client.get_multiplexed_async_connection()).await
 }
 
@@ -280,7 +283,8 @@ fn replication(info: &HashMap<String, String>) -> Finding {
              a second time"
         ),
         "unless failover is manual, make acquisitions wait for replica acknowledgement (WAIT) \
-         before they count, or take locks on a Redis without automatic failover",
+         before they count (RedisBackend::with_replica_ack with the number of replicas), or \
+         take locks on a Redis without automatic failover",
     )
 }
 

@@ -1,0 +1,150 @@
+//! A Redis Cluster on loopback: three primaries and three replicas, each a `redis-server` with
+//! its own free client port, free cluster-bus port (`--cluster-port`, so the bus is not
+//! `port + 10000`, which may be taken or out of range) and temp dir, joined by
+//! `redis-cli --cluster create … --cluster-replicas 1 --cluster-yes`, stopped by pid when
+//! dropped. Ready when every node says `cluster_state:ok` and knows all six; a wait that runs
+//! out panics with every node's log.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::redis_server::{free_port, RedisServer};
+use crate::resp::command;
+
+/// `cluster-node-timeout`: how long a primary may be unreachable before its replica takes
+/// over. Short, so failovers are quick.
+pub const NODE_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// How long the cluster has to form, or to recover from a failover.
+const READY_WITHIN: Duration = Duration::from_secs(30);
+
+/// Three primaries and three replicas on `127.0.0.1`.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts six nodes, makes them a cluster with one replica per primary, and waits until
+    /// every node reports the cluster whole. Panics with the logs if it does not within 30 s,
+    /// and with the package to install if `redis-server` or `redis-cli` is missing.
+    pub fn start() -> Self {
+        let nodes: Vec<RedisServer> = (0..6)
+            .map(|_| {
+                let bus = free_port().to_string();
+                RedisServer::start_with_args(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-port",
+                    &bus,
+                    "--cluster-node-timeout",
+                    &NODE_TIMEOUT.as_millis().to_string(),
+                ])
+            })
+            .collect();
+        let cluster = RedisCluster { nodes };
+        let addrs: Vec<String> = cluster
+            .ports()
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        let output = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output();
+        let output = match output {
+            Ok(output) => output,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                "redis-cli is not installed (the cluster tests create a real cluster with it): \
+                 apt-get install redis-tools"
+            ),
+            Err(e) => panic!("could not run redis-cli: {e}"),
+        };
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed ({}):\n{}{}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+            cluster.logs_of_everything()
+        );
+        cluster.wait_healthy();
+        cluster
+    }
+
+    /// Every node's port.
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(RedisServer::port).collect()
+    }
+
+    /// `redis://127.0.0.1:PORT` of every node: the seed list a cluster client takes.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The ports of the nodes that are primaries now.
+    pub fn primary_ports(&self) -> Vec<u16> {
+        self.ports()
+            .into_iter()
+            .filter(|&port| {
+                command(port, &["ROLE"])
+                    .is_ok_and(|role| role.items().first().and_then(|r| r.text()) == Some("master"))
+            })
+            .collect()
+    }
+
+    /// Waits until every node answers `cluster_state:ok` and knows all six nodes.
+    pub fn wait_healthy(&self) {
+        let give_up = Instant::now() + READY_WITHIN;
+        loop {
+            let why_not = self.ports().into_iter().find_map(|port| {
+                let info = command(port, &["CLUSTER", "INFO"]);
+                let info = match info.as_ref().ok().and_then(|info| info.text()) {
+                    Some(info) => info.to_owned(),
+                    None => return Some(format!("node {port} answered CLUSTER INFO {info:?}")),
+                };
+                let whole = info.contains("cluster_state:ok")
+                    && info.contains("cluster_known_nodes:6")
+                    && info.contains("cluster_slots_ok:16384");
+                (!whole).then(|| format!("node {port}:\n{info}"))
+            });
+            let Some(why_not) = why_not else {
+                return;
+            };
+            assert!(
+                Instant::now() < give_up,
+                "the cluster is not whole within {READY_WITHIN:?}: {why_not}\n{}",
+                self.logs_of_everything()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Every node's log, for failure messages.
+    pub fn logs_of_everything(&self) -> String {
+        let mut logs = String::new();
+        for node in &self.nodes {
+            logs.push_str(&format!(
+                "=== cluster node on {} ===\n{}\n",
+                node.port(),
+                node.log()
+            ));
+        }
+        logs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn six_nodes_make_a_cluster_of_three_primaries() {
+        let cluster = RedisCluster::start();
+        assert_eq!(cluster.primary_ports().len(), 3);
+    }
+}
