@@ -114,6 +114,9 @@ pub enum ReleaseReason {
     Shutdown,
     /// The caller gave up before the acquisition could be handed over.
     Abandoned,
+    /// A cluster gateway did not hear from the holder's node within its liveness bound (see
+    /// [`GatewayOptions`](crate::cluster::GatewayOptions); feature `cluster`).
+    HolderSilent,
 }
 
 #[cfg(feature = "cluster")]

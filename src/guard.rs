@@ -120,13 +120,19 @@ impl LockGuard {
     }
 
     /// Releases the lock and waits until the store confirmed it.
-    pub async fn release(mut self) -> Result<()> {
+    pub async fn release(self) -> Result<()> {
+        self.release_because(ReleaseReason::Requested).await
+    }
+
+    /// As [`release`](Self::release), with the reason the `Released` event gives.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) async fn release_because(mut self, reason: ReleaseReason) -> Result<()> {
         self.released = true;
         let call = self
             .actor
             .call(
                 |reply| KeyMsg::Release {
-                    reason: ReleaseReason::Requested,
+                    reason,
                     owner: Some(self.owner),
                     reply: Some(reply),
                 },

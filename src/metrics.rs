@@ -57,12 +57,13 @@ mod on {
     use crate::error::StoreError;
     use crate::event::{LockEventKind, LostReason, ReleaseReason};
 
-    const RELEASE_REASONS: [(ReleaseReason, &str); 5] = [
+    const RELEASE_REASONS: [(ReleaseReason, &str); 6] = [
         (ReleaseReason::Requested, "requested"),
         (ReleaseReason::Dropped, "dropped"),
         (ReleaseReason::HolderStopped, "holder_stopped"),
         (ReleaseReason::Shutdown, "shutdown"),
         (ReleaseReason::Abandoned, "abandoned"),
+        (ReleaseReason::HolderSilent, "holder_silent"),
     ];
 
     const LOST_REASONS: [(LostReason, &str); 4] = [
@@ -111,7 +112,7 @@ mod on {
         renewals: Counter,
         renewal_failures: Counter,
         /// Indexed as `RELEASE_REASONS`.
-        released: [Counter; 5],
+        released: [Counter; RELEASE_REASONS.len()],
         /// Indexed as `LOST_REASONS`.
         lost: [Counter; 4],
         wait: Histogram,

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use leasehold::cluster::{
-    ClusterGateway, RemoteAcquire, RemoteErrorKind, RemoteEvent, RemoteEventKind, RemoteHolder,
-    RemoteLockClient, RemoteLockEvent, RemoteLockMsg, MANAGER_GROUP, PROCESS_GROUP,
+    ClusterGateway, GatewayOptions, RemoteAcquire, RemoteErrorKind, RemoteEvent, RemoteEventKind,
+    RemoteHolder, RemoteLockClient, RemoteLockEvent, RemoteLockMsg, MANAGER_GROUP, PROCESS_GROUP,
 };
 use leasehold::testing::{eventually, unique_key};
 use leasehold::{
@@ -478,4 +478,34 @@ async fn lease_renewed_by_the_remote_holder_expires_when_renewals_stop() {
     })
     .await;
     cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liveness_bound_out_of_range_is_refused_naming_it() {
+    let _serial = SERIAL.lock().await;
+    let locks = LockManager::builder()
+        .with_name(format!(
+            "cluster-bound-{}",
+            unique_key("m").replace('/', "-")
+        ))
+        .with_backend("memory", MemoryBackend::new())
+        .start()
+        .await
+        .unwrap();
+    for (bound, shown) in [
+        (Duration::ZERO, "0ns"),
+        (Duration::from_millis(99), "99ms"),
+        (Duration::from_secs(3601), "3601s"),
+    ] {
+        let refused = ClusterGateway::start_with_options(
+            &locks,
+            GatewayOptions::new().with_liveness_bound(bound),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::InvalidConfig);
+        assert!(refused.to_string().contains(shown), "{refused}");
+    }
+    assert!(ractor::pg::get_members(&PROCESS_GROUP.to_owned()).is_empty());
+    locks.shutdown().await;
 }

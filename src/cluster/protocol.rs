@@ -26,6 +26,10 @@ pub struct RemoteAcquire {
     pub(super) metadata: Option<String>,
     pub(super) auto_renew: bool,
     pub(super) holder: RemoteHolder,
+    /// The liveness session of the asking node (see [`Heartbeat`]), set by
+    /// [`RemoteLockClient`](super::RemoteLockClient): the lease goes when the gateway does not
+    /// hear from that session within its bound.
+    pub(super) session: Option<u128>,
 }
 
 impl RemoteAcquire {
@@ -40,6 +44,7 @@ impl RemoteAcquire {
             metadata: None,
             auto_renew: true,
             holder: holder.clone(),
+            session: None,
         }
     }
 
@@ -67,11 +72,11 @@ impl RemoteAcquire {
         self
     }
 
-    /// Whether the manager renews the lease (default on). Turn it off where the holder's node
-    /// may go silent without its connection closing (a partition, a paused process):
-    /// ractor_cluster 0.16 notices a lost node only when its connection closes, while a lease
-    /// the holder renews itself ([`RemoteLockClient::renew`](super::RemoteLockClient::renew))
-    /// expires at its ttl once the renewals stop coming.
+    /// Whether the manager renews the lease (default on). A silent node's leases go at the
+    /// gateway's liveness bound either way (see the [`cluster`](super) module); off, the
+    /// holder renews the lease itself
+    /// ([`RemoteLockClient::renew`](super::RemoteLockClient::renew)) and it also expires at
+    /// its ttl once the renewals stop coming.
     pub fn with_auto_renew(mut self, auto_renew: bool) -> Self {
         self.auto_renew = auto_renew;
         self
@@ -115,6 +120,24 @@ impl LeaseDescriptor {
             ttl: guard.ttl().unwrap_or_default(),
         }
     }
+}
+
+/// A remote node's sign of life to a gateway, for one liveness session (a
+/// [`RemoteLockClient`](super::RemoteLockClient) and the leases it took). The gateway releases
+/// a session's leases when it has not heard from it (a heartbeat or a request) within its
+/// bound; the remote side counts its own deadline from when it SENT the last heartbeat the
+/// gateway answered, so it stops trusting its leases before the gateway lets them go.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    pub(super) session: u128,
+}
+
+/// A gateway's answer to a [`Heartbeat`]: the session is alive, and the bound it is held to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HeartbeatAck {
+    /// The gateway's liveness bound: silent for longer, a session's leases are released.
+    pub bound: Duration,
 }
 
 /// A lease named by message: release it, or renew it to `ttl`.
@@ -193,6 +216,9 @@ pub enum RemoteErrorKind {
     HolderNotFound,
     /// The gateway did not answer (its node is unreachable, or the call timed out).
     Unreachable,
+    /// The gateway had not heard from this liveness session within its bound and released
+    /// its leases; the session is over.
+    SessionExpired,
 }
 
 /// An [`Error`] as it crosses the wire: its kind and its message (the local error's
@@ -220,7 +246,7 @@ impl RemoteError {
         match self.kind {
             RemoteErrorKind::Manager(kind) => kind.is_retryable(),
             RemoteErrorKind::Unreachable => true,
-            RemoteErrorKind::HolderNotFound => false,
+            RemoteErrorKind::HolderNotFound | RemoteErrorKind::SessionExpired => false,
         }
     }
 
@@ -229,7 +255,7 @@ impl RemoteError {
         match self.kind {
             RemoteErrorKind::Manager(kind) => kind.is_invalid_input(),
             RemoteErrorKind::HolderNotFound => true,
-            RemoteErrorKind::Unreachable => false,
+            RemoteErrorKind::Unreachable | RemoteErrorKind::SessionExpired => false,
         }
     }
 
@@ -413,6 +439,7 @@ wire_unit_enum!(ReleaseReason {
     ReleaseReason::HolderStopped,
     ReleaseReason::Shutdown,
     ReleaseReason::Abandoned,
+    ReleaseReason::HolderSilent,
 });
 wire_unit_enum!(StoreErrorKind {
     StoreErrorKind::Unavailable,
@@ -473,6 +500,7 @@ impl Wire for RemoteErrorKind {
             }
             RemoteErrorKind::HolderNotFound => out.push(1),
             RemoteErrorKind::Unreachable => out.push(2),
+            RemoteErrorKind::SessionExpired => out.push(3),
         }
     }
     fn take(input: &mut &[u8]) -> Option<Self> {
@@ -480,6 +508,7 @@ impl Wire for RemoteErrorKind {
             0 => Some(RemoteErrorKind::Manager(ErrorKind::take(input)?)),
             1 => Some(RemoteErrorKind::HolderNotFound),
             2 => Some(RemoteErrorKind::Unreachable),
+            3 => Some(RemoteErrorKind::SessionExpired),
             _ => None,
         }
     }
@@ -581,7 +610,10 @@ wire_struct!(RemoteAcquire {
     metadata,
     auto_renew,
     holder,
+    session,
 });
+wire_struct!(Heartbeat { session });
+wire_struct!(HeartbeatAck { bound });
 wire_struct!(LeaseDescriptor {
     key,
     backend,
@@ -620,6 +652,8 @@ bytes_convertable!(
     RemoteReply<()>,
     RemoteReply<bool>,
     RemoteReply<Option<RemoteLockInfo>>,
+    Heartbeat,
+    RemoteReply<HeartbeatAck>,
 );
 
 impl fmt::Display for RemoteHolder {
@@ -648,6 +682,7 @@ mod tests {
             .chain([
                 RemoteErrorKind::HolderNotFound,
                 RemoteErrorKind::Unreachable,
+                RemoteErrorKind::SessionExpired,
             ]);
         for kind in kinds {
             let error = RemoteError::new(kind, "said");
