@@ -114,8 +114,8 @@ pub enum ReleaseReason {
     Shutdown,
     /// The caller gave up before the acquisition could be handed over.
     Abandoned,
-    /// A cluster gateway did not hear from the holder's node within its liveness bound (see
-    /// [`GatewayOptions`](crate::cluster::GatewayOptions); feature `cluster`).
+    /// A cluster gateway did not hear from the holder's node within its liveness bound
+    /// (`cluster::GatewayOptions`, feature `cluster`).
     HolderSilent,
 }
 

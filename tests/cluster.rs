@@ -298,7 +298,7 @@ async fn remote_node_shutting_down_releases_its_locks() {
     b.stop().await;
     // The session ends as soon as the connection closes, so well inside the 30 s ttl.
     // (ractor_cluster's pings end no session: a peer that goes silent without closing the
-    // connection is the case for `with_auto_renew(false)`, tested below.)
+    // connection is the gateway's liveness bound's case, tested in cluster_process.rs.)
     eventually("key freed after node B went away", PROMPT, || async {
         !locks.is_locked(&key).await.unwrap()
     })
