@@ -77,8 +77,9 @@ pub use gateway::{
 };
 pub use liveness::RemoteLease;
 pub use protocol::{
-    Heartbeat, HeartbeatAck, KeyRequest, LeaseDescriptor, LeaseRequest, RemoteAcquire, RemoteError,
-    RemoteErrorKind, RemoteEvent, RemoteEventKind, RemoteLockEvent, RemoteLockInfo, RemoteReply,
+    HandOverRequest, Heartbeat, HeartbeatAck, KeyRequest, LeaseDescriptor, LeaseRequest,
+    RemoteAcquire, RemoteError, RemoteErrorKind, RemoteEvent, RemoteEventKind, RemoteLockEvent,
+    RemoteLockInfo, RemoteReply,
 };
 
 use std::sync::{Arc, Mutex};
@@ -211,6 +212,22 @@ impl RemoteLockClient {
         let request = LeaseRequest::new(lease, lease.ttl);
         self.call(
             |reply| RemoteLockMsg::Release(request, reply),
+            Some(self.timeout),
+        )
+        .await
+    }
+
+    /// Hands the lease to `holder`, another remote holder actor: the lock is not released,
+    /// `holder` is monitored instead of the current holder, and the fencing token stays the
+    /// same (it is the same lease). The gateway's `HandedOver` event records it.
+    pub async fn hand_over(
+        &self,
+        lease: &LeaseDescriptor,
+        holder: &RemoteHolder,
+    ) -> Result<(), RemoteError> {
+        let request = HandOverRequest::new(lease, holder);
+        self.call(
+            |reply| RemoteLockMsg::HandOver(request, reply),
             Some(self.timeout),
         )
         .await

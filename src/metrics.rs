@@ -196,6 +196,7 @@ mod on {
                     self.hold.record(*held_for);
                 }
                 LockEventKind::Requested
+                | LockEventKind::HandedOver
                 | LockEventKind::BackendDown
                 | LockEventKind::BackendRestored => {}
             }

@@ -13,8 +13,9 @@ use ractor_cluster::RactorClusterMessage;
 use tokio::task::JoinSet;
 
 use super::protocol::{
-    Heartbeat, HeartbeatAck, KeyRequest, LeaseDescriptor, LeaseRequest, RemoteAcquire, RemoteError,
-    RemoteErrorKind, RemoteEvent, RemoteLockEvent, RemoteLockInfo, RemoteReply,
+    HandOverRequest, Heartbeat, HeartbeatAck, KeyRequest, LeaseDescriptor, LeaseRequest,
+    RemoteAcquire, RemoteError, RemoteErrorKind, RemoteEvent, RemoteLockEvent, RemoteLockInfo,
+    RemoteReply,
 };
 use super::{RemoteHolder, PROCESS_GROUP};
 use crate::client::LockClient;
@@ -57,6 +58,10 @@ pub enum RemoteLockMsg {
     /// The answer comes once the subscription is in place.
     #[rpc]
     Subscribe(RemoteHolder, RpcReplyPort<RemoteReply<()>>),
+    /// Hand a lease this gateway holds to another remote holder actor: same lease, same
+    /// fencing token, the new holder monitored instead of the old.
+    #[rpc]
+    HandOver(HandOverRequest, RpcReplyPort<RemoteReply<()>>),
     /// A liveness session's sign of life (see [`Heartbeat`]); answered at once, with the
     /// gateway's bound, or `SessionExpired` for a session whose leases were released.
     #[rpc]
@@ -297,6 +302,12 @@ impl Actor for ClusterGateway {
                     let _ = reply.send(RemoteReply(answer));
                 });
             }
+            RemoteLockMsg::HandOver(request, reply) => {
+                state.tasks.spawn(async move {
+                    let answer = hand_over(&remotes, request).await;
+                    let _ = reply.send(RemoteReply(answer));
+                });
+            }
             RemoteLockMsg::Renew(request, reply) => {
                 state.tasks.spawn(async move {
                     let answer = ask(&manager, |reply| LockManagerMsg::Renew {
@@ -413,6 +424,38 @@ async fn acquire(
         guard
     };
     // The session went silent while the request waited: nobody there to hold it.
+    let _ = silent.release_because(ReleaseReason::HolderSilent).await;
+    Err(session_expired())
+}
+
+/// Hands a lease this gateway holds to another remote holder's stand-in. The guard leaves the
+/// map while its key actor is asked (a guard cannot be used under the map's lock), and comes
+/// back unless its session went silent meanwhile.
+async fn hand_over(remotes: &Mutex<Remotes>, request: HandOverRequest) -> Result<(), RemoteError> {
+    let holder = find(&request.holder).await?;
+    let owner = request.lease.owner.as_u128();
+    let taken = {
+        let mut remotes = remotes.lock().expect("remote leases");
+        match remotes.leases.get(&owner) {
+            Some((guard, _)) if guard.key() == request.lease.key => remotes.leases.remove(&owner),
+            _ => None,
+        }
+    };
+    let Some((guard, session)) = taken else {
+        return Err(RemoteError::from(Error::NotHeld {
+            key: request.lease.key,
+        }));
+    };
+    let answer = guard.hand_over(holder).await.map_err(RemoteError::from);
+    let silent = {
+        let mut remotes = remotes.lock().expect("remote leases");
+        let silent = session.is_some_and(|session| remotes.expired.contains(&session));
+        if !silent {
+            remotes.leases.insert(owner, (guard, session));
+            return answer;
+        }
+        guard
+    };
     let _ = silent.release_because(ReleaseReason::HolderSilent).await;
     Err(session_expired())
 }

@@ -20,7 +20,7 @@ use tokio::time::{sleep_until, timeout, Instant};
 
 use super::gateway::RemoteLockMsg;
 use super::protocol::{Heartbeat, HeartbeatAck, LeaseDescriptor, RemoteError, RemoteErrorKind};
-use super::RemoteLockClient;
+use super::{RemoteHolder, RemoteLockClient};
 use crate::event::LostReason;
 use crate::task::AbortOnDrop;
 
@@ -231,6 +231,12 @@ impl RemoteLease {
                 }
             }
         }
+    }
+
+    /// Hands the lease to `holder`, another remote holder actor (see
+    /// [`RemoteLockClient::hand_over`]): same lease, same fencing token.
+    pub async fn hand_over(&self, holder: &RemoteHolder) -> Result<(), RemoteError> {
+        self.client.hand_over(&self.descriptor, holder).await
     }
 
     /// Releases the lease and waits until the store confirmed it.

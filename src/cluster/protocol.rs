@@ -162,6 +162,24 @@ impl LeaseRequest {
     }
 }
 
+/// A lease to hand to another remote holder actor (see
+/// [`LockGuard::hand_over`](crate::LockGuard::hand_over)): same lease, same fencing token.
+#[derive(Debug, Clone)]
+pub struct HandOverRequest {
+    pub(super) lease: LeaseRequest,
+    pub(super) holder: RemoteHolder,
+}
+
+impl HandOverRequest {
+    /// Hand `lease` to `holder`.
+    pub fn new(lease: &LeaseDescriptor, holder: &RemoteHolder) -> Self {
+        HandOverRequest {
+            lease: LeaseRequest::new(lease, lease.ttl),
+            holder: holder.clone(),
+        }
+    }
+}
+
 /// A key on a backend (`None`: the manager's default), for `IsLocked` and `Info`.
 #[derive(Debug, Clone)]
 pub struct KeyRequest {
@@ -329,6 +347,8 @@ pub enum RemoteEventKind {
     BackendDown,
     /// The backend actor was restarted.
     BackendRestored,
+    /// The lease was handed to another holder actor; same fencing token.
+    HandedOver,
 }
 
 impl From<LockEvent> for RemoteEvent {
@@ -348,6 +368,7 @@ impl From<LockEvent> for RemoteEvent {
             }
             LockEventKind::BackendDown => RemoteEventKind::BackendDown,
             LockEventKind::BackendRestored => RemoteEventKind::BackendRestored,
+            LockEventKind::HandedOver => RemoteEventKind::HandedOver,
         };
         RemoteEvent {
             backend: event.backend.to_string(),
@@ -541,6 +562,7 @@ impl Wire for RemoteEventKind {
             }
             K::BackendDown => out.push(7),
             K::BackendRestored => out.push(8),
+            K::HandedOver => out.push(9),
         }
     }
     fn take(input: &mut &[u8]) -> Option<Self> {
@@ -565,6 +587,7 @@ impl Wire for RemoteEventKind {
             },
             7 => K::BackendDown,
             8 => K::BackendRestored,
+            9 => K::HandedOver,
             _ => return None,
         })
     }
@@ -628,6 +651,7 @@ wire_struct!(LeaseRequest {
     ttl
 });
 wire_struct!(KeyRequest { backend, key });
+wire_struct!(HandOverRequest { lease, holder });
 wire_struct!(RemoteLockInfo {
     key,
     fencing_token,
@@ -654,6 +678,7 @@ bytes_convertable!(
     RemoteReply<Option<RemoteLockInfo>>,
     Heartbeat,
     RemoteReply<HeartbeatAck>,
+    HandOverRequest,
 );
 
 impl fmt::Display for RemoteHolder {
