@@ -1,15 +1,27 @@
-//! Run with `cargo run --example cluster --features cluster`: two ractor_cluster nodes in one
-//! process on 127.0.0.1; a worker actor on node B takes a lock from the lock manager on node A,
-//! releases it, takes it again and stops, and A releases the lock. A's lock events are printed
-//! on B as they arrive.
+//! Two ractor_cluster nodes on 127.0.0.1: a worker actor on node B takes a lock from the lock
+//! manager on node A, releases it, takes it again and stops, and A releases the lock. A's lock
+//! events are printed on B as they arrive.
+//!
+//! As two processes (a flag picks the role), in two terminals:
+//!
+//! ```text
+//! cargo run --features cluster --example cluster -- gateway 7401
+//! cargo run --features cluster --example cluster -- worker 127.0.0.1:7401
+//! ```
+//!
+//! The gateway runs until Ctrl-C; pause the worker (Ctrl-Z) while it holds the lock for longer
+//! than the gateway's liveness bound (5 s here) and the gateway releases it, saying
+//! `HolderSilent`. Without a role, `cargo run --features cluster --example cluster` runs both
+//! nodes in one process.
 
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::time::Duration;
 
 use leasehold::cluster::{
-    ClusterGateway, RemoteAcquire, RemoteEvent, RemoteHolder, RemoteLockClient, RemoteLockEvent,
+    ClusterGateway, GatewayOptions, RemoteAcquire, RemoteEvent, RemoteHolder, RemoteLockClient,
+    RemoteLockEvent,
 };
-use leasehold::{LockManager, MemoryBackend};
+use leasehold::{LockClient, LockManager, MemoryBackend};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::{NodeServer, NodeServerMessage};
 
@@ -47,9 +59,15 @@ impl Actor for Printer {
     }
 }
 
-async fn start_node(name: &str) -> Result<(ActorRef<NodeServerMessage>, u16), Error> {
-    // A free loopback port; the node listens on loopback only.
-    let port = TcpListener::bind((LOOPBACK, 0))?.local_addr()?.port();
+async fn start_node(
+    name: &str,
+    port: Option<u16>,
+) -> Result<(ActorRef<NodeServerMessage>, u16), Error> {
+    // The port given, or a free loopback one; the node listens on loopback only.
+    let port = match port {
+        Some(port) => port,
+        None => TcpListener::bind((LOOPBACK, 0))?.local_addr()?.port(),
+    };
     let server = NodeServer::new(
         port,
         "example-cookie".into(),
@@ -74,32 +92,44 @@ async fn within_5s<F: FnMut() -> bool>(what: &str, mut f: F) -> Result<(), Error
     Err(format!("{what}: not within 5 s").into())
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Error> {
-    // Node A: a lock manager and its cluster gateway.
-    let (node_a, port_a) = start_node("node-a").await?;
+/// Node A's side: a lock manager and its cluster gateway, on `port`.
+async fn gateway_node(
+    port: Option<u16>,
+) -> Result<(ActorRef<NodeServerMessage>, u16, LockClient), Error> {
+    let (node, port) = start_node("node-a", port).await?;
     let locks = LockManager::builder()
         .with_backend("memory", MemoryBackend::new())
         .start()
         .await?;
-    let gateway = ClusterGateway::start(&locks).await?;
+    ClusterGateway::start_with_options(
+        &locks,
+        GatewayOptions::new().with_liveness_bound(Duration::from_secs(5)),
+    )
+    .await?;
+    Ok((node, port, locks))
+}
 
-    // Node B connects to A and finds A's gateway in the process group.
-    let (node_b, _port_b) = start_node("node-b").await?;
-    ractor_cluster::client_connect(&node_b, (LOOPBACK, port_a)).await?;
-    let pid = gateway.get_id().pid();
+/// Node B's side: connects to node A at `gateway`, finds A's lock gateway, and runs the worker.
+async fn worker_node(gateway: SocketAddr) -> Result<(), Error> {
+    let (node_b, _port_b) = start_node("node-b", None).await?;
+    ractor_cluster::client_connect(&node_b, gateway).await?;
     let mut remote = None;
     within_5s("node A's gateway visible on node B", || {
-        // Both nodes share this process, so the stand-in carries the gateway's own pid.
-        remote = RemoteLockClient::remote_gateways()
-            .into_iter()
-            .find(|g| g.gateway().get_id().pid() == pid);
+        remote = RemoteLockClient::remote_gateways().pop();
         remote.is_some()
     })
     .await?;
     let remote = remote.expect("found");
     println!("[node B] found node A's lock gateway");
+    work(&remote).await?;
+    // Let the last events reach node B, then stop.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    node_b.stop_and_wait(None, None).await?;
+    Ok(())
+}
 
+/// The worker's part, on node B, through node A's gateway.
+async fn work(remote: &RemoteLockClient) -> Result<(), Error> {
     let (printer, _) = Actor::spawn(None, Printer, "printer").await?;
     remote
         .subscribe(&RemoteHolder::join(&printer.get_cell()))
@@ -114,10 +144,13 @@ async fn main() -> Result<(), Error> {
         .await?
         .ok_or("key was held")?;
     println!(
-        "[node B] worker holds {key:?} with fencing token {}",
-        lease.fencing_token
+        "[node B] worker holds {key:?} with fencing token {}; held here: {} (trusted for {:?} \
+         past the last heartbeat node A answered)",
+        lease.fencing_token,
+        lease.is_held(),
+        lease.deadline() - tokio::time::Instant::now(),
     );
-    remote.release(&lease).await?;
+    lease.release().await?;
     println!("[node B] worker released it by message");
 
     let lease = remote.acquire(request).await?.ok_or("key was held")?;
@@ -127,21 +160,56 @@ async fn main() -> Result<(), Error> {
     );
     worker.stop(None);
     for _ in 0..500 {
-        if !locks.is_locked(key).await? {
+        if !remote.is_locked(None, key).await? {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(
-        !locks.is_locked(key).await?,
-        "node A kept the stopped worker's lock"
-    );
+    if remote.is_locked(None, key).await? {
+        return Err("node A kept the stopped worker's lock".into());
+    }
     println!("[node A] the lock went with its holder");
+    printer.stop(None);
+    Ok(())
+}
 
-    // Let the last events reach node B, then stop everything.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    locks.shutdown().await;
-    node_b.stop_and_wait(None, None).await?;
-    node_a.stop_and_wait(None, None).await?;
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["gateway", port] => {
+            let port: u16 = port
+                .parse()
+                .map_err(|_| format!("the port {port:?} is not a number from 1 to 65535"))?;
+            let (node_a, port, locks) = gateway_node(Some(port)).await?;
+            println!("[node A] lock gateway on 127.0.0.1:{port}; Ctrl-C stops it");
+            let mut events = locks.events();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                () = async {
+                    while let Ok(event) = events.recv().await {
+                        println!("[node A] {:?} {:?}", event.key, event.kind);
+                    }
+                } => {}
+            }
+            locks.shutdown().await;
+            node_a.stop_and_wait(None, None).await?;
+        }
+        ["worker", gateway] => {
+            let gateway: SocketAddr = gateway
+                .parse()
+                .map_err(|_| format!("the address {gateway:?} is not IP:PORT"))?;
+            worker_node(gateway).await?;
+        }
+        [] => {
+            // Both nodes in this process.
+            let (node_a, port_a, locks) = gateway_node(None).await?;
+            worker_node(SocketAddr::new(LOOPBACK, port_a)).await?;
+            locks.shutdown().await;
+            node_a.stop_and_wait(None, None).await?;
+        }
+        _ => return Err("usage: cluster [gateway PORT | worker IP:PORT]".into()),
+    }
     Ok(())
 }

@@ -154,6 +154,16 @@ for _ in $(seq 100); do "$pgbin/pg_isready" -q -h 127.0.0.1 -p "$port" && break;
 LEASEHOLD_POSTGRES_URL="postgresql://postgres@127.0.0.1:$port/postgres" \
     step cargo run --features postgres --example fenced_postgres
 step cargo run --features cluster --example cluster
+# The same example as two processes: the gateway's node in the background (stopped by pid),
+# the worker's node connecting to it.
+port=$(free_port)
+cargo run --features cluster --example cluster -- gateway "$port" >"$scratch/gateway.log" 2>&1 &
+echo $! >"$scratch/gateway.pid"
+wait_port "$port" || { cat "$scratch/gateway.log"; exit 1; }
+step cargo run --features cluster --example cluster -- worker "127.0.0.1:$port"
+kill -INT "$(cat "$scratch/gateway.pid")"
+wait "$(cat "$scratch/gateway.pid")" || { cat "$scratch/gateway.log"; exit 1; }
+rm -f "$scratch/gateway.pid"
 # The benches compile and link in the dev profile, on the artifacts the test builds left: a
 # release build of every bench took about 6 of CI's 22 minutes and checks nothing more (clippy
 # has type-checked them, and `cargo bench` builds them optimised when they are run).

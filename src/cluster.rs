@@ -19,13 +19,22 @@
 //! `HolderStopped`. A remote holder must be an actor whose message type can cross nodes (for
 //! example [`RemoteLockEvent`]): ractor_cluster only tells other nodes about those.
 //!
-//! ractor_cluster 0.16 ends a node's session when its connection closes or fails (the process
-//! exited, the node server stopped, the OS reset the socket); its pings do not end a session
-//! whose peer merely went silent. Where that matters (partitions, paused processes), acquire
-//! with [`RemoteAcquire::with_auto_renew`]`(false)` and renew from the holder's node: the
-//! lease then expires at its ttl once the renewals stop.
+//! # Liveness
+//! ractor_cluster 0.16 ends a node's session only when its connection closes or fails; its
+//! pings do not end a session whose peer merely went silent (a partition, a paused process).
+//! So the gateway protocol checks liveness itself. A [`RemoteLockClient`] runs a liveness
+//! session with the gateway: a [`Heartbeat`] every quarter of the gateway's bound
+//! ([`GatewayOptions::with_liveness_bound`], default 10 s). The gateway releases the leases of
+//! a session it has not heard from within the bound (`Released` with
+//! [`ReleaseReason::HolderSilent`](crate::ReleaseReason::HolderSilent)), and answers it
+//! `SessionExpired` if it comes back. The remote side keeps a deadline of its own, four fifths
+//! of the bound after it sent the last heartbeat the gateway answered: its [`RemoteLease`]
+//! turns un-held, and `lost()` resolves, before the gateway lets the lease go, even if it never
+//! hears from the gateway again.
 //!
-//! - `cluster/gateway.rs`: the [`ClusterGateway`] actor and [`RemoteLockMsg`].
+//! - `cluster/gateway.rs`: the [`ClusterGateway`] actor, [`RemoteLockMsg`], the release of
+//!   silent sessions' leases.
+//! - `cluster/liveness.rs`: the remote side: heartbeats, the session's deadline, [`RemoteLease`].
 //! - `cluster/protocol.rs`: the requests, replies, errors and events that cross the wire.
 //! - `cluster/wire.rs`: their byte encoding.
 //!
@@ -45,14 +54,15 @@
 //! let holder = RemoteHolder::join(&holder_cell);
 //! let lease = gateway.acquire(RemoteAcquire::new("jobs/nightly", &holder)).await?;
 //! if let Some(lease) = lease {
-//!     println!("fencing token {}", lease.fencing_token);
-//!     gateway.release(&lease).await?;
+//!     println!("fencing token {}, held: {}", lease.fencing_token, lease.is_held());
+//!     lease.release().await?;
 //! }
 //! # Ok(())
 //! # }
 //! ```
 
 mod gateway;
+mod liveness;
 mod protocol;
 mod wire;
 
@@ -61,11 +71,20 @@ use std::time::Duration;
 use ractor::rpc::CallResult;
 use ractor::{ActorCell, ActorRef, RpcReplyPort};
 
-pub use gateway::{ClusterGateway, GatewayState, RemoteLockMsg};
-pub use protocol::{
-    KeyRequest, LeaseDescriptor, LeaseRequest, RemoteAcquire, RemoteError, RemoteErrorKind,
-    RemoteEvent, RemoteEventKind, RemoteLockEvent, RemoteLockInfo, RemoteReply,
+pub use gateway::{
+    ClusterGateway, GatewayOptions, GatewayState, RemoteLockMsg, MAX_LIVENESS_BOUND,
+    MIN_LIVENESS_BOUND,
 };
+pub use liveness::RemoteLease;
+pub use protocol::{
+    HandOverRequest, Heartbeat, HeartbeatAck, KeyRequest, LeaseDescriptor, LeaseRequest,
+    RemoteAcquire, RemoteError, RemoteErrorKind, RemoteEvent, RemoteEventKind, RemoteLockEvent,
+    RemoteLockInfo, RemoteReply,
+};
+
+use std::sync::{Arc, Mutex};
+
+use liveness::Session;
 
 use crate::options::Wait;
 
@@ -100,11 +119,18 @@ impl RemoteHolder {
 
 /// A typed handle on a [`ClusterGateway`], usually one on another node: async methods that
 /// send [`RemoteLockMsg`]s and wait for the answer.
+///
+/// Clones share one liveness session with the gateway: a task that heartbeats while the
+/// session has leases or clients, and the deadline its leases are trusted until (see
+/// [`RemoteLease`]).
 #[derive(Debug, Clone)]
 pub struct RemoteLockClient {
     gateway: ActorRef<RemoteLockMsg>,
     /// Time allowed for the gateway's answer on top of any wait the request asks for.
     timeout: Duration,
+    /// The current liveness session, started by the first acquisition, and started again
+    /// after the gateway ended one for silence.
+    session: Arc<Mutex<Option<Arc<Session>>>>,
 }
 
 impl RemoteLockClient {
@@ -113,7 +139,19 @@ impl RemoteLockClient {
         RemoteLockClient {
             gateway,
             timeout: Duration::from_secs(10),
+            session: Arc::default(),
         }
+    }
+
+    /// The live session, or a new one (its first heartbeat answered).
+    async fn session(&self) -> Result<Arc<Session>, RemoteError> {
+        let current = self.session.lock().expect("session").clone();
+        if let Some(session) = current.filter(|s| !s.is_over()) {
+            return Ok(session);
+        }
+        let session = Arc::new(Session::start(self.gateway.clone()).await?);
+        *self.session.lock().expect("session") = Some(session.clone());
+        Ok(session)
     }
 
     /// Handles on the gateways of the other connected nodes, as [`PROCESS_GROUP`] lists them
@@ -138,17 +176,35 @@ impl RemoteLockClient {
     }
 
     /// Acquires as the request says. `Ok(None)`: the key is held and the request did not wait.
+    ///
+    /// The lease belongs to this client's liveness session: the gateway releases it if it
+    /// does not hear from this node within its bound, and the [`RemoteLease`] stops being
+    /// held before that (see [`GatewayOptions::with_liveness_bound`]).
     pub async fn acquire(
         &self,
-        request: RemoteAcquire,
-    ) -> Result<Option<LeaseDescriptor>, RemoteError> {
+        mut request: RemoteAcquire,
+    ) -> Result<Option<RemoteLease>, RemoteError> {
         let timeout = match request.wait() {
             None | Some(Wait::No) => Some(self.timeout),
             Some(Wait::UpTo(wait)) => Some(self.timeout.saturating_add(wait)),
             Some(Wait::Forever) => None,
         };
-        self.call(|reply| RemoteLockMsg::Acquire(request, reply), timeout)
-            .await
+        let session = self.session().await?;
+        request.session = Some(session.id());
+        // The gateway counts the request as a sign of life from its arrival, after this.
+        let sent_at = tokio::time::Instant::now();
+        let answer = self
+            .call(|reply| RemoteLockMsg::Acquire(request, reply), timeout)
+            .await;
+        if let Err(error) = &answer {
+            if error.kind == RemoteErrorKind::SessionExpired {
+                session.end();
+            }
+        }
+        Ok(answer?.map(|descriptor| {
+            session.confirmed(sent_at);
+            RemoteLease::new(descriptor, session, self.clone())
+        }))
     }
 
     /// Releases the lease and waits until the store confirmed it.
@@ -156,6 +212,22 @@ impl RemoteLockClient {
         let request = LeaseRequest::new(lease, lease.ttl);
         self.call(
             |reply| RemoteLockMsg::Release(request, reply),
+            Some(self.timeout),
+        )
+        .await
+    }
+
+    /// Hands the lease to `holder`, another remote holder actor: the lock is not released,
+    /// `holder` is monitored instead of the current holder, and the fencing token stays the
+    /// same (it is the same lease). The gateway's `HandedOver` event records it.
+    pub async fn hand_over(
+        &self,
+        lease: &LeaseDescriptor,
+        holder: &RemoteHolder,
+    ) -> Result<(), RemoteError> {
+        let request = HandOverRequest::new(lease, holder);
+        self.call(
+            |reply| RemoteLockMsg::HandOver(request, reply),
             Some(self.timeout),
         )
         .await

@@ -67,6 +67,11 @@ pub enum LockEventKind {
         /// Why it was given back.
         reason: ReleaseReason,
     },
+    /// The held lease was handed to another holder actor ([`LockGuard::hand_over`]): same
+    /// lease, same fencing token, the new holder monitored instead of the old.
+    ///
+    /// [`LockGuard::hand_over`]: crate::LockGuard::hand_over
+    HandedOver,
     /// The backend actor failed; requests to it fail with a retryable error until it is back.
     BackendDown,
     /// The backend actor was restarted.
@@ -114,6 +119,9 @@ pub enum ReleaseReason {
     Shutdown,
     /// The caller gave up before the acquisition could be handed over.
     Abandoned,
+    /// A cluster gateway did not hear from the holder's node within its liveness bound
+    /// (`cluster::GatewayOptions`, feature `cluster`).
+    HolderSilent,
 }
 
 #[cfg(feature = "cluster")]
@@ -182,7 +190,9 @@ impl Counters {
                 add(&self.hold_micros, micros(held_for));
                 add(&self.released, 1)
             }
-            LockEventKind::BackendDown | LockEventKind::BackendRestored => 0,
+            LockEventKind::HandedOver
+            | LockEventKind::BackendDown
+            | LockEventKind::BackendRestored => 0,
         };
     }
 
@@ -294,6 +304,9 @@ fn trace_event(
         }
         LockEventKind::Released { held_for, reason } => {
             tracing::debug!(backend, key, token, ?held_for, ?reason, "lock released")
+        }
+        LockEventKind::HandedOver => {
+            tracing::debug!(backend, key, token, "lock handed to another holder")
         }
         LockEventKind::BackendDown => tracing::error!(backend, "backend down"),
         LockEventKind::BackendRestored => tracing::info!(backend, "backend restored"),

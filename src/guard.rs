@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::rpc::CallResult;
-use ractor::ActorRef;
+use ractor::{ActorCell, ActorRef};
 use tokio::time::Instant;
 
 use crate::backend::OwnerToken;
@@ -119,14 +119,42 @@ impl LockGuard {
         self.answer(call)
     }
 
+    /// Hands the lease to `holder`, an actor: the lock is not released, `holder` is
+    /// monitored instead of the current holder (when it stops, the lock is released with
+    /// `HolderStopped`), and the fencing token stays the same, since it is the same lease. A
+    /// `HandedOver` event records it. For work where one actor takes a lock and another
+    /// finishes the job; this guard still controls the lease (release, renew, drop).
+    pub async fn hand_over(&self, holder: impl Into<ActorCell>) -> Result<()> {
+        let holder = holder.into();
+        let owner = self.owner;
+        let call = self
+            .actor
+            .call(
+                |reply| KeyMsg::HandOver {
+                    holder,
+                    owner,
+                    reply,
+                },
+                None,
+            )
+            .await;
+        self.answer(call)
+    }
+
     /// Releases the lock and waits until the store confirmed it.
-    pub async fn release(mut self) -> Result<()> {
+    pub async fn release(self) -> Result<()> {
+        self.release_because(ReleaseReason::Requested).await
+    }
+
+    /// As [`release`](Self::release), with the reason the `Released` event gives.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) async fn release_because(mut self, reason: ReleaseReason) -> Result<()> {
         self.released = true;
         let call = self
             .actor
             .call(
                 |reply| KeyMsg::Release {
-                    reason: ReleaseReason::Requested,
+                    reason,
                     owner: Some(self.owner),
                     reply: Some(reply),
                 },

@@ -58,6 +58,13 @@ pub(crate) enum KeyMsg {
         owner: OwnerToken,
         reply: RpcReplyPort<Result<()>>,
     },
+    /// Make `holder` the lease's holder, monitored instead of the current one, if `owner`
+    /// holds the lease. The lease and its fencing token stay as they are.
+    HandOver {
+        holder: ActorCell,
+        owner: OwnerToken,
+        reply: RpcReplyPort<Result<()>>,
+    },
     /// The renewal timer fired: renew if auto-renew is on, declare the lease lost if the
     /// deadline has come.
     Tick,
@@ -194,6 +201,17 @@ impl Actor for KeyActor {
             } => {
                 let result = match state.check_owner(Some(owner)) {
                     Ok(()) => state.proclaim(&myself, &value).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
+            }
+            KeyMsg::HandOver {
+                holder,
+                owner,
+                reply,
+            } => {
+                let result = match state.check_owner(Some(owner)) {
+                    Ok(()) => state.hand_over(&myself, holder),
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(result);
@@ -704,6 +722,34 @@ impl KeyState {
             Ok(Err(error)) => Err(ctx.store_error(error)),
             Err(_deadline_passed) => Err(self.lose(myself, LostReason::Expired).await),
         }
+    }
+
+    /// Monitors `holder` instead of the current holder (if any); the lease stays as it is.
+    fn hand_over(&mut self, myself: &ActorRef<KeyMsg>, holder: ActorCell) -> Result<()> {
+        let not_held = self.not_held();
+        let Some(held) = self.held.as_mut() else {
+            return Err(not_held);
+        };
+        // The new one first: there is no moment when nobody is watched.
+        myself.get_cell().monitor(holder.clone());
+        if let Some(old) = held.holder.replace(holder.clone()) {
+            if old.get_id() != holder.get_id() {
+                myself.get_cell().unmonitor(old);
+            }
+        }
+        let token = held.lease.fencing_token;
+        let (primitive, key) = (self.primitive(), self.job_key());
+        self.ctx
+            .emit(primitive, &key, Some(token), LockEventKind::HandedOver);
+        if holder.get_status() >= ractor::ActorStatus::Stopping {
+            // It stopped before the monitor was in place: no event will come for it.
+            let _ = myself.cast(KeyMsg::Release {
+                reason: ReleaseReason::HolderStopped,
+                owner: None,
+                reply: None,
+            });
+        }
+        Ok(())
     }
 
     fn check_owner(&self, owner: Option<OwnerToken>) -> Result<()> {

@@ -121,12 +121,13 @@ mod on {
     use crate::error::StoreError;
     use crate::event::{LockEventKind, LostReason, ReleaseReason};
 
-    const RELEASE_REASONS: [(ReleaseReason, &str); 5] = [
+    const RELEASE_REASONS: [(ReleaseReason, &str); 6] = [
         (ReleaseReason::Requested, "requested"),
         (ReleaseReason::Dropped, "dropped"),
         (ReleaseReason::HolderStopped, "holder_stopped"),
         (ReleaseReason::Shutdown, "shutdown"),
         (ReleaseReason::Abandoned, "abandoned"),
+        (ReleaseReason::HolderSilent, "holder_silent"),
     ];
 
     const LOST_REASONS: [(LostReason, &str); 4] = [
@@ -153,7 +154,7 @@ mod on {
         renewals: Counter,
         renewal_failures: Counter,
         /// Indexed as `RELEASE_REASONS`.
-        released: [Counter; 5],
+        released: [Counter; RELEASE_REASONS.len()],
         /// Indexed as `LOST_REASONS`.
         lost: [Counter; 4],
         wait: Histogram,
@@ -245,6 +246,7 @@ mod on {
                     series.hold.record(*held_for);
                 }
                 LockEventKind::Requested
+                | LockEventKind::HandedOver
                 | LockEventKind::BackendDown
                 | LockEventKind::BackendRestored => {}
             }

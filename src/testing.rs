@@ -67,6 +67,7 @@ macro_rules! conformance_suite {
             with_lock_reports_loss_during_body,
             holder_actor_stop_releases,
             holder_actor_panic_releases,
+            hand_over_moves_the_holder_not_the_lease,
             dropping_guard_releases,
             shutdown_releases_and_later_calls_fail,
             info_shows_holder_metadata_and_token,
@@ -607,6 +608,47 @@ pub async fn holder_actor_panic_releases<B: LockBackend + Clone>(backend: B) {
         holder.cast(HolderMsg::Panic).unwrap();
     })
     .await;
+}
+
+/// A lease handed to another holder actor stays held with the same fencing token, and an
+/// event records it: the old holder stopping leaves it alone, the new one stopping releases
+/// it.
+pub async fn hand_over_moves_the_holder_not_the_lease<B: LockBackend + Clone>(backend: B) {
+    let client = start(backend).await;
+    let key = unique_key("hand-over");
+    let mut events = client.events();
+    let (first, first_join) = Actor::spawn(None, Holder, ()).await.unwrap();
+    let (second, second_join) = Actor::spawn(None, Holder, ()).await.unwrap();
+    let guard = client
+        .try_lock(&key, LockOptions::new().with_holder(first.clone()))
+        .await
+        .unwrap()
+        .unwrap();
+    let token = guard.fencing_token();
+    guard.hand_over(second.clone()).await.unwrap();
+    let handed = next_event(&mut events, PROMPT, |e| {
+        (e.key.as_deref() == Some(key.as_str()) && matches!(e.kind, LockEventKind::HandedOver))
+            .then_some(e.fencing_token)
+    })
+    .await;
+    assert_eq!(handed, Some(token));
+    first.stop(None);
+    let _ = first_join.await;
+    // The key actor handles the stop's supervision event before a later message: a renewal
+    // answered after it shows the lease outlived its first holder.
+    guard.renew(Duration::from_secs(30)).await.unwrap();
+    assert!(guard.is_held());
+    let info = client.info(&key).await.unwrap().expect("still held");
+    assert_eq!(info.fencing_token, token);
+    second.stop(None);
+    let _ = second_join.await;
+    eventually("key freed after the new holder stopped", PROMPT, || async {
+        !client.is_locked(&key).await.unwrap()
+    })
+    .await;
+    let lost = tokio::time::timeout(PROMPT, guard.lost()).await;
+    assert_eq!(lost, Ok(LostReason::HolderStopped));
+    client.shutdown().await;
 }
 
 /// Dropping a guard releases the lock without anyone awaiting it.

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use leasehold::cluster::{
-    ClusterGateway, RemoteAcquire, RemoteErrorKind, RemoteEvent, RemoteEventKind, RemoteHolder,
-    RemoteLockClient, RemoteLockEvent, RemoteLockMsg, MANAGER_GROUP, PROCESS_GROUP,
+    ClusterGateway, GatewayOptions, RemoteAcquire, RemoteErrorKind, RemoteEvent, RemoteEventKind,
+    RemoteHolder, RemoteLockClient, RemoteLockEvent, RemoteLockMsg, MANAGER_GROUP, PROCESS_GROUP,
 };
 use leasehold::testing::{eventually, unique_key};
 use leasehold::{
@@ -298,7 +298,7 @@ async fn remote_node_shutting_down_releases_its_locks() {
     b.stop().await;
     // The session ends as soon as the connection closes, so well inside the 30 s ttl.
     // (ractor_cluster's pings end no session: a peer that goes silent without closing the
-    // connection is the case for `with_auto_renew(false)`, tested below.)
+    // connection is the gateway's liveness bound's case, tested in cluster_process.rs.)
     eventually("key freed after node B went away", PROMPT, || async {
         !locks.is_locked(&key).await.unwrap()
     })
@@ -517,5 +517,83 @@ async fn remote_actor_takes_renews_and_releases_a_semaphores_permits() {
         RemoteErrorKind::Manager(ErrorKind::InvalidPermitCount),
         "{err}"
     );
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liveness_bound_out_of_range_is_refused_naming_it() {
+    let _serial = SERIAL.lock().await;
+    let locks = LockManager::builder()
+        .with_name(format!(
+            "cluster-bound-{}",
+            unique_key("m").replace('/', "-")
+        ))
+        .with_backend("memory", MemoryBackend::new())
+        .start()
+        .await
+        .unwrap();
+    for (bound, shown) in [
+        (Duration::ZERO, "0ns"),
+        (Duration::from_millis(99), "99ms"),
+        (Duration::from_secs(3601), "3601s"),
+    ] {
+        let refused = ClusterGateway::start_with_options(
+            &locks,
+            GatewayOptions::new().with_liveness_bound(bound),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::InvalidConfig);
+        assert!(refused.to_string().contains(shown), "{refused}");
+    }
+    assert!(ractor::pg::get_members(&PROCESS_GROUP.to_owned()).is_empty());
+    locks.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_handed_to_another_remote_holder_outlives_the_first() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start().await;
+    let (first, first_holder, _) = spawn_holder().await;
+    let (second, second_holder, _) = spawn_holder().await;
+    let (_watcher, watcher_holder, watched) = spawn_holder().await;
+    cluster.remote.subscribe(&watcher_holder).await.unwrap();
+    let key = unique_key("hand-over");
+    let opts = RemoteAcquire::new(&key, &first_holder).with_ttl(Duration::from_secs(30));
+    let lease = cluster.remote.acquire(opts).await.unwrap().unwrap();
+    lease.hand_over(&second_holder).await.unwrap();
+    eventually("HandedOver event with the same token", PROMPT, || {
+        let handed = watched.lock().unwrap().iter().any(|e| {
+            e.kind == RemoteEventKind::HandedOver
+                && e.key.as_deref() == Some(key.as_str())
+                && e.fencing_token == Some(lease.fencing_token)
+        });
+        std::future::ready(handed)
+    })
+    .await;
+    first.stop(None);
+    // The first holder's stand-in on node A goes once node A hears of the stop; after that,
+    // a round trip through the key actor (a renewal) shows the lease was kept.
+    eventually("the first holder's stand-in gone", PROMPT, || {
+        let members = ractor::pg::get_members(&first_holder.to_string());
+        std::future::ready(members.iter().all(|m| m.get_id().is_local()))
+    })
+    .await;
+    cluster
+        .remote
+        .renew(&lease, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let info = cluster.locks.info(&key).await.unwrap().expect("still held");
+    assert_eq!(info.fencing_token, lease.fencing_token);
+    second.stop(None);
+    eventually("key freed after the new holder stopped", PROMPT, || async {
+        !cluster.locks.is_locked(&key).await.unwrap()
+    })
+    .await;
+    eventually("Released event says why", PROMPT, || {
+        std::future::ready(released_because(&watched, &key) == Some(ReleaseReason::HolderStopped))
+    })
+    .await;
     cluster.stop().await;
 }

@@ -10,6 +10,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use etcd_server::EtcdServer;
+use futures::StreamExt;
 use leasehold::testing::{eventually, next_event, start, unique_key};
 use leasehold::{CampaignOptions, EtcdBackend, EtcdMode, LockEventKind, Wait};
 
@@ -58,6 +59,30 @@ impl Etcdctl {
         }
     }
 
+    /// Waits (bounded) for `etcdctl elect` to print a leader, and answers its value. etcdctl
+    /// prints a leader as two lines, its key (`NAME/<lease id in hex>`) and its value: the
+    /// line after the key must be the value exactly, so a value that is not raw (more lines,
+    /// or anything around it) shows as the wrong value.
+    fn next_leader(&self, etcd_name: &str) -> String {
+        let key = self.wait_for_line("a leader's key", |line| {
+            line.starts_with(&format!("{etcd_name}/"))
+        });
+        let value = self
+            .lines
+            .recv_timeout(PROMPT)
+            .unwrap_or_else(|_| panic!("etcdctl printed the key {key} but no value"));
+        value
+    }
+
+    /// SIGKILL by pid: etcdctl dies without resigning, and its key stays until its session
+    /// lease runs out (60 s in etcdctl).
+    fn kill(mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM by pid (etcdctl resigns and ends its session), then waits for it to exit.
     fn stop(mut self) {
         let _ = Command::new("kill")
@@ -78,12 +103,38 @@ impl Drop for Etcdctl {
 
 fn opts() -> CampaignOptions {
     CampaignOptions::new()
-        .with_ttl(Duration::from_secs(5))
+        .with_ttl(Duration::from_secs(2))
         .with_wait(Wait::UpTo(PROMPT))
 }
 
 async fn lock_mode(server: &EtcdServer) -> EtcdBackend {
     server.backend(EtcdMode::Lock).await
+}
+
+/// The candidate keys under an election's etcd name, oldest first, with their values.
+async fn candidate_keys(server: &EtcdServer, etcd_name: &str) -> Vec<(String, String, i64)> {
+    let mut etcd = etcd_client::Client::connect([server.endpoint()], None)
+        .await
+        .unwrap();
+    let options = etcd_client::GetOptions::new().with_prefix().with_sort(
+        etcd_client::SortTarget::Create,
+        etcd_client::SortOrder::Ascend,
+    );
+    let answer = etcd
+        .get(format!("{etcd_name}/"), Some(options))
+        .await
+        .unwrap();
+    answer
+        .kvs()
+        .iter()
+        .map(|kv| {
+            (
+                kv.key_str().unwrap().to_owned(),
+                kv.value_str().unwrap().to_owned(),
+                kv.lease(),
+            )
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,10 +145,13 @@ async fn leasehold_follows_an_etcdctl_leader_and_sees_its_value() {
     let name = unique_key("interop");
     let etcd_name = backend.lock_key(&name);
     let ctl = Etcdctl::elect(&server, &[&etcd_name, "etcdctl-leader"]);
-    ctl.wait_for_line("its election", |line| line == "etcdctl-leader");
+    assert_eq!(ctl.next_leader(&etcd_name), "etcdctl-leader");
     let election = client.election(&name).unwrap();
     let leader = election.leader().await.unwrap().expect("etcdctl leads");
     assert_eq!(leader.value, "etcdctl-leader");
+    let mut changes = election.observe().await.unwrap();
+    let first = changes.next().await.expect("the current leader");
+    assert_eq!(first, Some(leader.clone()));
     let mut events = client.events();
     let campaign = {
         let election = election.clone();
@@ -121,6 +175,11 @@ async fn leasehold_follows_an_etcdctl_leader_and_sees_its_value() {
         election.leader().await.unwrap().map(|l| l.value),
         Some("leasehold".to_owned())
     );
+    let next = tokio::time::timeout(PROMPT, changes.next()).await.unwrap();
+    assert_eq!(
+        next.flatten().map(|l| (l.value, l.term)),
+        Some(("leasehold".to_owned(), leadership.term()))
+    );
     leadership.resign().await.unwrap();
     client.shutdown().await;
 }
@@ -133,50 +192,158 @@ async fn etcdctl_sees_a_leasehold_leader_and_follows_it() {
     let name = unique_key("interop");
     let etcd_name = backend.lock_key(&name);
     let election = client.election(&name).unwrap();
-    let leadership = election.campaign("leasehold-leader", opts()).await.unwrap();
-    // etcdctl's observer (`--listen`) names leasehold's candidate key and shows its value
-    // (leasehold's lock value ends with it).
+    let mut leadership = election.campaign("leasehold-leader", opts()).await.unwrap();
+    // In etcd, the candidate key holds the value as it is, as Go's client writes it.
+    let keys = candidate_keys(&server, &etcd_name).await;
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let (key, value, lease) = &keys[0];
+    assert_eq!(value, "leasehold-leader");
+    assert_eq!(key, &format!("{etcd_name}/{lease:x}"));
+    // etcdctl's observer (`--listen`) names leasehold's candidate key and shows its value.
     let listener = Etcdctl::elect(&server, &["--listen", &etcd_name]);
-    listener.wait_for_line("the leasehold leader", |line| {
-        line.ends_with("leasehold-leader")
-    });
+    assert_eq!(listener.next_leader(&etcd_name), "leasehold-leader");
+    // A proclaimed value is shown as it is too, in the same term.
+    leadership.proclaim("leasehold-proclaimed").await.unwrap();
+    assert_eq!(listener.next_leader(&etcd_name), "leasehold-proclaimed");
+    assert_eq!(
+        candidate_keys(&server, &etcd_name).await[0].1,
+        "leasehold-proclaimed"
+    );
+    // A renewal asking for more than the lease was granted moves the key onto a longer
+    // lease: same key, same term, same raw value.
+    leadership
+        .guard()
+        .renew(Duration::from_secs(6))
+        .await
+        .unwrap();
+    let moved = candidate_keys(&server, &etcd_name).await;
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    assert_eq!(
+        (&moved[0].0, moved[0].1.as_str()),
+        (key, "leasehold-proclaimed")
+    );
+    assert_ne!(moved[0].2, *lease, "the key is on a new lease");
+    // etcd's observers see that put on the leader's key as the leader again, value as it is.
+    assert_eq!(listener.next_leader(&etcd_name), "leasehold-proclaimed");
+    assert_eq!(
+        election.leader().await.unwrap().map(|l| l.term),
+        Some(leadership.term())
+    );
     // An etcdctl candidate queues behind it, and is elected when it resigns.
     let follower = Etcdctl::elect(&server, &[&etcd_name, "etcdctl-follower"]);
     eventually("etcdctl's candidate key is written", PROMPT, || async {
-        let mut etcd = etcd_client::Client::connect([server.endpoint()], None)
-            .await
-            .unwrap();
-        let keys = etcd
-            .get(
-                format!("{etcd_name}/"),
-                Some(
-                    etcd_client::GetOptions::new()
-                        .with_prefix()
-                        .with_count_only(),
-                ),
-            )
-            .await
-            .unwrap();
-        keys.count() == 2
+        candidate_keys(&server, &etcd_name).await.len() == 2
     })
     .await;
+    // Renewals go on while it leads (ttl 2 s: several renewals in the wait below).
+    let renewed = leadership.guard().deadline().unwrap();
+    eventually("a renewal", PROMPT, || async {
+        leadership.guard().deadline().is_some_and(|d| d > renewed)
+    })
+    .await;
+    assert!(leadership.is_leader());
     assert_eq!(
         election.leader().await.unwrap().map(|l| l.value),
-        Some("leasehold-leader".to_owned())
+        Some("leasehold-proclaimed".to_owned())
     );
     let term = leadership.term();
     leadership.resign().await.unwrap();
-    follower.wait_for_line("its election", |line| line == "etcdctl-follower");
+    assert_eq!(follower.next_leader(&etcd_name), "etcdctl-follower");
     let leader = election.leader().await.unwrap().expect("etcdctl leads");
     assert_eq!(leader.value, "etcdctl-follower");
     assert!(leader.term > term);
-    listener.wait_for_line("the etcdctl leader", |line| line == "etcdctl-follower");
+    assert_eq!(listener.next_leader(&etcd_name), "etcdctl-follower");
     follower.stop();
     listener.stop();
     eventually("nobody leads", PROMPT, || async {
         election.leader().await.unwrap().is_none()
     })
     .await;
+    client.shutdown().await;
+}
+
+/// etcdctl leads, then a leasehold candidate and a second etcdctl candidate queue in that
+/// order. The etcdctl leader dies (SIGKILL: it never resigns; its key goes when its session
+/// lease does, which the test revokes rather than wait etcdctl's 60 s): leasehold is elected,
+/// not the etcdctl candidate behind it; when leasehold resigns, that one is. A leasehold
+/// observer sees the three leaders, with their raw values, in that order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn candidates_of_both_kinds_take_over_in_campaign_order() {
+    let server = EtcdServer::start();
+    let backend = lock_mode(&server).await;
+    let client = start(backend.clone()).await;
+    let name = unique_key("interop");
+    let etcd_name = backend.lock_key(&name);
+    let election = client.election(&name).unwrap();
+    let mut changes = election.observe().await.unwrap();
+    assert_eq!(changes.next().await, Some(None), "nobody leads at first");
+    let first = Etcdctl::elect(&server, &[&etcd_name, "etcdctl-first"]);
+    assert_eq!(first.next_leader(&etcd_name), "etcdctl-first");
+    let campaign = {
+        let election = election.clone();
+        tokio::spawn(async move { election.campaign("leasehold-second", opts()).await })
+    };
+    eventually("leasehold's candidate key is written", PROMPT, || async {
+        candidate_keys(&server, &etcd_name).await.len() == 2
+    })
+    .await;
+    let third = Etcdctl::elect(&server, &[&etcd_name, "etcdctl-third"]);
+    eventually(
+        "the second etcdctl candidate key is written",
+        PROMPT,
+        || async { candidate_keys(&server, &etcd_name).await.len() == 3 },
+    )
+    .await;
+    let keys = candidate_keys(&server, &etcd_name).await;
+    let values: Vec<&str> = keys.iter().map(|(_, value, _)| value.as_str()).collect();
+    assert_eq!(
+        values,
+        ["etcdctl-first", "leasehold-second", "etcdctl-third"]
+    );
+    assert!(!campaign.is_finished(), "elected while etcdctl leads");
+
+    first.kill();
+    let mut etcd = etcd_client::Client::connect([server.endpoint()], None)
+        .await
+        .unwrap();
+    etcd.lease_revoke(keys[0].2).await.unwrap();
+    let leadership = tokio::time::timeout(PROMPT, campaign)
+        .await
+        .expect("leasehold, second in the queue, is elected")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        election.leader().await.unwrap().map(|l| l.value),
+        Some("leasehold-second".to_owned())
+    );
+    let term = leadership.term();
+    leadership.resign().await.unwrap();
+    assert_eq!(third.next_leader(&etcd_name), "etcdctl-third");
+
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let change = tokio::time::timeout(PROMPT, changes.next())
+            .await
+            .expect("the observer is told each leader")
+            .expect("the observation goes on");
+        seen.push(change.map(|l| (l.value, l.term)));
+    }
+    let values: Vec<Option<&str>> = seen
+        .iter()
+        .map(|l| l.as_ref().map(|(value, _)| value.as_str()))
+        .collect();
+    assert_eq!(
+        values,
+        [
+            Some("etcdctl-first"),
+            Some("leasehold-second"),
+            Some("etcdctl-third")
+        ]
+    );
+    let terms: Vec<u64> = seen.iter().flatten().map(|(_, term)| *term).collect();
+    assert_eq!(terms[1], term);
+    assert!(terms.windows(2).all(|t| t[0] < t[1]), "{terms:?}");
+    third.stop();
     client.shutdown().await;
 }
 

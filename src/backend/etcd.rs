@@ -84,7 +84,9 @@
 //! the ttl in seconds the key's lease was granted with, and the holder's metadata if it gave
 //! any. Compare-and-delete and every other "is this still ours?" check compare the value's
 //! owner part inside the transaction (see `owner_compares`), so one transaction does it
-//! without knowing the rest of the value.
+//! without knowing the rest of the value. An election candidate's key holds the candidate's
+//! value as it is, as etcd's Go client writes it; its checks compare the key's create
+//! revision instead (see `election.rs`).
 //!
 //! # Ttls are whole seconds
 //! etcd leases have a ttl in whole seconds, and the server raises any ttl below its minimum
@@ -554,6 +556,12 @@ impl LockBackend for EtcdBackend {
         if lease.permits.is_some() {
             return Ok(self.renew_permits(lease, ttl).await?.then_some(asked_at));
         }
+        // A leadership's key holds the candidate's raw value, not a lock value: it is
+        // renewed by what etcd says of the key itself (see `election.rs`).
+        if let Some(leadership) = self.leadership(lease) {
+            let held = self.renew_leadership(lease, ttl, leadership).await?;
+            return Ok(held.then_some(asked_at));
+        }
         match &self.session {
             Some(session) => self.renew_on_session(session, lease, ttl, asked_at).await,
             None => Ok(self.renew_lease(lease, ttl).await?.then_some(asked_at)),
@@ -577,6 +585,9 @@ impl LockBackend for EtcdBackend {
         // half-way (a key actor bounds it by its budget) leaves no record behind.
         if let Some(held) = self.held_keys_if_started() {
             held.forget(lease.owner);
+        }
+        if let Some(leadership) = self.leadership(lease) {
+            return self.release_leadership(lease, leadership).await;
         }
         let Some(lock_key) = self.locate(lease).await? else {
             return Ok(false);
@@ -638,12 +649,7 @@ impl LockBackend for EtcdBackend {
             key: key.to_owned(),
             fencing_token: token(kv.create_revision())?,
             remaining_ttl,
-            metadata: match Holder::decode(kv.value()) {
-                Some(holder) => holder.metadata.map(str::to_owned),
-                // Another client's key (`etcdctl elect NAME VALUE`): its value as it is.
-                None if !kv.value().is_empty() => Some(election::value_of(kv.value())),
-                None => None,
-            },
+            metadata: shown_metadata(&kv),
         }))
     }
 
@@ -726,7 +732,7 @@ impl LockBackend for EtcdBackend {
                 key,
                 fencing_token: token(kv.create_revision())?,
                 remaining_ttl,
-                metadata: Holder::decode(kv.value()).and_then(|h| h.metadata.map(str::to_owned)),
+                metadata: shown_metadata(&kv),
             });
         }
         Ok(held)
@@ -795,6 +801,17 @@ impl LockBackend for EtcdBackend {
             }
         });
         Ok(events.flatten().boxed())
+    }
+}
+
+/// What `inspect` and `list` show as a key's metadata: a lock value's metadata, or a raw
+/// value as it is (an election candidate's, leasehold's or another client's such as
+/// `etcdctl elect NAME VALUE`).
+fn shown_metadata(kv: &KeyValue) -> Option<String> {
+    match Holder::decode(kv.value()) {
+        Some(holder) => holder.metadata.map(str::to_owned),
+        None if !kv.value().is_empty() => Some(election::value_of(kv.value())),
+        None => None,
     }
 }
 

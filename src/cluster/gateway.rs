@@ -3,7 +3,7 @@
 //! node), turns [`RemoteLockMsg`]s into [`LockManagerMsg`]s, and keeps the [`LockGuard`] of
 //! every lease it took for a remote holder, keyed by owner token.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,15 +13,18 @@ use ractor_cluster::RactorClusterMessage;
 use tokio::task::JoinSet;
 
 use super::protocol::{
-    KeyRequest, LeaseDescriptor, LeaseRequest, RemoteAcquire, RemoteError, RemoteErrorKind,
-    RemoteEvent, RemoteLockEvent, RemoteLockInfo, RemoteReply,
+    HandOverRequest, Heartbeat, HeartbeatAck, KeyRequest, LeaseDescriptor, LeaseRequest,
+    RemoteAcquire, RemoteError, RemoteErrorKind, RemoteEvent, RemoteLockEvent, RemoteLockInfo,
+    RemoteReply,
 };
 use super::{RemoteHolder, PROCESS_GROUP};
 use crate::client::LockClient;
 use crate::error::Error;
+use crate::event::ReleaseReason;
 use crate::guard::LockGuard;
 use crate::manager::LockManagerMsg;
 use crate::options::LockOptions;
+use crate::task::AbortOnDrop;
 
 /// The messages a remote actor sends to a [`ClusterGateway`]. Every argument and reply
 /// crosses the wire; most applications use [`RemoteLockClient`](super::RemoteLockClient)
@@ -55,6 +58,66 @@ pub enum RemoteLockMsg {
     /// The answer comes once the subscription is in place.
     #[rpc]
     Subscribe(RemoteHolder, RpcReplyPort<RemoteReply<()>>),
+    /// Hand a lease this gateway holds to another remote holder actor: same lease, same
+    /// fencing token, the new holder monitored instead of the old.
+    #[rpc]
+    HandOver(HandOverRequest, RpcReplyPort<RemoteReply<()>>),
+    /// A liveness session's sign of life (see [`Heartbeat`]); answered at once, with the
+    /// gateway's bound, or `SessionExpired` for a session whose leases were released.
+    #[rpc]
+    Heartbeat(Heartbeat, RpcReplyPort<RemoteReply<HeartbeatAck>>),
+}
+
+/// The shortest liveness bound a gateway accepts.
+pub const MIN_LIVENESS_BOUND: Duration = Duration::from_millis(100);
+/// The longest liveness bound a gateway accepts.
+pub const MAX_LIVENESS_BOUND: Duration = Duration::from_secs(3600);
+
+/// How a [`ClusterGateway`] holds remote nodes to account (builder, `Default`).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct GatewayOptions {
+    liveness_bound: Duration,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        GatewayOptions {
+            liveness_bound: Duration::from_secs(10),
+        }
+    }
+}
+
+impl GatewayOptions {
+    /// A liveness bound of 10 s.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The liveness bound: a remote session (a [`RemoteLockClient`](super::RemoteLockClient)
+    /// and its leases) not heard from for longer loses its leases, released with
+    /// [`ReleaseReason::HolderSilent`]. Remote clients heartbeat every quarter of it and stop
+    /// trusting their leases four fifths of it after the last heartbeat the gateway
+    /// answered. Between [`MIN_LIVENESS_BOUND`] and [`MAX_LIVENESS_BOUND`].
+    pub fn with_liveness_bound(mut self, bound: Duration) -> Self {
+        self.liveness_bound = bound;
+        self
+    }
+
+    /// The liveness bound.
+    pub fn liveness_bound(&self) -> Duration {
+        self.liveness_bound
+    }
+
+    fn validate(&self) -> crate::Result<()> {
+        let bound = self.liveness_bound;
+        if !(MIN_LIVENESS_BOUND..=MAX_LIVENESS_BOUND).contains(&bound) {
+            return Err(Error::InvalidConfig(format!(
+                "gateway liveness bound {bound:?} is outside {MIN_LIVENESS_BOUND:?}..={MAX_LIVENESS_BOUND:?}"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The gateway actor. Start one per manager with [`ClusterGateway::start`].
@@ -63,11 +126,45 @@ pub struct ClusterGateway;
 /// The gateway's state (opaque).
 pub struct GatewayState {
     client: LockClient,
-    /// The leases held for remote holders. Shared with the request tasks, which insert
-    /// (acquire) and remove (release) while the gateway goes on serving others.
-    leases: Arc<Mutex<HashMap<u128, LockGuard>>>,
+    /// The leases held for remote holders and the liveness sessions they belong to. Shared
+    /// with the request tasks, which insert (acquire) and remove (release) while the gateway
+    /// goes on serving others, and with the liveness check.
+    remotes: Arc<Mutex<Remotes>>,
+    bound: Duration,
     /// Requests in flight (an acquisition may wait a long time). They die with the gateway.
     tasks: JoinSet<()>,
+    /// The liveness check, every eighth of the bound; dies with the gateway.
+    _liveness: AbortOnDrop<()>,
+}
+
+/// What the gateway holds for other nodes.
+#[derive(Default)]
+struct Remotes {
+    /// By owner token: the guard, and the liveness session it was taken for.
+    leases: HashMap<u128, (LockGuard, Option<u128>)>,
+    /// When each live session was last heard from (a heartbeat or a request).
+    heard: HashMap<u128, tokio::time::Instant>,
+    /// Sessions whose leases were released for silence: they stay over.
+    expired: HashSet<u128>,
+}
+
+impl Remotes {
+    /// `session` was heard from now; an error if it is over.
+    fn heard_from(&mut self, session: u128) -> Result<(), RemoteError> {
+        if self.expired.contains(&session) {
+            return Err(session_expired());
+        }
+        self.heard.insert(session, tokio::time::Instant::now());
+        Ok(())
+    }
+}
+
+fn session_expired() -> RemoteError {
+    RemoteError::new(
+        RemoteErrorKind::SessionExpired,
+        "the gateway did not hear from this node within its liveness bound and released its \
+         leases",
+    )
 }
 
 /// How long the gateway looks for a remote holder it has not heard of yet: ractor_cluster
@@ -82,6 +179,15 @@ impl ClusterGateway {
     /// Dropping the returned reference does not stop the gateway; stopping it releases every
     /// lease it holds for remote holders.
     pub async fn start(client: &LockClient) -> crate::Result<ActorRef<RemoteLockMsg>> {
+        Self::start_with_options(client, GatewayOptions::new()).await
+    }
+
+    /// As [`start`](Self::start), with `options` (checked before anything starts).
+    pub async fn start_with_options(
+        client: &LockClient,
+        options: GatewayOptions,
+    ) -> crate::Result<ActorRef<RemoteLockMsg>> {
+        options.validate()?;
         let manager = client.manager();
         let name = format!(
             "{}/cluster",
@@ -90,7 +196,7 @@ impl ClusterGateway {
         let (gateway, _join) = Actor::spawn_linked(
             Some(name.clone()),
             ClusterGateway,
-            client.clone(),
+            (client.clone(), options),
             manager.get_cell(),
         )
         .await
@@ -104,21 +210,26 @@ impl ClusterGateway {
 impl Actor for ClusterGateway {
     type Msg = RemoteLockMsg;
     type State = GatewayState;
-    type Arguments = LockClient;
+    type Arguments = (LockClient, GatewayOptions);
 
     async fn pre_start(
         &self,
         myself: ActorRef<RemoteLockMsg>,
-        client: LockClient,
+        (client, options): (LockClient, GatewayOptions),
     ) -> Result<GatewayState, ActorProcessingErr> {
         ractor::pg::join(PROCESS_GROUP.to_owned(), vec![myself.get_cell()]);
         // Linked as the manager's child, the gateway would outlive it (ractor does not stop
         // children with their supervisor): watch it, and go with it.
         myself.get_cell().monitor(client.manager().get_cell());
+        let remotes = Arc::<Mutex<Remotes>>::default();
+        let bound = options.liveness_bound;
+        let liveness = tokio::spawn(release_silent(remotes.clone(), bound));
         Ok(GatewayState {
             client,
-            leases: Arc::default(),
+            remotes,
+            bound,
             tasks: JoinSet::new(),
+            _liveness: AbortOnDrop(liveness),
         })
     }
 
@@ -131,26 +242,45 @@ impl Actor for ClusterGateway {
         while state.tasks.try_join_next().is_some() {}
         // Leases already released by their key actor (holder stopped, lease lost) go.
         state
-            .leases
+            .remotes
             .lock()
-            .expect("lease map")
-            .retain(|_, guard| guard.deadline().is_some());
+            .expect("remote leases")
+            .leases
+            .retain(|_, (guard, _)| guard.deadline().is_some());
         let manager = state.client.manager().clone();
-        let leases = state.leases.clone();
+        let remotes = state.remotes.clone();
         match msg {
+            RemoteLockMsg::Heartbeat(beat, reply) => {
+                // Answered here, not in a task: a heartbeat waits for nothing.
+                let answer = remotes
+                    .lock()
+                    .expect("remote leases")
+                    .heard_from(beat.session)
+                    .map(|()| HeartbeatAck { bound: state.bound });
+                let _ = reply.send(RemoteReply(answer));
+            }
             RemoteLockMsg::Acquire(request, reply) => {
+                // The request is a sign of life too: counted from now, its arrival.
+                if let Some(session) = request.session {
+                    let heard = remotes.lock().expect("remote leases").heard_from(session);
+                    if let Err(error) = heard {
+                        let _ = reply.send(RemoteReply(Err(error)));
+                        return Ok(());
+                    }
+                }
                 state.tasks.spawn(async move {
-                    let answer = acquire(&manager, &leases, request).await;
+                    let answer = acquire(&manager, &remotes, request).await;
                     let _ = reply.send(RemoteReply(answer));
                 });
             }
             RemoteLockMsg::Release(request, reply) => {
                 let guard = {
-                    let mut leases = leases.lock().expect("lease map");
-                    match leases.get(&request.owner.as_u128()) {
-                        Some(g) if g.key() == request.key => {
-                            leases.remove(&request.owner.as_u128())
-                        }
+                    let mut remotes = remotes.lock().expect("remote leases");
+                    match remotes.leases.get(&request.owner.as_u128()) {
+                        Some((g, _)) if g.key() == request.key => remotes
+                            .leases
+                            .remove(&request.owner.as_u128())
+                            .map(|(guard, _)| guard),
                         _ => None,
                     }
                 };
@@ -172,27 +302,50 @@ impl Actor for ClusterGateway {
                     let _ = reply.send(RemoteReply(answer));
                 });
             }
+            RemoteLockMsg::HandOver(request, reply) => {
+                state.tasks.spawn(async move {
+                    let answer = hand_over(&remotes, request).await;
+                    let _ = reply.send(RemoteReply(answer));
+                });
+            }
             RemoteLockMsg::Renew(request, reply) => {
                 // One of ours: renewed through its guard, which knows its key actor (a
                 // semaphore's permits cannot be found by name: one node may hold several).
-                let guard = {
-                    let mut leases = leases.lock().expect("lease map");
-                    match leases.get(&request.owner.as_u128()) {
-                        Some(g) if g.key() == request.key => {
-                            leases.remove(&request.owner.as_u128())
+                let owner = request.owner.as_u128();
+                let taken = {
+                    let mut remotes = remotes.lock().expect("remote leases");
+                    match remotes.leases.get(&owner) {
+                        Some((guard, _)) if guard.key() == request.key => {
+                            remotes.leases.remove(&owner)
                         }
                         _ => None,
                     }
                 };
                 state.tasks.spawn(async move {
-                    let answer = match guard {
-                        Some(guard) => {
+                    let answer = match taken {
+                        Some((guard, session)) => {
                             let renewed = guard.renew(request.ttl).await;
-                            leases
-                                .lock()
-                                .expect("lease map")
-                                .insert(guard.owner().as_u128(), guard);
-                            renewed.map_err(RemoteError::from)
+                            // Back in the map, unless its session went silent meanwhile (as
+                            // for a hand-over).
+                            let silent = {
+                                let mut remotes = remotes.lock().expect("remote leases");
+                                let silent = session
+                                    .is_some_and(|session| remotes.expired.contains(&session));
+                                if silent {
+                                    Some(guard)
+                                } else {
+                                    remotes.leases.insert(owner, (guard, session));
+                                    None
+                                }
+                            };
+                            match silent {
+                                Some(guard) => {
+                                    let reason = ReleaseReason::HolderSilent;
+                                    let _ = guard.release_because(reason).await;
+                                    Err(session_expired())
+                                }
+                                None => renewed.map_err(RemoteError::from),
+                            }
                         }
                         None => {
                             ask(&manager, |reply| LockManagerMsg::Renew {
@@ -271,9 +424,10 @@ impl Actor for ClusterGateway {
 /// when its node's session ends, and the key actor then releases with `HolderStopped`.
 async fn acquire(
     manager: &ActorRef<LockManagerMsg>,
-    leases: &Mutex<HashMap<u128, LockGuard>>,
+    remotes: &Mutex<Remotes>,
     request: RemoteAcquire,
 ) -> Result<Option<LeaseDescriptor>, RemoteError> {
+    let session = request.session;
     let holder = find(&request.holder).await?;
     let mut options = LockOptions::new()
         .with_holder(holder)
@@ -309,14 +463,102 @@ async fn acquire(
             .await?
         }
     };
-    Ok(guard.map(|guard| {
-        let lease = LeaseDescriptor::of(&guard);
-        leases
-            .lock()
-            .expect("lease map")
-            .insert(lease.owner.as_u128(), guard);
-        lease
-    }))
+    let Some(guard) = guard else {
+        return Ok(None);
+    };
+    let lease = LeaseDescriptor::of(&guard);
+    let silent = {
+        let mut remotes = remotes.lock().expect("remote leases");
+        let silent = session.is_some_and(|session| remotes.expired.contains(&session));
+        if !silent {
+            remotes
+                .leases
+                .insert(lease.owner.as_u128(), (guard, session));
+            return Ok(Some(lease));
+        }
+        guard
+    };
+    // The session went silent while the request waited: nobody there to hold it.
+    let _ = silent.release_because(ReleaseReason::HolderSilent).await;
+    Err(session_expired())
+}
+
+/// Hands a lease this gateway holds to another remote holder's stand-in. The guard leaves the
+/// map while its key actor is asked (a guard cannot be used under the map's lock), and comes
+/// back unless its session went silent meanwhile.
+async fn hand_over(remotes: &Mutex<Remotes>, request: HandOverRequest) -> Result<(), RemoteError> {
+    let holder = find(&request.holder).await?;
+    let owner = request.lease.owner.as_u128();
+    let taken = {
+        let mut remotes = remotes.lock().expect("remote leases");
+        match remotes.leases.get(&owner) {
+            Some((guard, _)) if guard.key() == request.lease.key => remotes.leases.remove(&owner),
+            _ => None,
+        }
+    };
+    let Some((guard, session)) = taken else {
+        return Err(RemoteError::from(Error::NotHeld {
+            key: request.lease.key,
+        }));
+    };
+    let answer = guard.hand_over(holder).await.map_err(RemoteError::from);
+    let silent = {
+        let mut remotes = remotes.lock().expect("remote leases");
+        let silent = session.is_some_and(|session| remotes.expired.contains(&session));
+        if !silent {
+            remotes.leases.insert(owner, (guard, session));
+            return answer;
+        }
+        guard
+    };
+    let _ = silent.release_because(ReleaseReason::HolderSilent).await;
+    Err(session_expired())
+}
+
+/// The liveness check: every eighth of the bound, the sessions not heard from within the
+/// bound are over, and their leases are released (`Released` with `HolderSilent`). A remote
+/// client stops trusting its leases four fifths of the bound after it SENT its last answered
+/// heartbeat, which reached the gateway after it was sent: so before this releases them.
+async fn release_silent(remotes: Arc<Mutex<Remotes>>, bound: Duration) {
+    let every = bound / 8;
+    loop {
+        tokio::time::sleep(every).await;
+        let silent: Vec<LockGuard> = {
+            let mut remotes = remotes.lock().expect("remote leases");
+            let now = tokio::time::Instant::now();
+            let over: Vec<u128> = remotes
+                .heard
+                .iter()
+                .filter(|(_, heard)| now.saturating_duration_since(**heard) > bound)
+                .map(|(session, _)| *session)
+                .collect();
+            if over.is_empty() {
+                continue;
+            }
+            for session in &over {
+                remotes.heard.remove(session);
+                remotes.expired.insert(*session);
+            }
+            let owners: Vec<u128> = remotes
+                .leases
+                .iter()
+                .filter(|(_, (_, session))| session.is_some_and(|s| over.contains(&s)))
+                .map(|(owner, _)| *owner)
+                .collect();
+            owners
+                .iter()
+                .filter_map(|owner| remotes.leases.remove(owner).map(|(guard, _)| guard))
+                .collect()
+        };
+        let releases = silent
+            .into_iter()
+            .map(|guard| guard.release_because(ReleaseReason::HolderSilent));
+        for released in futures::future::join_all(releases).await {
+            if let Err(error) = released {
+                tracing::debug!(%error, "releasing a silent node's lease failed");
+            }
+        }
+    }
 }
 
 /// The local stand-in of a remote actor, by the group it alone joined. Only stand-ins count:

@@ -30,6 +30,10 @@ pub struct RemoteAcquire {
     pub(super) permits: Option<u32>,
     /// How many permits at once (1 unless `with_permits` said).
     pub(super) count: u32,
+    /// The liveness session of the asking node (see [`Heartbeat`]), set by
+    /// [`RemoteLockClient`](super::RemoteLockClient): the lease goes when the gateway does not
+    /// hear from that session within its bound.
+    pub(super) session: Option<u128>,
 }
 
 impl RemoteAcquire {
@@ -46,6 +50,7 @@ impl RemoteAcquire {
             holder: holder.clone(),
             permits: None,
             count: 1,
+            session: None,
         }
     }
 
@@ -83,11 +88,11 @@ impl RemoteAcquire {
         self
     }
 
-    /// Whether the manager renews the lease (default on). Turn it off where the holder's node
-    /// may go silent without its connection closing (a partition, a paused process):
-    /// ractor_cluster 0.16 notices a lost node only when its connection closes, while a lease
-    /// the holder renews itself ([`RemoteLockClient::renew`](super::RemoteLockClient::renew))
-    /// expires at its ttl once the renewals stop coming.
+    /// Whether the manager renews the lease (default on). A silent node's leases go at the
+    /// gateway's liveness bound either way (see the [`cluster`](super) module); off, the
+    /// holder renews the lease itself
+    /// ([`RemoteLockClient::renew`](super::RemoteLockClient::renew)) and it also expires at
+    /// its ttl once the renewals stop coming.
     pub fn with_auto_renew(mut self, auto_renew: bool) -> Self {
         self.auto_renew = auto_renew;
         self
@@ -133,6 +138,24 @@ impl LeaseDescriptor {
     }
 }
 
+/// A remote node's sign of life to a gateway, for one liveness session (a
+/// [`RemoteLockClient`](super::RemoteLockClient) and the leases it took). The gateway releases
+/// a session's leases when it has not heard from it (a heartbeat or a request) within its
+/// bound; the remote side counts its own deadline from when it SENT the last heartbeat the
+/// gateway answered, so it stops trusting its leases before the gateway lets them go.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    pub(super) session: u128,
+}
+
+/// A gateway's answer to a [`Heartbeat`]: the session is alive, and the bound it is held to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HeartbeatAck {
+    /// The gateway's liveness bound: silent for longer, a session's leases are released.
+    pub bound: Duration,
+}
+
 /// A lease named by message: release it, or renew it to `ttl`.
 #[derive(Debug, Clone)]
 pub struct LeaseRequest {
@@ -151,6 +174,24 @@ impl LeaseRequest {
             key: lease.key.clone(),
             owner: lease.owner,
             ttl,
+        }
+    }
+}
+
+/// A lease to hand to another remote holder actor (see
+/// [`LockGuard::hand_over`](crate::LockGuard::hand_over)): same lease, same fencing token.
+#[derive(Debug, Clone)]
+pub struct HandOverRequest {
+    pub(super) lease: LeaseRequest,
+    pub(super) holder: RemoteHolder,
+}
+
+impl HandOverRequest {
+    /// Hand `lease` to `holder`.
+    pub fn new(lease: &LeaseDescriptor, holder: &RemoteHolder) -> Self {
+        HandOverRequest {
+            lease: LeaseRequest::new(lease, lease.ttl),
+            holder: holder.clone(),
         }
     }
 }
@@ -209,6 +250,9 @@ pub enum RemoteErrorKind {
     HolderNotFound,
     /// The gateway did not answer (its node is unreachable, or the call timed out).
     Unreachable,
+    /// The gateway had not heard from this liveness session within its bound and released
+    /// its leases; the session is over.
+    SessionExpired,
 }
 
 /// An [`Error`] as it crosses the wire: its kind and its message (the local error's
@@ -236,7 +280,7 @@ impl RemoteError {
         match self.kind {
             RemoteErrorKind::Manager(kind) => kind.is_retryable(),
             RemoteErrorKind::Unreachable => true,
-            RemoteErrorKind::HolderNotFound => false,
+            RemoteErrorKind::HolderNotFound | RemoteErrorKind::SessionExpired => false,
         }
     }
 
@@ -245,7 +289,7 @@ impl RemoteError {
         match self.kind {
             RemoteErrorKind::Manager(kind) => kind.is_invalid_input(),
             RemoteErrorKind::HolderNotFound => true,
-            RemoteErrorKind::Unreachable => false,
+            RemoteErrorKind::Unreachable | RemoteErrorKind::SessionExpired => false,
         }
     }
 
@@ -319,6 +363,8 @@ pub enum RemoteEventKind {
     BackendDown,
     /// The backend actor was restarted.
     BackendRestored,
+    /// The lease was handed to another holder actor; same fencing token.
+    HandedOver,
 }
 
 impl From<LockEvent> for RemoteEvent {
@@ -338,6 +384,7 @@ impl From<LockEvent> for RemoteEvent {
             }
             LockEventKind::BackendDown => RemoteEventKind::BackendDown,
             LockEventKind::BackendRestored => RemoteEventKind::BackendRestored,
+            LockEventKind::HandedOver => RemoteEventKind::HandedOver,
         };
         RemoteEvent {
             backend: event.backend.to_string(),
@@ -429,6 +476,7 @@ wire_unit_enum!(ReleaseReason {
     ReleaseReason::HolderStopped,
     ReleaseReason::Shutdown,
     ReleaseReason::Abandoned,
+    ReleaseReason::HolderSilent,
 });
 wire_unit_enum!(StoreErrorKind {
     StoreErrorKind::Unavailable,
@@ -496,6 +544,7 @@ impl Wire for RemoteErrorKind {
             }
             RemoteErrorKind::HolderNotFound => out.push(1),
             RemoteErrorKind::Unreachable => out.push(2),
+            RemoteErrorKind::SessionExpired => out.push(3),
         }
     }
     fn take(input: &mut &[u8]) -> Option<Self> {
@@ -503,6 +552,7 @@ impl Wire for RemoteErrorKind {
             0 => Some(RemoteErrorKind::Manager(ErrorKind::take(input)?)),
             1 => Some(RemoteErrorKind::HolderNotFound),
             2 => Some(RemoteErrorKind::Unreachable),
+            3 => Some(RemoteErrorKind::SessionExpired),
             _ => None,
         }
     }
@@ -535,6 +585,7 @@ impl Wire for RemoteEventKind {
             }
             K::BackendDown => out.push(7),
             K::BackendRestored => out.push(8),
+            K::HandedOver => out.push(9),
         }
     }
     fn take(input: &mut &[u8]) -> Option<Self> {
@@ -559,6 +610,7 @@ impl Wire for RemoteEventKind {
             },
             7 => K::BackendDown,
             8 => K::BackendRestored,
+            9 => K::HandedOver,
             _ => return None,
         })
     }
@@ -606,7 +658,10 @@ wire_struct!(RemoteAcquire {
     holder,
     permits,
     count,
+    session,
 });
+wire_struct!(Heartbeat { session });
+wire_struct!(HeartbeatAck { bound });
 wire_struct!(LeaseDescriptor {
     key,
     backend,
@@ -621,6 +676,7 @@ wire_struct!(LeaseRequest {
     ttl
 });
 wire_struct!(KeyRequest { backend, key });
+wire_struct!(HandOverRequest { lease, holder });
 wire_struct!(RemoteLockInfo {
     key,
     fencing_token,
@@ -645,6 +701,9 @@ bytes_convertable!(
     RemoteReply<()>,
     RemoteReply<bool>,
     RemoteReply<Option<RemoteLockInfo>>,
+    Heartbeat,
+    RemoteReply<HeartbeatAck>,
+    HandOverRequest,
 );
 
 impl fmt::Display for RemoteHolder {
@@ -674,6 +733,7 @@ mod tests {
             .chain([
                 RemoteErrorKind::HolderNotFound,
                 RemoteErrorKind::Unreachable,
+                RemoteErrorKind::SessionExpired,
             ]);
         for kind in kinds {
             let error = RemoteError::new(kind, "said");
