@@ -315,37 +315,28 @@ impl KeyState {
         let store = &ctx.store;
         // One attempt always gets its full operation budget, even if it overruns the wait
         // budget: a short wait must still try at least once.
-        let attempt = timeout_at(sent_at + ctx.timing.op_timeout, async {
-            match (request.candidate, request.permits) {
-                (_, Some(permits)) => {
-                    store
-                        .acquire_permits(&request.name, owner, request.ttl, permits, metadata)
-                        .await
-                }
-                (Some(_), None) => {
-                    let value = metadata.unwrap_or_default();
-                    store
-                        .campaign(&request.key, owner, request.ttl, value)
-                        .await
-                }
-                (None, None) => {
-                    store
-                        .acquire(&request.key, owner, request.ttl, metadata)
-                        .await
-                }
+        let (op, attempt) = match (request.permits, request.primitive()) {
+            (Some(permits), _) => (
+                StoreOp::AcquirePermits,
+                store.acquire_permits(&request.name, owner, request.ttl, permits, metadata),
+            ),
+            (None, Primitive::Election) => {
+                let value = metadata.unwrap_or_default();
+                let campaign = store.campaign(&request.key, owner, request.ttl, value);
+                (StoreOp::Campaign, campaign)
             }
-        })
-        .await
-        .unwrap_or(Err(StoreError::TimedOut {
-            op: "acquire",
-            after: ctx.timing.op_timeout,
-        }));
-        let now = Instant::now();
-        let op = match (request.candidate, request.permits) {
-            (_, Some(_)) => StoreOp::AcquirePermits,
-            (Some(_), None) => StoreOp::Campaign,
-            (None, None) => StoreOp::Acquire,
+            (None, _) => (
+                StoreOp::Acquire,
+                store.acquire(&request.key, owner, request.ttl, metadata),
+            ),
         };
+        let attempt = timeout_at(sent_at + ctx.timing.op_timeout, attempt)
+            .await
+            .unwrap_or(Err(StoreError::TimedOut {
+                op: "acquire",
+                after: ctx.timing.op_timeout,
+            }));
+        let now = Instant::now();
         ctx.answered(op, now - sent_at, &attempt);
         let outcome = match attempt {
             Ok(Acquisition::Acquired(lease)) => {

@@ -63,8 +63,6 @@ impl AcquireRequest {
             _ => None,
         };
         let name: Arc<str> = key.into();
-        let primitive = Primitive::of(options.permits.is_some(), options.candidate.is_some());
-        ctx.emit(primitive, &name, None, LockEventKind::Requested);
         let key = match options.permits {
             // NUL is in no valid key, so no lock's slot is ever one of these.
             Some(_) => {
@@ -74,7 +72,7 @@ impl AcquireRequest {
             }
             None => name.clone(),
         };
-        Ok(AcquireRequest {
+        let request = AcquireRequest {
             key,
             name,
             permits: options.permits,
@@ -86,7 +84,14 @@ impl AcquireRequest {
             metadata: options.metadata,
             candidate: options.candidate,
             requested_at,
-        })
+        };
+        ctx.emit(
+            request.primitive(),
+            &request.name,
+            None,
+            LockEventKind::Requested,
+        );
+        Ok(request)
     }
 
     pub(crate) fn tries_once(&self) -> bool {
