@@ -69,6 +69,11 @@ impl EtcdBackend {
 
     /// The leadership `lease` is, if it is one this backend elected.
     pub(super) fn leadership(&self, lease: &Lease) -> Option<Leadership> {
+        // Only a `lock`-mode backend campaigns (see `needs_lock_mode`): a `txn`-mode one has no
+        // leaderships, and its renewals and releases skip the look-up under the lock.
+        if self.mode != EtcdMode::Lock {
+            return None;
+        }
         let entry = self.entries().get(&lease.owner).cloned()?;
         let term = entry.term?;
         Some((entry.key, entry.lease, term))
