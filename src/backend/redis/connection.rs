@@ -96,8 +96,7 @@ impl RedisBackend {
         let conn = match timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok(conn)) => Conn::Server {
                 conn,
-                client,
-                config,
+                setup: Arc::new(ServerSetup { client, config }),
             },
             Ok(Err(error)) => {
                 return Err(Error::Store {
@@ -224,21 +223,25 @@ fn malformed(url: &str, error: &dyn fmt::Display) -> Error {
     ))
 }
 
-/// The connection the lock scripts run on. Cheap to clone: clones share it.
-// Cloned for every call, as the `ConnectionManager` alone was before: boxing the large
-// variant would add an allocation to each.
-#[allow(clippy::large_enum_variant)]
+/// The connection the lock scripts run on. Cheap to clone: clones share it. It is cloned for
+/// every call, so everything but the connection itself is behind an `Arc`.
 #[derive(Clone)]
 pub(super) enum Conn {
     /// One server.
     Server {
         conn: ConnectionManager,
-        client: Client,
-        /// For more connections like it (see [`Conn::another`]).
-        config: ConnectionManagerConfig,
+        setup: Arc<ServerSetup>,
     },
     /// The primary the sentinels name.
     Sentinel(Arc<SentinelPrimary>),
+}
+
+/// What opens more connections to one server like the first (see [`Conn::another`] and
+/// [`Conn::pubsub`]). Its client's connection settings hold strings: shared, not copied on
+/// every call.
+pub(super) struct ServerSetup {
+    client: Client,
+    config: ConnectionManagerConfig,
 }
 
 impl Conn {
@@ -246,7 +249,7 @@ impl Conn {
     /// (un)subscribe commands, so it cannot be the multiplexed one the scripts use.
     pub(super) async fn pubsub(&self) -> RedisResult<PubSub> {
         match self {
-            Conn::Server { client, .. } => client.get_async_pubsub().await,
+            Conn::Server { setup, .. } => setup.client.get_async_pubsub().await,
             Conn::Sentinel(primary) => primary.pubsub().await,
         }
     }
@@ -255,8 +258,9 @@ impl Conn {
     /// (see `replica_ack.rs` for why).
     pub(super) async fn another(&self) -> RedisResult<Conn> {
         match self {
-            Conn::Server { client, config, .. } => {
-                let conn = ConnectionManager::new_with_config(client.clone(), config.clone());
+            Conn::Server { setup, .. } => {
+                let (client, config) = (setup.client.clone(), setup.config.clone());
+                let conn = ConnectionManager::new_with_config(client, config);
                 let conn = match timeout(CONNECT_TIMEOUT, conn).await {
                     Ok(conn) => conn?,
                     Err(_) => {
@@ -268,8 +272,7 @@ impl Conn {
                 };
                 Ok(Conn::Server {
                     conn,
-                    client: client.clone(),
-                    config: config.clone(),
+                    setup: Arc::clone(setup),
                 })
             }
             Conn::Sentinel(primary) => Ok(Conn::Sentinel(Arc::new(primary.another()))),
