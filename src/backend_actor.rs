@@ -37,7 +37,7 @@ use ractor::{
 use rand::Rng;
 use tokio::time::{timeout, Instant};
 
-use crate::backend::{Contention, OwnerToken};
+use crate::backend::{Contention, OwnerToken, ReleaseNotices};
 use crate::backend_ctx::{BackendCtx, Handover, Serving};
 use crate::error::{Error, Result, StoreError};
 use crate::event::{LockEventKind, ReleaseReason};
@@ -46,6 +46,7 @@ use crate::manager::LockManagerMsg;
 use crate::metrics::{Counted, StoreOp};
 use crate::request::{AcquireReply, AcquireRequest, InspectReply, Requeue};
 use crate::task::AbortOnDrop;
+use crate::timing::STORE_RETRY_PAUSE;
 
 /// How many idle key actors a backend keeps for its next acquisitions. Past that, a key
 /// actor whose job is done stops (an idle one costs a few KiB).
@@ -665,33 +666,20 @@ impl BackendState {
         {
             let ctx = self.ctx.clone();
             let (me, key, seen) = (myself.clone(), key.clone(), contention.clone());
-            let backend = self.ctx.name.clone();
             slot.watch = Some(AbortOnDrop(tokio::spawn(async move {
-                let subscribe = async {
-                    match &semaphore {
-                        Some(name) => ctx.store.subscribe_permits(name, &seen).await,
-                        None => ctx.store.subscribe(&key, &seen).await,
-                    }
-                };
-                match ctx.metrics.timed(StoreOp::Subscribe, subscribe).await {
-                    Ok(mut notices) => {
-                        // A release between the failed attempt and this subscription would
-                        // otherwise be missed: look once more now that notices flow.
-                        let mut wake = me.cast(BackendMsg::Wake(key.clone()));
-                        while wake.is_ok() && notices.next().await.is_some() {
-                            wake = me.cast(BackendMsg::Wake(key.clone()));
-                        }
-                        // The stream ended: its connection broke (a failover, a network
-                        // fault), and a release may have gone unheard. Look again now, rather
-                        // than at the backstop timer; an attempt that finds the key still held
-                        // subscribes again (this task has finished), on a new connection.
-                        if wake.is_ok() {
-                            let _ = me.cast(BackendMsg::Wake(key.clone()));
-                        }
-                    }
-                    Err(error) => {
-                        tracing::warn!(%backend, %key, %error, "release subscription failed; waiting on the backstop timer")
-                    }
+                let mut notices = subscribe_until_done(&ctx, &key, &seen, semaphore).await;
+                // A release between the failed attempt and this subscription would otherwise
+                // be missed: look once more now that notices flow.
+                let mut wake = me.cast(BackendMsg::Wake(key.clone()));
+                while wake.is_ok() && notices.next().await.is_some() {
+                    wake = me.cast(BackendMsg::Wake(key.clone()));
+                }
+                // The stream ended: its connection broke (a failover, a network fault), and a
+                // release may have gone unheard. Look again now, rather than at the backstop
+                // timer; an attempt that finds the key still held subscribes again (this task
+                // has finished), on a new connection.
+                if wake.is_ok() {
+                    let _ = me.cast(BackendMsg::Wake(key.clone()));
                 }
             })));
         }
@@ -785,4 +773,38 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic".into())
+}
+
+/// The longest pause between two tries at a release subscription that keeps failing.
+const SUBSCRIBE_RETRY_CAP: Duration = Duration::from_secs(2);
+
+/// Subscribes to the release notices a waiter on `key` needs, trying again after a pause
+/// (doubling, up to two seconds or the backstop cap) while the store refuses: a waiter whose subscription
+/// failed once (in a failover, say, when the sentinels name no primary for a moment) would
+/// otherwise hear nothing until its backstop, which can be as far off as the holder's ttl.
+/// The task that runs this is aborted when nobody waits for the key any more.
+async fn subscribe_until_done(
+    ctx: &BackendCtx,
+    key: &Arc<str>,
+    seen: &Contention,
+    semaphore: Option<Arc<str>>,
+) -> ReleaseNotices {
+    let mut pause = STORE_RETRY_PAUSE;
+    loop {
+        let subscribe = async {
+            match &semaphore {
+                Some(name) => ctx.store.subscribe_permits(name, seen).await,
+                None => ctx.store.subscribe(key, seen).await,
+            }
+        };
+        match ctx.metrics.timed(StoreOp::Subscribe, subscribe).await {
+            Ok(notices) => return notices,
+            Err(error) => {
+                let backend = &ctx.name;
+                tracing::warn!(%backend, %key, %error, retry_in = ?pause, "release subscription failed");
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(SUBSCRIBE_RETRY_CAP.min(ctx.timing.backstop_cap));
+    }
 }

@@ -27,6 +27,7 @@ use crate::event::{LockEventKind, LostReason, ReleaseReason};
 use crate::guard::{status_cell, LeaseStatus, LockGuard, StatusWriter};
 use crate::metrics::{Primitive, StoreOp};
 use crate::request::{AcquireReply, AcquireRequest, Requeue};
+use crate::timing::STORE_RETRY_PAUSE;
 use timer::RenewalTimer;
 
 /// Messages to a key actor. Sent by its backend actor (an attempt, a release or renewal by
@@ -811,6 +812,3 @@ impl KeyState {
 fn lose_at(deadline: Instant, ttl: Duration, drift: f64) -> Instant {
     deadline - ttl.mul_f64(drift / 2.0)
 }
-
-/// How long a waiting request pauses before trying a store that failed.
-const STORE_RETRY_PAUSE: Duration = Duration::from_millis(250);

@@ -4,6 +4,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// How long a waiting request pauses before trying a store that failed, and a waiter before
+/// its first new try at a release subscription that failed.
+pub(crate) const STORE_RETRY_PAUSE: Duration = Duration::from_millis(250);
+
 /// The time rules of DESIGN.md section 4.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Timing {

@@ -740,6 +740,87 @@ async fn release_notice_hands_the_lock_to_another_node_before_its_backstop() {
     waiter_node.shutdown().await;
 }
 
+/// A waiter whose release subscription is refused (here by an ACL that denies the channel;
+/// in a Sentinel failover, by a moment when no primary is named) while its attempts still
+/// find the key held tries the subscription again, instead of sleeping until its backstop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_release_subscription_is_tried_again_before_the_backstop() {
+    let server = RedisServer::start();
+    let mut admin = other_client(&server).await;
+    // The waiter's user may run the scripts and publish acquisitions, but not hear releases.
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "waiter",
+            "on",
+            ">pw",
+            "~*",
+            "+@all",
+            "resetchannels",
+            "&*:acquired",
+        ])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let long = Duration::from_secs(600);
+    let holder_node = start(server.backend().await).await;
+    let url = format!("redis://waiter:pw@127.0.0.1:{}", server.port());
+    let waiter_node = LockManager::builder()
+        .with_name(format!("redis-refused-{}", std::process::id()))
+        .with_backend("store", RedisBackend::connect(&url).await.unwrap())
+        .with_backstop_cap(long)
+        .start()
+        .await
+        .unwrap();
+    let key = unique_key("refused");
+    let held = holder_node
+        .try_lock(&key, LockOptions::new().with_ttl(long))
+        .await
+        .unwrap()
+        .unwrap();
+    let waiting = tokio::spawn({
+        let (node, key) = (waiter_node.clone(), key.clone());
+        async move { node.lock(&key, waiting(Duration::from_secs(60))).await }
+    });
+    let denied = || {
+        let mut admin = admin.clone();
+        async move {
+            let log: Vec<redis::Value> = redis::cmd("ACL")
+                .arg("LOG")
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+            !log.is_empty()
+        }
+    };
+    eventually("the subscription refused", Duration::from_secs(10), denied).await;
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "waiter", "allchannels"])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let channel = format!("{}:released", server.backend().await.lock_key(&key));
+    let subscribed = || {
+        let (mut admin, channel) = (admin.clone(), channel.clone());
+        async move { subscribers(&mut admin, &channel).await == 1 }
+    };
+    eventually(
+        "subscribed once allowed",
+        Duration::from_secs(10),
+        subscribed,
+    )
+    .await;
+    held.release().await.unwrap();
+    let guard = timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("woken by the release notice, not the backstop (10 min)")
+        .unwrap()
+        .unwrap();
+    guard.release().await.unwrap();
+    holder_node.shutdown().await;
+    waiter_node.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_redis_subscription_per_key_is_shared_and_ends_with_its_streams() {
     let server = RedisServer::start();
