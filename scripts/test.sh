@@ -36,10 +36,10 @@ step cargo build --no-default-features
 step cargo build
 # Every test, with ractor's cluster feature off and on (message types change shape): what
 # `cargo test --features testing` and `cargo test --all-features` run. Both are built first,
-# one after the other; then their test binaries run side by side, since the suites spend most
-# of their time waiting on servers and ttls, not on the CPU (each binary from its package's
-# directory, as `cargo test` runs it). A configuration's output is printed whole when both are
-# done; the doc tests run after them.
+# one after the other; then scripts/run-test-binaries.py runs their test binaries from a pool
+# of lanes (LEASEHOLD_TEST_LANES, default 3), the slowest suites first: the suites spend most
+# of their time waiting on servers and ttls, not on the CPU. It prints each configuration's
+# output whole when all are done, with each binary's time; the doc tests run after them.
 test_binaries() {
     cargo test "$@" --no-run --message-format=json-render-diagnostics | python3 -c '
 import json, os, sys
@@ -53,33 +53,21 @@ for line in sys.stdin:
         print(os.path.dirname(message["manifest_path"]) + "\t" + message["executable"])
 '
 }
-run_binaries() {
-    local dir exe status=0
-    while IFS=$'\t' read -r dir exe; do
-        echo "     Running $exe"
-        (cd "$dir" && "$exe") || status=1
-    done <"$1"
-    return $status
-}
 runs=$(mktemp -d)
-echo; echo "==> building the tests: cargo test --no-run --features testing, then --all-features"
+echo; echo "==> building the tests: cargo test --no-run --features testing, then --all-features, then the other members'"
 test_binaries --features testing >"$runs/off"
 test_binaries --all-features >"$runs/on"
-echo; echo "==> running them side by side ($(wc -l <"$runs/off") and $(wc -l <"$runs/on") test binaries)"
-run_binaries "$runs/off" >"$runs/off.log" 2>&1 &
-off=$!
-run_binaries "$runs/on" >"$runs/on.log" 2>&1 &
-on=$!
-failed=""
-wait "$off" || failed+=" --features testing"
-wait "$on" || failed+=" --all-features"
-echo; echo "==> tests with --features testing (cluster feature off)"; cat "$runs/off.log"
-echo; echo "==> tests with --all-features (cluster feature on)"; cat "$runs/on.log"
+# The other workspace members' own unit tests (test-support's checkers, the load test's).
+test_binaries --workspace --exclude leasehold --all-features >"$runs/members"
+lanes=${LEASEHOLD_TEST_LANES:-3}
+echo; echo "==> running them, $lanes at a time ($(cat "$runs"/off "$runs"/on "$runs"/members | wc -l) test binaries)"
+status=0
+python3 scripts/run-test-binaries.py "$lanes" \
+    "--features testing (cluster feature off)=$runs/off" \
+    "--all-features (cluster feature on)=$runs/on" \
+    "the other workspace members=$runs/members" || status=$?
 rm -rf "$runs"
-if [ -n "$failed" ]; then
-    echo; echo "==> tests FAILED with:$failed (see above)"
-    exit 1
-fi
+[ "$status" -eq 0 ] || exit 1
 step cargo test --doc --features testing
 step cargo test --doc --all-features
 step cargo run --example quickstart
