@@ -605,7 +605,7 @@ impl KeyState {
         let Some(held) = self.held.take() else {
             return self.not_held();
         };
-        let key = self.job_key();
+        let key = self.shared_job_name();
         let primitive = self.primitive();
         let error = Error::LeaseLost {
             key: key.to_string(),
@@ -648,7 +648,7 @@ impl KeyState {
         let Some(held) = self.held.take() else {
             return Err(self.not_held());
         };
-        let key = self.job_key();
+        let key = self.shared_job_name();
         let primitive = self.primitive();
         let ctx = self.ctx.clone();
         let token = held.lease.fencing_token;
@@ -730,7 +730,7 @@ impl KeyState {
             }
         }
         let token = held.lease.fencing_token;
-        let (primitive, key) = (self.primitive(), self.job_key());
+        let (primitive, key) = (self.primitive(), self.shared_job_name());
         self.ctx
             .emit(primitive, &key, Some(token), LockEventKind::HandedOver);
         if holder.get_status() >= ractor::ActorStatus::Stopping {
@@ -765,7 +765,7 @@ impl KeyState {
             .map_or(Primitive::Mutex, |job| job.primitive)
     }
 
-    /// The key of the job under way, for spans ("" while idle).
+    /// The name of the job under way, for spans ("" while idle).
     fn job_name(&self) -> &str {
         self.job.as_ref().map_or("", |job| &job.name)
     }
@@ -777,7 +777,10 @@ impl KeyState {
             .map_or(0, |held| held.lease.fencing_token)
     }
 
-    fn job_key(&self) -> Arc<str> {
+    /// The name of the job under way (the lock's key, the semaphore's name), shared, for
+    /// errors and events ("" while idle). Not the backend actor's slot key, which for a
+    /// semaphore's permit is a key of its own.
+    fn shared_job_name(&self) -> Arc<str> {
         self.job
             .as_ref()
             .map_or_else(|| "".into(), |job| job.name.clone())
