@@ -92,8 +92,10 @@
 //! (shared by clones). A task owns that connection: it is started by the first subscription,
 //! subscribes and unsubscribes channels as [`ReleaseNotices`] streams come and go, and is
 //! stopped when the last clone of the backend is dropped. If the connection breaks, every
-//! stream ends (the waiters' backstop timers take over) and the next subscription connects
-//! again. A lease that simply expires publishes nothing; the backstop timer covers that too.
+//! stream ends: each waiter looks at its key again at once, and the next subscription
+//! connects again (a refused subscription is tried again after a short pause, so a failover
+//! does not leave a waiter on its backstop timer). A lease that simply expires publishes
+//! nothing; the backstop timer covers that.
 //!
 //! # Connections
 //! Calls go through one multiplexed connection (every call of every clone pipelines onto it,
