@@ -114,7 +114,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use redis::{ErrorKind, RedisError, Script, ServerErrorKind, Value};
+use redis::{ErrorKind, RedisError, RedisResult, Script, ServerErrorKind, Value};
 use tokio::time::timeout;
 
 use crate::backend::{
@@ -123,6 +123,7 @@ use crate::backend::{
 };
 use crate::error::StoreError;
 
+mod cluster;
 mod connection;
 mod election;
 mod notices;
@@ -233,6 +234,32 @@ impl RedisBackend {
     /// add a suffix to it).
     pub fn lock_key(&self, key: &str) -> String {
         format!("{}{{{key}}}", self.prefix)
+    }
+
+    /// Every key matching `pattern` (`SCAN`; on a cluster, on every primary). A key may come
+    /// more than once.
+    async fn scan(&self, pattern: &str) -> RedisResult<Vec<String>> {
+        let mut conn = self.conn.clone();
+        if let Conn::Cluster { conn, .. } = &conn {
+            return cluster::scan(conn, pattern).await;
+        }
+        let mut keys = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            keys.extend(batch);
+            if next == 0 {
+                return Ok(keys);
+            }
+            cursor = next;
+        }
     }
 
     /// A failed call as a [`StoreError`] naming the operation and the server.
@@ -446,28 +473,21 @@ impl LockBackend for RedisBackend {
         // released between the two, and then it is not listed.
         let pattern = format!("{}{{{}*}}", glob_escape(&self.prefix), glob_escape(prefix));
         let lock_prefix = format!("{}{{", self.prefix);
-        let mut keys: Vec<String> = Vec::new();
-        let mut conn = self.conn.clone();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .map_err(|error| self.failed("list", error))?;
-            keys.extend(batch.iter().filter_map(|lock| {
-                let key = lock.strip_prefix(&lock_prefix)?.strip_suffix('}')?;
-                key.starts_with(prefix).then(|| key.to_owned())
-            }));
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
+        let mut keys: Vec<String> = self
+            .scan(&pattern)
+            .await
+            .map_err(|error| self.failed("list", error))?;
+        keys.retain_mut(|lock| {
+            let Some(key) = lock
+                .strip_prefix(&lock_prefix)
+                .and_then(|rest| rest.strip_suffix('}'))
+                .filter(|key| key.starts_with(prefix))
+            else {
+                return false;
+            };
+            *lock = key.to_owned();
+            true
+        });
         // SCAN may return a key more than once.
         keys.sort();
         keys.dedup();

@@ -5,9 +5,12 @@
 //! dropped. Ready when every node says `cluster_state:ok` and knows all six; a wait that runs
 //! out panics with every node's log.
 
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use crate::redis_sentinel::at_exit;
 use crate::redis_server::{free_port, RedisServer};
 use crate::resp::command;
 
@@ -74,6 +77,46 @@ impl RedisCluster {
         );
         cluster.wait_healthy();
         cluster
+    }
+
+    /// One cluster for every test of this process that only needs a cluster to talk to
+    /// (never failed over nor resharded): started by the first caller, stopped when the
+    /// process exits (test binaries do not drop statics, so an exit hook kills its nodes by
+    /// pid).
+    pub fn shared() -> &'static RedisCluster {
+        static SHARED: OnceLock<RedisCluster> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            let cluster = RedisCluster::start();
+            let pids = cluster.nodes.iter().map(RedisServer::pid).collect();
+            let dirs: Vec<PathBuf> = cluster.nodes.iter().map(|n| n.dir().to_owned()).collect();
+            at_exit::stop(pids, dirs);
+            cluster
+        })
+    }
+
+    /// `redis+cluster://127.0.0.1:P1,…`: every node, in the URL form `RedisBackend::connect`
+    /// takes.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .ports()
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    /// A backend on this cluster (its own connections: one backend is one node).
+    #[cfg(feature = "redis")]
+    pub async fn backend(&self) -> leasehold::RedisBackend {
+        leasehold::RedisBackend::connect(&self.url())
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "connect to {}: {e}\n{}",
+                    self.url(),
+                    self.logs_of_everything()
+                )
+            })
     }
 
     /// Every node's port.

@@ -5,6 +5,8 @@
 //!   that address by itself; pub/sub connections from its [`Client`].
 //! - Sentinel: the primary the sentinels name, looked up again after a failover (see
 //!   `sentinel.rs`).
+//! - Cluster: the `redis` crate's cluster connection, which routes each script to its slot's
+//!   primary; pub/sub connections on one of the primaries (see `cluster.rs`).
 //!
 //! Either way, opening one loads the scripts (proving the server answers and accepted the
 //! AUTH and SELECT) within [`CONNECT_TIMEOUT`](super::CONNECT_TIMEOUT).
@@ -15,6 +17,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, PubSub};
+use redis::cluster_async::ClusterConnection;
 use redis::sentinel::SentinelClient;
 use redis::{
     AsyncConnectionConfig, Client, Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisError,
@@ -22,6 +25,7 @@ use redis::{
 };
 use tokio::time::timeout;
 
+use super::cluster::{self, ClusterSetup};
 use super::notices::NoticeHub;
 use super::sentinel::{self, SentinelPrimary};
 use super::{
@@ -40,7 +44,10 @@ impl RedisBackend {
     ///   `rediss+sentinel://`: the primary the sentinels at those addresses (port 26379 when
     ///   left out) name `master-name`, followed across failovers (see
     ///   [`connect_sentinel`](Self::connect_sentinel)); the user and password are the data
-    ///   servers'.
+    ///   servers';
+    /// - `redis+cluster://[[user]:password@]host:port[,host:port…]`, or `rediss+cluster://`:
+    ///   a Redis Cluster, of which these are some nodes (see
+    ///   [`connect_cluster`](Self::connect_cluster)).
     ///
     /// A malformed URL is rejected before any I/O with [`Error::InvalidConfig`] naming it (its
     /// password hidden). A deployment that cannot be reached, or does not answer within
@@ -57,6 +64,10 @@ impl RedisBackend {
                 let client = parsed.client().map_err(|error| malformed(url, &error))?;
                 Self::connect_sentinel_as(client, describe).await
             }
+            Target::Cluster(nodes) => {
+                let describe = format!("the cluster of {}", hide_password(url));
+                Self::connect_cluster_as(nodes, describe).await
+            }
         }
     }
 
@@ -68,6 +79,9 @@ impl RedisBackend {
             Target::Server(_) => Ok(()),
             Target::Sentinel(parsed) => parsed
                 .client()
+                .map(drop)
+                .map_err(|error| malformed(url, &error)),
+            Target::Cluster(nodes) => cluster::client(nodes)
                 .map(drop)
                 .map_err(|error| malformed(url, &error)),
         }
@@ -141,6 +155,52 @@ impl RedisBackend {
         Ok(Self::on(conn.establish(&describe).await?, describe))
     }
 
+    /// Connects to a Redis Cluster through the `redis` crate's cluster connection, given some
+    /// of its nodes (it learns the others). Every node takes the settings of the first (user,
+    /// password, TLS). Slot migrations (`MOVED`, `ASK`) and failovers are followed by the
+    /// cluster connection; a call that fails meanwhile is a retryable error. A list without
+    /// a node is [`Error::InvalidConfig`], before any I/O.
+    pub async fn connect_cluster(nodes: impl IntoIterator<Item = ConnectionInfo>) -> Result<Self> {
+        let nodes: Vec<ConnectionInfo> = nodes.into_iter().collect();
+        let Some(first) = nodes.first() else {
+            return Err(Error::InvalidConfig(
+                "a Redis Cluster needs at least one node to connect to; the list is empty"
+                    .to_owned(),
+            ));
+        };
+        let describe = format!("the cluster of {}", first.addr());
+        Self::connect_cluster_as(nodes, describe).await
+    }
+
+    async fn connect_cluster_as(nodes: Vec<ConnectionInfo>, describe: String) -> Result<Self> {
+        let template = nodes[0].clone();
+        let client = cluster::client(nodes).map_err(|error| {
+            Error::InvalidConfig(format!("redis cluster {describe} is invalid: {error}"))
+        })?;
+        let conn = match timeout(CONNECT_TIMEOUT, client.get_async_connection()).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(error)) => {
+                return Err(Error::Store {
+                    backend: "redis".to_owned(),
+                    source: store_error(format!("cannot connect to redis at {describe}"), error),
+                })
+            }
+            Err(_) => {
+                return Err(Error::Store {
+                    backend: "redis".to_owned(),
+                    source: StoreError::unavailable(format!(
+                        "redis at {describe} did not answer within {CONNECT_TIMEOUT:?}"
+                    )),
+                })
+            }
+        };
+        let conn = Conn::Cluster {
+            conn,
+            setup: Arc::new(ClusterSetup { template }),
+        };
+        Ok(Self::on(conn.establish(&describe).await?, describe))
+    }
+
     /// A backend with the default settings on an established connection.
     fn on(conn: Conn, addr: String) -> Self {
         RedisBackend {
@@ -167,7 +227,7 @@ fn default_config() -> ConnectionManagerConfig {
 /// budget, so a server that stopped answering shows up as a store error first; well above any
 /// busy server's reply time, since an acquire the client stopped waiting for may still have
 /// been applied.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+pub(super) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The `redis` crate's client for the server a URL names now: the server of a `redis://` or
 /// `rediss://` URL, or the primary the sentinels of a `redis+sentinel://` URL name (checked to
@@ -193,6 +253,10 @@ pub async fn primary_client(url: &str) -> Result<Client> {
                 }),
             }
         }
+        Target::Cluster(_) => Err(Error::InvalidConfig(format!(
+            "{} names a Redis Cluster, which has a primary per shard, not one",
+            hide_password(url)
+        ))),
     }
 }
 
@@ -200,6 +264,7 @@ pub async fn primary_client(url: &str) -> Result<Client> {
 enum Target {
     Server(ConnectionInfo),
     Sentinel(sentinel::SentinelUrl),
+    Cluster(Vec<ConnectionInfo>),
 }
 
 fn parse(url: &str) -> Result<Target> {
@@ -209,6 +274,13 @@ fn parse(url: &str) -> Result<Target> {
     {
         let parsed = sentinel::parse_url(url).map_err(|why| malformed(url, &why))?;
         return Ok(Target::Sentinel(parsed));
+    }
+    if cluster::SCHEMES
+        .iter()
+        .any(|scheme| url.starts_with(scheme))
+    {
+        let nodes = cluster::parse_url(url).map_err(|why| malformed(url, &why))?;
+        return Ok(Target::Cluster(nodes));
     }
     let info = url
         .into_connection_info()
@@ -234,6 +306,11 @@ pub(super) enum Conn {
     },
     /// The primary the sentinels name.
     Sentinel(Arc<SentinelPrimary>),
+    /// A Redis Cluster.
+    Cluster {
+        conn: ClusterConnection,
+        setup: Arc<ClusterSetup>,
+    },
 }
 
 /// What opens more connections to one server like the first (see [`Conn::another`] and
@@ -245,12 +322,17 @@ pub(super) struct ServerSetup {
 }
 
 impl Conn {
+    pub(super) fn is_cluster(&self) -> bool {
+        matches!(self, Conn::Cluster { .. })
+    }
+
     /// A dedicated pub/sub connection: one in SUBSCRIBE mode can run nothing but
     /// (un)subscribe commands, so it cannot be the multiplexed one the scripts use.
     pub(super) async fn pubsub(&self) -> RedisResult<PubSub> {
         match self {
             Conn::Server { setup, .. } => setup.client.get_async_pubsub().await,
             Conn::Sentinel(primary) => primary.pubsub().await,
+            Conn::Cluster { conn, setup } => setup.pubsub(conn).await,
         }
     }
 
@@ -276,6 +358,8 @@ impl Conn {
                 })
             }
             Conn::Sentinel(primary) => Ok(Conn::Sentinel(Arc::new(primary.another()))),
+            // Replica acknowledgement, the one user of this, is refused on a cluster.
+            Conn::Cluster { .. } => Ok(self.clone()),
         }
     }
 
@@ -283,9 +367,25 @@ impl Conn {
     /// named server is a primary. `addr` names it in errors.
     pub(super) async fn establish(self, addr: &str) -> Result<Conn> {
         let mut conn = self;
+        let cluster = conn.is_cluster();
         let checking = async {
             // Loading the scripts now spares the first calls a NOSCRIPT round trip, and proves
             // the server answers and accepted our AUTH and SELECT.
+            if cluster {
+                // The cluster connection sends SCRIPT LOAD to every node, one at a time (not
+                // in a pipeline, which it would send to one node). Every cluster node is a
+                // primary or a replica the cluster itself keeps: there is no role to check.
+                for code in SCRIPTS {
+                    redis::cmd("SCRIPT")
+                        .arg("LOAD")
+                        .arg(code)
+                        .query_async::<String>(&mut conn)
+                        .await?;
+                }
+                return Ok::<_, RedisError>(Value::Array(vec![Value::BulkString(
+                    b"master".to_vec(),
+                )]));
+            }
             let mut load = redis::pipe();
             for code in SCRIPTS {
                 load.cmd("SCRIPT").arg("LOAD").arg(code);
@@ -334,6 +434,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Server { conn, .. } => conn.req_packed_command(cmd),
             Conn::Sentinel(primary) => async move { primary.send(cmd).await }.boxed(),
+            Conn::Cluster { conn, .. } => conn.req_packed_command(cmd),
         }
     }
 
@@ -348,6 +449,7 @@ impl ConnectionLike for Conn {
             Conn::Sentinel(primary) => {
                 async move { primary.send_pipeline(pipeline, offset, count).await }.boxed()
             }
+            Conn::Cluster { conn, .. } => conn.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -355,6 +457,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Server { conn, .. } => conn.get_db(),
             Conn::Sentinel(primary) => primary.db(),
+            Conn::Cluster { .. } => 0,
         }
     }
 }

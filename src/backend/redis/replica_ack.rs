@@ -145,9 +145,19 @@ impl RedisBackend {
     ///
     /// `replicas` 0 (which would confirm nothing) and a `timeout` under a millisecond (`WAIT`
     /// takes whole milliseconds, and waits for ever on 0) are rejected with
-    /// [`Error::InvalidConfig`] naming the value, before any I/O.
+    /// [`Error::InvalidConfig`] naming the value, before any I/O; so is a backend on Redis
+    /// Cluster, where it is not available.
     pub fn with_replica_ack(mut self, replicas: usize, timeout: Duration) -> Result<Self> {
-        self.replica_ack = Some(ReplicaAck::new(replicas, timeout)?);
+        let ack = ReplicaAck::new(replicas, timeout)?;
+        if self.conn.is_cluster() {
+            return Err(Error::InvalidConfig(format!(
+                "with_replica_ack({replicas}, {timeout:?}) is not available on Redis Cluster \
+                 ({}): WAIT answers for one node, and the cluster connection does not send it \
+                 beside the script",
+                self.notices.addr
+            )));
+        }
+        self.replica_ack = Some(ack);
         Ok(self)
     }
 
