@@ -19,30 +19,6 @@ mod semaphore {
     leasehold::semaphore_suite!(real, super::RedisCluster::shared().backend().await);
 }
 
-/// The port of the primary that holds `key` now (`CLUSTER KEYSLOT`, then `CLUSTER SLOTS`).
-fn primary_of(cluster: &RedisCluster, key: &str) -> u16 {
-    let port = cluster.ports()[0];
-    let slot = match resp::command(port, &["CLUSTER", "KEYSLOT", key]) {
-        Ok(resp::Resp::Int(slot)) => slot,
-        other => panic!("CLUSTER KEYSLOT {key}: {other:?}"),
-    };
-    let slots = resp::command(port, &["CLUSTER", "SLOTS"]).expect("CLUSTER SLOTS");
-    for range in slots.items() {
-        let fields = range.items();
-        let (Some(resp::Resp::Int(first)), Some(resp::Resp::Int(last))) =
-            (fields.first(), fields.get(1))
-        else {
-            continue;
-        };
-        if (*first..=*last).contains(&slot) {
-            if let Some(resp::Resp::Int(port)) = fields.get(2).and_then(|p| p.items().get(1)) {
-                return u16::try_from(*port).expect("a port");
-            }
-        }
-    }
-    panic!("no primary serves slot {slot} of {key}: {slots:?}")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locks_on_every_shard_are_held_there_and_listed_from_all() {
     let cluster = RedisCluster::shared();
@@ -59,7 +35,7 @@ async fn locks_on_every_shard_are_held_there_and_listed_from_all() {
             .await
             .unwrap()
             .expect("a fresh key is free");
-        let primary = primary_of(cluster, &backend.lock_key(&key));
+        let primary = cluster.primary_of(&backend.lock_key(&key));
         assert!(
             matches!(
                 resp::command(primary, &["EXISTS", &backend.lock_key(&key)]),
@@ -158,4 +134,110 @@ async fn replica_ack_is_refused_on_a_cluster_naming_the_settings() {
         .unwrap_err();
     assert!(error.is_invalid_input(), "{error:?}");
     assert!(error.to_string().contains("with_replica_ack(1"), "{error}");
+}
+
+/// Keys of `backend` whose lock keys fall in the slots `first..first + span`, `count` of them.
+fn keys_in_slots(
+    cluster: &RedisCluster,
+    backend: &RedisBackend,
+    first: i64,
+    span: i64,
+    count: usize,
+) -> Vec<String> {
+    let prefix = unique_key("slots");
+    let found: Vec<String> = (0..100_000)
+        .map(|i| format!("{prefix}/{i}"))
+        .filter(|key| (first..first + span).contains(&cluster.slot_of(&backend.lock_key(key))))
+        .take(count)
+        .collect();
+    assert_eq!(
+        found.len(),
+        count,
+        "keys in slots {first}..{}",
+        first + span
+    );
+    found
+}
+
+/// Locks whose slots move to another primary while they are held (MIGRATE, `ASK`, then
+/// `MOVED`) stay held: their renewals follow the slot, nobody else gets them, and their
+/// holders release them on the new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_held_while_their_slots_are_resharded_are_kept() {
+    let cluster = RedisCluster::start();
+    let backend = cluster.backend().await;
+    let holder = start(backend.clone()).await;
+    let other = start(cluster.backend().await).await;
+    let primaries = cluster.primary_ports();
+    let (from, to) = (primaries[0], primaries[1]);
+    let first = cluster.slots_of(from)[0].0;
+    const MOVED: i64 = 40;
+    let keys = keys_in_slots(&cluster, &backend, first, MOVED, 3);
+    // Short leases, renewed by their key actors: several renewals fall during the move.
+    let options = LockOptions::new().with_ttl(Duration::from_secs(2));
+    let mut guards = Vec::new();
+    for key in &keys {
+        guards.push(
+            holder
+                .try_lock(key, options.clone())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    tokio::task::block_in_place(|| cluster.reshard(from, to, MOVED as usize));
+    let mut events = holder.events();
+    for key in &keys {
+        assert_eq!(
+            cluster.primary_of(&backend.lock_key(key)),
+            to,
+            "{key}'s slot moved"
+        );
+        assert!(
+            matches!(
+                resp::command(to, &["EXISTS", &backend.lock_key(key)]),
+                Ok(resp::Resp::Int(1))
+            ),
+            "{key} moved with its slot"
+        );
+    }
+    // A renewal of each after the move (so on the new primary), and no loss.
+    let mut renewed = std::collections::HashSet::new();
+    while renewed.len() < keys.len() {
+        let (key, lost) = leasehold::testing::next_event(
+            &mut events,
+            Duration::from_secs(10),
+            |event| match event.kind {
+                leasehold::LockEventKind::Renewed { .. } => Some((event.key.clone(), false)),
+                leasehold::LockEventKind::Lost { .. } => Some((event.key.clone(), true)),
+                _ => None,
+            },
+        )
+        .await;
+        assert!(!lost, "{key:?} was lost while its slot moved");
+        renewed.insert(key);
+    }
+    for (key, guard) in keys.iter().zip(&guards) {
+        assert!(guard.is_held(), "{key}");
+        assert!(
+            other
+                .try_lock(key, options.clone())
+                .await
+                .unwrap()
+                .is_none(),
+            "{key} is still held for everyone else"
+        );
+    }
+    for (key, guard) in keys.iter().zip(guards) {
+        guard.release().await.unwrap();
+        assert!(
+            matches!(
+                resp::command(to, &["EXISTS", &backend.lock_key(key)]),
+                Ok(resp::Resp::Int(0))
+            ),
+            "{key} released on its new primary"
+        );
+    }
+    holder.shutdown().await;
+    other.shutdown().await;
 }

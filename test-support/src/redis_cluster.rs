@@ -140,6 +140,80 @@ impl RedisCluster {
             .collect()
     }
 
+    /// The cluster's id of the node on `port` (`CLUSTER MYID`).
+    pub fn node_id(&self, port: u16) -> String {
+        match command(port, &["CLUSTER", "MYID"]) {
+            Ok(id) if id.text().is_some() => id.text().unwrap_or_default().to_owned(),
+            other => panic!("CLUSTER MYID on {port}: {other:?}"),
+        }
+    }
+
+    /// The slot ranges the primary on `port` serves now, lowest first (`CLUSTER SLOTS`).
+    pub fn slots_of(&self, port: u16) -> Vec<(i64, i64)> {
+        let slots = command(port, &["CLUSTER", "SLOTS"])
+            .unwrap_or_else(|e| panic!("CLUSTER SLOTS on {port}: {e}"));
+        let mut ranges: Vec<(i64, i64)> = slots
+            .items()
+            .iter()
+            .filter_map(|range| {
+                let fields = range.items();
+                let served_by = fields.get(2)?.items().get(1)?.int()?;
+                (served_by == i64::from(port))
+                    .then_some((fields.first()?.int()?, fields.get(1)?.int()?))
+            })
+            .collect();
+        ranges.sort_unstable();
+        ranges
+    }
+
+    /// The slot of `key` (`CLUSTER KEYSLOT`).
+    pub fn slot_of(&self, key: &str) -> i64 {
+        let port = self.ports()[0];
+        match command(port, &["CLUSTER", "KEYSLOT", key]).map(|slot| slot.int()) {
+            Ok(Some(slot)) => slot,
+            other => panic!("CLUSTER KEYSLOT {key} on {port}: {other:?}"),
+        }
+    }
+
+    /// The port of the primary that serves `key`'s slot now.
+    pub fn primary_of(&self, key: &str) -> u16 {
+        let slot = self.slot_of(key);
+        self.primary_ports()
+            .into_iter()
+            .find(|&port| {
+                self.slots_of(port)
+                    .iter()
+                    .any(|&(first, last)| (first..=last).contains(&slot))
+            })
+            .unwrap_or_else(|| panic!("no primary serves slot {slot} of {key}"))
+    }
+
+    /// Moves the `count` lowest-numbered slots of the primary on `from` to the primary on
+    /// `to` with `redis-cli --cluster reshard` (which moves their keys with `MIGRATE`, slot by
+    /// slot, clients meeting `ASK` and then `MOVED`), then waits until the cluster is whole.
+    pub fn reshard(&self, from: u16, to: u16, count: usize) {
+        let output = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("reshard")
+            .arg(format!("127.0.0.1:{from}"))
+            .args(["--cluster-from", &self.node_id(from)])
+            .args(["--cluster-to", &self.node_id(to)])
+            .args(["--cluster-slots", &count.to_string()])
+            .arg("--cluster-yes")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster reshard");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster reshard failed ({}):\n{}{}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+            self.logs_of_everything()
+        );
+        self.wait_healthy();
+    }
+
     /// Waits until every node answers `cluster_state:ok` and knows all six nodes.
     pub fn wait_healthy(&self) {
         let give_up = Instant::now() + READY_WITHIN;

@@ -33,6 +33,14 @@ impl Resp {
         }
     }
 
+    /// The value of an integer reply.
+    pub fn int(&self) -> Option<i64> {
+        match self {
+            Resp::Int(value) => Some(*value),
+            _ => None,
+        }
+    }
+
     /// The elements of an array (none for anything else).
     pub fn items(&self) -> &[Resp] {
         match self {
