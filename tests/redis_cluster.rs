@@ -241,3 +241,91 @@ async fn locks_held_while_their_slots_are_resharded_are_kept() {
     holder.shutdown().await;
     other.shutdown().await;
 }
+
+/// A shard's primary crashes while it holds locks, and its replica takes over: each lock is
+/// either kept (renewed on the new primary) or reported lost to its holder — never silence —
+/// and the keys are taken again afterwards with larger fencing tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_on_a_shard_whose_primary_fails_over_are_kept_or_reported_lost() {
+    let mut cluster = RedisCluster::start();
+    let backend = cluster.backend().await;
+    let holder = start(backend.clone()).await;
+    let other = start(cluster.backend().await).await;
+    let old = cluster.primary_ports()[0];
+    let first = cluster.slots_of(old)[0].0;
+    let keys = keys_in_slots(&cluster, &backend, first, 1000, 3);
+    let options = LockOptions::new().with_ttl(Duration::from_secs(3));
+    let mut guards = Vec::new();
+    for key in &keys {
+        guards.push(
+            holder
+                .try_lock(key, options.clone())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let mut events = holder.events();
+    let new = tokio::task::block_in_place(|| cluster.fail_over(old));
+    // Each key settles one way or the other within a few ttls: lost (perhaps already, while
+    // the failover went on), or renewed after it.
+    let mut settled = std::collections::HashMap::new();
+    while let Ok(event) = events.try_recv() {
+        if let (leasehold::LockEventKind::Lost { .. }, Some(key)) = (&event.kind, &event.key) {
+            settled.insert(key.to_string(), false);
+        }
+    }
+    let limit = tokio::time::Instant::now() + Duration::from_secs(20);
+    while settled.len() < keys.len() {
+        let left = limit.saturating_duration_since(tokio::time::Instant::now());
+        let (key, kept) = leasehold::testing::next_event(&mut events, left, |event| {
+            let key = event.key.as_deref()?.to_owned();
+            match event.kind {
+                leasehold::LockEventKind::Renewed { .. } => Some((key, true)),
+                leasehold::LockEventKind::Lost { .. } => Some((key, false)),
+                _ => None,
+            }
+        })
+        .await;
+        settled.entry(key).or_insert(kept);
+    }
+    for (key, guard) in keys.iter().zip(guards) {
+        let lock_key = backend.lock_key(key);
+        let before = guard.fencing_token();
+        let outcome = if settled[key] {
+            "kept"
+        } else {
+            "reported lost"
+        };
+        eprintln!("{key}: {outcome} across the failover of {old} to {new}");
+        if settled[key] {
+            assert!(guard.is_held(), "{key} renewed after the failover");
+            assert_eq!(cluster.primary_of(&lock_key), new);
+            assert!(
+                matches!(
+                    resp::command(new, &["EXISTS", &lock_key]),
+                    Ok(resp::Resp::Int(1))
+                ),
+                "{key} kept on the new primary {new}"
+            );
+            guard.release().await.unwrap();
+        } else {
+            assert!(
+                !guard.is_held(),
+                "{key} was reported lost: its guard says so"
+            );
+        }
+        let again = other
+            .try_lock(key, options.clone())
+            .await
+            .unwrap()
+            .expect("free once released or lost");
+        assert!(
+            again.fencing_token() > before,
+            "{key}: a token larger than before the failover"
+        );
+        again.release().await.unwrap();
+    }
+    holder.shutdown().await;
+    other.shutdown().await;
+}

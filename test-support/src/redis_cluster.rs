@@ -214,7 +214,54 @@ impl RedisCluster {
         self.wait_healthy();
     }
 
-    /// Waits until every node answers `cluster_state:ok` and knows all six nodes.
+    /// A failover as a crash makes it: SIGKILLs the primary on `port`, waits until the
+    /// cluster is ok again with its replica promoted, restarts the killed node (it rejoins as a
+    /// replica, from its `nodes.conf`) and waits until the cluster is whole. Returns the new
+    /// primary's port.
+    pub fn fail_over(&mut self, port: u16) -> u16 {
+        let at = self
+            .nodes
+            .iter()
+            .position(|node| node.port() == port)
+            .expect("a node of this cluster");
+        let before = self.primary_ports();
+        assert!(
+            before.contains(&port),
+            "{port} is not a primary: {before:?}"
+        );
+        self.nodes[at].kill();
+        let give_up = Instant::now() + READY_WITHIN;
+        let promoted = loop {
+            let alive: Vec<u16> = self.ports().into_iter().filter(|&p| p != port).collect();
+            let ok = alive.iter().all(|&p| {
+                command(p, &["CLUSTER", "INFO"])
+                    .ok()
+                    .and_then(|info| info.text().map(|t| t.contains("cluster_state:ok")))
+                    .unwrap_or(false)
+            });
+            let primaries: Vec<u16> = self.primary_ports();
+            let new: Vec<u16> = primaries
+                .iter()
+                .copied()
+                .filter(|p| !before.contains(p))
+                .collect();
+            if ok && primaries.len() == 3 && new.len() == 1 {
+                break new[0];
+            }
+            assert!(
+                Instant::now() < give_up,
+                "no replica took over from {port} within {READY_WITHIN:?}\n{}",
+                self.logs_of_everything()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.nodes[at].restart();
+        self.wait_healthy();
+        promoted
+    }
+
+    /// Waits until every node answers `cluster_state:ok` and knows all six nodes, and every
+    /// replica is in sync with its primary.
     pub fn wait_healthy(&self) {
         let give_up = Instant::now() + READY_WITHIN;
         loop {
@@ -227,7 +274,20 @@ impl RedisCluster {
                 let whole = info.contains("cluster_state:ok")
                     && info.contains("cluster_known_nodes:6")
                     && info.contains("cluster_slots_ok:16384");
-                (!whole).then(|| format!("node {port}:\n{info}"))
+                if !whole {
+                    return Some(format!("node {port}:\n{info}"));
+                }
+                // A replica that has not synced with its primary yet could not take over
+                // from it (its data would be too old to be promoted).
+                let replication = command(port, &["INFO", "replication"]);
+                let replication = replication
+                    .as_ref()
+                    .ok()
+                    .and_then(|r| r.text())
+                    .unwrap_or("");
+                let synced = !replication.contains("role:slave")
+                    || replication.contains("master_link_status:up");
+                (!synced).then(|| format!("replica {port} is not in sync:\n{replication}"))
             });
             let Some(why_not) = why_not else {
                 return;
