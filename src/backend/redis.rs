@@ -109,7 +109,7 @@
 //! constructors and the connection code are in `redis/connection.rs`.
 
 use std::fmt;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -126,6 +126,7 @@ use crate::error::StoreError;
 mod cluster;
 mod connection;
 mod election;
+mod lua;
 mod notices;
 mod replica_ack;
 mod semaphore;
@@ -133,6 +134,7 @@ mod sentinel;
 
 pub use connection::primary_client;
 use connection::{twice_if_dropped, Conn};
+use lua::Lua;
 use notices::NoticeHub;
 use replica_ack::{Call, ReplicaAck};
 
@@ -146,16 +148,12 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The budget for one step on the pub/sub connection (connect, `SUBSCRIBE`, `UNSUBSCRIBE`).
 const PUBSUB_TIMEOUT: Duration = Duration::from_secs(5);
 
-static ACQUIRE: LazyLock<Script> = LazyLock::new(|| Script::new(ACQUIRE_LUA));
-static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_LUA));
-static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW_LUA));
-
-const ACQUIRE_LUA: &str = include_str!("redis/acquire.lua");
-const RELEASE_LUA: &str = include_str!("redis/release.lua");
-const RENEW_LUA: &str = include_str!("redis/renew.lua");
+static ACQUIRE: Lua = Lua::new(include_str!("redis/acquire.lua"));
+static RELEASE: Lua = Lua::new(include_str!("redis/release.lua"));
+static RENEW: Lua = Lua::new(include_str!("redis/renew.lua"));
 
 /// The scripts loaded when the backend connects.
-const SCRIPTS: [&str; 3] = [ACQUIRE_LUA, RELEASE_LUA, RENEW_LUA];
+static SCRIPTS: [&Lua; 3] = [&ACQUIRE, &RELEASE, &RENEW];
 
 /// Locks on a Redis server, as the module documentation describes.
 ///
@@ -262,6 +260,11 @@ impl RedisBackend {
         }
     }
 
+    /// `lua` in the form this deployment runs (see `redis/lua.rs`).
+    fn script<'a>(&self, lua: &'a Lua) -> &'a Script {
+        lua.on(self.conn.is_cluster())
+    }
+
     /// A failed call as a [`StoreError`] naming the operation and the server.
     fn failed(&self, op: &str, error: RedisError) -> StoreError {
         store_error(format!("redis {op} at {}", self.notices.addr), error)
@@ -305,12 +308,12 @@ impl LockBackend for RedisBackend {
         let reply = match &self.replica_ack {
             // EVALSHA, with a reload on NOSCRIPT (see the module docs).
             None => call
-                .invocation(&ACQUIRE)
+                .invocation(self.script(&ACQUIRE))
                 .invoke_async(&mut self.conn.clone())
                 .await
                 .map_err(|error| self.failed("acquire", error))?,
             Some(ack) => {
-                self.acquire_confirmed(ack, &ACQUIRE, &call, "acquire", key, owner)
+                self.acquire_confirmed(ack, self.script(&ACQUIRE), &call, "acquire", key, owner)
                     .await?
             }
         };
@@ -350,7 +353,7 @@ impl LockBackend for RedisBackend {
         };
         let Some(ack) = &self.replica_ack else {
             return twice_if_dropped(|| async {
-                call.invocation(&RENEW)
+                call.invocation(self.script(&RENEW))
                     .invoke_async(&mut self.conn.clone())
                     .await
             })
@@ -368,7 +371,7 @@ impl LockBackend for RedisBackend {
         let channel = format!("{lock}:released");
         let owner = lease.owner.to_string();
         twice_if_dropped(|| async {
-            RELEASE
+            self.script(&RELEASE)
                 .key(&lock)
                 .arg(&owner)
                 .arg(&channel)
@@ -510,6 +513,13 @@ impl LockBackend for RedisBackend {
         // `P{K}:released`, so two PSUBSCRIBE patterns see every key under the prefix. A watch
         // is a monitoring tool: it gets a pub/sub connection of its own, closed with the
         // stream. An expiry publishes nothing, so a watch does not see one.
+        if self.conn.is_cluster() {
+            // Sharded pub/sub, which a cluster's notices use, has no patterns.
+            return Err(StoreError::Unsupported {
+                store: "redis cluster",
+                op: "watch (sharded pub/sub has no pattern subscriptions)",
+            });
+        }
         let opening = async {
             let mut pubsub = self.conn.pubsub().await?;
             let pattern = format!("{}{{{}*}}:", glob_escape(&self.prefix), glob_escape(prefix));

@@ -8,10 +8,15 @@
 //! connection sends it to every node); [`with_replica_ack`](super::RedisBackend::with_replica_ack)
 //! refuses a Cluster backend.
 //!
-//! Release notices and `watch` use Redis's classic pub/sub, which a Cluster carries to every
-//! node: the backend subscribes on one node, the first of the current primaries (from
-//! `CLUSTER SLOTS`) that takes the connection, and a subscription that breaks with its node
-//! connects again, to another.
+//! Notices use sharded pub/sub (Redis 7): the scripts `SPUBLISH` (see `lua.rs`), and the
+//! backend's notice task and each election observer `SSUBSCRIBE` through a cluster connection
+//! of their own, over RESP3, which sends each subscription to its channel's shard and passes
+//! the messages on. A notice thus stays on its shard instead of crossing the cluster bus to
+//! every node. When a node connection breaks, or a slot moves away from the shard a
+//! subscription is on (the server then drops it), the subscriptions end as a broken
+//! connection ends them on one server: the waiters look at their keys again and subscribe
+//! anew, on the slot's shard now. Sharded pub/sub has no patterns, so `watch` (which needs
+//! them to see every key under a prefix) is not available on a cluster.
 //!
 //! # URL
 //! ```text
@@ -23,14 +28,14 @@
 //! [`RedisBackend::connect_cluster`](super::RedisBackend::connect_cluster), which takes the
 //! `redis` crate's own [`ConnectionInfo`]s.
 
-use redis::aio::PubSub;
+use futures::stream::BoxStream;
+use futures::StreamExt;
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::{
-    Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError, RedisResult, Value,
-};
-use tokio::time::timeout;
+use redis::{ConnectionInfo, IntoConnectionInfo, Msg, ProtocolVersion, PushInfo, PushKind};
+use redis::{RedisResult, Value};
+use tokio::sync::mpsc;
 
 use super::connection::RESPONSE_TIMEOUT;
 use super::CONNECT_TIMEOUT;
@@ -79,61 +84,60 @@ pub(super) fn parse_url(url: &str) -> Result<Vec<ConnectionInfo>, String> {
 
 /// A cluster client with the backend's timeouts.
 pub(super) fn client(nodes: Vec<ConnectionInfo>) -> RedisResult<ClusterClient> {
+    builder(nodes).build()
+}
+
+fn builder(nodes: Vec<ConnectionInfo>) -> ClusterClientBuilder {
     ClusterClientBuilder::new(nodes)
         .connection_timeout(CONNECT_TIMEOUT)
         .response_timeout(RESPONSE_TIMEOUT)
         // A call made during a failover waits for the new primary a few times, not forever:
         // the lease's deadline is the limit that matters.
         .retries(3)
-        .build()
 }
 
-/// What opens pub/sub connections to the cluster's nodes: the settings of the first node
-/// given (user, password, TLS), with the address of a node that serves now.
+/// What opens sharded pub/sub connections: the nodes the backend was given.
 pub(super) struct ClusterSetup {
-    pub(super) template: ConnectionInfo,
+    pub(super) nodes: Vec<ConnectionInfo>,
 }
 
 impl ClusterSetup {
-    /// A pub/sub connection on the first current primary that takes one. Classic pub/sub
-    /// messages reach every node of a cluster, so any node hears every release.
-    pub(super) async fn pubsub(&self, conn: &ClusterConnection) -> RedisResult<PubSub> {
-        let mut last = None;
-        for (host, port) in primaries(conn).await? {
-            let info = self.node(host, port);
-            let opening = async { Client::open(info)?.get_async_pubsub().await };
-            match timeout(CONNECT_TIMEOUT, opening).await {
-                Ok(Ok(pubsub)) => return Ok(pubsub),
-                Ok(Err(error)) => last = Some(error),
-                Err(_) => last = Some(timed_out("opening a pub/sub connection")),
-            }
-        }
-        Err(last.unwrap_or_else(|| timed_out("finding a primary")))
-    }
-
-    fn node(&self, host: String, port: u16) -> ConnectionInfo {
-        let addr = match self.template.addr() {
-            ConnectionAddr::TcpTls {
-                insecure,
-                tls_params,
-                ..
-            } => ConnectionAddr::TcpTls {
-                host,
-                port,
-                insecure: *insecure,
-                tls_params: tls_params.clone(),
-            },
-            _ => ConnectionAddr::Tcp(host, port),
-        };
-        self.template.clone().set_addr(addr)
+    /// A cluster connection of its own for sharded pub/sub (RESP3, its messages to `pushes`).
+    pub(super) async fn sharded(&self) -> RedisResult<Sharded> {
+        let (sender, pushes) = mpsc::unbounded_channel();
+        let client = builder(self.nodes.clone())
+            .use_protocol(ProtocolVersion::RESP3)
+            .push_sender(sender)
+            .build()?;
+        let conn = client.get_async_connection().await?;
+        Ok(Sharded { conn, pushes })
     }
 }
 
-fn timed_out(what: &str) -> RedisError {
-    RedisError::from(std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!("{what} on the cluster took over {CONNECT_TIMEOUT:?}"),
-    ))
+/// A cluster connection for sharded pub/sub and what it hears: messages on the channels it
+/// subscribed to, confirmations, subscriptions the servers dropped, broken node connections.
+pub(super) struct Sharded {
+    pub(super) conn: ClusterConnection,
+    pub(super) pushes: mpsc::UnboundedReceiver<PushInfo>,
+}
+
+impl Sharded {
+    /// The messages on the subscribed channels, ending when a node connection breaks or a
+    /// server drops a subscription (its slot moved): notices may have been missed then.
+    pub(super) fn into_messages(self) -> BoxStream<'static, Msg> {
+        futures::stream::unfold(self, |mut sharded| async move {
+            loop {
+                let push = sharded.pushes.recv().await?;
+                if matches!(push.kind, PushKind::Disconnection | PushKind::SUnsubscribe) {
+                    return None;
+                }
+                if let Some(message) = Msg::from_push_info(push) {
+                    return Some((message, sharded));
+                }
+            }
+        })
+        .boxed()
+    }
 }
 
 /// The addresses of the cluster's primaries now, one per shard, from `CLUSTER SLOTS`.

@@ -15,7 +15,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, PubSub};
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::SentinelClient;
@@ -26,7 +26,7 @@ use redis::{
 use tokio::time::timeout;
 
 use super::cluster::{self, ClusterSetup};
-use super::notices::NoticeHub;
+use super::notices::{Listener, NoticeHub};
 use super::sentinel::{self, SentinelPrimary};
 use super::{
     hide_password, is_transient, store_error, RedisBackend, CONNECT_TIMEOUT, DEFAULT_PREFIX,
@@ -173,7 +173,9 @@ impl RedisBackend {
     }
 
     async fn connect_cluster_as(nodes: Vec<ConnectionInfo>, describe: String) -> Result<Self> {
-        let template = nodes[0].clone();
+        let setup = ClusterSetup {
+            nodes: nodes.clone(),
+        };
         let client = cluster::client(nodes).map_err(|error| {
             Error::InvalidConfig(format!("redis cluster {describe} is invalid: {error}"))
         })?;
@@ -196,7 +198,7 @@ impl RedisBackend {
         };
         let conn = Conn::Cluster {
             conn,
-            setup: Arc::new(ClusterSetup { template }),
+            setup: Arc::new(setup),
         };
         Ok(Self::on(conn.establish(&describe).await?, describe))
     }
@@ -332,7 +334,42 @@ impl Conn {
         match self {
             Conn::Server { setup, .. } => setup.client.get_async_pubsub().await,
             Conn::Sentinel(primary) => primary.pubsub().await,
-            Conn::Cluster { conn, setup } => setup.pubsub(conn).await,
+            Conn::Cluster { .. } => Err(RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "classic pub/sub is not used on Redis Cluster",
+            ))),
+        }
+    }
+
+    /// A connection of its own subscribed to `channels`, as a stream of their messages that
+    /// ends when the connection breaks (on a cluster, sharded pub/sub: see `cluster.rs`).
+    pub(super) async fn messages_on(
+        &self,
+        channels: &[String],
+    ) -> RedisResult<futures::stream::BoxStream<'static, redis::Msg>> {
+        match self {
+            Conn::Cluster { setup, .. } => {
+                let mut sharded = setup.sharded().await?;
+                sharded.conn.ssubscribe(channels).await?;
+                Ok(sharded.into_messages())
+            }
+            _ => {
+                let mut pubsub = self.pubsub().await?;
+                pubsub.subscribe(channels).await?;
+                Ok(pubsub.into_on_message().boxed())
+            }
+        }
+    }
+
+    /// The release-notice task's connection: classic pub/sub on one server, sharded pub/sub
+    /// on a cluster.
+    pub(super) async fn listener(&self) -> RedisResult<Listener> {
+        match self {
+            Conn::Cluster { setup, .. } => Ok(Listener::Sharded(setup.sharded().await?)),
+            _ => {
+                let (sink, stream) = self.pubsub().await?.split();
+                Ok(Listener::Plain(sink, stream))
+            }
         }
     }
 
@@ -375,10 +412,10 @@ impl Conn {
                 // The cluster connection sends SCRIPT LOAD to every node, one at a time (not
                 // in a pipeline, which it would send to one node). Every cluster node is a
                 // primary or a replica the cluster itself keeps: there is no role to check.
-                for code in SCRIPTS {
+                for lua in SCRIPTS {
                     redis::cmd("SCRIPT")
                         .arg("LOAD")
-                        .arg(code)
+                        .arg(lua.code(true))
                         .query_async::<String>(&mut conn)
                         .await?;
                 }
@@ -387,8 +424,8 @@ impl Conn {
                 )]));
             }
             let mut load = redis::pipe();
-            for code in SCRIPTS {
-                load.cmd("SCRIPT").arg("LOAD").arg(code);
+            for lua in SCRIPTS {
+                load.cmd("SCRIPT").arg("LOAD").arg(lua.code(false));
             }
             load.query_async::<Vec<String>>(&mut conn).await?;
             // A SentinelClient built for replicas would send every write to a replica.

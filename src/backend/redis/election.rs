@@ -14,13 +14,13 @@
 //! the place), `withdraw.lua`, `proclaim.lua`. Resignation is the lock's release, whose notice
 //! on `P{K}:released` both wakes the waiters and tells observers nobody leads.
 
-use std::sync::LazyLock;
 use std::time::Duration;
 
 use futures::StreamExt;
 use redis::{RedisError, Script, Value};
 use tokio::time::{timeout, Instant};
 
+use super::lua::Lua;
 use super::replica_ack::Call;
 use super::{parse_token, remaining, unexpected, RedisBackend, PUBSUB_TIMEOUT};
 use crate::backend::{
@@ -28,9 +28,9 @@ use crate::backend::{
 };
 use crate::error::StoreError;
 
-static CAMPAIGN: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("campaign.lua")));
-static WITHDRAW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("withdraw.lua")));
-static PROCLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("proclaim.lua")));
+static CAMPAIGN: Lua = Lua::new(include_str!("campaign.lua"));
+static WITHDRAW: Lua = Lua::new(include_str!("withdraw.lua"));
+static PROCLAIM: Lua = Lua::new(include_str!("proclaim.lua"));
 
 impl RedisBackend {
     pub(super) async fn campaign_in_queue(
@@ -59,14 +59,14 @@ impl RedisBackend {
         };
         let reply: Value = match &self.replica_ack {
             None => call
-                .invocation(&CAMPAIGN)
+                .invocation(self.script(&CAMPAIGN))
                 .invoke_async(&mut self.conn.clone())
                 .await
                 .map_err(|error| self.failed("campaign", error))?,
             // Taking the leadership is an acquisition: it counts once the replicas have it,
             // and is undone (resigned: the leader's key deleted if it is still ours) if not.
             Some(ack) => {
-                self.acquire_confirmed(ack, &CAMPAIGN, &call, "campaign", name, candidate)
+                self.acquire_confirmed(ack, self.script(&CAMPAIGN), &call, "campaign", name, candidate)
                     .await?
             }
         };
@@ -92,7 +92,8 @@ impl RedisBackend {
         candidate: OwnerToken,
     ) -> Result<(), StoreError> {
         let lock = self.lock_key(name);
-        let _: i64 = WITHDRAW
+        let _: i64 = self
+            .script(&WITHDRAW)
             .key(&lock)
             .key(format!("{lock}:queue"))
             .key(format!("{lock}:entries"))
@@ -110,7 +111,7 @@ impl RedisBackend {
         value: &str,
     ) -> Result<bool, StoreError> {
         let lock = self.lock_key(&lease.key);
-        PROCLAIM
+        self.script(&PROCLAIM)
             .key(&lock)
             .key(format!("{lock}:fence"))
             .arg(lease.owner.to_string())
@@ -129,15 +130,9 @@ impl RedisBackend {
         let lock = self.lock_key(name);
         let (leader_channel, released_channel) =
             (format!("{lock}:leader"), format!("{lock}:released"));
-        let opening = async {
-            let mut pubsub = self.conn.pubsub().await?;
-            pubsub
-                .subscribe(&[leader_channel.clone(), released_channel])
-                .await?;
-            Ok::<_, RedisError>(pubsub)
-        };
-        let pubsub = match timeout(PUBSUB_TIMEOUT, opening).await {
-            Ok(pubsub) => pubsub.map_err(|error| self.failed("observe", error))?,
+        let opening = self.conn.messages_on(&[leader_channel.clone(), released_channel]);
+        let messages = match timeout(PUBSUB_TIMEOUT, opening).await {
+            Ok(messages) => messages.map_err(|error| self.failed("observe", error))?,
             Err(_) => {
                 return Err(StoreError::TimedOut {
                     op: "observe",
@@ -150,7 +145,7 @@ impl RedisBackend {
             backend: self.clone(),
             name: name.to_owned(),
             leader_channel,
-            messages: pubsub.into_on_message().boxed(),
+            messages,
             told: now.clone(),
             expires_at,
             first: Some(now),

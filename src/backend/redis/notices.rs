@@ -9,11 +9,12 @@ use std::task::{Context, Poll};
 
 use futures::{Stream, StreamExt};
 use redis::aio::{PubSubSink, PubSubStream};
-use redis::RedisError;
+use redis::{PushKind, RedisError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
+use super::cluster::Sharded;
 use super::connection::Conn;
 use super::{store_error, PUBSUB_TIMEOUT};
 use crate::error::StoreError;
@@ -156,15 +157,36 @@ struct Hub {
     conn_to: Conn,
     addr: String,
     /// `None` until the first subscription, and again after the connection broke.
-    conn: Option<(PubSubSink, PubSubStream)>,
+    conn: Option<Listener>,
     /// Channel → its local subscribers. A channel is in this map exactly while the connection
     /// is subscribed to it.
     channels: HashMap<String, Vec<(u64, mpsc::Sender<()>)>>,
 }
 
+/// The hub's pub/sub connection.
+pub(super) enum Listener {
+    /// `SUBSCRIBE` on one connection to one server (a single server, a Sentinel primary).
+    Plain(PubSubSink, PubSubStream),
+    /// `SSUBSCRIBE` through a cluster connection of its own (Redis Cluster): each channel on
+    /// its shard.
+    Sharded(Sharded),
+}
+
 enum HubEvent {
     Command(HubCommand),
-    Message(Option<redis::Msg>),
+    Heard(Heard),
+}
+
+/// What the pub/sub connection said.
+enum Heard {
+    /// A notice on this channel.
+    Notice(String),
+    /// The server dropped the subscription to this channel itself (its slot moved to another
+    /// shard): notices on it no longer come.
+    Dropped(String),
+    /// The connection broke, or one of a cluster's node connections did: every subscription
+    /// may have missed notices.
+    Closed,
 }
 
 async fn run_hub(conn_to: Conn, addr: String, mut commands: mpsc::UnboundedReceiver<HubCommand>) {
@@ -180,7 +202,7 @@ async fn run_hub(conn_to: Conn, addr: String, mut commands: mpsc::UnboundedRecei
                 Some(command) => HubEvent::Command(command),
                 None => return,
             },
-            message = next_message(&mut hub.conn) => HubEvent::Message(message),
+            heard = next_heard(&mut hub.conn) => HubEvent::Heard(heard),
         };
         match event {
             HubEvent::Command(HubCommand::Subscribe {
@@ -195,8 +217,8 @@ async fn run_hub(conn_to: Conn, addr: String, mut commands: mpsc::UnboundedRecei
             HubEvent::Command(HubCommand::Unsubscribe { channel, id }) => {
                 hub.unsubscribe(&channel, id).await;
             }
-            HubEvent::Message(Some(message)) => {
-                if let Some(subscribers) = hub.channels.get(message.get_channel_name()) {
+            HubEvent::Heard(Heard::Notice(channel)) => {
+                if let Some(subscribers) = hub.channels.get(&channel) {
                     for (_, notices) in subscribers {
                         // Full: a notice is already pending. Closed: its stream was dropped
                         // and the unsubscribe is on its way.
@@ -204,7 +226,14 @@ async fn run_hub(conn_to: Conn, addr: String, mut commands: mpsc::UnboundedRecei
                     }
                 }
             }
-            HubEvent::Message(None) => {
+            HubEvent::Heard(Heard::Dropped(channel)) => {
+                // Its streams end, and their waiters look again and subscribe anew (on the
+                // slot's new shard). Nothing more is subscribed to it here.
+                if hub.channels.remove(&channel).is_some() {
+                    hub.send_unsubscribe(&channel).await;
+                }
+            }
+            HubEvent::Heard(Heard::Closed) => {
                 tracing::warn!(addr = %hub.addr, "redis pub/sub connection closed; release notices end until the next subscription");
                 hub.disconnect();
             }
@@ -212,10 +241,39 @@ async fn run_hub(conn_to: Conn, addr: String, mut commands: mpsc::UnboundedRecei
     }
 }
 
-/// The next pub/sub message; never, while there is no connection.
-async fn next_message(conn: &mut Option<(PubSubSink, PubSubStream)>) -> Option<redis::Msg> {
+/// What the connection says next; never, while there is no connection.
+async fn next_heard(conn: &mut Option<Listener>) -> Heard {
     match conn {
-        Some((_, stream)) => stream.next().await,
+        Some(Listener::Plain(_, stream)) => match stream.next().await {
+            Some(message) => Heard::Notice(message.get_channel_name().to_owned()),
+            None => Heard::Closed,
+        },
+        Some(Listener::Sharded(sharded)) => loop {
+            let Some(push) = sharded.pushes.recv().await else {
+                return Heard::Closed;
+            };
+            let channel = || match push.data.first() {
+                Some(redis::Value::BulkString(name)) => {
+                    Some(String::from_utf8_lossy(name).into_owned())
+                }
+                _ => None,
+            };
+            match push.kind {
+                PushKind::SMessage => {
+                    if let Some(channel) = channel() {
+                        return Heard::Notice(channel);
+                    }
+                }
+                PushKind::SUnsubscribe => {
+                    if let Some(channel) = channel() {
+                        return Heard::Dropped(channel);
+                    }
+                }
+                PushKind::Disconnection => return Heard::Closed,
+                // Our own subscriptions confirmed, and the like.
+                _ => {}
+            }
+        },
         None => std::future::pending().await,
     }
 }
@@ -236,18 +294,22 @@ impl Hub {
             // A dedicated connection: one in SUBSCRIBE mode can run nothing but (un)subscribe
             // commands, so it cannot be the multiplexed one the scripts use.
             // On Sentinel: on the primary the sentinels name now.
-            let connecting = timeout(PUBSUB_TIMEOUT, self.conn_to.pubsub());
-            let pubsub = match connecting.await {
-                Ok(Ok(pubsub)) => pubsub,
+            let connecting = timeout(PUBSUB_TIMEOUT, self.conn_to.listener());
+            self.conn = match connecting.await {
+                Ok(Ok(listener)) => Some(listener),
                 Ok(Err(error)) => return Err(self.failed("connect", error)),
                 Err(_) => return Err(self.timed_out("connect")),
             };
-            self.conn = Some(pubsub.split());
         }
-        let (sink, _) = self.conn.as_mut().expect("connected above");
         // SUBSCRIBE returns once the server confirms: from then on every PUBLISH on the
         // channel reaches us, so the waiter's re-check after this cannot miss a release.
-        match timeout(PUBSUB_TIMEOUT, sink.subscribe(&channel)).await {
+        let subscribing = async {
+            match self.conn.as_mut().expect("connected above") {
+                Listener::Plain(sink, _) => sink.subscribe(&channel).await,
+                Listener::Sharded(sharded) => sharded.conn.ssubscribe(&channel).await,
+            }
+        };
+        match timeout(PUBSUB_TIMEOUT, subscribing).await {
             Ok(Ok(())) => {
                 self.channels.insert(channel, vec![(id, notices)]);
                 Ok(())
@@ -275,13 +337,23 @@ impl Hub {
             return;
         }
         self.channels.remove(channel);
-        let Some((sink, _)) = self.conn.as_mut() else {
+        self.send_unsubscribe(channel).await;
+    }
+
+    /// UNSUBSCRIBE, so the server stops sending this node notices nobody here waits for. A
+    /// connection that cannot even do that is replaced on the next subscription.
+    async fn send_unsubscribe(&mut self, channel: &str) {
+        let Some(conn) = self.conn.as_mut() else {
             return;
         };
-        // UNSUBSCRIBE, so the server stops sending this node releases nobody here waits for.
-        // A connection that cannot even do that is replaced on the next subscription.
+        let unsubscribing = async {
+            match conn {
+                Listener::Plain(sink, _) => sink.unsubscribe(channel).await,
+                Listener::Sharded(sharded) => sharded.conn.sunsubscribe(channel).await,
+            }
+        };
         if !matches!(
-            timeout(PUBSUB_TIMEOUT, sink.unsubscribe(channel)).await,
+            timeout(PUBSUB_TIMEOUT, unsubscribing).await,
             Ok(Ok(()))
         ) {
             self.disconnect();

@@ -201,7 +201,7 @@ impl RedisBackend {
         call: &Call,
     ) -> std::result::Result<bool, StoreError> {
         let (reply, acknowledged) = self
-            .with_ack(ack, &RENEW, &call.keys, &call.args, "renew")
+            .with_ack(ack, self.script(&RENEW), &call.keys, &call.args, "renew")
             .await?;
         match reply {
             Value::Int(0) => Ok(false),

@@ -21,25 +21,22 @@
 //! check, token), `renew_permits.lua`, `release_permits.lua` (with the notice),
 //! `permit_holders.lua`.
 
-use std::sync::LazyLock;
 use std::time::Duration;
 
 use futures::StreamExt;
 use redis::{Script, Value};
 
+use super::lua::Lua;
 use super::{millis, parse_token, remaining, unexpected, RedisBackend};
 use crate::backend::{
     Acquisition, Contention, Lease, OwnerToken, PermitHolder, Permits, ReleaseNotices,
 };
 use crate::error::StoreError;
 
-static ACQUIRE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("acquire_permits.lua")));
-static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("renew_permits.lua")));
-static RELEASE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("release_permits.lua")));
-static HOLDERS: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("permit_holders.lua")));
+static ACQUIRE: Lua = Lua::new(include_str!("acquire_permits.lua"));
+static RENEW: Lua = Lua::new(include_str!("renew_permits.lua"));
+static RELEASE: Lua = Lua::new(include_str!("release_permits.lua"));
+static HOLDERS: Lua = Lua::new(include_str!("permit_holders.lua"));
 
 impl RedisBackend {
     /// The leases' sorted set and hash of the semaphore `name`.
@@ -61,7 +58,7 @@ impl RedisBackend {
         metadata: Option<&str>,
     ) -> Result<Acquisition, StoreError> {
         let (leases, records) = self.permit_keys(name);
-        let mut call = ACQUIRE.key(&leases);
+        let mut call = self.script(&ACQUIRE).key(&leases);
         call.key(&records)
             .key(format!("{}:permit-fence", self.lock_key(name)))
             .arg(owner.to_string())
@@ -110,7 +107,7 @@ impl RedisBackend {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let (leases, records) = self.permit_keys(&lease.key);
-        RENEW
+        self.script(&RENEW)
             .key(leases)
             .key(records)
             .arg(member(lease))
@@ -122,7 +119,7 @@ impl RedisBackend {
 
     pub(super) async fn release_permits(&self, lease: &Lease) -> Result<bool, StoreError> {
         let (leases, records) = self.permit_keys(&lease.key);
-        RELEASE
+        self.script(&RELEASE)
             .key(leases)
             .key(records)
             .arg(member(lease))
@@ -142,7 +139,8 @@ impl RedisBackend {
 
     pub(super) async fn holders_of(&self, name: &str) -> Result<Vec<PermitHolder>, StoreError> {
         let (leases, records) = self.permit_keys(name);
-        let reply: Vec<Value> = HOLDERS
+        let reply: Vec<Value> = self
+            .script(&HOLDERS)
             .key(leases)
             .key(records)
             .invoke_async(&mut self.conn.clone())
