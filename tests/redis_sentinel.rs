@@ -6,7 +6,7 @@
 //! replica acknowledgement the safety checker finds no two holders at once and no token
 //! handed out twice.
 
-use leasehold_test_support::safety::{self, History, Hold, Outcome, Tally, Witness};
+use leasehold_test_support::safety::{self, History, Hold, Outcome, Tally};
 use leasehold_test_support::{resp, RedisSentinel};
 
 use std::fmt;
@@ -16,8 +16,8 @@ use std::time::{Duration, SystemTime};
 
 use leasehold::testing::{eventually, next_event, unique_key};
 use leasehold::{
-    Acquisition, Error, LockBackend, LockEventKind, LockGuard, LockManager, LockOptions,
-    OwnerToken, RedisBackend, Wait,
+    Acquisition, Error, LockBackend, LockEventKind, LockManager, LockOptions, OwnerToken,
+    RedisBackend, Wait,
 };
 use tokio::time::{timeout, Instant};
 
@@ -429,7 +429,7 @@ async fn contend(client: &leasehold::LockClient, key: &str, name: &str, run: &Pr
         if long {
             run.in_long_hold.fetch_add(1, Ordering::SeqCst);
         }
-        let hold = hold_once(guard, asked, name, work).await;
+        let hold = safety::hold_on(guard, asked, name, work, LOOK_EVERY).await;
         if long {
             run.in_long_hold.fetch_sub(1, Ordering::SeqCst);
         }
@@ -438,28 +438,6 @@ async fn contend(client: &leasehold::LockClient, key: &str, name: &str, run: &Pr
         tokio::time::sleep(Duration::from_millis(rand::random_range(2..10))).await;
     }
     tally
-}
-
-async fn hold_once(guard: LockGuard, asked: SystemTime, name: &str, work: Duration) -> Hold {
-    let token = guard.fencing_token();
-    let mut seen = Witness::default();
-    let working = Instant::now();
-    let mut lost = !seen.look(&guard);
-    while !lost && working.elapsed() < work {
-        tokio::time::sleep(LOOK_EVERY).await;
-        lost = !seen.look(&guard);
-    }
-    let ended = SystemTime::now();
-    let outcome = if lost {
-        Outcome::Lost
-    } else {
-        match guard.release().await {
-            Ok(()) => Outcome::Released,
-            // The release did not reach the store: the lease ends at its ttl.
-            Err(_) => Outcome::ReleaseFailed,
-        }
-    };
-    Hold::new(name, token, Some(asked), seen, ended, outcome)
 }
 
 /// The run, for a reader when it fails: the failovers, then the holds.

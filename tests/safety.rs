@@ -24,7 +24,7 @@ mod child;
 use leasehold_test_support::redis_server;
 use leasehold_test_support::register;
 use leasehold_test_support::safety::{
-    self, from_nanos, nanos, Accepted, History, Hold, Outcome, Tally, Witness,
+    self, from_nanos, nanos, Accepted, Fault, History, Hold, Outcome, Tally, Witness,
 };
 
 use std::fmt;
@@ -86,14 +86,6 @@ async fn no_overlap_stale_write_or_lost_update_when_redis_is_paused_past_the_ttl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_overlap_stale_write_or_lost_update_when_redis_restarts_without_data() {
     contend_through(Fault::RestartRedisWithoutData).await;
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Fault {
-    /// SIGSTOP for twice the ttl, then SIGCONT: every lease runs out while nothing answers.
-    PauseRedis,
-    /// SIGKILL and a fresh server on the same port: every lease and counter is forgotten.
-    RestartRedisWithoutData,
 }
 
 /// What the in-process workers share with the fault injector.
@@ -161,29 +153,7 @@ async fn contend_through(fault: Fault) {
             child.output()
         );
     }
-    let fault_from = match fault {
-        Fault::PauseRedis => {
-            // At once: the pause then always outlasts that holder's deadline, which falls
-            // before its hold ends.
-            let from = SystemTime::now();
-            server.pause();
-            // The sleep is the fault: every lease outlives its deadline while Redis is frozen.
-            tokio::time::sleep(TTL * 2).await;
-            server.resume();
-            from
-        }
-        Fault::RestartRedisWithoutData => {
-            // Late in the lease's first ttl, where the other nodes' backstop timers (set from
-            // the PTTL they read as the hold began) fire close to the holder's renewals: the
-            // stretch in which a restart can give two holders at once.
-            let into_the_hold = Duration::from_millis(rand::random_range(600..1000));
-            tokio::time::sleep(into_the_hold).await;
-            let from = SystemTime::now();
-            tokio::task::block_in_place(|| server.restart());
-            from
-        }
-    };
-    let fault_to = SystemTime::now();
+    let (fault_from, fault_to) = fault.strike(&mut server, TTL).await;
 
     let mut tally = Tally::default();
     for worker in workers {
@@ -191,15 +161,7 @@ async fn contend_through(fault: Fault) {
     }
     let mut holds = std::mem::take(&mut *progress.holds.lock().unwrap());
     let reports = child.finish(RUN_FOR + CHILD_REPORTS_WITHIN).await;
-    let mut child_holds = 0;
-    for report in &reports {
-        if let Some(hold) = Hold::parse(report) {
-            holds.push(hold);
-            child_holds += 1;
-        } else if let Some(child_tally) = Tally::parse(report) {
-            tally.add(&child_tally);
-        }
-    }
+    let child_holds = safety::gather(&reports, &mut holds, &mut tally);
     for node in &nodes {
         node.shutdown().await;
     }
@@ -230,15 +192,9 @@ async fn contend_through(fault: Fault) {
         child_holds >= 1,
         "the child process never held the key\n{run}"
     );
-    let overtaken = history.holds.iter().any(|hold| {
-        hold.outcome != Outcome::Released && hold.from.is_some_and(|from| from < fault_from)
-    });
+    let overtaken = history.cut_short_by(fault_from);
     assert!(overtaken, "no hold was cut short by the fault\n{run}");
-    let after = history
-        .holds
-        .iter()
-        .filter(|hold| hold.from.is_some_and(|from| from > fault_to))
-        .count();
+    let after = history.began_after(fault_to);
     assert!(after >= 1, "no hold after the fault\n{run}");
     eprintln!(
         "{fault:?}: {} holds ({child_holds} by the child), {} writes accepted, {} refused, \

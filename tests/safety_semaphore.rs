@@ -26,14 +26,14 @@ mod child;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use child::{report, var, ChildTest};
 use leasehold::testing::{start, unique_key};
-use leasehold::{Error, LockClient, LockGuard, LockOptions, RedisBackend, Semaphore, Wait};
+use leasehold::{Error, LockClient, LockOptions, RedisBackend, Semaphore, Wait};
 use leasehold_test_support::resp::{self, Resp};
 use leasehold_test_support::safety::{
-    self, from_nanos, nanos, History, Hold, Outcome, StoreLooks, Tally, Witness,
+    self, from_nanos, nanos, Fault, History, Hold, StoreLooks, Tally,
 };
 use leasehold_test_support::RedisServer;
 use tokio::time::timeout;
@@ -90,15 +90,6 @@ async fn never_more_than_n_permit_holders_when_redis_is_paused_past_the_ttl() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn never_more_than_n_permit_holders_when_redis_restarts_without_data() {
     contend_through(Fault::RestartRedisWithoutData).await;
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Fault {
-    /// SIGSTOP for twice the ttl, then SIGCONT: every lease runs out while nothing answers.
-    PauseRedis,
-    /// SIGKILL and a fresh server on the same port: every lease and the fence counter are
-    /// forgotten.
-    RestartRedisWithoutData,
 }
 
 /// What the in-process workers share with the fault injector.
@@ -159,26 +150,7 @@ async fn contend_through(fault: Fault) {
             child.output()
         );
     }
-    let fault_from = match fault {
-        Fault::PauseRedis => {
-            let from = SystemTime::now();
-            server.pause();
-            // The sleep is the fault: every lease outlives its deadline while Redis is frozen.
-            tokio::time::sleep(TTL * 2).await;
-            server.resume();
-            from
-        }
-        Fault::RestartRedisWithoutData => {
-            // Late in the long hold's first ttl, as in tests/safety.rs: where the holders'
-            // renewals and the others' backstop timers come close.
-            let into_the_hold = Duration::from_millis(rand::random_range(600..1000));
-            tokio::time::sleep(into_the_hold).await;
-            let from = SystemTime::now();
-            tokio::task::block_in_place(|| server.restart());
-            from
-        }
-    };
-    let fault_to = SystemTime::now();
+    let (fault_from, fault_to) = fault.strike(&mut server, TTL).await;
 
     let mut tally = Tally::default();
     for worker in workers {
@@ -186,15 +158,7 @@ async fn contend_through(fault: Fault) {
     }
     let mut holds = std::mem::take(&mut *progress.holds.lock().unwrap());
     let reports = child.finish(RUN_FOR + CHILD_REPORTS_WITHIN).await;
-    let mut child_holds = 0;
-    for report in &reports {
-        if let Some(hold) = Hold::parse(report) {
-            holds.push(hold);
-            child_holds += 1;
-        } else if let Some(child_tally) = Tally::parse(report) {
-            tally.add(&child_tally);
-        }
-    }
+    let child_holds = safety::gather(&reports, &mut holds, &mut tally);
     let looked = watcher.stop();
     for node in &nodes {
         node.shutdown().await;
@@ -229,15 +193,9 @@ async fn contend_through(fault: Fault) {
         "the store never showed all {PERMITS} permits taken at once ({} looks)\n{shown}",
         looked.looks.looks
     );
-    let overtaken = history.holds.iter().any(|hold| {
-        hold.outcome != Outcome::Released && hold.from.is_some_and(|from| from < fault_from)
-    });
+    let overtaken = history.cut_short_by(fault_from);
     assert!(overtaken, "no hold was cut short by the fault\n{shown}");
-    let after = history
-        .holds
-        .iter()
-        .filter(|hold| hold.from.is_some_and(|from| from > fault_to))
-        .count();
+    let after = history.began_after(fault_to);
     assert!(after >= 1, "no hold after the fault\n{shown}");
     eprintln!(
         "{fault:?}: {} holds ({child_holds} by the child), {} leases seen in {} looks at the \
@@ -315,7 +273,7 @@ async fn contend(
         if long {
             progress.in_long_hold.fetch_add(1, Ordering::SeqCst);
         }
-        let hold = hold_once(guard, asked, name, work).await;
+        let hold = safety::hold_on(guard, asked, name, work, LOOK_EVERY).await;
         if long {
             progress.in_long_hold.fetch_sub(1, Ordering::SeqCst);
         }
@@ -324,31 +282,6 @@ async fn contend(
         tokio::time::sleep(Duration::from_millis(rand::random_range(2..10))).await;
     }
     tally
-}
-
-/// One hold: `work` of holding on, asking `is_held()` all along (stopping at once when it
-/// says no), then the release.
-async fn hold_once(guard: LockGuard, asked: SystemTime, name: &str, work: Duration) -> Hold {
-    let token = guard.fencing_token();
-    let mut seen = Witness::default();
-    let working = Instant::now();
-    let mut lost = !seen.look(&guard);
-    while !lost && working.elapsed() < work {
-        tokio::time::sleep(LOOK_EVERY).await;
-        lost = !seen.look(&guard);
-    }
-    let ended = SystemTime::now();
-    let outcome = if lost {
-        // Dropping the guard gives the permit back, if it is still ours.
-        Outcome::Lost
-    } else {
-        match guard.release().await {
-            Ok(()) => Outcome::Released,
-            // The store did not confirm (paused, restarted): the lease ends at its ttl.
-            Err(_) => Outcome::ReleaseFailed,
-        }
-    };
-    Hold::new(name, token, Some(asked), seen, ended, outcome)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,15 +14,21 @@
 //! [`fenced_violations`] checks the other half, the protected resource's own record of the
 //! accesses its fence accepted: no stale token, no lost update.
 //!
+//! And the parts of a contention run the tests share: [`hold_on`] (a holder whose only work is
+//! to hold), [`Fault`] (the Redis server paused past the ttl, or restarted without its data)
+//! and [`gather`] (a child process's reports).
+//!
 //! Wall-clock time ([`SystemTime`]), because it is comparable across the processes of one
 //! machine, and with the Redis server's `TIME`; a holder in a child process reports its holds
 //! as [`Hold::line`]s.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use leasehold::LockGuard;
+
+use crate::RedisServer;
 
 /// How a hold ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +87,39 @@ impl Witness {
         }
         held
     }
+}
+
+/// Holds `guard` (of a key asked for at `asked`) for `work`, asking `is_held()` every
+/// `look_every` and stopping at once when it says no, then releases it: a holder whose only
+/// work is to hold.
+pub async fn hold_on(
+    guard: LockGuard,
+    asked: SystemTime,
+    worker: &str,
+    work: Duration,
+    look_every: Duration,
+) -> Hold {
+    let token = guard.fencing_token();
+    let mut seen = Witness::default();
+    let working = Instant::now();
+    let mut lost = !seen.look(&guard);
+    while !lost && working.elapsed() < work {
+        tokio::time::sleep(look_every).await;
+        lost = !seen.look(&guard);
+    }
+    let ended = SystemTime::now();
+    let outcome = if lost {
+        // Dropping the guard gives the key back, if it is still ours.
+        Outcome::Lost
+    } else {
+        match guard.release().await {
+            Ok(()) => Outcome::Released,
+            // The store did not confirm (paused, restarted, failed over): the lease ends at
+            // its ttl.
+            Err(_) => Outcome::ReleaseFailed,
+        }
+    };
+    Hold::new(worker, token, Some(asked), seen, ended, outcome)
 }
 
 /// One hold of a key (a lock, or a semaphore's permit), as its holder reports it.
@@ -173,6 +212,62 @@ impl Hold {
             (Some(from), Some(to)) if from <= to => Some((from, to)),
             _ => None,
         }
+    }
+}
+
+/// Reads a child process's report lines: its [`Hold::line`]s go to `holds` and its
+/// [`Tally::line`]s into `tally`. Answers how many holds it reported.
+pub fn gather(reports: &[String], holds: &mut Vec<Hold>, tally: &mut Tally) -> usize {
+    let mut reported = 0;
+    for report in reports {
+        if let Some(hold) = Hold::parse(report) {
+            holds.push(hold);
+            reported += 1;
+        } else if let Some(child_tally) = Tally::parse(report) {
+            tally.add(&child_tally);
+        }
+    }
+    reported
+}
+
+/// A fault of the Redis server the contenders share, struck while a long hold is under way.
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    /// SIGSTOP for twice the ttl, then SIGCONT: every lease runs out while nothing answers.
+    PauseRedis,
+    /// SIGKILL and a fresh server on the same port: every lease and counter is forgotten.
+    RestartRedisWithoutData,
+}
+
+impl Fault {
+    /// Strikes `server`, whose leases have `ttl`, now that a long hold is under way; answers
+    /// when the fault began and when it was over. (On a multi-threaded runtime: a restart
+    /// blocks its thread.)
+    pub async fn strike(self, server: &mut RedisServer, ttl: Duration) -> (SystemTime, SystemTime) {
+        let from = match self {
+            Fault::PauseRedis => {
+                // At once: the pause then always outlasts that holder's deadline, which falls
+                // before its hold ends.
+                let from = SystemTime::now();
+                server.pause();
+                // The sleep is the fault: every lease outlives its deadline while Redis is
+                // frozen.
+                tokio::time::sleep(ttl * 2).await;
+                server.resume();
+                from
+            }
+            Fault::RestartRedisWithoutData => {
+                // Late in the lease's first ttl, where the other nodes' backstop timers (set
+                // from the PTTL they read as the hold began) fire close to the holder's
+                // renewals: the stretch in which a restart can give two holders at once.
+                let into_the_hold = ttl.mul_f64(rand::random_range(0.6..1.0));
+                tokio::time::sleep(into_the_hold).await;
+                let from = SystemTime::now();
+                tokio::task::block_in_place(|| server.restart());
+                from
+            }
+        };
+        (from, SystemTime::now())
     }
 }
 
@@ -285,6 +380,22 @@ impl History {
             holds,
             store,
         }
+    }
+
+    /// Whether a hold that began before `fault_from` ended otherwise than released: the
+    /// fault cut it short.
+    pub fn cut_short_by(&self, fault_from: SystemTime) -> bool {
+        self.holds.iter().any(|hold| {
+            hold.outcome != Outcome::Released && hold.from.is_some_and(|from| from < fault_from)
+        })
+    }
+
+    /// How many holds began after `fault_to`.
+    pub fn began_after(&self, fault_to: SystemTime) -> usize {
+        self.holds
+            .iter()
+            .filter(|hold| hold.from.is_some_and(|from| from > fault_to))
+            .count()
     }
 
     /// `t` as seconds since the start of the run.
