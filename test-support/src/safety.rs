@@ -291,7 +291,8 @@ pub struct StoreLease {
 #[derive(Debug, Default)]
 pub struct StoreLooks {
     leases: Vec<StoreLease>,
-    by_token: HashMap<u64, usize>,
+    /// Each lease's place in `leases`, by its (token, owner): a member of the store.
+    seen: HashMap<(u64, String), usize>,
     /// How many looks there were.
     pub looks: usize,
     /// The most leases one look showed live.
@@ -304,10 +305,10 @@ impl StoreLooks {
         self.looks += 1;
         self.most_at_once = self.most_at_once.max(live.len());
         for (token, owner) in live {
-            match self.by_token.get(token) {
+            match self.seen.get(&(*token, owner.clone())) {
                 Some(&n) => self.leases[n].to = at,
                 None => {
-                    self.by_token.insert(*token, self.leases.len());
+                    self.seen.insert((*token, owner.clone()), self.leases.len());
                     self.leases.push(StoreLease {
                         token: *token,
                         owner: owner.clone(),
@@ -429,13 +430,22 @@ impl History {
         });
         found.extend(self.crowds("by the store's account", leases.collect()));
 
-        // (2) No token is handed out twice.
+        // (2) No token is handed out twice, by either account.
         let mut by_token: HashMap<u64, &Hold> = HashMap::new();
         for hold in &self.holds {
             if let Some(other) = by_token.insert(hold.token, hold) {
                 found.push(format!(
                     "token {} handed to both {} and {}",
                     hold.token, other.worker, hold.worker
+                ));
+            }
+        }
+        let mut in_store: HashMap<u64, &StoreLease> = HashMap::new();
+        for lease in &self.store {
+            if let Some(other) = in_store.insert(lease.token, lease) {
+                found.push(format!(
+                    "token {} in the store for both {} and {}",
+                    lease.token, other.owner, lease.owner
                 ));
             }
         }
@@ -834,6 +844,19 @@ mod tests {
             found[0].starts_with("3 holders at once (at most 2) by the store's account: z"),
             "{found:?}"
         );
+    }
+
+    #[test]
+    fn looks_at_the_store_make_leases_and_a_token_shown_for_two_owners_is_a_violation() {
+        let mut looks = StoreLooks::default();
+        looks.add(at(10), &[(1, "x".to_owned())]);
+        looks.add(at(12), &[(1, "x".to_owned()), (1, "y".to_owned())]);
+        looks.add(at(14), &[(1, "y".to_owned())]);
+        assert_eq!((looks.looks, looks.most_at_once), (3, 2));
+        let leases = looks.leases();
+        assert_eq!(leases, [lease("x", 1, 10, 12), lease("y", 1, 12, 14)]);
+        let found = semaphore(3, vec![], leases).violations();
+        assert_eq!(found, ["token 1 in the store for both x and y"]);
     }
 
     #[test]
