@@ -33,6 +33,10 @@ step cargo clippy --workspace --all-targets --all-features -- -D warnings
 RUSTDOCFLAGS="-D warnings" step cargo doc --no-deps --all-features
 # The default build must need neither protoc nor ractor's cluster feature.
 step cargo build --no-default-features
+# The safety checker's own tests (test-support/src/safety.rs: it must be able to fail), on
+# test-support without features, which also shows that it builds so; the root's `cargo test`
+# below runs only the library's tests.
+step cargo test -p leasehold-test-support --lib safety::
 step cargo build
 # Every test, with ractor's cluster feature off and on (message types change shape): what
 # `cargo test --features testing` and `cargo test --all-features` run. Both are built first,
