@@ -33,10 +33,6 @@ step cargo clippy --workspace --all-targets --all-features -- -D warnings
 RUSTDOCFLAGS="-D warnings" step cargo doc --no-deps --all-features
 # The default build must need neither protoc nor ractor's cluster feature.
 step cargo build --no-default-features
-# The safety checker's own tests (test-support/src/safety.rs: it must be able to fail), on
-# test-support without features, which also shows that it builds so; the root's `cargo test`
-# below runs only the library's tests.
-step cargo test -p leasehold-test-support --lib safety::
 step cargo build
 # Every test, with ractor's cluster feature off and on (message types change shape): what
 # `cargo test --features testing` and `cargo test --all-features` run. Both are built first,
@@ -61,7 +57,8 @@ runs=$(mktemp -d)
 echo; echo "==> building the tests: cargo test --no-run --features testing, then --all-features, then the other members'"
 test_binaries --features testing >"$runs/off"
 test_binaries --all-features >"$runs/on"
-# The other workspace members' own unit tests (test-support's checkers, the load test's).
+# The other workspace members' own unit tests: test-support's topologies and its safety
+# checker's (test-support/src/safety.rs, which must be able to fail), the load test's.
 test_binaries --workspace --exclude leasehold --all-features >"$runs/members"
 lanes=${LEASEHOLD_TEST_LANES:-3}
 echo; echo "==> running them, $lanes at a time ($(cat "$runs"/off "$runs"/on "$runs"/members | wc -l) test binaries)"
