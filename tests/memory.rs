@@ -7,3 +7,7 @@ leasehold::election_suite!(paused, leasehold::MemoryBackend::new());
 mod semaphore {
     leasehold::semaphore_suite!(paused, leasehold::MemoryBackend::new());
 }
+
+mod rwlock {
+    leasehold::rwlock_suite!(paused, leasehold::MemoryBackend::new());
+}

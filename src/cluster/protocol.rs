@@ -489,7 +489,7 @@ wire_unit_enum!(StoreErrorKind {
 /// The kinds without data are one byte, their position in this list; a store failure is the
 /// byte after the list, then its store kind. (Only this codec lists the kinds; the protocol's
 /// types are built on the crate's own.)
-const ERROR_KINDS: [ErrorKind; 21] = [
+const ERROR_KINDS: [ErrorKind; 22] = [
     ErrorKind::EmptyKey,
     ErrorKind::KeyTooLong,
     ErrorKind::KeyHasControlChar,
@@ -511,6 +511,7 @@ const ERROR_KINDS: [ErrorKind; 21] = [
     ErrorKind::InvalidPermits,
     ErrorKind::InvalidPermitCount,
     ErrorKind::PermitsMismatch,
+    ErrorKind::EmptyRwLockName,
 ];
 const STORE_KIND: u8 = ERROR_KINDS.len() as u8;
 
