@@ -98,8 +98,7 @@ pub async fn a_writer_excludes_readers_and_writers<B: LockBackend + Clone>(backe
     writer.release().await.unwrap();
     let rw = nodes[1].rwlock(&name).unwrap();
     let share = rw.try_read(LockOptions::new()).await.unwrap();
-    assert!(share.is_some(), "the writer let go");
-    drop(share);
+    share.expect("the writer let go").release().await.unwrap();
     let writer = rw.try_write(LockOptions::new()).await.unwrap();
     assert!(writer.is_some(), "the reader let go");
     drop(writer);
