@@ -11,8 +11,8 @@ use tokio::time::Instant;
 
 use super::{eventually, start, unique_key, Holder, PROMPT};
 use crate::{
-    Acquisition, Error, ErrorKind, Lease, LockBackend, LockOptions, LostReason, OwnerToken, RwMode,
-    Wait,
+    Acquisition, Error, ErrorKind, Lease, LockBackend, LockManagerMsg, LockOptions, LostReason,
+    OwnerToken, RwMode, Wait,
 };
 
 /// Generates one `#[tokio::test]` per read-write lock test for the backend built by
@@ -43,6 +43,7 @@ macro_rules! rwlock_suite {
             a_share_renews_and_a_share_taken_away_is_lost,
             bad_rwlock_input_is_rejected_naming_the_value,
             rwlock_and_lock_of_one_name_are_apart,
+            shares_and_holds_by_message_to_the_manager,
         );
     };
     (@each $attr:tt, $backend:expr, $($name:ident),+ $(,)?) => {
@@ -510,5 +511,63 @@ pub async fn rwlock_and_lock_of_one_name_are_apart<B: LockBackend + Clone>(backe
     assert!(writer.is_some(), "the read-write lock is free");
     assert!(client.is_locked(&name).await.unwrap());
     drop((lock, writer));
+    client.shutdown().await;
+}
+
+/// Actors ask for read shares and the write hold by message to the manager: the same checks,
+/// the same guards; a message tries once unless its options say to wait.
+pub async fn shares_and_holds_by_message_to_the_manager<B: LockBackend + Clone>(backend: B) {
+    let client = start(backend).await;
+    let manager = client.manager().clone();
+    let name = unique_key("rw-message");
+    let ask = |name: &str, mode: RwMode, options: LockOptions| {
+        let name = name.to_owned();
+        move |reply| LockManagerMsg::AcquireRw {
+            backend: None,
+            name,
+            mode,
+            options,
+            reply,
+        }
+    };
+    let read = ask(&name, RwMode::Read, LockOptions::new());
+    let share = ractor::call!(manager, read).unwrap().unwrap();
+    let share = share.expect("nothing held");
+    assert_eq!(share.key(), name);
+    let write = ask(&name, RwMode::Write, LockOptions::new());
+    let refused = ractor::call!(manager, write).unwrap().unwrap();
+    assert!(
+        refused.is_none(),
+        "a reader holds, and a message does not wait by default"
+    );
+    let waiting_writer = {
+        let manager = manager.clone();
+        let write = ask(&name, RwMode::Write, waiting(Duration::from_secs(20)));
+        tokio::spawn(async move { ractor::call!(manager, write) })
+    };
+    eventually(
+        "the waiting writer holds new readers back",
+        PROMPT,
+        || async {
+            let read = ask(&name, RwMode::Read, LockOptions::new());
+            ractor::call!(manager, read).unwrap().unwrap().is_none()
+        },
+    )
+    .await;
+    let read_token = share.fencing_token();
+    share.release().await.unwrap();
+    let writer = tokio::time::timeout(PROMPT, waiting_writer)
+        .await
+        .expect("the writer got in when the reader left")
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .expect("it waited");
+    assert!(writer.fencing_token() > read_token);
+    let err = ractor::call!(manager, ask("", RwMode::Read, LockOptions::new()))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::EmptyRwLockName);
+    writer.release().await.unwrap();
     client.shutdown().await;
 }
