@@ -76,17 +76,19 @@ impl EtcdBackend {
                 RwMode::Read => under(&write_dir) || under(&waiting_dir),
                 _ => under(&read_dir) || under(&write_dir),
             };
+            let mine = read
+                .kvs()
+                .iter()
+                .find(|kv| kv.key() == intent_key.as_bytes())
+                .map(|kv| kv.lease());
             if blocked {
                 if mode == RwMode::Write && intent {
-                    let mine = read
-                        .kvs()
-                        .iter()
-                        .find(|kv| kv.key() == intent_key.as_bytes());
-                    self.keep_intent(&intent_key, mine.map(|kv| kv.lease()), ttl)
-                        .await?;
+                    self.keep_intent(&intent_key, mine, ttl).await?;
                 }
                 break;
             }
+            // The etcd lease of this writer's intent, as read: revoked once the writer holds.
+            let intent_lease = mine.filter(|&id| id != 0);
             let id = match &grant {
                 Some(grant) => grant,
                 None => grant.insert(self.grant(ttl).await?),
@@ -113,6 +115,11 @@ impl EtcdBackend {
                 let mut lease = Lease::new(name, owner, token(revision)?);
                 lease.rw = Some(mode);
                 lease.lease_id = grant.map(|grant| grant.keep());
+                // The intent's key went with the grant; its lease would otherwise linger,
+                // empty, until its ttl. A failure costs nothing but that.
+                if let Some(id) = intent_lease {
+                    let _ = self.revoke(id).await;
+                }
                 return Ok(Acquisition::Acquired(lease));
             }
         }
