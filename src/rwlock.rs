@@ -55,10 +55,11 @@ use crate::options::{validate_key, LockOptions};
 /// let second = config.read(LockOptions::new()).await?;
 /// // Readers share; a writer is refused while they hold.
 /// assert!(config.try_write(LockOptions::new()).await?.is_none());
+/// let newest = second.fencing_token();
 /// first.release().await?;
 /// second.release().await?;
 /// let writer = config.write(LockOptions::new()).await?;
-/// assert!(writer.fencing_token() > second.fencing_token());
+/// assert!(writer.fencing_token() > newest);
 /// assert!(config.try_read(LockOptions::new()).await?.is_none());
 /// # drop(writer);
 /// client.shutdown().await;
