@@ -106,7 +106,7 @@ pub(crate) fn rw_options(
     options.rw = Some(mode);
     options.candidate = match mode {
         RwMode::Write => Some(OwnerToken::random()),
-        _ => None,
+        RwMode::Read => None,
     };
     Ok(options)
 }

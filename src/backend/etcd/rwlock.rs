@@ -74,7 +74,7 @@ impl EtcdBackend {
             };
             blocked = match mode {
                 RwMode::Read => under(&write_dir) || under(&waiting_dir),
-                _ => under(&read_dir) || under(&write_dir),
+                RwMode::Write => under(&read_dir) || under(&write_dir),
             };
             let mine = read
                 .kvs()

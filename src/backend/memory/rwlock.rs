@@ -74,7 +74,7 @@ impl MemoryBackend {
                 .map(|lease| lease.expires_at)
                 .chain(row.intents.iter().map(|(_, until)| *until))
                 .min(),
-            _ => row.leases.iter().map(|lease| lease.expires_at).min(),
+            RwMode::Write => row.leases.iter().map(|lease| lease.expires_at).min(),
         };
         if let Some(until) = blocking {
             let mut left = until - now;
