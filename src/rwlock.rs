@@ -15,8 +15,10 @@
 //! new readers wait, on every node: the readers already in finish, and the writer gets the
 //! lock when the last of them leaves. The intent is leased like everything else (for the
 //! writer's ttl, refreshed by each of its attempts, at least twice per ttl): a waiting writer
-//! that dies blocks readers no longer than that. One that gives up (its wait budget ran out,
-//! its caller went away) withdraws its intent at once. A writer that only tries
+//! that dies blocks readers no longer than that. One whose wait budget runs out withdraws its
+//! intent at once; one whose caller went away, when its backend actor next serves the queue
+//! (a wake, or its backstop within half the intent's ttl) and drops the request. A writer
+//! that only tries
 //! ([`try_write`](RwLock::try_write)) leaves no intent.
 //!
 //! Readers cannot starve writers, but writers coming one after another can keep readers
