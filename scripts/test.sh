@@ -74,6 +74,7 @@ step cargo test --doc --all-features
 step cargo run --example quickstart
 step cargo run --example election
 step cargo run --example semaphore
+step cargo run --example rwlock
 step cargo run -p leasehold-loadtest -- --smoke --out target/loadtest-smoke
 
 # The store examples, each against a throwaway server on a free loopback port, stopped by pid.
