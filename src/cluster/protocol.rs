@@ -502,9 +502,9 @@ wire_unit_enum!(StoreErrorKind {
     StoreErrorKind::PermitsMismatch,
 });
 
-/// The kinds without data are one byte, their position in this list; a store failure is the
-/// byte after the list, then its store kind. (Only this codec lists the kinds; the protocol's
-/// types are built on the crate's own.)
+/// The kinds without data are one byte, their position in this list (new kinds go at its
+/// end); a store failure is the byte [`STORE_KIND`], then its store kind. (Only this codec
+/// lists the kinds; the protocol's types are built on the crate's own.)
 const ERROR_KINDS: [ErrorKind; 22] = [
     ErrorKind::EmptyKey,
     ErrorKind::KeyTooLong,
@@ -529,7 +529,10 @@ const ERROR_KINDS: [ErrorKind; 22] = [
     ErrorKind::PermitsMismatch,
     ErrorKind::EmptyRwLockName,
 ];
-const STORE_KIND: u8 = ERROR_KINDS.len() as u8;
+/// Not the byte after the list, which moved with every kind added (21 with semaphores, 22 with
+/// read-write locks): a fixed byte, so that a kind added later leaves the others as they are.
+const STORE_KIND: u8 = u8::MAX;
+const _: () = assert!(ERROR_KINDS.len() < STORE_KIND as usize);
 
 impl Wire for ErrorKind {
     fn put(&self, out: &mut Vec<u8>) {
