@@ -57,7 +57,8 @@ runs=$(mktemp -d)
 echo; echo "==> building the tests: cargo test --no-run --features testing, then --all-features, then the other members'"
 test_binaries --features testing >"$runs/off"
 test_binaries --all-features >"$runs/on"
-# The other workspace members' own unit tests (test-support's checkers, the load test's).
+# The other workspace members' own unit tests: test-support's topologies and its safety
+# checker's (test-support/src/safety.rs, which must be able to fail), the load test's.
 test_binaries --workspace --exclude leasehold --all-features >"$runs/members"
 lanes=${LEASEHOLD_TEST_LANES:-3}
 echo; echo "==> running them, $lanes at a time ($(cat "$runs"/off "$runs"/on "$runs"/members | wc -l) test binaries)"
@@ -73,6 +74,7 @@ step cargo test --doc --all-features
 step cargo run --example quickstart
 step cargo run --example election
 step cargo run --example semaphore
+step cargo run --example rwlock
 step cargo run -p leasehold-loadtest -- --smoke --out target/loadtest-smoke
 
 # The store examples, each against a throwaway server on a free loopback port, stopped by pid.

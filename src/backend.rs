@@ -67,6 +67,10 @@ pub struct Lease {
     /// [`acquire_permits`](LockBackend::acquire_permits)): `renew` and `release` then act on
     /// the permits of the semaphore named `key`.
     pub permits: Option<Permits>,
+    /// Set when the lease is a read share or the write hold of a read-write lock (see
+    /// [`acquire_rw`](LockBackend::acquire_rw)): `renew` and `release` then act on that side
+    /// of the read-write lock named `key`.
+    pub rw: Option<RwMode>,
 }
 
 impl Lease {
@@ -78,6 +82,7 @@ impl Lease {
             fencing_token,
             lease_id: None,
             permits: None,
+            rw: None,
         }
     }
 }
@@ -99,6 +104,26 @@ impl Permits {
     /// checks them before any I/O).
     pub fn new(total: u32, count: u32) -> Self {
         Permits { total, count }
+    }
+}
+
+/// Which side of a read-write lock a lease holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RwMode {
+    /// A read share: many at once, while no writer holds or waits.
+    Read,
+    /// The write hold: alone, while nothing else is held.
+    Write,
+}
+
+impl RwMode {
+    /// "read" or "write", as stores lay the side out in their keys.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RwMode::Read => "read",
+            RwMode::Write => "write",
+        }
     }
 }
 
@@ -391,6 +416,66 @@ pub trait LockBackend: Send + Sync + 'static {
         Err(StoreError::Unsupported {
             store: self.kind(),
             op: "semaphores",
+        })
+    }
+
+    // --- Read-write locks (see `crate::rwlock`). A read-write lock on `name` is a set of
+    // leases, read shares and at most one write hold, none of them the lock on the key `name`
+    // nor a semaphore's permit. A lease of it carries `Lease::rw`, and `renew` and `release`
+    // act on it as on a lock's lease. Beside the leases, the store keeps the intents of
+    // waiting writers, each leased too: a writer that stops asking blocks nobody past its
+    // intent's ttl.
+
+    /// One attempt to take the read-write lock `name` for `owner`, as one lease for `ttl`,
+    /// atomic. A read share is granted while no writer holds it and no writer's intent is
+    /// live; the write hold while nothing at all is held (the writer's own intent goes with
+    /// the grant). Every grant's fencing token is strictly greater than every token returned
+    /// for this read-write lock before, so a writer's is greater than every earlier reader's
+    /// and writer's. The lease's `rw` is set.
+    ///
+    /// A refused writer with `intent` records (or refreshes) its intent for `ttl`, so new
+    /// readers wait from now on, on every node; its `Held` answer's `remaining_ttl` is at
+    /// most half that ttl, so the waiting writer's next attempt refreshes the intent in time.
+    /// The same `owner` is used for every attempt of one waiting writer. A writer that tries
+    /// once asks without `intent`; readers ignore it.
+    async fn acquire_rw(
+        &self,
+        name: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        mode: RwMode,
+        intent: bool,
+        metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        let _ = (name, owner, ttl, mode, intent, metadata);
+        Err(StoreError::Unsupported {
+            store: self.kind(),
+            op: "read-write locks",
+        })
+    }
+
+    /// Takes the intent of the writer `owner` (which stopped waiting) off the read-write lock
+    /// `name`, and wakes the waiters if that lets readers in.
+    async fn withdraw_writer(&self, name: &str, owner: OwnerToken) -> Result<(), StoreError> {
+        let _ = (name, owner);
+        Err(StoreError::Unsupported {
+            store: self.kind(),
+            op: "read-write locks",
+        })
+    }
+
+    /// Subscribes to notices that the read-write lock `name` may let someone in (a release,
+    /// a withdrawn intent; an expiry too, on stores that see it), as
+    /// [`subscribe`](Self::subscribe) does for a lock.
+    async fn subscribe_rw(
+        &self,
+        name: &str,
+        seen: &Contention,
+    ) -> Result<ReleaseNotices, StoreError> {
+        let _ = (name, seen);
+        Err(StoreError::Unsupported {
+            store: self.kind(),
+            op: "read-write locks",
         })
     }
 }

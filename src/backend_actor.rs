@@ -574,10 +574,11 @@ impl BackendState {
                 reply,
                 contention,
             }) => {
-                // A semaphore's waiter listens for its permits, not for its slot's key.
-                let semaphore = request.permits.map(|_| request.name.clone());
+                // A semaphore's (or read-write lock's) waiter listens for its name's
+                // notices, not for its slot's key.
+                let notices = Notices::of(&request);
                 self.enqueue(myself, request, reply, true);
-                self.await_release(myself, &key, &contention, semaphore);
+                self.await_release(myself, &key, &contention, notices);
                 if self.slots.get(&key).is_some_and(|slot| slot.woken) {
                     self.serve_next(myself, &key);
                 }
@@ -645,14 +646,14 @@ impl BackendState {
         self.slots.remove(key);
     }
 
-    /// Makes sure the key has its one subscription and a backstop timer. With `semaphore`,
-    /// the slot is a semaphore waiter's, and the subscription is to that semaphore's notices.
+    /// Makes sure the key has its one subscription (to the `notices` its waiter needs) and a
+    /// backstop timer.
     fn await_release(
         &mut self,
         myself: &ActorRef<BackendMsg>,
         key: &Arc<str>,
         contention: &Contention,
-        semaphore: Option<Arc<str>>,
+        notices: Notices,
     ) {
         let Some(slot) = self.slots.get_mut(key) else {
             return;
@@ -667,7 +668,7 @@ impl BackendState {
             let ctx = self.ctx.clone();
             let (me, key, seen) = (myself.clone(), key.clone(), contention.clone());
             slot.watch = Some(AbortOnDrop(tokio::spawn(async move {
-                let mut notices = subscribe_until_done(&ctx, &key, &seen, semaphore).await;
+                let mut notices = subscribe_until_done(&ctx, &key, &seen, notices).await;
                 // A release between the failed attempt and this subscription would otherwise
                 // be missed: look once more now that notices flow.
                 let mut wake = me.cast(BackendMsg::Wake(key.clone()));
@@ -775,6 +776,26 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "a panic".into())
 }
 
+/// Which notices wake a slot's waiter.
+enum Notices {
+    /// The release notices of the slot's own key (a lock, an election).
+    Key,
+    /// Those of the semaphore of this name (the slot is one acquisition's own).
+    Permits(Arc<str>),
+    /// Those of the read-write lock of this name (the slot is one acquisition's own).
+    Rw(Arc<str>),
+}
+
+impl Notices {
+    fn of(request: &AcquireRequest) -> Self {
+        match (request.permits, request.rw) {
+            (Some(_), _) => Notices::Permits(request.name.clone()),
+            (None, Some(_)) => Notices::Rw(request.name.clone()),
+            (None, None) => Notices::Key,
+        }
+    }
+}
+
 /// The longest pause between two tries at a release subscription that keeps failing.
 const SUBSCRIBE_RETRY_CAP: Duration = Duration::from_secs(2);
 
@@ -787,14 +808,15 @@ async fn subscribe_until_done(
     ctx: &BackendCtx,
     key: &Arc<str>,
     seen: &Contention,
-    semaphore: Option<Arc<str>>,
+    notices: Notices,
 ) -> ReleaseNotices {
     let mut pause = STORE_RETRY_PAUSE;
     loop {
         let subscribe = async {
-            match &semaphore {
-                Some(name) => ctx.store.subscribe_permits(name, seen).await,
-                None => ctx.store.subscribe(key, seen).await,
+            match &notices {
+                Notices::Key => ctx.store.subscribe(key, seen).await,
+                Notices::Permits(name) => ctx.store.subscribe_permits(name, seen).await,
+                Notices::Rw(name) => ctx.store.subscribe_rw(name, seen).await,
             }
         };
         match ctx.metrics.timed(StoreOp::Subscribe, subscribe).await {

@@ -105,6 +105,9 @@ pub enum Error {
         /// The number its live holders were granted with.
         held: u32,
     },
+    /// A read-write lock's name was the empty string.
+    #[error("invalid read-write lock name: the name is empty")]
+    EmptyRwLockName,
     /// No backend is registered under this name.
     #[error("unknown backend {name:?} (configured: {known:?})")]
     UnknownBackend {
@@ -204,6 +207,7 @@ impl Error {
             Error::InvalidPermits { .. } => ErrorKind::InvalidPermits,
             Error::InvalidPermitCount { .. } => ErrorKind::InvalidPermitCount,
             Error::PermitsMismatch { .. } => ErrorKind::PermitsMismatch,
+            Error::EmptyRwLockName => ErrorKind::EmptyRwLockName,
             Error::UnknownBackend { .. } => ErrorKind::UnknownBackend,
             Error::InvalidConfig(_) => ErrorKind::InvalidConfig,
             Error::AlreadyHeld { .. } => ErrorKind::AlreadyHeld,
@@ -262,6 +266,8 @@ pub enum ErrorKind {
     InvalidPermitCount,
     /// [`Error::PermitsMismatch`].
     PermitsMismatch,
+    /// [`Error::EmptyRwLockName`].
+    EmptyRwLockName,
     /// [`Error::UnknownBackend`].
     UnknownBackend,
     /// [`Error::InvalidConfig`].
@@ -310,6 +316,7 @@ impl ErrorKind {
                 | ErrorKind::EmptySemaphoreName
                 | ErrorKind::InvalidPermits
                 | ErrorKind::InvalidPermitCount
+                | ErrorKind::EmptyRwLockName
                 | ErrorKind::UnknownBackend
                 | ErrorKind::InvalidConfig
                 | ErrorKind::ManagerNotFound

@@ -308,25 +308,31 @@ impl KeyState {
             name: request.name.clone(),
             primitive: request.primitive(),
         });
-        // A campaign keeps its candidate token across attempts: the store's candidate queue
-        // knows it by that.
+        // A campaign (and a waiting writer) keeps its token across attempts: the store's
+        // candidate queue (or the writer's intent) knows it by that.
         let owner = request.candidate.unwrap_or_else(OwnerToken::random);
         let sent_at = Instant::now();
         let metadata = request.metadata.as_deref();
         let store = &ctx.store;
         // One attempt always gets its full operation budget, even if it overruns the wait
         // budget: a short wait must still try at least once.
-        let (op, attempt) = match (request.permits, request.primitive()) {
-            (Some(permits), _) => (
+        let (op, attempt) = match (request.permits, request.rw, request.primitive()) {
+            (Some(permits), _, _) => (
                 StoreOp::AcquirePermits,
                 store.acquire_permits(&request.name, owner, request.ttl, permits, metadata),
             ),
-            (None, Primitive::Election) => {
+            (None, Some(mode), _) => {
+                let intent = request.intent.is_some();
+                let (name, ttl) = (&request.name, request.ttl);
+                let attempt = store.acquire_rw(name, owner, ttl, mode, intent, metadata);
+                (StoreOp::AcquireRw, attempt)
+            }
+            (None, None, Primitive::Election) => {
                 let value = metadata.unwrap_or_default();
                 let campaign = store.campaign(&request.key, owner, request.ttl, value);
                 (StoreOp::Campaign, campaign)
             }
-            (None, _) => (
+            (None, None, _) => (
                 StoreOp::Acquire,
                 store.acquire(&request.key, owner, request.ttl, metadata),
             ),
@@ -437,6 +443,9 @@ impl KeyState {
             deadline,
             ttl: request.ttl,
         });
+        if let Some(intent) = &request.intent {
+            intent.acquired();
+        }
         let token = lease.fencing_token;
         tracing::Span::current().record("token", token);
         ctx.emit(

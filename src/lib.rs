@@ -31,6 +31,8 @@
 //!   code, [`Candidacy`] and [`CandidateMsg`] for candidate actors.
 //! - `semaphore.rs`: [`Semaphore`], N permits on the same leases, one lease (and key actor)
 //!   per acquisition of one or more permits.
+//! - `rwlock.rs`: [`RwLock`], many readers or one writer on the same leases, one lease (and key
+//!   actor) per read share or write hold; a waiting writer's intent holds new readers back.
 //! - `options.rs`, `event.rs`, `error.rs`: [`LockOptions`], [`LockEvent`], [`Error`];
 //!   `metrics.rs`: the same events (and store calls) recorded through the `metrics` facade.
 //! - `fence.rs`: the resource side of fencing, [`Fence`] in this process, and token checks
@@ -93,6 +95,7 @@ mod manager;
 mod metrics;
 mod options;
 mod request;
+mod rwlock;
 mod semaphore;
 mod task;
 mod timing;
@@ -110,7 +113,7 @@ pub use backend::memory::MemoryBackend;
 pub use backend::redis::RedisBackend;
 pub use backend::{
     Acquisition, Contention, Leader, LeaderChanges, Lease, LockBackend, LockInfo, OwnerToken,
-    PermitHolder, Permits, ReleaseNotices, StoreEvent, StoreEventKind, StoreEvents,
+    PermitHolder, Permits, ReleaseNotices, RwMode, StoreEvent, StoreEventKind, StoreEvents,
 };
 pub use client::LockClient;
 pub use election::{
@@ -129,4 +132,5 @@ pub use fence::{FencedScript, RedisFence};
 pub use guard::LockGuard;
 pub use manager::{LockManager, LockManagerBuilder, LockManagerMsg, DEFAULT_MANAGER_NAME};
 pub use options::{LockOptions, Wait, MAX_KEY_LEN, MAX_METADATA_LEN, MAX_TTL, MIN_TTL};
+pub use rwlock::RwLock;
 pub use semaphore::{Semaphore, MAX_PERMITS};

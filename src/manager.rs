@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
-use crate::backend::{LockBackend, LockInfo, OwnerToken, PermitHolder, StoreEvents};
+use crate::backend::{LockBackend, LockInfo, OwnerToken, PermitHolder, RwMode, StoreEvents};
 use crate::backend_actor::{BackendActor, BackendArgs, BackendMsg};
 use crate::backend_ctx::{BackendCtx, Serving};
 use crate::client::LockClient;
@@ -18,6 +18,7 @@ use crate::guard::LockGuard;
 use crate::metrics::StoreOp;
 use crate::options::{validate_key, validate_ttl, Caller, LockOptions, MAX_TTL};
 use crate::request::{AcquireReply, AcquireRequest, InspectReply};
+use crate::rwlock::rw_options;
 use crate::semaphore::{holders, permit_options, validate_semaphore};
 use crate::timing::Timing;
 
@@ -72,6 +73,22 @@ pub enum LockManagerMsg {
         /// Ttl, wait, renewal, holder, metadata.
         options: LockOptions,
         /// `Ok(None)`: too few permits are free and the request did not wait.
+        reply: RpcReplyPort<Result<Option<LockGuard>>>,
+    },
+    /// Acquire a read share or the write hold of the read-write lock `name` (see
+    /// [`RwLock`](crate::RwLock)). `options.wait` unset means try once; a writer that waits
+    /// holds new readers back meanwhile, and withdraws that when it gives up. The guard
+    /// releases and renews the lease (one node may hold several shares of one lock).
+    AcquireRw {
+        /// The backend's name, or `None` for the default.
+        backend: Option<String>,
+        /// The read-write lock's name.
+        name: String,
+        /// A read share or the write hold.
+        mode: RwMode,
+        /// Ttl, wait, renewal, holder, metadata.
+        options: LockOptions,
+        /// `Ok(None)`: refused, and the request did not wait.
         reply: RpcReplyPort<Result<Option<LockGuard>>>,
     },
     /// Who holds the permits of the semaphore `name`, oldest first.
@@ -423,6 +440,16 @@ impl Actor for LockManager {
                 let options = permit_options(&name, permits, count, options);
                 state.acquire(backend.as_deref(), &name, options, reply);
             }
+            LockManagerMsg::AcquireRw {
+                backend,
+                name,
+                mode,
+                options,
+                reply,
+            } => {
+                let options = rw_options(&name, mode, options);
+                state.acquire(backend.as_deref(), &name, options, reply);
+            }
             LockManagerMsg::PermitHolders {
                 backend,
                 name,
@@ -648,8 +675,9 @@ impl ManagerState {
         }
     }
 
-    /// Checks and routes an acquisition (of a lock, or of a semaphore's permits, whose
-    /// `options` were checked already) to its backend actor.
+    /// Checks and routes an acquisition (of a lock, of a semaphore's permits or of a
+    /// read-write lock's share or hold, whose `options` were checked already) to its backend
+    /// actor.
     fn acquire(
         &self,
         backend: Option<&str>,

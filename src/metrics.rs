@@ -50,19 +50,22 @@ pub(crate) enum Primitive {
     Mutex,
     Semaphore,
     Election,
+    RwLock,
 }
 
 impl Primitive {
     /// Each kind's label, indexed as the enum.
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-    const LABELS: [&'static str; 3] = ["mutex", "semaphore", "election"];
+    const LABELS: [&'static str; 4] = ["mutex", "semaphore", "election", "rwlock"];
 
-    /// The kind of a request: a semaphore's permits, an election's campaign, or a lock.
-    pub(crate) fn of(permits: bool, campaign: bool) -> Self {
-        match (permits, campaign) {
-            (true, _) => Primitive::Semaphore,
-            (false, true) => Primitive::Election,
-            (false, false) => Primitive::Mutex,
+    /// The kind of a request: a semaphore's permits, a read-write lock's share or hold (whose
+    /// waiting writer also has a stable token), an election's campaign, or a lock.
+    pub(crate) fn of(permits: bool, rw: bool, campaign: bool) -> Self {
+        match (permits, rw, campaign) {
+            (true, _, _) => Primitive::Semaphore,
+            (false, true, _) => Primitive::RwLock,
+            (false, false, true) => Primitive::Election,
+            (false, false, false) => Primitive::Mutex,
         }
     }
 }
@@ -84,12 +87,14 @@ pub(crate) enum StoreOp {
     Observe,
     AcquirePermits,
     PermitHolders,
+    AcquireRw,
+    WithdrawWriter,
 }
 
 impl StoreOp {
     /// Each operation's label, indexed as the enum.
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-    const LABELS: [&'static str; 13] = [
+    const LABELS: [&'static str; 15] = [
         "acquire",
         "renew",
         "release",
@@ -103,6 +108,8 @@ impl StoreOp {
         "observe",
         "acquire_permits",
         "permit_holders",
+        "acquire_rw",
+        "withdraw_writer",
     ];
 }
 
@@ -140,7 +147,7 @@ mod on {
     /// One backend's series: registered once, recorded through handles.
     pub(crate) struct BackendMetrics {
         /// The lifecycle series, indexed as [`Primitive`].
-        kinds: [Series; 3],
+        kinds: [Series; 4],
         /// `None` for the in-process memory store: its calls are function calls on a map,
         /// with no latency worth a series, and four histogram samples per lock cycle would be
         /// most of what recording costs there.
@@ -166,8 +173,8 @@ mod on {
 
     struct StoreCalls {
         /// Indexed as [`StoreOp`].
-        latency: [Histogram; 13],
-        errors: [Counter; 13],
+        latency: [Histogram; 15],
+        errors: [Counter; 15],
     }
 
     impl BackendMetrics {

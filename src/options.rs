@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use ractor::ActorCell;
 
-use crate::backend::{OwnerToken, Permits};
+use crate::backend::{OwnerToken, Permits, RwMode};
 use crate::error::{Error, Result};
 
 /// The longest key accepted, in bytes (after it is prefixed, a store key stays well under the
@@ -87,6 +87,9 @@ pub struct LockOptions {
     pub(crate) candidate: Option<OwnerToken>,
     /// Set for a semaphore's acquisition: how many of how many permits (see `semaphore.rs`).
     pub(crate) permits: Option<Permits>,
+    /// Set for a read-write lock's read share or write hold (see `rwlock.rs`). A waiting
+    /// writer also sets `candidate`: its token, kept across attempts, names its intent.
+    pub(crate) rw: Option<RwMode>,
 }
 
 impl Default for LockOptions {
@@ -99,6 +102,7 @@ impl Default for LockOptions {
             metadata: None,
             candidate: None,
             permits: None,
+            rw: None,
         }
     }
 }

@@ -1,19 +1,19 @@
 //! What a backend actor is asked: an acquisition request, checked before any I/O, and the
 //! reply ports of the requests it answers.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use ractor::{ActorCell, ActorId, RpcReplyPort};
 use tokio::time::Instant;
 
-use crate::backend::{Contention, Lease, LockInfo, OwnerToken, Permits};
+use crate::backend::{Contention, Lease, LockInfo, OwnerToken, Permits, RwMode};
 use crate::backend_ctx::BackendCtx;
 use crate::error::{Error, Result};
 use crate::event::LockEventKind;
 use crate::guard::LockGuard;
-use crate::metrics::Primitive;
+use crate::metrics::{Primitive, StoreOp};
 use crate::options::{validate_key, Caller, LockOptions, Wait};
 
 /// One acquisition request, validated and resolved to a backend.
@@ -27,6 +27,11 @@ pub(crate) struct AcquireRequest {
     pub(crate) name: Arc<str>,
     /// Set for a semaphore's permits.
     pub(crate) permits: Option<Permits>,
+    /// Set for a read-write lock's read share or write hold.
+    pub(crate) rw: Option<RwMode>,
+    /// Set for a writer that waits: withdraws its intent from the store when the last copy
+    /// of the request goes without having acquired (it timed out, its caller went away).
+    pub(crate) intent: Option<Arc<WriterIntent>>,
     pub(crate) ttl: Duration,
     pub(crate) wait: Wait,
     /// When a waiting request gives up (`None`: try once, or wait forever).
@@ -34,7 +39,8 @@ pub(crate) struct AcquireRequest {
     pub(crate) auto_renew: bool,
     pub(crate) holder: Option<ActorCell>,
     pub(crate) metadata: Option<String>,
-    /// The candidate's token when this is an election's campaign (see `LockOptions`).
+    /// The candidate's token when this is an election's campaign, or a waiting writer's
+    /// (see `LockOptions`).
     pub(crate) candidate: Option<OwnerToken>,
     pub(crate) requested_at: Instant,
 }
@@ -42,13 +48,17 @@ pub(crate) struct AcquireRequest {
 impl AcquireRequest {
     /// What this request takes a lease as.
     pub(crate) fn primitive(&self) -> Primitive {
-        Primitive::of(self.permits.is_some(), self.candidate.is_some())
+        Primitive::of(
+            self.permits.is_some(),
+            self.rw.is_some(),
+            self.candidate.is_some(),
+        )
     }
 
     /// Every check that needs no I/O, then the request as the backend actor takes it. The
     /// `caller` decides the wait when `options` leave it unset.
     pub(crate) fn new(
-        ctx: &BackendCtx,
+        ctx: &Arc<BackendCtx>,
         key: &str,
         options: LockOptions,
         caller: Caller,
@@ -63,19 +73,35 @@ impl AcquireRequest {
             _ => None,
         };
         let name: Arc<str> = key.into();
-        let key = match options.permits {
-            // NUL is in no valid key, so no lock's slot is ever one of these.
-            Some(_) => {
-                static NEXT: AtomicU64 = AtomicU64::new(0);
-                let n = NEXT.fetch_add(1, Ordering::Relaxed);
-                format!("{name}\0{n}").into()
+        // One node may hold several permits or read shares of one name at once: each such
+        // request has a slot of its own. NUL is in no valid key, so no lock's slot is ever
+        // one of these.
+        let key = if options.permits.is_some() || options.rw.is_some() {
+            static NEXT: AtomicU64 = AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            format!("{name}\0{n}").into()
+        } else {
+            name.clone()
+        };
+        // A writer that waits leaves an intent in the store (by its stable token) that
+        // blocks new readers; it must not outlive the wait.
+        let intent = match (options.rw, options.candidate) {
+            (Some(RwMode::Write), Some(owner)) if wait != Wait::No => {
+                Some(Arc::new(WriterIntent {
+                    ctx: Arc::downgrade(ctx),
+                    name: name.clone(),
+                    owner,
+                    acquired: AtomicBool::new(false),
+                }))
             }
-            None => name.clone(),
+            _ => None,
         };
         let request = AcquireRequest {
             key,
             name,
             permits: options.permits,
+            rw: options.rw,
+            intent,
             ttl: options.ttl,
             wait,
             deadline,
@@ -116,11 +142,51 @@ impl AcquireRequest {
     pub(crate) fn lease_for(&self, owner: OwnerToken) -> Lease {
         let mut lease = Lease::new(self.name.to_string(), owner, 0);
         lease.permits = self.permits;
+        lease.rw = self.rw;
         lease
     }
 
     pub(crate) fn holder_id(&self) -> Option<ActorId> {
         self.holder.as_ref().map(ActorCell::get_id)
+    }
+}
+
+/// A waiting writer's intent in the store, withdrawn when its request ends without the write
+/// hold (from a short task: a drop cannot wait for the store). The store drops the intent
+/// itself when the writer acquires, and at its ttl if the withdrawal never lands.
+pub(crate) struct WriterIntent {
+    ctx: Weak<BackendCtx>,
+    name: Arc<str>,
+    owner: OwnerToken,
+    acquired: AtomicBool,
+}
+
+impl WriterIntent {
+    /// The writer holds the lock: its intent went with the grant, nothing to withdraw.
+    pub(crate) fn acquired(&self) {
+        self.acquired.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for WriterIntent {
+    fn drop(&mut self) {
+        if self.acquired.load(Ordering::SeqCst) {
+            return;
+        }
+        let Some(ctx) = self.ctx.upgrade() else {
+            return; // the manager is gone: the intent runs out at its ttl
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (name, owner) = (self.name.clone(), self.owner);
+        runtime.spawn(async move {
+            let withdraw = ctx.store.withdraw_writer(&name, owner);
+            let withdrawn = ctx.metrics.timed(StoreOp::WithdrawWriter, withdraw);
+            if let Ok(Err(error)) = tokio::time::timeout(ctx.timing.op_timeout, withdrawn).await {
+                tracing::debug!(%name, %error, "withdrawing a writer's intent failed; it runs out at its ttl");
+            }
+        });
     }
 }
 

@@ -14,12 +14,15 @@
 //! Backends that hold elections (`campaign`, `proclaim`, `observe`) also run the election
 //! suite, [`election_suite!`](crate::election_suite) (see [`election`]); backends that hold
 //! semaphores (`acquire_permits`) the semaphore suite,
-//! [`semaphore_suite!`](crate::semaphore_suite) (see [`semaphore`]).
+//! [`semaphore_suite!`](crate::semaphore_suite) (see [`semaphore`]); backends that hold
+//! read-write locks (`acquire_rw`) the read-write lock suite,
+//! [`rwlock_suite!`](crate::rwlock_suite) (see [`rwlock`]).
 //!
 //! The tests use ttls of a few hundred milliseconds where time is the subject, so they stay
 //! quick against real stores, and take no time at all under a paused clock.
 
 pub mod election;
+pub mod rwlock;
 pub mod semaphore;
 
 use std::future::Future;

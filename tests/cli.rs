@@ -247,6 +247,51 @@ fn sigterm_to_leasehold_reaches_the_command_and_frees_the_key() {
     assert_eq!(status["held"], false, "{status}");
 }
 
+/// SIGTERM to a `leasehold run` that waits for the lock gives up the wait: it exits as a
+/// shell reports a SIGTERM (143), the command never runs, and the key stays its holder's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_waiting_gives_up_without_running_the_command() {
+    let server = RedisServer::start();
+    let holder = LockManager::builder()
+        .with_name(unique_key("cli-holder"))
+        .with_backend("redis", server.backend().await)
+        .start()
+        .await
+        .unwrap();
+    let key = unique_key("cli-wait-term");
+    let held = holder
+        .try_lock(&key, LockOptions::new())
+        .await
+        .unwrap()
+        .expect("a fresh key is free");
+    let dir = tempfile::tempdir().unwrap();
+    let ran = dir.path().join("ran");
+    let mut run = leasehold(&server)
+        .args(["run", &key, "--", "touch"])
+        .arg(&ran)
+        .spawn()
+        .unwrap();
+    // Waiting: subscribed to the key's release notices.
+    let channel = format!("{}:released", server.backend().await.lock_key(&key));
+    leasehold::testing::eventually("the run waits", Duration::from_secs(10), || {
+        let reply =
+            leasehold_test_support::resp::command(server.port(), &["PUBSUB", "NUMSUB", &channel]);
+        let count = reply.map(|r| r.items().get(1).cloned());
+        async move { matches!(count, Ok(Some(leasehold_test_support::resp::Resp::Int(1)))) }
+    })
+    .await;
+    send_signal(run.id(), "-TERM");
+    let status = wait_exit(&mut run, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(143), "{status:?}");
+    assert!(
+        !ran.exists(),
+        "the command ran although the lock was never taken"
+    );
+    assert!(held.is_held(), "the holder keeps the key");
+    held.release().await.unwrap();
+    holder.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_json_shows_the_holder_token_ttl_and_metadata() {
     let server = RedisServer::start();

@@ -14,7 +14,7 @@ use leasehold::cluster::{
 };
 use leasehold::testing::{eventually, unique_key};
 use leasehold::{
-    ErrorKind, LockClient, LockManager, LockOptions, MemoryBackend, ReleaseReason, Wait,
+    ErrorKind, LockClient, LockManager, LockOptions, MemoryBackend, ReleaseReason, RwMode, Wait,
     MAX_KEY_LEN,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -515,6 +515,51 @@ async fn remote_actor_takes_renews_and_releases_a_semaphores_permits() {
     assert_eq!(
         err.kind,
         RemoteErrorKind::Manager(ErrorKind::InvalidPermitCount),
+        "{err}"
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_actors_take_read_shares_and_the_write_hold_of_a_rwlock() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start().await;
+    let (_actor, holder, _seen) = spawn_holder().await;
+    let (_other, other_holder, _) = spawn_holder().await;
+    let name = unique_key("remote-rwlock");
+    let read = |holder| RemoteAcquire::new(&name, holder).with_rw(RwMode::Read);
+    let first = cluster.remote.acquire(read(&holder)).await.unwrap();
+    let first = first.expect("nothing held");
+    let second = cluster.remote.acquire(read(&other_holder)).await.unwrap();
+    let second = second.expect("readers share");
+    assert_eq!(first.key, name);
+    // Readers hold: a writer is refused, here and on the manager's own node.
+    let write = RemoteAcquire::new(&name, &other_holder).with_rw(RwMode::Write);
+    assert!(cluster
+        .remote
+        .acquire(write.clone())
+        .await
+        .unwrap()
+        .is_none());
+    let rw = cluster.locks.rwlock(&name).unwrap();
+    assert!(rw.try_write(LockOptions::new()).await.unwrap().is_none());
+    cluster
+        .remote
+        .renew(&first, Duration::from_secs(20))
+        .await
+        .unwrap();
+    cluster.remote.release(&first).await.unwrap();
+    cluster.remote.release(&second).await.unwrap();
+    let writer = cluster.remote.acquire(write).await.unwrap();
+    let writer = writer.expect("the readers let go");
+    assert!(writer.fencing_token > second.fencing_token);
+    assert!(rw.try_read(LockOptions::new()).await.unwrap().is_none());
+    cluster.remote.release(&writer).await.unwrap();
+    let bad = RemoteAcquire::new("", &holder).with_rw(RwMode::Read);
+    let err = cluster.remote.acquire(bad).await.unwrap_err();
+    assert_eq!(
+        err.kind,
+        RemoteErrorKind::Manager(ErrorKind::EmptyRwLockName),
         "{err}"
     );
     cluster.stop().await;

@@ -67,6 +67,26 @@ mod semaphore_lock_mode {
     );
 }
 
+mod rwlock {
+    leasehold::rwlock_suite!(
+        real,
+        super::EtcdServer::start()
+            .backend(leasehold::EtcdMode::Txn)
+            .await
+    );
+}
+
+// As a semaphore's, a read-write lock's keys are laid out the same in both modes, apart from
+// the Lock service's contender range of a lock of the same name.
+mod rwlock_lock_mode {
+    leasehold::rwlock_suite!(
+        real,
+        super::EtcdServer::start()
+            .backend(leasehold::EtcdMode::Lock)
+            .await
+    );
+}
+
 const MODES: [EtcdMode; 2] = [EtcdMode::Txn, EtcdMode::Lock];
 
 fn waiting(limit: Duration) -> LockOptions {

@@ -74,7 +74,9 @@ impl Recorded {
                     "{name}: no primitive label"
                 ),
                 Some("mutex") => {}
-                Some(other @ ("semaphore" | "election")) => rest.push(format!("primitive={other}")),
+                Some(other @ ("semaphore" | "election" | "rwlock")) => {
+                    rest.push(format!("primitive={other}"))
+                }
                 Some(other) => panic!("{name}: primitive label {other:?}"),
             }
             let series = if rest.is_empty() {

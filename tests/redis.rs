@@ -32,6 +32,10 @@ mod semaphore {
     leasehold::semaphore_suite!(real, super::RedisServer::start().backend().await);
 }
 
+mod rwlock {
+    leasehold::rwlock_suite!(real, super::RedisServer::start().backend().await);
+}
+
 /// A plain client of the same server: "another client" that knows nothing of leasehold.
 async fn other_client(server: &RedisServer) -> MultiplexedConnection {
     redis::Client::open(server.url())

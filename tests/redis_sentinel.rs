@@ -6,17 +6,18 @@
 //! replica acknowledgement the safety checker finds no two holders at once and no token
 //! handed out twice.
 
+use leasehold_test_support::safety::{self, History, Hold, Outcome, Tally};
 use leasehold_test_support::{resp, RedisSentinel};
 
-use std::collections::HashMap;
+use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use leasehold::testing::{eventually, next_event, unique_key};
 use leasehold::{
-    Acquisition, Error, LockBackend, LockEventKind, LockGuard, LockManager, LockOptions,
-    OwnerToken, RedisBackend, Wait,
+    Acquisition, Error, LockBackend, LockEventKind, LockManager, LockOptions, OwnerToken,
+    RedisBackend, Wait,
 };
 use tokio::time::{timeout, Instant};
 
@@ -317,7 +318,8 @@ async fn failovers_under_contention(replica_ack: bool) -> String {
         node(ack(topology.backend().await), Duration::from_secs(5)).await,
     ];
     let key = unique_key("failover-safety");
-    let run = Arc::new(Run::default());
+    let started = SystemTime::now();
+    let run = Arc::new(Progress::default());
     let mut workers = Vec::new();
     for (n, node) in nodes.iter().enumerate() {
         for w in 0..2 {
@@ -359,9 +361,15 @@ async fn failovers_under_contention(replica_ack: bool) -> String {
     for node in &nodes {
         node.shutdown().await;
     }
-    let holds = std::mem::take(&mut *run.holds.lock().unwrap());
-    let violations = violations(&holds);
-    let history = describe(&holds, &failovers);
+    let history = History::of_lock(started, std::mem::take(&mut *run.holds.lock().unwrap()));
+    // No two holders at once; tokens strictly increase in hold order and are never handed
+    // out twice.
+    let violations = history.violations();
+    let holds = &history.holds;
+    let shown = Shown {
+        failovers: &failovers,
+        history: &history,
+    };
     // The run tested something: holds met failovers, kept or lost.
     let across = holds
         .iter()
@@ -371,7 +379,7 @@ async fn failovers_under_contention(replica_ack: bool) -> String {
                 .any(|(at, ..)| hold.from.is_some_and(|from| from < *at) && hold.ended > *at)
         })
         .count();
-    assert!(across >= 1, "no hold met a failover\n{history}");
+    assert!(across >= 1, "no hold met a failover\n{shown}");
     let lost = holds.iter().filter(|h| h.outcome == Outcome::Lost).count();
     eprintln!(
         "{FAILOVERS} failovers (replica ack {replica_ack}): {} holds, {across} of them across a \
@@ -379,66 +387,24 @@ async fn failovers_under_contention(replica_ack: bool) -> String {
         holds.len(),
         violations.len()
     );
-    if violations.is_empty() {
-        String::new()
-    } else {
-        format!(
-            "{} violations:\n  {}\n{history}",
-            violations.len(),
-            violations.join("\n  ")
-        )
-    }
+    safety::verdict(&violations, &shown)
 }
 
 #[derive(Default)]
-struct Run {
+struct Progress {
     holds: Mutex<Vec<Hold>>,
     in_long_hold: AtomicUsize,
     stop: AtomicBool,
 }
 
-/// What went wrong without breaking a worker.
-#[derive(Debug, Default)]
-struct Tally {
-    timeouts: u64,
-    store_errors: u64,
-}
-
-impl Tally {
-    fn add(&mut self, other: &Tally) {
-        self.timeouts += other.timeouts;
-        self.store_errors += other.store_errors;
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    Released,
-    /// The release did not reach the store: the lease ends at its ttl.
-    ReleaseFailed,
-    /// `is_held()` turned false while the holder worked.
-    Lost,
-}
-
-#[derive(Debug, Clone)]
-struct Hold {
-    worker: String,
-    token: u64,
-    /// Just after the first "held", and just before the last (see `look`): the stretch lies
-    /// inside the time the library said "held".
-    from: Option<SystemTime>,
-    to: Option<SystemTime>,
-    ended: SystemTime,
-    outcome: Outcome,
-}
-
-async fn contend(client: &leasehold::LockClient, key: &str, name: &str, run: &Run) -> Tally {
+async fn contend(client: &leasehold::LockClient, key: &str, name: &str, run: &Progress) -> Tally {
     let options = LockOptions::new()
         .with_ttl(TTL)
         .with_wait(Wait::UpTo(WAIT_BUDGET));
     let mut tally = Tally::default();
     let mut round = 0;
     while !run.stop.load(Ordering::SeqCst) {
+        let asked = SystemTime::now();
         let guard = match client.lock(key, options.clone()).await {
             Ok(guard) => guard,
             Err(Error::Timeout { .. }) => {
@@ -463,7 +429,7 @@ async fn contend(client: &leasehold::LockClient, key: &str, name: &str, run: &Ru
         if long {
             run.in_long_hold.fetch_add(1, Ordering::SeqCst);
         }
-        let hold = hold_once(guard, name, work).await;
+        let hold = safety::hold_on(guard, asked, name, work, LOOK_EVERY).await;
         if long {
             run.in_long_hold.fetch_sub(1, Ordering::SeqCst);
         }
@@ -474,121 +440,18 @@ async fn contend(client: &leasehold::LockClient, key: &str, name: &str, run: &Ru
     tally
 }
 
-async fn hold_once(guard: LockGuard, name: &str, work: Duration) -> Hold {
-    let token = guard.fencing_token();
-    let (mut from, mut to) = (None, None);
-    let mut look = |guard: &LockGuard| {
-        let before = SystemTime::now();
-        let held = guard.is_held();
-        if held {
-            match from {
-                None => from = Some(SystemTime::now()),
-                Some(_) => to = Some(before),
-            }
-        }
-        held
-    };
-    let working = Instant::now();
-    let mut lost = !look(&guard);
-    while !lost && working.elapsed() < work {
-        tokio::time::sleep(LOOK_EVERY).await;
-        lost = !look(&guard);
-    }
-    let ended = SystemTime::now();
-    let outcome = if lost {
-        Outcome::Lost
-    } else {
-        match guard.release().await {
-            Ok(()) => Outcome::Released,
-            Err(_) => Outcome::ReleaseFailed,
-        }
-    };
-    Hold {
-        worker: name.to_owned(),
-        token,
-        from,
-        to,
-        ended,
-        outcome,
-    }
+/// The run, for a reader when it fails: the failovers, then the holds.
+struct Shown<'a> {
+    failovers: &'a [(SystemTime, u16, u16)],
+    history: &'a History,
 }
 
-/// No two holders at once; tokens strictly increase in hold order and are never handed out
-/// twice.
-fn violations(holds: &[Hold]) -> Vec<String> {
-    let mut found = Vec::new();
-    let mut timed: Vec<(&Hold, SystemTime, SystemTime)> = holds
-        .iter()
-        .filter_map(|hold| match (hold.from, hold.to) {
-            (Some(from), Some(to)) if from <= to => Some((hold, from, to)),
-            _ => None,
-        })
-        .collect();
-    timed.sort_by_key(|&(_, from, _)| from);
-    let mut latest: Option<(&Hold, SystemTime)> = None;
-    for &(hold, from, to) in &timed {
-        if let Some((before, before_to)) = latest {
-            if from < before_to {
-                found.push(format!(
-                    "two holders at once: {} (token {}) until {before_to:?}, {} (token {}) from {from:?}",
-                    before.worker, before.token, hold.worker, hold.token
-                ));
-            }
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "failovers (killed at, old primary -> new):")?;
+        for (when, old, new) in self.failovers {
+            writeln!(f, "  {} {old} -> {new}", self.history.at(*when))?;
         }
-        if latest.is_none_or(|(_, before_to)| to > before_to) {
-            latest = Some((hold, to));
-        }
+        write!(f, "{}", self.history)
     }
-    for pair in timed.windows(2) {
-        let ((before, ..), (after, ..)) = (pair[0], pair[1]);
-        if after.token <= before.token {
-            found.push(format!(
-                "token {} of {} follows token {} of {}",
-                after.token, after.worker, before.token, before.worker
-            ));
-        }
-    }
-    let mut by_token: HashMap<u64, &Hold> = HashMap::new();
-    for hold in holds {
-        if let Some(other) = by_token.insert(hold.token, hold) {
-            found.push(format!(
-                "token {} handed to both {} and {}",
-                hold.token, other.worker, hold.worker
-            ));
-        }
-    }
-    found
-}
-
-/// The run, for a reader when it fails: holds in order, and the failovers.
-fn describe(holds: &[Hold], failovers: &[(SystemTime, u16, u16)]) -> String {
-    let origin = holds
-        .iter()
-        .filter_map(|hold| hold.from)
-        .min()
-        .unwrap_or(SystemTime::UNIX_EPOCH);
-    let at = |t: Option<SystemTime>| match t.map(|t| t.duration_since(origin)) {
-        Some(Ok(after)) => format!("+{:.3}s", after.as_secs_f64()),
-        Some(Err(_)) => "before".to_owned(),
-        None => "-".to_owned(),
-    };
-    let mut out = String::from("failovers (killed at, old primary -> new):\n");
-    for (when, old, new) in failovers {
-        out.push_str(&format!("  {} {old} -> {new}\n", at(Some(*when))));
-    }
-    out.push_str("holds (held from..to, ended, token, worker, outcome):\n");
-    let mut sorted: Vec<&Hold> = holds.iter().collect();
-    sorted.sort_by_key(|hold| hold.from.unwrap_or(hold.ended));
-    for hold in sorted {
-        out.push_str(&format!(
-            "  {:>9}..{:<9} ended {:<9} token {} {} {:?}\n",
-            at(hold.from),
-            at(hold.to),
-            at(Some(hold.ended)),
-            hold.token,
-            hold.worker,
-            hold.outcome
-        ));
-    }
-    out
 }

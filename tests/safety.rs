@@ -23,13 +23,15 @@ mod child;
 
 use leasehold_test_support::redis_server;
 use leasehold_test_support::register;
+use leasehold_test_support::safety::{
+    self, from_nanos, nanos, Accepted, Fault, History, Hold, Outcome, Tally, Witness,
+};
 
-use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use child::{fields, report, var, ChildTest};
 use leasehold::testing::{start, unique_key};
@@ -86,14 +88,6 @@ async fn no_overlap_stale_write_or_lost_update_when_redis_restarts_without_data(
     contend_through(Fault::RestartRedisWithoutData).await;
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Fault {
-    /// SIGSTOP for twice the ttl, then SIGCONT: every lease runs out while nothing answers.
-    PauseRedis,
-    /// SIGKILL and a fresh server on the same port: every lease and counter is forgotten.
-    RestartRedisWithoutData,
-}
-
 /// What the in-process workers share with the fault injector.
 #[derive(Default)]
 struct Progress {
@@ -147,10 +141,9 @@ async fn contend_through(fault: Fault) {
         }
     };
     if timeout(RUN_FOR / 2, strike).await.is_err() {
-        let so_far = History {
-            started,
+        let so_far = Run {
             fault: "none yet".to_owned(),
-            holds: progress.holds.lock().unwrap().clone(),
+            history: History::of_lock(started, progress.holds.lock().unwrap().clone()),
             ops: register.log(),
             value: register.value(),
         };
@@ -160,29 +153,7 @@ async fn contend_through(fault: Fault) {
             child.output()
         );
     }
-    let fault_from = match fault {
-        Fault::PauseRedis => {
-            // At once: the pause then always outlasts that holder's deadline, which falls
-            // before its hold ends.
-            let from = SystemTime::now();
-            server.pause();
-            // The sleep is the fault: every lease outlives its deadline while Redis is frozen.
-            tokio::time::sleep(TTL * 2).await;
-            server.resume();
-            from
-        }
-        Fault::RestartRedisWithoutData => {
-            // Late in the lease's first ttl, where the other nodes' backstop timers (set from
-            // the PTTL they read as the hold began) fire close to the holder's renewals: the
-            // stretch in which a restart can give two holders at once.
-            let into_the_hold = Duration::from_millis(rand::random_range(600..1000));
-            tokio::time::sleep(into_the_hold).await;
-            let from = SystemTime::now();
-            tokio::task::block_in_place(|| server.restart());
-            from
-        }
-    };
-    let fault_to = SystemTime::now();
+    let (fault_from, fault_to) = fault.strike(&mut server, TTL).await;
 
     let mut tally = Tally::default();
     for worker in workers {
@@ -190,97 +161,51 @@ async fn contend_through(fault: Fault) {
     }
     let mut holds = std::mem::take(&mut *progress.holds.lock().unwrap());
     let reports = child.finish(RUN_FOR + CHILD_REPORTS_WITHIN).await;
-    let mut child_holds = 0;
-    for report in &reports {
-        if let Some(hold) = Hold::parse(report) {
-            holds.push(hold);
-            child_holds += 1;
-        } else if let Some(child_tally) = Tally::parse(report) {
-            tally.add(&child_tally);
-        }
-    }
+    let child_holds = safety::gather(&reports, &mut holds, &mut tally);
     for node in &nodes {
         node.shutdown().await;
     }
 
-    let history = History {
-        started,
+    let history = History::of_lock(started, holds);
+    let run = Run {
         fault: format!(
             "{fault:?} from {} to {}",
-            since(started, fault_from),
-            since(started, fault_to)
+            history.at(fault_from),
+            history.at(fault_to)
         ),
-        holds,
+        history,
         ops: register.log(),
         value: register.value(),
     };
-    let violations = history.violations();
+    let violations = run.violations();
     assert!(
         violations.is_empty(),
-        "{} violations:\n  {}\n{history}",
-        violations.len(),
-        violations.join("\n  ")
+        "{}",
+        safety::verdict(&violations, &run)
     );
+    let history = &run.history;
     // The run has to have tested something: enough holds, the other process among them, a
     // hold cut short by the fault (lost, or its release refused), and holds again once the
     // fault was over.
-    assert!(history.holds.len() >= 10, "too few holds\n{history}");
+    assert!(history.holds.len() >= 10, "too few holds\n{run}");
     assert!(
         child_holds >= 1,
-        "the child process never held the key\n{history}"
+        "the child process never held the key\n{run}"
     );
-    let overtaken = history.holds.iter().any(|hold| {
-        hold.outcome != Outcome::Released && hold.from.is_some_and(|from| from < fault_from)
-    });
-    assert!(overtaken, "no hold was cut short by the fault\n{history}");
-    let after = history
-        .holds
-        .iter()
-        .filter(|hold| hold.from.is_some_and(|from| from > fault_to))
-        .count();
-    assert!(after >= 1, "no hold after the fault\n{history}");
+    let overtaken = history.cut_short_by(fault_from);
+    assert!(overtaken, "no hold was cut short by the fault\n{run}");
+    let after = history.began_after(fault_to);
+    assert!(after >= 1, "no hold after the fault\n{run}");
     eprintln!(
         "{fault:?}: {} holds ({child_holds} by the child), {} writes accepted, {} refused, \
          tally {tally:?}",
         history.holds.len(),
-        history.value,
-        history
-            .ops
+        run.value,
+        run.ops
             .iter()
             .filter(|op| op.kind == OpKind::Write && !op.accepted)
             .count()
     );
-}
-
-/// What went wrong without breaking the worker: how it retried.
-#[derive(Debug, Default)]
-struct Tally {
-    /// Waits that ran out (the key stayed held, or the store did not answer in time).
-    timeouts: u64,
-    /// Other retryable errors: the store unreachable or the backend down.
-    store_errors: u64,
-}
-
-impl Tally {
-    fn add(&mut self, other: &Tally) {
-        self.timeouts += other.timeouts;
-        self.store_errors += other.store_errors;
-    }
-
-    fn line(&self) -> String {
-        format!(
-            "TALLY timeouts={} store_errors={}",
-            self.timeouts, self.store_errors
-        )
-    }
-
-    fn parse(line: &str) -> Option<Tally> {
-        let fields = fields(line, "TALLY")?;
-        Some(Tally {
-            timeouts: fields.get("timeouts")?.parse().ok()?,
-            store_errors: fields.get("store_errors")?.parse().ok()?,
-        })
-    }
 }
 
 /// One worker's loop until `until`: lock, read, work, write value + 1, release. Every hold is
@@ -303,6 +228,7 @@ async fn contend(
     let mut tally = Tally::default();
     let mut round = 0;
     while SystemTime::now() < until {
+        let asked = SystemTime::now();
         let guard = match client.lock(key, options.clone()).await {
             Ok(guard) => guard,
             // The key stayed held, or the store is paused, restarting or reconnecting: the
@@ -329,7 +255,7 @@ async fn contend(
         if long {
             progress.in_long_hold.fetch_add(1, Ordering::SeqCst);
         }
-        let hold = hold_once(guard, &mut register, name, work).await;
+        let hold = hold_once(guard, asked, &mut register, name, work).await;
         if long {
             progress.in_long_hold.fetch_sub(1, Ordering::SeqCst);
         }
@@ -342,10 +268,11 @@ async fn contend(
     tally
 }
 
-/// One hold: a fenced read, `work` of holding on (asking `is_held()` all along, as a careful
+/// One hold (of a lock asked for at `asked`): a fenced read, `work` of holding on (asking `is_held()` all along, as a careful
 /// holder would), a fenced write of the value read plus one, and the release.
 async fn hold_once(
     guard: LockGuard,
+    asked: SystemTime,
     register: &mut RegisterClient,
     name: &str,
     work: Duration,
@@ -388,251 +315,57 @@ async fn hold_once(
             Err(_) => Outcome::ReleaseFailed,
         },
     };
-    Hold {
-        worker: name.to_owned(),
-        token,
-        from: seen.from,
-        to: seen.to,
-        ended,
-        outcome,
-    }
+    Hold::new(name, token, Some(asked), seen, ended, outcome)
 }
 
-/// The stretch of wall-clock time in which the library told one holder "held", as that holder
-/// saw it. Wall time, because it is comparable across the processes of one machine.
-#[derive(Default)]
-struct Witness {
-    from: Option<SystemTime>,
-    to: Option<SystemTime>,
-}
-
-impl Witness {
-    /// Asks the guard. `from` is read just after the first "held" and `to` just before the
-    /// last one, so `[from, to]` lies inside the time the library said "held": an overlap of
-    /// two such intervals is two holders at once, never an artefact of when the clock was read.
-    fn look(&mut self, guard: &LockGuard) -> bool {
-        let before = SystemTime::now();
-        let held = guard.is_held();
-        if held {
-            match self.from {
-                None => self.from = Some(SystemTime::now()),
-                Some(_) => self.to = Some(before),
-            }
-        }
-        held
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    /// Wrote, and released.
-    Released,
-    /// Wrote; the release did not reach the store, where the lease ends at its ttl.
-    ReleaseFailed,
-    /// `is_held()` turned false: the holder stopped working at once.
-    Lost,
-    /// The register refused the token: a newer holder had used it.
-    Refused,
-}
-
-impl Outcome {
-    const ALL: [Outcome; 4] = [
-        Outcome::Released,
-        Outcome::ReleaseFailed,
-        Outcome::Lost,
-        Outcome::Refused,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            Outcome::Released => "released",
-            Outcome::ReleaseFailed => "release-failed",
-            Outcome::Lost => "lost",
-            Outcome::Refused => "refused",
-        }
-    }
-}
-
-/// One hold of the key, as its holder reports it.
-#[derive(Debug, Clone, PartialEq)]
-struct Hold {
-    worker: String,
-    token: u64,
-    /// See [`Witness`]; `None` if the library never said "held" (twice).
-    from: Option<SystemTime>,
-    to: Option<SystemTime>,
-    /// When the holder stopped: before calling `release`, or when it learned of the loss.
-    ended: SystemTime,
-    outcome: Outcome,
-}
-
-impl Hold {
-    /// One line of a child's report.
-    fn line(&self) -> String {
-        let time = |t: Option<SystemTime>| t.map_or("-".to_owned(), |t| nanos(t).to_string());
-        format!(
-            "HOLD worker={} token={} from={} to={} ended={} outcome={}",
-            self.worker,
-            self.token,
-            time(self.from),
-            time(self.to),
-            nanos(self.ended),
-            self.outcome.name()
-        )
-    }
-
-    fn parse(line: &str) -> Option<Hold> {
-        let fields = fields(line, "HOLD")?;
-        let time = |name: &str| -> Option<Option<SystemTime>> {
-            match *fields.get(name)? {
-                "-" => Some(None),
-                n => Some(Some(from_nanos(n.parse().ok()?))),
-            }
-        };
-        let outcome = *fields.get("outcome")?;
-        Some(Hold {
-            worker: fields.get("worker")?.to_string(),
-            token: fields.get("token")?.parse().ok()?,
-            from: time("from")?,
-            to: time("to")?,
-            ended: time("ended")??,
-            outcome: *Outcome::ALL.iter().find(|o| o.name() == outcome)?,
-        })
-    }
-
-    /// `[from, to]`, if the holder saw "held" at two instants.
-    fn interval(&self) -> Option<(SystemTime, SystemTime)> {
-        match (self.from, self.to) {
-            (Some(from), Some(to)) if from <= to => Some((from, to)),
-            _ => None,
-        }
-    }
-}
-
-/// A contention run, for the checker and for a reader when it fails.
-struct History {
-    started: SystemTime,
+/// A contention run, for the checker and for a reader when it fails: the holds, and the
+/// register's record of the accesses.
+struct Run {
     fault: String,
-    holds: Vec<Hold>,
+    history: History,
     ops: Vec<Op>,
     value: u64,
 }
 
-impl History {
+impl Run {
     fn violations(&self) -> Vec<String> {
-        let mut found = Vec::new();
-        let mut timed: Vec<(&Hold, SystemTime, SystemTime)> = self
-            .holds
-            .iter()
-            .filter_map(|hold| hold.interval().map(|(from, to)| (hold, from, to)))
-            .collect();
-        timed.sort_by_key(|&(_, from, _)| from);
-
-        // (1) No two holders at once: each hold begins after every earlier one ended.
-        let mut latest: Option<(&Hold, SystemTime)> = None;
-        for &(hold, from, to) in &timed {
-            if let Some((before, before_to)) = latest {
-                if from < before_to {
-                    found.push(format!(
-                        "two holders at once: {} (token {}) held until {}, {} (token {}) from {}",
-                        before.worker,
-                        before.token,
-                        since(self.started, before_to),
-                        hold.worker,
-                        hold.token,
-                        since(self.started, from),
-                    ));
-                }
-            }
-            if latest.is_none_or(|(_, before_to)| to > before_to) {
-                latest = Some((hold, to));
-            }
-        }
-
-        // (2) Tokens strictly increase in hold order, and no token is handed out twice.
-        for pair in timed.windows(2) {
-            let ((before, ..), (after, ..)) = (pair[0], pair[1]);
-            if after.token <= before.token {
-                found.push(format!(
-                    "token {} of {} follows token {} of {}",
-                    after.token, after.worker, before.token, before.worker
-                ));
-            }
-        }
-        let mut by_token: HashMap<u64, &Hold> = HashMap::new();
-        for hold in &self.holds {
-            if let Some(other) = by_token.insert(hold.token, hold) {
-                found.push(format!(
-                    "token {} handed to both {} and {}",
-                    hold.token, other.worker, hold.worker
-                ));
-            }
-        }
-
+        // (1) No two holders at once; (2) tokens strictly increase in hold order, and no
+        // token is handed out twice.
+        let mut found = self.history.violations();
         // (3) The register accepted no stale token and lost no update: accepted accesses
         // carry non-decreasing tokens of reported holds, and each accepted write is one more
         // than the one before.
-        let mut newest = 0;
-        let mut writes = 0;
-        for op in self.ops.iter().filter(|op| op.accepted) {
-            if op.token < newest {
-                found.push(format!(
-                    "stale token {} accepted from {} after token {newest}",
-                    op.token, op.client
-                ));
-            }
-            newest = newest.max(op.token);
-            if !by_token.contains_key(&op.token) {
+        let accepted = self.ops.iter().filter(|op| op.accepted);
+        found.extend(safety::fenced_violations(
+            accepted.clone().map(|op| Accepted {
+                token: op.token,
+                wrote: (op.kind == OpKind::Write).then_some(op.value),
+                by: &op.client,
+            }),
+            self.value,
+        ));
+        for op in accepted {
+            if !self.history.holds.iter().any(|hold| hold.token == op.token) {
                 found.push(format!(
                     "{:?} by {} with token {}, which no worker reported holding",
                     op.kind, op.client, op.token
                 ));
             }
-            if op.kind == OpKind::Write {
-                writes += 1;
-                if op.value != writes {
-                    found.push(format!(
-                        "lost update: accepted write number {writes} by {} set {}",
-                        op.client, op.value
-                    ));
-                }
-            }
-        }
-        if self.value != writes {
-            found.push(format!(
-                "the register holds {} after {writes} accepted writes",
-                self.value
-            ));
         }
         found
     }
 }
 
-impl fmt::Display for History {
+impl fmt::Display for Run {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let at = |t: Option<SystemTime>| t.map_or("-".to_owned(), |t| since(self.started, t));
         writeln!(f, "fault: {}", self.fault)?;
-        writeln!(f, "holds, by the time they began (held from..to, ended):")?;
-        let mut holds: Vec<&Hold> = self.holds.iter().collect();
-        holds.sort_by_key(|hold| hold.from.unwrap_or(hold.ended));
-        for hold in holds {
-            writeln!(
-                f,
-                "  {:>10}..{:<10} ended {:<10} token {} {:<14} {}",
-                at(hold.from),
-                at(hold.to),
-                at(Some(hold.ended)),
-                hold.token,
-                hold.worker,
-                hold.outcome.name()
-            )?;
-        }
+        write!(f, "{}", self.history)?;
         writeln!(f, "register accesses, in the order the fence saw them:")?;
         for op in &self.ops {
             writeln!(
                 f,
                 "  {:>10} {:?} {} token {} by {} {}",
-                at(Some(op.at)),
+                self.history.at(op.at),
                 op.kind,
                 op.value,
                 op.token,
@@ -641,23 +374,6 @@ impl fmt::Display for History {
             )?;
         }
         write!(f, "register value: {}", self.value)
-    }
-}
-
-fn nanos(t: SystemTime) -> u64 {
-    let since_epoch = t.duration_since(UNIX_EPOCH).expect("clock after 1970");
-    u64::try_from(since_epoch.as_nanos()).expect("before 2554")
-}
-
-fn from_nanos(nanos: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_nanos(nanos)
-}
-
-/// `t` as seconds since `origin`, for reading a history.
-fn since(origin: SystemTime, t: SystemTime) -> String {
-    match t.duration_since(origin) {
-        Ok(after) => format!("+{:.6}s", after.as_secs_f64()),
-        Err(before) => format!("-{:.6}s", before.duration().as_secs_f64()),
     }
 }
 

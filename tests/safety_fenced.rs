@@ -46,6 +46,7 @@ use leasehold::{
     Error, EtcdFence, FenceError, FencedScript, LockClient, LockGuard, LockOptions, PgFence,
     RedisFence, Wait,
 };
+use leasehold_test_support::safety::{self, Accepted};
 use leasehold_test_support::{EtcdServer, PostgresServer, RedisServer};
 use redis::aio::MultiplexedConnection;
 
@@ -264,9 +265,8 @@ async fn contend(store: Store, fault: Fault) {
     let violations = history.violations();
     assert!(
         violations.is_empty(),
-        "{} violations:\n  {}\n{history}",
-        violations.len(),
-        violations.join("\n  ")
+        "{}",
+        safety::verdict(&violations, &history)
     );
     let count = |outcome: &str| {
         history
@@ -493,38 +493,14 @@ impl History {
         }
         // (2) Tokens never decrease in the store's order, and no update was lost: the values
         // are 1, 2, …, n, and the counter is n.
-        for (n, pair) in self.log.windows(2).enumerate() {
-            if pair[1].token < pair[0].token {
-                found.push(format!(
-                    "stale token accepted: log entry {} ({}) has token {} after token {} ({})",
-                    n + 2,
-                    pair[1].id,
-                    pair[1].token,
-                    pair[0].token,
-                    pair[0].id
-                ));
-            }
-        }
-        // Each write against the one before it, so that one lost update is one violation.
-        let mut previous = 0;
-        for (n, entry) in self.log.iter().enumerate() {
-            if entry.value != previous + 1 {
-                found.push(format!(
-                    "lost update: log entry {} ({}) wrote {} after {previous}",
-                    n + 1,
-                    entry.id,
-                    entry.value
-                ));
-            }
-            previous = entry.value;
-        }
-        if self.value != self.log.len() as u64 {
-            found.push(format!(
-                "the counter is {} after {} logged writes",
-                self.value,
-                self.log.len()
-            ));
-        }
+        found.extend(safety::fenced_violations(
+            self.log.iter().map(|entry| Accepted {
+                token: entry.token,
+                wrote: Some(entry.value),
+                by: &entry.id,
+            }),
+            self.value,
+        ));
         // (3) The log and the workers agree: every accepted write is logged once, as it was
         // made; no refused write is logged; nothing is logged that no worker wrote.
         let mut logged: HashMap<&str, Vec<&Entry>> = HashMap::new();

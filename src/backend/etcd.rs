@@ -154,6 +154,7 @@ mod keep_alive;
 mod lease;
 mod lock_mode;
 mod renew;
+mod rwlock;
 mod semaphore;
 mod session;
 mod txn_mode;
@@ -556,6 +557,9 @@ impl LockBackend for EtcdBackend {
         if lease.permits.is_some() {
             return Ok(self.renew_permits(lease, ttl).await?.then_some(asked_at));
         }
+        if let Some(mode) = lease.rw {
+            return Ok(self.renew_rw(lease, mode, ttl).await?.then_some(asked_at));
+        }
         // A leadership's key holds the candidate's raw value, not a lock value: it is
         // renewed by what etcd says of the key itself (see `election.rs`).
         if let Some(leadership) = self.leadership(lease) {
@@ -579,6 +583,9 @@ impl LockBackend for EtcdBackend {
     async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {
         if lease.permits.is_some() {
             return self.release_permits(lease).await;
+        }
+        if let Some(mode) = lease.rw {
+            return self.release_rw(lease, mode).await;
         }
         // Whatever the outcome, the caller stops holding this lease: the watch need not look
         // out for it any more. Forgotten first, so a release that fails or is given up
@@ -684,6 +691,30 @@ impl LockBackend for EtcdBackend {
         metadata: Option<&str>,
     ) -> Result<Acquisition, StoreError> {
         self.take_permits(name, owner, ttl, permits, metadata).await
+    }
+
+    async fn acquire_rw(
+        &self,
+        name: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        mode: crate::backend::RwMode,
+        intent: bool,
+        _metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        self.take_rw(name, owner, ttl, mode, intent).await
+    }
+
+    async fn withdraw_writer(&self, name: &str, owner: OwnerToken) -> Result<(), StoreError> {
+        self.withdraw_rw_intent(name, owner).await
+    }
+
+    async fn subscribe_rw(
+        &self,
+        name: &str,
+        seen: &Contention,
+    ) -> Result<ReleaseNotices, StoreError> {
+        self.subscribe_to_rw(name, seen).await
     }
 
     async fn subscribe_permits(

@@ -13,10 +13,11 @@ use tokio::time::Instant;
 
 use crate::backend::{
     Acquisition, Contention, Leader, LeaderChanges, Lease, LockBackend, LockInfo, OwnerToken,
-    PermitHolder, Permits, ReleaseNotices, StoreEvent, StoreEventKind, StoreEvents,
+    PermitHolder, Permits, ReleaseNotices, RwMode, StoreEvent, StoreEventKind, StoreEvents,
 };
 use crate::error::StoreError;
 
+mod rwlock;
 mod semaphore;
 
 /// An in-process lock table.
@@ -35,6 +36,8 @@ struct Table {
     /// Semaphores, by name (apart from the locks: a semaphore and a lock of one name are two
     /// things).
     semaphores: HashMap<String, semaphore::SemaphoreRow>,
+    /// Read-write locks, by name (apart from the locks and the semaphores).
+    rwlocks: HashMap<String, rwlock::RwRow>,
     /// `watch_prefix` subscribers; a closed one is pruned at the next event.
     watchers: Vec<(String, mpsc::UnboundedSender<StoreEvent>)>,
 }
@@ -168,6 +171,9 @@ impl LockBackend for MemoryBackend {
         if lease.permits.is_some() {
             return Ok(self.renew_permits(lease, ttl));
         }
+        if lease.rw.is_some() {
+            return Ok(self.renew_rw(lease, ttl));
+        }
         let now = Instant::now();
         let mut table = self.table();
         let holder = table
@@ -186,6 +192,9 @@ impl LockBackend for MemoryBackend {
     async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {
         if lease.permits.is_some() {
             return Ok(self.release_permits(lease));
+        }
+        if lease.rw.is_some() {
+            return Ok(self.release_rw(lease));
         }
         let now = Instant::now();
         let mut table = self.table();
@@ -265,6 +274,31 @@ impl LockBackend for MemoryBackend {
 
     async fn permit_holders(&self, name: &str) -> Result<Vec<PermitHolder>, StoreError> {
         Ok(self.holders_of(name))
+    }
+
+    async fn acquire_rw(
+        &self,
+        name: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        mode: RwMode,
+        intent: bool,
+        _metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        Ok(self.take_rw(name, owner, ttl, mode, intent))
+    }
+
+    async fn withdraw_writer(&self, name: &str, owner: OwnerToken) -> Result<(), StoreError> {
+        self.withdraw_rw_intent(name, owner);
+        Ok(())
+    }
+
+    async fn subscribe_rw(
+        &self,
+        name: &str,
+        _seen: &Contention,
+    ) -> Result<ReleaseNotices, StoreError> {
+        Ok(self.subscribe_to_rw(name))
     }
 
     async fn watch_prefix(&self, prefix: &str) -> Result<StoreEvents, StoreError> {

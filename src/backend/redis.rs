@@ -129,6 +129,7 @@ mod election;
 mod lua;
 mod notices;
 mod replica_ack;
+mod rwlock;
 mod semaphore;
 mod sentinel;
 
@@ -343,6 +344,9 @@ impl LockBackend for RedisBackend {
         if lease.permits.is_some() {
             return self.renew_permits(lease, ttl).await;
         }
+        if let Some(mode) = lease.rw {
+            return self.renew_rw(lease, mode, ttl).await;
+        }
         let lock = self.lock_key(&lease.key);
         let call = Call {
             keys: vec![lock],
@@ -366,6 +370,9 @@ impl LockBackend for RedisBackend {
     async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {
         if lease.permits.is_some() {
             return self.release_permits(lease).await;
+        }
+        if let Some(mode) = lease.rw {
+            return self.release_rw(lease, mode).await;
         }
         let lock = self.lock_key(&lease.key);
         let channel = format!("{lock}:released");
@@ -468,6 +475,30 @@ impl LockBackend for RedisBackend {
         name: &str,
     ) -> Result<Vec<crate::backend::PermitHolder>, StoreError> {
         self.holders_of(name).await
+    }
+
+    async fn acquire_rw(
+        &self,
+        name: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        mode: crate::backend::RwMode,
+        intent: bool,
+        _metadata: Option<&str>,
+    ) -> Result<crate::backend::Acquisition, StoreError> {
+        self.take_rw(name, owner, ttl, mode, intent).await
+    }
+
+    async fn withdraw_writer(&self, name: &str, owner: OwnerToken) -> Result<(), StoreError> {
+        self.withdraw_rw_intent(name, owner).await
+    }
+
+    async fn subscribe_rw(
+        &self,
+        name: &str,
+        _seen: &Contention,
+    ) -> Result<ReleaseNotices, StoreError> {
+        self.subscribe_to_rw(name).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>, StoreError> {

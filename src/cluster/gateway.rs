@@ -441,8 +441,8 @@ async fn acquire(
     if let Some(metadata) = request.metadata {
         options = options.with_metadata(metadata);
     }
-    let guard = match request.permits {
-        Some(permits) => {
+    let guard = match (request.permits, request.rw) {
+        (Some(permits), _) => {
             ask(manager, |reply| LockManagerMsg::AcquirePermits {
                 backend: request.backend,
                 name: request.key,
@@ -453,7 +453,17 @@ async fn acquire(
             })
             .await?
         }
-        None => {
+        (None, Some(mode)) => {
+            ask(manager, |reply| LockManagerMsg::AcquireRw {
+                backend: request.backend,
+                name: request.key,
+                mode,
+                options,
+                reply,
+            })
+            .await?
+        }
+        (None, None) => {
             ask(manager, |reply| LockManagerMsg::Acquire {
                 backend: request.backend,
                 key: request.key,

@@ -8,7 +8,7 @@ use ractor_cluster::RactorClusterMessage;
 
 use super::wire::{bytes_convertable, wire_struct, Wire};
 use super::RemoteHolder;
-use crate::backend::{LockInfo, OwnerToken};
+use crate::backend::{LockInfo, OwnerToken, RwMode};
 use crate::error::{Error, ErrorKind, StoreErrorKind};
 use crate::event::{LockEvent, LockEventKind, LostReason, ReleaseReason};
 use crate::guard::LockGuard;
@@ -30,6 +30,8 @@ pub struct RemoteAcquire {
     pub(super) permits: Option<u32>,
     /// How many permits at once (1 unless `with_permits` said).
     pub(super) count: u32,
+    /// Set for a read-write lock's read share or write hold.
+    pub(super) rw: Option<RwMode>,
     /// The liveness session of the asking node (see [`Heartbeat`]), set by
     /// [`RemoteLockClient`](super::RemoteLockClient): the lease goes when the gateway does not
     /// hear from that session within its bound.
@@ -50,6 +52,7 @@ impl RemoteAcquire {
             holder: holder.clone(),
             permits: None,
             count: 1,
+            rw: None,
             session: None,
         }
     }
@@ -61,6 +64,15 @@ impl RemoteAcquire {
     pub fn with_permits(mut self, permits: u32, count: u32) -> Self {
         self.permits = Some(permits);
         self.count = count;
+        self
+    }
+
+    /// Acquire a read share or the write hold of the read-write lock named `key` (see
+    /// [`RwLock`](crate::RwLock)) instead of the lock `key`. Released as a lock's lease is
+    /// ([`RemoteLockClient::release`](super::RemoteLockClient::release)), or when the
+    /// holder stops.
+    pub fn with_rw(mut self, mode: RwMode) -> Self {
+        self.rw = Some(mode);
         self
     }
 
@@ -464,6 +476,10 @@ macro_rules! wire_unit_enum {
     };
 }
 
+wire_unit_enum!(RwMode {
+    RwMode::Read,
+    RwMode::Write,
+});
 wire_unit_enum!(LostReason {
     LostReason::NotOwner,
     LostReason::Expired,
@@ -486,10 +502,10 @@ wire_unit_enum!(StoreErrorKind {
     StoreErrorKind::PermitsMismatch,
 });
 
-/// The kinds without data are one byte, their position in this list; a store failure is the
-/// byte after the list, then its store kind. (Only this codec lists the kinds; the protocol's
-/// types are built on the crate's own.)
-const ERROR_KINDS: [ErrorKind; 21] = [
+/// The kinds without data are one byte, their position in this list (new kinds go at its
+/// end); a store failure is the byte [`STORE_KIND`], then its store kind. (Only this codec
+/// lists the kinds; the protocol's types are built on the crate's own.)
+const ERROR_KINDS: [ErrorKind; 22] = [
     ErrorKind::EmptyKey,
     ErrorKind::KeyTooLong,
     ErrorKind::KeyHasControlChar,
@@ -511,8 +527,12 @@ const ERROR_KINDS: [ErrorKind; 21] = [
     ErrorKind::InvalidPermits,
     ErrorKind::InvalidPermitCount,
     ErrorKind::PermitsMismatch,
+    ErrorKind::EmptyRwLockName,
 ];
-const STORE_KIND: u8 = ERROR_KINDS.len() as u8;
+/// Not the byte after the list, which moved with every kind added (21 with semaphores, 22 with
+/// read-write locks): a fixed byte, so that a kind added later leaves the others as they are.
+const STORE_KIND: u8 = u8::MAX;
+const _: () = assert!(ERROR_KINDS.len() < STORE_KIND as usize);
 
 impl Wire for ErrorKind {
     fn put(&self, out: &mut Vec<u8>) {
@@ -658,6 +678,7 @@ wire_struct!(RemoteAcquire {
     holder,
     permits,
     count,
+    rw,
     session,
 });
 wire_struct!(Heartbeat { session });

@@ -8,8 +8,9 @@
 //! restart them.
 //!
 //! Also the resource a lock protects in the safety tests: [`Register`], one integer behind a
-//! fence, served over TCP so holders in other processes use it too. And certificates for
-//! TLS tests ([`tls::certificates`]).
+//! fence, served over TCP so holders in other processes use it too; and the checker of what
+//! the safety tests record ([`safety`]: holds, by the holders' and the store's account, and
+//! the violations they show). And certificates for TLS tests ([`tls::certificates`]).
 //!
 //! A workspace crate of its own (as redis-rs has `redis-test`), a dev-dependency of
 //! `leasehold` and of the workspace's tools; never published. Features `redis` and `etcd` add
@@ -22,6 +23,7 @@ pub mod redis_sentinel;
 pub mod redis_server;
 pub mod register;
 pub mod resp;
+pub mod safety;
 pub mod tls;
 
 pub use etcd_server::{EtcdCluster, EtcdServer};

@@ -135,10 +135,21 @@ impl EtcdBackend {
         lease: &Lease,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
+        let key = format!("{}{}", self.permits_dir(&lease.key), lease.owner);
+        self.renew_own_key(&key, lease, ttl).await
+    }
+
+    /// Renews `lease`, whose key (on an etcd lease of its own) is `key`: a semaphore's
+    /// permits, a read-write lock's share or hold.
+    pub(super) async fn renew_own_key(
+        &self,
+        key: &str,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
         // The key, created with the lease's token as its create revision, tells which etcd
         // lease it is on now (a renewal for a longer ttl moves it to a new one).
-        let key = format!("{}{}", self.permits_dir(&lease.key), lease.owner);
-        let read = self.get(&key, None).await?;
+        let read = self.get(key, None).await?;
         let Some(kv) = read.kvs().first() else {
             return Ok(false); // released, run out, or deleted by another client
         };
@@ -157,9 +168,9 @@ impl EtcdBackend {
         // the old (its create revision, the token, stays).
         let grant = self.grant(ttl).await?;
         let txn = Txn::new()
-            .when([Compare::lease(key.as_str(), CompareOp::Equal, current)])
+            .when([Compare::lease(key, CompareOp::Equal, current)])
             .and_then([TxnOp::put(
-                key.as_str(),
+                key,
                 kv.value(),
                 Some(PutOptions::new().with_lease(grant.id)),
             )]);
@@ -175,16 +186,26 @@ impl EtcdBackend {
 
     pub(super) async fn release_permits(&self, lease: &Lease) -> Result<bool, StoreError> {
         let key = format!("{}{}", self.permits_dir(&lease.key), lease.owner);
+        self.release_own_key(&key, lease).await
+    }
+
+    /// Releases `lease`, whose key (on an etcd lease of its own) is `key`: a semaphore's
+    /// permits, a read-write lock's share or hold.
+    pub(super) async fn release_own_key(
+        &self,
+        key: &str,
+        lease: &Lease,
+    ) -> Result<bool, StoreError> {
         // Compare-and-delete: only the key of this lease (its create revision is the token;
         // token 0 is an acquisition whose answer never came, and the key named after its owner
         // is its own). The delete wakes the waiters' watches.
         let ours = match i64::try_from(lease.fencing_token) {
-            Ok(0) => Compare::create_revision(key.as_str(), CompareOp::Greater, 0),
-            Ok(token) => Compare::create_revision(key.as_str(), CompareOp::Equal, token),
+            Ok(0) => Compare::create_revision(key, CompareOp::Greater, 0),
+            Ok(token) => Compare::create_revision(key, CompareOp::Equal, token),
             Err(_) => return Ok(false),
         };
         let txn = Txn::new().when([ours]).and_then([TxnOp::delete(
-            key.as_str(),
+            key,
             Some(DeleteOptions::new().with_prev_key()),
         )]);
         let answer = self.txn(txn).await?;
@@ -211,13 +232,22 @@ impl EtcdBackend {
         seen: &Contention,
     ) -> Result<ReleaseNotices, StoreError> {
         // Deletes only: every one frees permits (only admitted leases are written).
+        self.watch_deletes(self.permits_dir(name), seen).await
+    }
+
+    /// A notice per batch of deletes under `dir` after the revision `seen` says.
+    pub(super) async fn watch_deletes(
+        &self,
+        dir: String,
+        seen: &Contention,
+    ) -> Result<ReleaseNotices, StoreError> {
         let mut options = WatchOptions::new()
             .with_prefix()
             .with_filters([WatchFilterType::NoPut]);
         if let Some(revision) = seen.revision {
             options = options.with_start_revision(revision + 1);
         }
-        let watch = self.open_watch(self.permits_dir(name), options).await?;
+        let watch = self.open_watch(dir, options).await?;
         let deletes = futures::stream::unfold(watch, |mut watch| async move {
             loop {
                 let answer = watch.message().await.ok().flatten()?;

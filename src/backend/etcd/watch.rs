@@ -89,7 +89,7 @@ impl EtcdBackend {
     pub(super) fn key_of(&self, etcd_key: &str) -> Option<String> {
         let rest = etcd_key.strip_prefix(&*self.prefix)?;
         if rest.contains('\u{1f}') {
-            return None; // a semaphore's lease (see `semaphore.rs`), not a lock
+            return None; // a semaphore's or read-write lock's key (`semaphore.rs`, `rwlock.rs`)
         }
         match self.mode {
             EtcdMode::Txn => Some(rest.to_owned()),

@@ -27,12 +27,39 @@ pub(crate) async fn run(args: RunArgs) -> u8 {
     if let Some(metadata) = args.metadata {
         options = options.with_metadata(metadata);
     }
-    let acquired = match args.permits {
-        Some(permits) => match client.semaphore(&args.key, permits) {
-            Ok(semaphore) => semaphore.acquire(options).await,
-            Err(error) => Err(error),
-        },
-        None => client.lock(&args.key, options).await,
+    // Listening from the start: a SIGINT or SIGTERM while waiting gives up the wait, and one
+    // once the command runs is passed on to it, rather than ending this process (the default)
+    // and leaving the command running on its own.
+    let (mut interrupts, mut terminations) = match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(i), Ok(t)) => (i, t),
+        _ => {
+            eprintln!("leasehold: cannot listen for signals");
+            client.shutdown().await;
+            return exit::SOFTWARE;
+        }
+    };
+    let acquiring = async {
+        match args.permits {
+            Some(permits) => match client.semaphore(&args.key, permits) {
+                Ok(semaphore) => semaphore.acquire(options).await,
+                Err(error) => Err(error),
+            },
+            None => client.lock(&args.key, options).await,
+        }
+    };
+    let acquired = tokio::select! {
+        acquired = acquiring => acquired,
+        _ = interrupts.recv() => {
+            client.shutdown().await;
+            return 128 + libc::SIGINT as u8;
+        }
+        _ = terminations.recv() => {
+            client.shutdown().await;
+            return 128 + libc::SIGTERM as u8;
+        }
     };
     let guard = match acquired {
         Ok(guard) => guard,
@@ -77,17 +104,6 @@ pub(crate) async fn run(args: RunArgs) -> u8 {
         }
     };
 
-    let (mut interrupts, mut terminations) = match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(i), Ok(t)) => (i, t),
-        _ => {
-            eprintln!("leasehold: cannot listen for signals");
-            let _ = child.kill().await;
-            return exit::SOFTWARE;
-        }
-    };
     let key = args.key.clone();
     let (status, lost) = supervise(
         &mut child,

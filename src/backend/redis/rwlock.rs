@@ -1,0 +1,146 @@
+//! Read-write locks on Redis: the shares, the hold and the waiting writers' intents of a
+//! read-write lock `K` live beside its lock's keys, in the same hash slot, under names of their
+//! own (a read-write lock, a semaphore and a lock of one name are apart):
+//!
+//! | name               | Redis type            | holds                                        |
+//! |--------------------|-----------------------|----------------------------------------------|
+//! | `P{K}:rw-readers`  | sorted set            | a reader's owner token per share, scored by when it runs out (server ms) |
+//! | `P{K}:rw-writer`   | string, with the ttl  | the writer's owner token                     |
+//! | `P{K}:rw-waiting`  | sorted set            | a waiting writer's owner token per intent, scored by when it runs out |
+//! | `P{K}:rw-fence`    | string, never expires | the last fencing token handed out            |
+//! | `P{K}:rw-released` | pub/sub channel       | a notice per release and per withdrawn intent |
+//!
+//! Shares and intents are members, not keys, so Redis does not expire them: every acquisition
+//! drops the members whose score has passed (server clock) before it looks, which is what
+//! frees a crashed reader's share at its ttl and lets readers past a dead waiting writer at its
+//! intent's ttl. Each sorted set's key carries the expiry of its longest member, so a lock
+//! nobody uses any more leaves only its fence counter. The scripts: `acquire_rw.lua`
+//! (admission, intent, token), `renew_rw.lua`, `release_rw.lua` (with the notice),
+//! `withdraw_writer.lua` (with the notice). With
+//! [`RedisBackend::with_restart_quarantine`], an acquisition waits out the quarantine after a
+//! data loss as a lock's does.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use futures::StreamExt;
+use redis::{Script, Value};
+
+use super::{millis, parse_token, remaining, unexpected, RedisBackend};
+use crate::backend::{Acquisition, Contention, Lease, OwnerToken, ReleaseNotices, RwMode};
+use crate::error::StoreError;
+
+static ACQUIRE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("acquire_rw.lua")));
+static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("renew_rw.lua")));
+static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("release_rw.lua")));
+static WITHDRAW: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("withdraw_writer.lua")));
+
+impl RedisBackend {
+    /// The read shares' set and the write hold's key of the read-write lock `name`.
+    fn rw_keys(&self, name: &str) -> (String, String) {
+        let lock = self.lock_key(name);
+        (format!("{lock}:rw-readers"), format!("{lock}:rw-writer"))
+    }
+
+    fn rw_channel(&self, name: &str) -> String {
+        format!("{}:rw-released", self.lock_key(name))
+    }
+
+    pub(super) async fn take_rw(
+        &self,
+        name: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        mode: RwMode,
+        intent: bool,
+    ) -> Result<Acquisition, StoreError> {
+        let (readers, writer) = self.rw_keys(name);
+        let lock = self.lock_key(name);
+        let mut call = ACQUIRE.key(&readers);
+        call.key(&writer)
+            .key(format!("{lock}:rw-waiting"))
+            .key(format!("{lock}:rw-fence"))
+            .arg(owner.to_string())
+            .arg(millis(ttl))
+            .arg(mode.as_str())
+            .arg(if intent { "1" } else { "0" })
+            .arg(u64::try_from(self.quarantine.as_millis()).unwrap_or(u64::MAX));
+        if !self.quarantine.is_zero() {
+            call.key(format!("{}epoch", self.prefix));
+        }
+        let reply: Value = call
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|error| self.failed("acquire rw", error))?;
+        let token = match reply {
+            Value::Int(token) => {
+                u64::try_from(token).map_err(|_| unexpected("acquire rw", &reply))?
+            }
+            Value::BulkString(ref token) => parse_token(token)?,
+            Value::Array(ref answer) => {
+                return match answer.as_slice() {
+                    [Value::Int(left)] => Ok(Acquisition::Held(Contention::with_remaining_ttl(
+                        Some(remaining(*left).unwrap_or_default()),
+                    ))),
+                    _ => Err(unexpected("acquire rw", &reply)),
+                };
+            }
+            other => return Err(unexpected("acquire rw", &other)),
+        };
+        let mut lease = Lease::new(name, owner, token);
+        lease.rw = Some(mode);
+        Ok(Acquisition::Acquired(lease))
+    }
+
+    pub(super) async fn renew_rw(
+        &self,
+        lease: &Lease,
+        mode: RwMode,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let (readers, writer) = self.rw_keys(&lease.key);
+        RENEW
+            .key(readers)
+            .key(writer)
+            .arg(lease.owner.to_string())
+            .arg(millis(ttl))
+            .arg(mode.as_str())
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|error| self.failed("renew rw", error))
+    }
+
+    pub(super) async fn release_rw(&self, lease: &Lease, mode: RwMode) -> Result<bool, StoreError> {
+        let (readers, writer) = self.rw_keys(&lease.key);
+        RELEASE
+            .key(readers)
+            .key(writer)
+            .arg(lease.owner.to_string())
+            .arg(mode.as_str())
+            .arg(self.rw_channel(&lease.key))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|error| self.failed("release rw", error))
+    }
+
+    pub(super) async fn withdraw_rw_intent(
+        &self,
+        name: &str,
+        owner: OwnerToken,
+    ) -> Result<(), StoreError> {
+        let _: i64 = WITHDRAW
+            .key(format!("{}:rw-waiting", self.lock_key(name)))
+            .arg(owner.to_string())
+            .arg(self.rw_channel(name))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|error| self.failed("withdraw writer", error))?;
+        Ok(())
+    }
+
+    pub(super) async fn subscribe_to_rw(&self, name: &str) -> Result<ReleaseNotices, StoreError> {
+        let channel = self.rw_channel(name);
+        Ok(self.notices.subscribe(channel).await?.boxed())
+    }
+}
