@@ -1,7 +1,8 @@
 //! The Redis backend on a real Redis Cluster of three primaries and three replicas
 //! (`RedisCluster` in test-support): the conformance, semaphore and election suites through a
 //! `redis+cluster://` URL (on one cluster shared by those tests), then what only a cluster
-//! shows — locks on every shard, listed from every shard, release notices across nodes.
+//! shows — locks on every shard, listed from every shard, release notices by sharded pub/sub
+//! across nodes, slots resharded and a shard's primary failing over while locks are held.
 
 use leasehold_test_support::{resp, RedisCluster};
 
@@ -12,11 +13,15 @@ use leasehold::testing::{start, unique_key};
 use leasehold::{LockBackend, LockOptions, RedisBackend, Wait};
 use tokio::time::timeout;
 
-leasehold::conformance_suite!(real, RedisCluster::shared().backend().await);
+leasehold::conformance_suite!(real, RedisCluster::shared().backend().await, without watch);
 leasehold::election_suite!(real, RedisCluster::shared().backend().await);
 
 mod semaphore {
     leasehold::semaphore_suite!(real, super::RedisCluster::shared().backend().await);
+}
+
+mod rwlock {
+    leasehold::rwlock_suite!(real, super::RedisCluster::shared().backend().await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,8 +165,8 @@ fn keys_in_slots(
 }
 
 /// Locks whose slots move to another primary while they are held (MIGRATE, `ASK`, then
-/// `MOVED`) stay held: their renewals follow the slot, nobody else gets them, and their
-/// holders release them on the new primary.
+/// `MOVED`) stay held: their renewals follow the slot, nobody else gets them, their holders
+/// release them on the new primary, and a waiter's subscription follows the slot too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locks_held_while_their_slots_are_resharded_are_kept() {
     let cluster = RedisCluster::start();
@@ -185,7 +190,41 @@ async fn locks_held_while_their_slots_are_resharded_are_kept() {
                 .unwrap(),
         );
     }
+    // A waiter of the first key, on another node that would otherwise look only after ten
+    // minutes: its sharded subscription must follow the slot.
+    let waiter = leasehold::LockManager::builder()
+        .with_name(unique_key("reshard-waiter"))
+        .with_backend("redis", cluster.backend().await)
+        .with_backstop_cap(Duration::from_secs(600))
+        .start()
+        .await
+        .unwrap();
+    let waiting = tokio::spawn({
+        let (waiter, key) = (waiter.clone(), keys[0].clone());
+        async move {
+            let options = LockOptions::new().with_wait(Wait::UpTo(Duration::from_secs(60)));
+            waiter.lock(&key, options).await
+        }
+    });
+    let channel = format!("{}:released", backend.lock_key(&keys[0]));
+    let subscribed_on = |port: u16| {
+        let reply = resp::command(port, &["PUBSUB", "SHARDNUMSUB", &channel]);
+        let count = reply
+            .ok()
+            .and_then(|r| r.items().get(1).and_then(resp::Resp::int));
+        async move { count == Some(1) }
+    };
+    leasehold::testing::eventually("the waiter subscribed", Duration::from_secs(10), || {
+        subscribed_on(from)
+    })
+    .await;
     tokio::task::block_in_place(|| cluster.reshard(from, to, MOVED as usize));
+    leasehold::testing::eventually(
+        "the waiter subscribed on the slot's new shard",
+        Duration::from_secs(10),
+        || subscribed_on(to),
+    )
+    .await;
     let mut events = holder.events();
     for key in &keys {
         assert_eq!(
@@ -238,6 +277,13 @@ async fn locks_held_while_their_slots_are_resharded_are_kept() {
             "{key} released on its new primary"
         );
     }
+    let taken = timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the waiter woken by the release notice on the new shard, not its backstop")
+        .unwrap()
+        .unwrap();
+    taken.release().await.unwrap();
+    waiter.shutdown().await;
     holder.shutdown().await;
     other.shutdown().await;
 }
@@ -328,4 +374,62 @@ async fn locks_on_a_shard_whose_primary_fails_over_are_kept_or_reported_lost() {
     }
     holder.shutdown().await;
     other.shutdown().await;
+}
+
+/// Notices stay on their shard: a release reaches the waiters by `SPUBLISH`, and a classic
+/// subscriber of the same channel (on any node) hears nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_notices_are_sharded_and_watch_says_it_is_not_available() {
+    let cluster = RedisCluster::shared();
+    let backend = cluster.backend().await;
+    let holder = start(backend.clone()).await;
+    let waiter = start(cluster.backend().await).await;
+    let key = unique_key("sharded");
+    let channel = format!("{}:released", backend.lock_key(&key));
+    let held = holder
+        .try_lock(&key, LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    let waiting = tokio::spawn({
+        let (waiter, key) = (waiter.clone(), key.clone());
+        async move {
+            let options = LockOptions::new().with_wait(Wait::UpTo(Duration::from_secs(30)));
+            waiter.lock(&key, options).await
+        }
+    });
+    let shard = cluster.primary_of(&channel);
+    leasehold::testing::eventually("the waiter subscribed", Duration::from_secs(10), || {
+        let sharded = resp::command(shard, &["PUBSUB", "SHARDNUMSUB", &channel]);
+        let classic = resp::command(shard, &["PUBSUB", "NUMSUB", &channel]);
+        let count = |reply: &std::io::Result<resp::Resp>| {
+            reply
+                .as_ref()
+                .ok()
+                .and_then(|r| r.items().get(1))
+                .and_then(resp::Resp::int)
+        };
+        let (sharded, classic) = (count(&sharded), count(&classic));
+        async move { sharded == Some(1) && classic == Some(0) }
+    })
+    .await;
+    held.release().await.unwrap();
+    let guard = timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("woken by the sharded notice")
+        .unwrap()
+        .unwrap();
+    guard.release().await.unwrap();
+    let refused = match backend.watch_prefix(&key).await {
+        Ok(_) => panic!("watch opened on a cluster"),
+        Err(error) => error,
+    };
+    assert_eq!(
+        refused.kind(),
+        leasehold::StoreErrorKind::Unsupported,
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("pattern"), "{refused}");
+    holder.shutdown().await;
+    waiter.shutdown().await;
 }

@@ -86,6 +86,9 @@
 //! upgrade. Redis counters are signed 64-bit integers; 0.1's counters last until about 2255.
 //! The counter itself never expires (a few dozen bytes per lock name ever used).
 //!
+//! On Redis Cluster the scripts publish with `SPUBLISH` and the notices are sharded (see
+//! `redis/cluster.rs` and `redis/lua.rs`).
+//!
 //! # Waiting
 //! The backend actor keeps at most one subscription per contended key and node; this backend
 //! keeps at most one Redis `SUBSCRIBE` per channel, on one pub/sub connection per backend

@@ -17,7 +17,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use redis::{RedisError, Script, Value};
+use redis::Value;
 use tokio::time::{timeout, Instant};
 
 use super::lua::Lua;
@@ -66,8 +66,15 @@ impl RedisBackend {
             // Taking the leadership is an acquisition: it counts once the replicas have it,
             // and is undone (resigned: the leader's key deleted if it is still ours) if not.
             Some(ack) => {
-                self.acquire_confirmed(ack, self.script(&CAMPAIGN), &call, "campaign", name, candidate)
-                    .await?
+                self.acquire_confirmed(
+                    ack,
+                    self.script(&CAMPAIGN),
+                    &call,
+                    "campaign",
+                    name,
+                    candidate,
+                )
+                .await?
             }
         };
         let term = match reply {
@@ -130,7 +137,8 @@ impl RedisBackend {
         let lock = self.lock_key(name);
         let (leader_channel, released_channel) =
             (format!("{lock}:leader"), format!("{lock}:released"));
-        let opening = self.conn.messages_on(&[leader_channel.clone(), released_channel]);
+        let channels = [leader_channel.clone(), released_channel];
+        let opening = self.conn.messages_on(&channels);
         let messages = match timeout(PUBSUB_TIMEOUT, opening).await {
             Ok(messages) => messages.map_err(|error| self.failed("observe", error))?,
             Err(_) => {

@@ -352,10 +352,7 @@ impl Hub {
                 Listener::Sharded(sharded) => sharded.conn.sunsubscribe(channel).await,
             }
         };
-        if !matches!(
-            timeout(PUBSUB_TIMEOUT, unsubscribing).await,
-            Ok(Ok(()))
-        ) {
+        if !matches!(timeout(PUBSUB_TIMEOUT, unsubscribing).await, Ok(Ok(()))) {
             self.disconnect();
         }
     }

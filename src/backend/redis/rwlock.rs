@@ -20,21 +20,20 @@
 //! [`RedisBackend::with_restart_quarantine`], an acquisition waits out the quarantine after a
 //! data loss as a lock's does.
 
-use std::sync::LazyLock;
 use std::time::Duration;
 
 use futures::StreamExt;
-use redis::{Script, Value};
+use redis::Value;
 
+use super::lua::Lua;
 use super::{millis, parse_token, remaining, unexpected, RedisBackend};
 use crate::backend::{Acquisition, Contention, Lease, OwnerToken, ReleaseNotices, RwMode};
 use crate::error::StoreError;
 
-static ACQUIRE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("acquire_rw.lua")));
-static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("renew_rw.lua")));
-static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("release_rw.lua")));
-static WITHDRAW: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("withdraw_writer.lua")));
+static ACQUIRE: Lua = Lua::new(include_str!("acquire_rw.lua"));
+static RENEW: Lua = Lua::new(include_str!("renew_rw.lua"));
+static RELEASE: Lua = Lua::new(include_str!("release_rw.lua"));
+static WITHDRAW: Lua = Lua::new(include_str!("withdraw_writer.lua"));
 
 impl RedisBackend {
     /// The read shares' set and the write hold's key of the read-write lock `name`.
@@ -57,7 +56,7 @@ impl RedisBackend {
     ) -> Result<Acquisition, StoreError> {
         let (readers, writer) = self.rw_keys(name);
         let lock = self.lock_key(name);
-        let mut call = ACQUIRE.key(&readers);
+        let mut call = self.script(&ACQUIRE).key(&readers);
         call.key(&writer)
             .key(format!("{lock}:rw-waiting"))
             .key(format!("{lock}:rw-fence"))
@@ -100,7 +99,7 @@ impl RedisBackend {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let (readers, writer) = self.rw_keys(&lease.key);
-        RENEW
+        self.script(&RENEW)
             .key(readers)
             .key(writer)
             .arg(lease.owner.to_string())
@@ -113,7 +112,7 @@ impl RedisBackend {
 
     pub(super) async fn release_rw(&self, lease: &Lease, mode: RwMode) -> Result<bool, StoreError> {
         let (readers, writer) = self.rw_keys(&lease.key);
-        RELEASE
+        self.script(&RELEASE)
             .key(readers)
             .key(writer)
             .arg(lease.owner.to_string())
@@ -129,7 +128,8 @@ impl RedisBackend {
         name: &str,
         owner: OwnerToken,
     ) -> Result<(), StoreError> {
-        let _: i64 = WITHDRAW
+        let _: i64 = self
+            .script(&WITHDRAW)
             .key(format!("{}:rw-waiting", self.lock_key(name)))
             .arg(owner.to_string())
             .arg(self.rw_channel(name))

@@ -24,7 +24,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use redis::{Script, Value};
+use redis::Value;
 
 use super::lua::Lua;
 use super::{millis, parse_token, remaining, unexpected, RedisBackend};
