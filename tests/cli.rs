@@ -783,3 +783,48 @@ fn zero_permits_exit_64_naming_the_value() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("permits 0"), "{stderr}");
 }
+
+/// The command line on a Redis Cluster: `run` takes the lock through a `redis+cluster://`
+/// URL, the command sees its token, and `status` reads it back from its slot's shard.
+#[test]
+fn run_and_status_on_a_redis_cluster() {
+    let cluster = leasehold_test_support::RedisCluster::shared();
+    let key = unique_key("cli-cluster");
+    let dir = tempfile::tempdir().unwrap();
+    let (started, stop) = (dir.path().join("started"), dir.path().join("stop"));
+    let script = format!(
+        "echo $LEASEHOLD_FENCING_TOKEN > {started}; while [ ! -e {stop} ]; do sleep 0.02; done",
+        started = started.display(),
+        stop = stop.display()
+    );
+    let mut run = Command::new(BIN)
+        .env("LEASEHOLD_BACKEND", cluster.url())
+        .args(["run", &key, "--", "sh", "-c", &script])
+        .spawn()
+        .unwrap();
+    wait_file(&started, Duration::from_secs(10));
+    // The token is written with the file: read it once it is whole.
+    let token = loop {
+        let text = std::fs::read_to_string(&started).unwrap();
+        if text.ends_with('\n') {
+            break text.trim().to_owned();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let status = |key: &str| -> serde_json::Value {
+        let out = output(
+            Command::new(BIN)
+                .env("LEASEHOLD_BACKEND", cluster.url())
+                .args(["status", "--json", key]),
+        );
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let held = status(&key);
+    assert_eq!(held["held"], true, "{held}");
+    assert_eq!(held["fencing_token"].to_string(), token, "{held}");
+    std::fs::write(&stop, "").unwrap();
+    let exit = wait_exit(&mut run, Duration::from_secs(10));
+    assert_eq!(exit.code(), Some(0));
+    assert_eq!(status(&key)["held"], false);
+}

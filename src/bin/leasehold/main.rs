@@ -93,7 +93,8 @@ struct CompletionsArgs {
 struct StoreArgs {
     /// The store: redis://[user:password@]host[:port][/db], rediss://… (TLS),
     /// redis+sentinel://[[user]:password@]host[:port][,host[:port]…]/master-name[/db],
-    /// rediss+sentinel://… (TLS), or etcd://[user:password@]host:port[,host:port…][?mode=txn|lock], etcds://…[?ca=FILE]
+    /// rediss+sentinel://… (TLS), redis+cluster://[[user]:password@]host:port[,host:port…],
+    /// rediss+cluster://… (TLS), or etcd://[user:password@]host:port[,host:port…][?mode=txn|lock], etcds://…[?ca=FILE]
     /// [&cert=FILE&key=FILE] (TLS).
     #[arg(long, env = "LEASEHOLD_BACKEND", value_parser = BackendUrl::parse)]
     backend: BackendUrl,

@@ -7,6 +7,9 @@
 //!                                                the primary these sentinels name, followed
 //!                                                across failovers (`RedisBackend::connect`)
 //! rediss+sentinel://…                            the same over TLS
+//! redis+cluster://[[user]:password@]host:port[,host:port…]
+//!                                                a Redis Cluster, of which these are some nodes
+//! rediss+cluster://…                             the same over TLS
 //! etcd://[user:password@]host:port[,host:port…][?mode=txn|lock]
 //! etcds://…[?ca=FILE][&cert=FILE&key=FILE]       the same over TLS; a private CA, a client certificate
 //! ```
@@ -21,8 +24,8 @@ use redis::IntoConnectionInfo;
 /// A store named on the command line.
 #[derive(Debug, Clone)]
 pub(crate) enum BackendUrl {
-    /// `redis://…`, `rediss://…`, `redis+sentinel://…` or `rediss+sentinel://…`, passed to
-    /// `RedisBackend::connect` as it is.
+    /// `redis://…`, `rediss://…`, `redis+sentinel://…`, `rediss+sentinel://…`,
+    /// `redis+cluster://…` or `rediss+cluster://…`, passed to `RedisBackend::connect` as it is.
     Redis(RedisUrl),
     /// `etcd://…` or `etcds://…`.
     Etcd(EtcdUrl),
@@ -88,13 +91,19 @@ impl BackendUrl {
             })?;
             return Ok(BackendUrl::Redis(RedisUrl(text.to_owned())));
         }
+        if text.starts_with("redis+cluster://") || text.starts_with("rediss+cluster://") {
+            RedisBackend::check_url(text).map_err(|e| {
+                format!("backend URL {shown:?} is not a valid redis Cluster URL: {e}")
+            })?;
+            return Ok(BackendUrl::Redis(RedisUrl(text.to_owned())));
+        }
         let (rest, tls) = if let Some(rest) = text.strip_prefix("etcd://") {
             (rest, false)
         } else if let Some(rest) = text.strip_prefix("etcds://") {
             (rest, true)
         } else {
             return Err(format!(
-                "backend URL {shown:?} has an unknown scheme (use redis://, rediss://, redis+sentinel://, rediss+sentinel://, etcd:// or etcds://)"
+                "backend URL {shown:?} has an unknown scheme (use redis://, rediss://, redis+sentinel://, rediss+sentinel://, redis+cluster://, rediss+cluster://, etcd:// or etcds://)"
             ));
         };
         let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
@@ -299,6 +308,8 @@ mod tests {
             "redis://127.0.0.1:6379/2",
             "redis+sentinel://10.0.0.1:26379,10.0.0.2/mymaster",
             "rediss+sentinel://:pw@s1:26380/mymaster/2",
+            "redis+cluster://10.0.0.1:7000,10.0.0.2:7000",
+            "rediss+cluster://:pw@n1:7000",
         ] {
             assert!(
                 matches!(BackendUrl::parse(good), Ok(BackendUrl::Redis(_))),
@@ -309,6 +320,8 @@ mod tests {
             ("http://x", "unknown scheme"),
             ("redis+sentinel://s1:26379", "no master name"),
             ("redis+sentinel://s1:x/m", "bad port"),
+            ("redis+cluster://n1", "has no port"),
+            ("redis+cluster://n1:7000/2", "no path"),
             ("redis://:6379:bad", "not a valid redis URL"),
             ("etcd://hostonly", "\"hostonly\" is not host:port"),
             ("etcd://h:1?mode=fast", "mode=fast"),
