@@ -16,8 +16,8 @@ use std::time::{Duration, SystemTime};
 
 use leasehold::testing::{eventually, next_event, unique_key};
 use leasehold::{
-    Acquisition, Error, LockBackend, LockEventKind, LockManager, LockOptions, OwnerToken,
-    RedisBackend, Wait,
+    Acquisition, Error, LockBackend, LockEventKind, LockManager, LockOptions, OwnerToken, Permits,
+    RedisBackend, RwMode, Wait,
 };
 use tokio::time::{timeout, Instant};
 
@@ -38,6 +38,14 @@ mod with_replica_ack {
 
     leasehold::conformance_suite!(real, acked().await);
     leasehold::election_suite!(real, acked().await);
+
+    mod semaphore {
+        leasehold::semaphore_suite!(real, super::acked().await);
+    }
+
+    mod rwlock {
+        leasehold::rwlock_suite!(real, super::acked().await);
+    }
 }
 
 /// A manager on `backend` whose waiters re-check a key without a notice only after `backstop`.
@@ -222,6 +230,55 @@ async fn an_acquisition_too_few_replicas_confirm_is_undone_and_fails_retryably()
     };
     assert!(renewed);
     assert!(confirmed.release(&lease).await.unwrap());
+}
+
+/// Semaphore permits and read-write lock holds are acknowledged as locks are: one too few
+/// replicas confirm is given back and fails retryably, and nothing of it stays in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permits_and_rw_holds_too_few_replicas_confirm_are_undone() {
+    let topology = RedisSentinel::shared();
+    let backend = topology
+        .backend()
+        .await
+        .with_replica_ack(3, Duration::from_millis(200))
+        .unwrap();
+    let ttl = Duration::from_secs(30);
+    let name = unique_key("unconfirmed-permits");
+    let error = backend
+        .acquire_permits(&name, OwnerToken::random(), ttl, Permits::new(2, 1), None)
+        .await
+        .expect_err("only two replicas can confirm");
+    assert!(error.is_retryable(), "{error:?}");
+    assert!(
+        error.to_string().contains("of the 3 replicas asked for"),
+        "{error}"
+    );
+    assert_eq!(
+        backend.permit_holders(&name).await.unwrap(),
+        Vec::new(),
+        "undone"
+    );
+
+    let name = unique_key("unconfirmed-rw");
+    let error = backend
+        .acquire_rw(&name, OwnerToken::random(), ttl, RwMode::Write, false, None)
+        .await
+        .expect_err("only two replicas can confirm");
+    assert!(error.is_retryable(), "{error:?}");
+    assert!(
+        error.to_string().contains("of the 3 replicas asked for"),
+        "{error}"
+    );
+    // Undone: a reader without acknowledgement gets in at once.
+    let plain = topology.backend().await;
+    let read = plain
+        .acquire_rw(&name, OwnerToken::random(), ttl, RwMode::Read, false, None)
+        .await
+        .unwrap();
+    let Acquisition::Acquired(lease) = read else {
+        panic!("the undone write hold still blocks readers: {read:?}");
+    };
+    assert!(plain.release(&lease).await.unwrap());
 }
 
 /// A replica that stops answering (SIGSTOP) leaves renewals unconfirmed: the holder hears

@@ -635,6 +635,18 @@ fn parse_token(token: &[u8]) -> Result<u64, StoreError> {
         })
 }
 
+/// A renewal script's reply (1: extended, 0: not ours any more), unless it extended the lease
+/// on the primary only, which too few replicas confirmed (`unconfirmed`): not a renewal the
+/// holder may count on, so a retryable error.
+fn renewed(op: &str, reply: Value, unconfirmed: Option<StoreError>) -> Result<bool, StoreError> {
+    match (reply, unconfirmed) {
+        (Value::Int(0), _) => Ok(false),
+        (Value::Int(1), None) => Ok(true),
+        (Value::Int(1), Some(error)) => Err(error),
+        (other, _) => Err(unexpected(op, &other)),
+    }
+}
+
 fn unexpected(op: &str, reply: &Value) -> StoreError {
     StoreError::protocol(format!("redis {op} answered {reply:?}"))
 }

@@ -254,6 +254,52 @@ impl RedisBackend {
         sent.map_err(|error| self.failed(op, error))
     }
 
+    /// Runs `call` of `script`, followed in the same pipeline by `WAIT` when replica
+    /// acknowledgement is on: the script's reply and, if fewer replicas than asked confirmed,
+    /// the error to answer instead of whatever the script wrote (a refusal wrote nothing: the
+    /// caller, who reads the reply, decides). For the calls that have no acknowledged path of
+    /// their own (semaphores' and read-write locks' acquisitions and renewals).
+    pub(super) async fn run_acked(
+        &self,
+        script: &Script,
+        call: &Call,
+        op: &str,
+    ) -> std::result::Result<(Value, Option<StoreError>), StoreError> {
+        match &self.replica_ack {
+            None => {
+                let reply = call
+                    .invocation(script)
+                    .invoke_async(&mut self.conn.clone())
+                    .await
+                    .map_err(|error| self.failed(op, error))?;
+                Ok((reply, None))
+            }
+            Some(ack) => {
+                let (reply, acknowledged) = self
+                    .with_ack(ack, script, &call.keys, &call.args, op)
+                    .await?;
+                let short = (acknowledged < i64::from(ack.replicas))
+                    .then(|| self.unconfirmed(ack, op, acknowledged));
+                Ok((reply, short))
+            }
+        }
+    }
+
+    /// `error` (an acquisition too few replicas confirmed) once `undo`, which gives the lease
+    /// back, has run; if even that failed, the lease stays until its ttl, and the error says so.
+    pub(super) async fn undone(
+        &self,
+        error: StoreError,
+        undo: impl std::future::Future<Output = std::result::Result<bool, StoreError>>,
+    ) -> StoreError {
+        match undo.await {
+            Ok(_) => error,
+            Err(undo) => StoreError::unavailable(format!(
+                "{error}; undoing it failed too ({undo}), so the lease stays until its ttl"
+            )),
+        }
+    }
+
     /// The error of a write too few replicas confirmed.
     pub(super) fn unconfirmed(
         &self,

@@ -26,7 +26,8 @@ use futures::StreamExt;
 use redis::Value;
 
 use super::lua::Lua;
-use super::{millis, parse_token, remaining, unexpected, RedisBackend};
+use super::replica_ack::Call;
+use super::{millis, parse_token, remaining, renewed, unexpected, RedisBackend};
 use crate::backend::{Acquisition, Contention, Lease, OwnerToken, ReleaseNotices, RwMode};
 use crate::error::StoreError;
 
@@ -56,22 +57,30 @@ impl RedisBackend {
     ) -> Result<Acquisition, StoreError> {
         let (readers, writer) = self.rw_keys(name);
         let lock = self.lock_key(name);
-        let mut call = self.script(&ACQUIRE).key(&readers);
-        call.key(&writer)
-            .key(format!("{lock}:rw-waiting"))
-            .key(format!("{lock}:rw-fence"))
-            .arg(owner.to_string())
-            .arg(millis(ttl))
-            .arg(mode.as_str())
-            .arg(if intent { "1" } else { "0" })
-            .arg(u64::try_from(self.quarantine.as_millis()).unwrap_or(u64::MAX));
+        let mut call = Call {
+            keys: vec![
+                readers,
+                writer,
+                format!("{lock}:rw-waiting"),
+                format!("{lock}:rw-fence"),
+            ],
+            args: vec![
+                owner.to_string().into_bytes(),
+                millis(ttl).to_string().into_bytes(),
+                mode.as_str().as_bytes().to_vec(),
+                if intent { b"1".to_vec() } else { b"0".to_vec() },
+                u64::try_from(self.quarantine.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .to_string()
+                    .into_bytes(),
+            ],
+        };
         if !self.quarantine.is_zero() {
-            call.key(format!("{}epoch", self.prefix));
+            call.keys.push(format!("{}epoch", self.prefix));
         }
-        let reply: Value = call
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|error| self.failed("acquire rw", error))?;
+        let (reply, unconfirmed) = self
+            .run_acked(self.script(&ACQUIRE), &call, "acquire rw")
+            .await?;
         let token = match reply {
             Value::Int(token) => {
                 u64::try_from(token).map_err(|_| unexpected("acquire rw", &reply))?
@@ -89,6 +98,9 @@ impl RedisBackend {
         };
         let mut lease = Lease::new(name, owner, token);
         lease.rw = Some(mode);
+        if let Some(error) = unconfirmed {
+            return Err(self.undone(error, self.release_rw(&lease, mode)).await);
+        }
         Ok(Acquisition::Acquired(lease))
     }
 
@@ -99,15 +111,18 @@ impl RedisBackend {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let (readers, writer) = self.rw_keys(&lease.key);
-        self.script(&RENEW)
-            .key(readers)
-            .key(writer)
-            .arg(lease.owner.to_string())
-            .arg(millis(ttl))
-            .arg(mode.as_str())
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|error| self.failed("renew rw", error))
+        let call = Call {
+            keys: vec![readers, writer],
+            args: vec![
+                lease.owner.to_string().into_bytes(),
+                millis(ttl).to_string().into_bytes(),
+                mode.as_str().as_bytes().to_vec(),
+            ],
+        };
+        let (reply, unconfirmed) = self
+            .run_acked(self.script(&RENEW), &call, "renew rw")
+            .await?;
+        renewed("renew rw", reply, unconfirmed)
     }
 
     pub(super) async fn release_rw(&self, lease: &Lease, mode: RwMode) -> Result<bool, StoreError> {

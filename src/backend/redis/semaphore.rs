@@ -27,7 +27,8 @@ use futures::StreamExt;
 use redis::Value;
 
 use super::lua::Lua;
-use super::{millis, parse_token, remaining, unexpected, RedisBackend};
+use super::replica_ack::Call;
+use super::{millis, parse_token, remaining, renewed, unexpected, RedisBackend};
 use crate::backend::{
     Acquisition, Contention, Lease, OwnerToken, PermitHolder, Permits, ReleaseNotices,
 };
@@ -58,22 +59,30 @@ impl RedisBackend {
         metadata: Option<&str>,
     ) -> Result<Acquisition, StoreError> {
         let (leases, records) = self.permit_keys(name);
-        let mut call = self.script(&ACQUIRE).key(&leases);
-        call.key(&records)
-            .key(format!("{}:permit-fence", self.lock_key(name)))
-            .arg(owner.to_string())
-            .arg(millis(ttl))
-            .arg(permits.total)
-            .arg(permits.count)
-            .arg(metadata.unwrap_or_default())
-            .arg(u64::try_from(self.quarantine.as_millis()).unwrap_or(u64::MAX));
+        let mut call = Call {
+            keys: vec![
+                leases,
+                records,
+                format!("{}:permit-fence", self.lock_key(name)),
+            ],
+            args: vec![
+                owner.to_string().into_bytes(),
+                millis(ttl).to_string().into_bytes(),
+                permits.total.to_string().into_bytes(),
+                permits.count.to_string().into_bytes(),
+                metadata.unwrap_or_default().as_bytes().to_vec(),
+                u64::try_from(self.quarantine.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .to_string()
+                    .into_bytes(),
+            ],
+        };
         if !self.quarantine.is_zero() {
-            call.key(format!("{}epoch", self.prefix));
+            call.keys.push(format!("{}epoch", self.prefix));
         }
-        let reply: Value = call
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|error| self.failed("acquire permits", error))?;
+        let (reply, unconfirmed) = self
+            .run_acked(self.script(&ACQUIRE), &call, "acquire permits")
+            .await?;
         let token = match reply {
             Value::Int(token) => {
                 u64::try_from(token).map_err(|_| unexpected("acquire permits", &reply))?
@@ -98,6 +107,9 @@ impl RedisBackend {
         };
         let mut lease = Lease::new(name, owner, token);
         lease.permits = Some(permits);
+        if let Some(error) = unconfirmed {
+            return Err(self.undone(error, self.release_permits(&lease)).await);
+        }
         Ok(Acquisition::Acquired(lease))
     }
 
@@ -107,14 +119,17 @@ impl RedisBackend {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let (leases, records) = self.permit_keys(&lease.key);
-        self.script(&RENEW)
-            .key(leases)
-            .key(records)
-            .arg(member(lease))
-            .arg(millis(ttl))
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(|error| self.failed("renew permits", error))
+        let call = Call {
+            keys: vec![leases, records],
+            args: vec![
+                member(lease).into_bytes(),
+                millis(ttl).to_string().into_bytes(),
+            ],
+        };
+        let (reply, unconfirmed) = self
+            .run_acked(self.script(&RENEW), &call, "renew permits")
+            .await?;
+        renewed("renew permits", reply, unconfirmed)
     }
 
     pub(super) async fn release_permits(&self, lease: &Lease) -> Result<bool, StoreError> {
