@@ -318,19 +318,27 @@ async fn a_silent_node_never_makes_a_double_holder() {
     let victim = number(&holding, "token") as u64;
     let went_silent = monotonic_ns();
     silent.stop();
-    next_event(&mut events, LIMIT, |event| {
+    let ended = next_event(&mut events, LIMIT, |event| {
         (event.key.as_deref() == Some(key.as_str())
             && event.fencing_token == Some(victim)
             && matches!(
                 event.kind,
-                LockEventKind::Released {
-                    reason: ReleaseReason::HolderSilent,
-                    ..
-                }
+                LockEventKind::Released { .. } | LockEventKind::Lost { .. }
             ))
-        .then_some(())
+        .then(|| event.kind.clone())
     })
     .await;
+    assert!(
+        matches!(
+            ended,
+            LockEventKind::Released {
+                reason: ReleaseReason::HolderSilent,
+                ..
+            }
+        ),
+        "the silent node's lease ended otherwise: {ended:?}\n{}",
+        silent.output()
+    );
     let released = monotonic_ns() - went_silent;
     eventually(
         "a hold after the silent node's, on the gateway's node",
