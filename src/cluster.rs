@@ -82,7 +82,7 @@ pub use protocol::{
     RemoteLockInfo, RemoteReply,
 };
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use liveness::Session;
 
@@ -129,8 +129,11 @@ pub struct RemoteLockClient {
     /// Time allowed for the gateway's answer on top of any wait the request asks for.
     timeout: Duration,
     /// The current liveness session, started by the first acquisition, and started again
-    /// after the gateway ended one for silence.
-    session: Arc<Mutex<Option<Arc<Session>>>>,
+    /// after the gateway ended one for silence. An async mutex, held while a session starts:
+    /// acquisitions that find no live session wait for the one being started instead of
+    /// each starting their own (a thousand leases taken at once would otherwise keep up to
+    /// as many heartbeat tasks going).
+    session: Arc<tokio::sync::Mutex<Option<Arc<Session>>>>,
 }
 
 impl RemoteLockClient {
@@ -145,12 +148,12 @@ impl RemoteLockClient {
 
     /// The live session, or a new one (its first heartbeat answered).
     async fn session(&self) -> Result<Arc<Session>, RemoteError> {
-        let current = self.session.lock().expect("session").clone();
-        if let Some(session) = current.filter(|s| !s.is_over()) {
-            return Ok(session);
+        let mut current = self.session.lock().await;
+        if let Some(session) = current.as_ref().filter(|s| !s.is_over()) {
+            return Ok(session.clone());
         }
         let session = Arc::new(Session::start(self.gateway.clone()).await?);
-        *self.session.lock().expect("session") = Some(session.clone());
+        *current = Some(session.clone());
         Ok(session)
     }
 

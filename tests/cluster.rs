@@ -642,3 +642,31 @@ async fn a_lease_handed_to_another_remote_holder_outlives_the_first() {
     .await;
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_taken_at_once_share_one_liveness_session() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start().await;
+    let (_actor, holder, _seen) = spawn_holder().await;
+    // The client's first acquisitions, all at once: one liveness session (one heartbeat
+    // task) serves them all, so their leases are trusted until one deadline.
+    let taken = (0..20).map(|i| {
+        let request = RemoteAcquire::new(unique_key(&format!("at-once-{i}")), &holder);
+        cluster.remote.acquire(request)
+    });
+    let leases: Vec<_> = futures::future::join_all(taken)
+        .await
+        .into_iter()
+        .map(|lease| lease.unwrap().expect("a free key"))
+        .collect();
+    // Read one after another, the deadlines could straddle a heartbeat's answer: look again.
+    eventually("every lease has the session's deadline", PROMPT, || {
+        let first = leases[0].deadline();
+        std::future::ready(leases.iter().all(|lease| lease.deadline() == first))
+    })
+    .await;
+    for lease in leases {
+        lease.release().await.unwrap();
+    }
+    cluster.stop().await;
+}
