@@ -321,25 +321,14 @@ impl LockBackend for RedisBackend {
                     .await?
             }
         };
-        match reply {
-            // Below 2^53 the script answers the token as an integer, above as its digits.
-            Value::Int(token) => Ok(Acquisition::Acquired(Lease::new(
-                key,
-                owner,
-                u64::try_from(token).map_err(|_| unexpected("acquire", &reply))?,
-            ))),
-            Value::BulkString(token) => Ok(Acquisition::Acquired(Lease::new(
-                key,
-                owner,
-                parse_token(&token)?,
-            ))),
-            Value::Array(ref held) => match held.as_slice() {
+        match answer("acquire", reply)? {
+            Answer::Token(token) => Ok(Acquisition::Acquired(Lease::new(key, owner, token))),
+            Answer::Refused(held) => match held.as_slice() {
                 [Value::Int(pttl)] => Ok(Acquisition::Held(Contention::with_remaining_ttl(
                     remaining(*pttl),
                 ))),
-                _ => Err(unexpected("acquire", &reply)),
+                _ => Err(unexpected("acquire", &Value::Array(held))),
             },
-            other => Err(unexpected("acquire", &other)),
         }
     }
 
@@ -633,6 +622,25 @@ fn parse_token(token: &[u8]) -> Result<u64, StoreError> {
                 String::from_utf8_lossy(token)
             ))
         })
+}
+
+/// What an acquisition script answered.
+enum Answer {
+    /// Taken, with this token (an integer below 2^53, its digits above).
+    Token(u64),
+    /// Not taken: an array saying why (what is in it is each script's own).
+    Refused(Vec<Value>),
+}
+
+fn answer(op: &str, reply: Value) -> Result<Answer, StoreError> {
+    match reply {
+        Value::Int(token) => u64::try_from(token)
+            .map(Answer::Token)
+            .map_err(|_| unexpected(op, &Value::Int(token))),
+        Value::BulkString(token) => Ok(Answer::Token(parse_token(&token)?)),
+        Value::Array(items) => Ok(Answer::Refused(items)),
+        other => Err(unexpected(op, &other)),
+    }
 }
 
 /// A renewal script's reply (1: extended, 0: not ours any more), unless it extended the lease

@@ -22,7 +22,7 @@ use tokio::time::{timeout, Instant};
 
 use super::lua::Lua;
 use super::replica_ack::Call;
-use super::{parse_token, remaining, unexpected, RedisBackend, PUBSUB_TIMEOUT};
+use super::{answer, remaining, unexpected, Answer, RedisBackend, PUBSUB_TIMEOUT};
 use crate::backend::{
     Acquisition, Contention, Leader, LeaderChanges, Lease, LockBackend, OwnerToken,
 };
@@ -77,18 +77,16 @@ impl RedisBackend {
                 .await?
             }
         };
-        let term = match reply {
-            Value::Int(term) => u64::try_from(term).map_err(|_| unexpected("campaign", &reply))?,
-            Value::BulkString(ref term) => parse_token(term)?,
-            Value::Array(ref wait) => {
+        let term = match answer("campaign", reply)? {
+            Answer::Token(term) => term,
+            Answer::Refused(wait) => {
                 return match wait.as_slice() {
                     [Value::Int(ms)] => Ok(Acquisition::Held(Contention::with_remaining_ttl(
                         Some(remaining(*ms).unwrap_or_default()),
                     ))),
-                    _ => Err(unexpected("campaign", &reply)),
+                    _ => Err(unexpected("campaign", &Value::Array(wait))),
                 }
             }
-            other => return Err(unexpected("campaign", &other)),
         };
         Ok(Acquisition::Acquired(Lease::new(name, candidate, term)))
     }

@@ -27,7 +27,7 @@ use redis::Value;
 
 use super::lua::Lua;
 use super::replica_ack::Call;
-use super::{millis, parse_token, remaining, renewed, unexpected, RedisBackend};
+use super::{answer, millis, remaining, renewed, unexpected, Answer, RedisBackend};
 use crate::backend::{Acquisition, Contention, Lease, OwnerToken, ReleaseNotices, RwMode};
 use crate::error::StoreError;
 
@@ -81,20 +81,16 @@ impl RedisBackend {
         let (reply, unconfirmed) = self
             .run_acked(self.script(&ACQUIRE), &call, "acquire rw")
             .await?;
-        let token = match reply {
-            Value::Int(token) => {
-                u64::try_from(token).map_err(|_| unexpected("acquire rw", &reply))?
-            }
-            Value::BulkString(ref token) => parse_token(token)?,
-            Value::Array(ref answer) => {
+        let token = match answer("acquire rw", reply)? {
+            Answer::Token(token) => token,
+            Answer::Refused(answer) => {
                 return match answer.as_slice() {
                     [Value::Int(left)] => Ok(Acquisition::Held(Contention::with_remaining_ttl(
                         Some(remaining(*left).unwrap_or_default()),
                     ))),
-                    _ => Err(unexpected("acquire rw", &reply)),
+                    _ => Err(unexpected("acquire rw", &Value::Array(answer))),
                 };
             }
-            other => return Err(unexpected("acquire rw", &other)),
         };
         let mut lease = Lease::new(name, owner, token);
         lease.rw = Some(mode);

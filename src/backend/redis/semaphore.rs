@@ -28,7 +28,7 @@ use redis::Value;
 
 use super::lua::Lua;
 use super::replica_ack::Call;
-use super::{millis, parse_token, remaining, renewed, unexpected, RedisBackend};
+use super::{answer, millis, remaining, renewed, unexpected, Answer, RedisBackend};
 use crate::backend::{
     Acquisition, Contention, Lease, OwnerToken, PermitHolder, Permits, ReleaseNotices,
 };
@@ -83,12 +83,9 @@ impl RedisBackend {
         let (reply, unconfirmed) = self
             .run_acked(self.script(&ACQUIRE), &call, "acquire permits")
             .await?;
-        let token = match reply {
-            Value::Int(token) => {
-                u64::try_from(token).map_err(|_| unexpected("acquire permits", &reply))?
-            }
-            Value::BulkString(ref token) => parse_token(token)?,
-            Value::Array(ref answer) => {
+        let token = match answer("acquire permits", reply)? {
+            Answer::Token(token) => token,
+            Answer::Refused(answer) => {
                 return match answer.as_slice() {
                     [Value::Int(left)] => Ok(Acquisition::Held(Contention::with_remaining_ttl(
                         Some(remaining(*left).unwrap_or_default()),
@@ -100,10 +97,9 @@ impl RedisBackend {
                             held: u32::try_from(*held).unwrap_or(u32::MAX),
                         })
                     }
-                    _ => Err(unexpected("acquire permits", &reply)),
+                    _ => Err(unexpected("acquire permits", &Value::Array(answer))),
                 };
             }
-            other => return Err(unexpected("acquire permits", &other)),
         };
         let mut lease = Lease::new(name, owner, token);
         lease.permits = Some(permits);
