@@ -8,12 +8,14 @@
 
 #[path = "support/child.rs"]
 mod child;
+#[path = "support/cluster_node.rs"]
+mod cluster_node;
 
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
 use child::{commands, expect_command, report, var, ChildTest};
+use cluster_node::{node, LOOPBACK};
 use leasehold::cluster::{
     ClusterGateway, GatewayOptions, RemoteAcquire, RemoteHolder, RemoteLockClient, RemoteLockEvent,
 };
@@ -22,7 +24,7 @@ use leasehold::{
     LockClient, LockEventKind, LockManager, LockOptions, MemoryBackend, ReleaseReason,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use ractor_cluster::{NodeServer, NodeServerMessage};
+use ractor_cluster::NodeServerMessage;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
@@ -31,7 +33,6 @@ use tokio::time::Instant;
 /// of them through its node connection: the tests run one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const COOKIE: &str = "leasehold-process-cookie";
 /// The gateway's liveness bound in these tests.
 const BOUND: Duration = Duration::from_secs(2);
@@ -56,29 +57,6 @@ fn monotonic_ns(at: Instant) -> i128 {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind((LOOPBACK, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn node(name: &str) -> (ActorRef<NodeServerMessage>, u16) {
-    let port = free_port();
-    let server = NodeServer::new(
-        port,
-        COOKIE.into(),
-        name.into(),
-        "127.0.0.1".into(),
-        None,
-        None,
-    )
-    .with_listen_addr(LOOPBACK);
-    let (server, _join) = Actor::spawn(None, server, ()).await.unwrap();
-    (server, port)
-}
-
 /// This process's side: node A with a manager and a gateway of bound [`BOUND`].
 struct Gateway {
     server: ActorRef<NodeServerMessage>,
@@ -89,7 +67,7 @@ struct Gateway {
 
 impl Gateway {
     async fn start() -> Gateway {
-        let (server, port) = node("gateway").await;
+        let (server, port) = node("gateway", COOKIE).await;
         let locks = LockManager::builder()
             .with_name(format!("process-{}", unique_key("m").replace('/', "-")))
             .with_backend("memory", MemoryBackend::new())
@@ -338,7 +316,7 @@ async fn remote_holder_child() {
     let port: u16 = var("LEASEHOLD_TEST_PORT").parse().unwrap();
     let key = var("LEASEHOLD_TEST_KEY");
     let mut commands = commands();
-    let (server, _) = node("holder").await;
+    let (server, _) = node("holder", COOKIE).await;
     ractor_cluster::client_connect(&server, (LOOPBACK, port))
         .await
         .unwrap();

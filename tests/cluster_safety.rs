@@ -11,14 +11,16 @@
 
 #[path = "support/child.rs"]
 mod child;
+#[path = "support/cluster_node.rs"]
+mod cluster_node;
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use child::{commands, report, var, ChildTest};
+use cluster_node::{node, LOOPBACK};
 use leasehold::cluster::{
     ClusterGateway, GatewayOptions, RemoteAcquire, RemoteErrorKind, RemoteHolder, RemoteLockClient,
     RemoteLockEvent,
@@ -27,11 +29,9 @@ use leasehold::testing::{eventually, next_event, unique_key};
 use leasehold::{ErrorKind, LockEventKind, LockManager, LockOptions, ReleaseReason, Wait};
 use leasehold_test_support::RedisServer;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use ractor_cluster::{NodeServer, NodeServerMessage};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const COOKIE: &str = "leasehold-safety-cookie";
 /// The gateway's liveness bound.
 const BOUND: Duration = Duration::from_secs(2);
@@ -223,28 +223,6 @@ async fn local_worker(
 // ---------------------------------------------------------------------------------------------
 // The test.
 
-fn free_port() -> u16 {
-    TcpListener::bind((LOOPBACK, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn node(name: &str) -> (ActorRef<NodeServerMessage>, u16) {
-    let port = free_port();
-    let server = NodeServer::new(
-        port,
-        COOKIE.into(),
-        name.into(),
-        "127.0.0.1".into(),
-        None,
-        None,
-    )
-    .with_listen_addr(LOOPBACK);
-    (Actor::spawn(None, server, ()).await.unwrap().0, port)
-}
-
 fn spawn_child(name: &str, port: u16, key: &str) -> ChildTest {
     ChildTest::spawn(
         "remote_contender_child",
@@ -288,7 +266,7 @@ async fn holds_of(mut child: ChildTest) -> Vec<Hold> {
             `cargo test --features cluster,redis,testing --test cluster_safety -- --ignored`"]
 async fn a_silent_node_never_makes_a_double_holder() {
     let redis = RedisServer::start();
-    let (server, port) = node("gateway").await;
+    let (server, port) = node("gateway", COOKIE).await;
     let locks = LockManager::builder()
         .with_name(format!("safety-{}", unique_key("m").replace('/', "-")))
         .with_backend("redis", redis.backend().await)
@@ -490,7 +468,7 @@ async fn remote_contender_child() {
     let port: u16 = var("LEASEHOLD_TEST_PORT").parse().unwrap();
     let key = var("LEASEHOLD_TEST_KEY");
     let mut commands = commands();
-    let (server, _) = node(&name).await;
+    let (server, _) = node(&name, COOKIE).await;
     ractor_cluster::client_connect(&server, (LOOPBACK, port))
         .await
         .unwrap();
