@@ -93,7 +93,7 @@ async fn run(recording: &str) {
         };
         let figures = harness::measure(
             std::slice::from_ref(&client),
-            &[None],
+            &[Vec::new()],
             tasks,
             ROUNDS,
             WINDOW,

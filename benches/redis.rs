@@ -114,7 +114,7 @@ async fn run(server: &RedisServer, plan: &Plan, quick: bool) {
         Contender::Plain(PlainRawLock::connect(&url).await),
         Contender::Backend(Arc::new(server.backend().await)),
     ];
-    let servers = [Some(server.pid()); 4];
+    let servers = vec![vec![server.pid()]; 4];
     println!(
         "each task loops lock+release on a key of its own; {} rounds of {:?} + {:?} per client, \
          interleaved; medians of the rounds",

@@ -76,7 +76,7 @@ async fn run(topology: &RedisSentinel, rounds: usize, window: Window) {
         };
         let figures = harness::measure(
             &contenders,
-            &[Some(primary); 2],
+            &[vec![primary], vec![primary]],
             tasks,
             rounds,
             window,

@@ -90,6 +90,7 @@ async fn bench<B: LockBackend + Clone>(
         .start()
         .await
         .expect("lock manager");
+    let servers = vec![Vec::from_iter(server); 3];
     let mut ratios = Vec::new();
     for tasks in TASKS {
         let contenders = [
@@ -98,8 +99,7 @@ async fn bench<B: LockBackend + Clone>(
             Contender::SharedSemaphore(client.clone(), tasks),
         ];
         let cycle = |contender: Contender, task| async move { contender.cycle(task).await };
-        let figures =
-            harness::measure(&contenders, &[server; 3], tasks, rounds, window, cycle).await;
+        let figures = harness::measure(&contenders, &servers, tasks, rounds, window, cycle).await;
         print_figures(backend.kind(), tasks, &figures);
         let a = figures[0].cycles_per_sec;
         ratios.push((figures[1].cycles_per_sec / a, figures[2].cycles_per_sec / a));

@@ -56,14 +56,16 @@ struct Sample {
 /// task)` back to back on a key of the task's own. The contenders take short turns (one
 /// [`Window`] each) in an order that rotates every round, `rounds` times, so that a change in
 /// the machine's background load falls on every one alike; each figure is the median of the
-/// rounds. `servers[i]`, if given, is the pid of the server contender `i` talks to (its CPU
-/// time is read from `/proc`). With one task, each cycle is timed too (p50, p99).
+/// rounds. `servers[i]` holds the pids of the server processes contender `i` talks to: their
+/// CPU times are read from `/proc` and summed (every node of a replicated store does work for
+/// each cycle); none, and its server CPU is not measured. With one task, each cycle is timed
+/// too (p50, p99).
 ///
 /// All contenders run in this one process, one at a time: the process CPU time of a window is
 /// the contender's (plus the runtime's idle overhead).
 pub async fn measure<C, F, Fut>(
     contenders: &[C],
-    servers: &[Option<u32>],
+    servers: &[Vec<u32>],
     tasks: usize,
     rounds: usize,
     window: Window,
@@ -77,7 +79,7 @@ where
     assert_eq!(
         contenders.len(),
         servers.len(),
-        "one server pid per contender"
+        "one list of server pids per contender"
     );
     let mut samples: Vec<Vec<Sample>> = contenders.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
@@ -85,7 +87,7 @@ where
             let i = (round + turn) % contenders.len();
             let (contender, cycle) = (contenders[i].clone(), cycle.clone());
             let one = move |task| cycle(contender.clone(), task);
-            samples[i].push(turn_of(tasks, window, servers[i], one).await);
+            samples[i].push(turn_of(tasks, window, &servers[i], one).await);
         }
     }
     samples
@@ -114,7 +116,7 @@ where
     F: Fn(C, usize) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send,
 {
-    let servers = vec![None; contenders.len()];
+    let servers = vec![Vec::new(); contenders.len()];
     let window = Window {
         warmup,
         measure: measure_for,
@@ -128,7 +130,7 @@ where
 
 /// One turn: `tasks` tasks run `cycle(task)` back to back; after the warmup, this task reads
 /// the cycle count and both CPU clocks, sleeps through the window, and reads them again.
-async fn turn_of<F, Fut>(tasks: usize, window: Window, server: Option<u32>, cycle: F) -> Sample
+async fn turn_of<F, Fut>(tasks: usize, window: Window, servers: &[u32], cycle: F) -> Sample
 where
     F: Fn(usize) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send,
@@ -157,7 +159,7 @@ where
         .collect();
     tokio::time::sleep(window.warmup).await;
     let read = || {
-        let server = server.and_then(cpu::of_process);
+        let server = servers_cpu(servers);
         (
             Instant::now(),
             cycles.load(Ordering::Relaxed),
@@ -188,6 +190,15 @@ where
             .map(|(from, to)| per_cycle(to.saturating_sub(from))),
         latency_us: (!latencies.is_empty()).then(|| (us(at(0.5)), us(at(0.99)))),
     }
+}
+
+/// The CPU time of the processes `pids` so far, summed; `None` if there are none, or one is
+/// gone (a sum without it would not be the servers' work).
+fn servers_cpu(pids: &[u32]) -> Option<Duration> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&pid| cpu::of_process(pid)).sum()
 }
 
 /// The median of `values`, `None` if there are none.

@@ -1,6 +1,7 @@
 //! The plain raw lock leasehold is compared with on Redis: [`PlainRawLock`], what a user would
 //! write by hand with the `redis` crate and no fencing — `SET key token NX PX ttl`, then a
-//! compare-and-delete script, on one `ConnectionManager`. (rslock is the other client peer.)
+//! compare-and-delete script, on one `ConnectionManager`; on Redis Cluster the same on the
+//! crate's cluster connection, [`PlainRawClusterLock`]. (rslock is the other client peer.)
 //!
 //! The peer that shows what the actors cost is leasehold's own store calls without them:
 //! [`harness::backend_cycle`](crate::harness::backend_cycle) on a
@@ -9,7 +10,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use redis::Script;
 
 /// Deletes the key only if it still holds our token: the classic single-instance release.
@@ -22,11 +25,17 @@ return 0
 
 /// A plain lock on the raw `redis` client: one `SET NX PX` to take it, one compare-and-delete
 /// script (run by SHA, loaded on first use) to release it. No fencing token, no notices.
+/// Generic over the connection: one server's `ConnectionManager`, or a cluster's connection
+/// ([`PlainRawClusterLock`]), which sends each call to its key's primary.
 #[derive(Clone)]
-pub struct PlainRawLock {
-    conn: ConnectionManager,
+pub struct PlainRawLock<C = ConnectionManager> {
+    conn: C,
     release: Arc<Script>,
 }
+
+/// [`PlainRawLock`] on Redis Cluster: the same two calls on the `redis` crate's cluster
+/// connection (one key per call, so no hash tag is needed).
+pub type PlainRawClusterLock = PlainRawLock<ClusterConnection>;
 
 impl PlainRawLock {
     /// Connects to `url` with one multiplexed, self-reconnecting connection.
@@ -39,7 +48,24 @@ impl PlainRawLock {
             release: Arc::new(Script::new(COMPARE_AND_DELETE)),
         }
     }
+}
 
+impl PlainRawClusterLock {
+    /// Connects to the cluster whose nodes (some or all) are `urls`, `redis://host:port` each,
+    /// with the crate's multiplexed cluster connection.
+    pub async fn connect_cluster(urls: &[String]) -> Self {
+        let client = ClusterClient::new(urls.to_vec()).expect("redis cluster urls");
+        PlainRawLock {
+            conn: client
+                .get_async_connection()
+                .await
+                .expect("redis cluster connection"),
+            release: Arc::new(Script::new(COMPARE_AND_DELETE)),
+        }
+    }
+}
+
+impl<C: ConnectionLike + Clone + Send + Sync> PlainRawLock<C> {
     /// Takes `key` for `ttl` with a fresh random token, then releases it.
     pub async fn cycle(&self, key: &str, ttl: Duration) {
         let token = format!("{:032x}", rand::random::<u128>());

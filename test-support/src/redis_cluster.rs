@@ -87,7 +87,7 @@ impl RedisCluster {
         static SHARED: OnceLock<RedisCluster> = OnceLock::new();
         SHARED.get_or_init(|| {
             let cluster = RedisCluster::start();
-            let pids = cluster.nodes.iter().map(RedisServer::pid).collect();
+            let pids = cluster.pids();
             let dirs: Vec<PathBuf> = cluster.nodes.iter().map(|n| n.dir().to_owned()).collect();
             at_exit::stop(pids, dirs);
             cluster
@@ -122,6 +122,12 @@ impl RedisCluster {
     /// Every node's port.
     pub fn ports(&self) -> Vec<u16> {
         self.nodes.iter().map(RedisServer::port).collect()
+    }
+
+    /// The pid of every node's `redis-server`, primaries and replicas (a bench sums their CPU:
+    /// replicas do work for every write too).
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes.iter().map(RedisServer::pid).collect()
     }
 
     /// `redis://127.0.0.1:PORT` of every node: the seed list a cluster client takes.

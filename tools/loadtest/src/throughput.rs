@@ -94,7 +94,10 @@ fn per_concurrency(plan: &Plan, contenders: usize) -> Duration {
 /// Measures every contender at every concurrency of the plan; one series per contender.
 pub async fn measure(lineup: Vec<Contender>, plan: &Plan, progress: &Progress) -> Vec<Series> {
     let lineup: Vec<Arc<Contender>> = lineup.into_iter().map(Arc::new).collect();
-    let servers: Vec<Option<u32>> = lineup.iter().map(|c| c.server).collect();
+    let servers: Vec<Vec<u32>> = lineup
+        .iter()
+        .map(|c| c.server.into_iter().collect())
+        .collect();
     let window = Window {
         warmup: plan.warmup,
         measure: plan.measure,
