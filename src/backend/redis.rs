@@ -9,7 +9,7 @@
 //! | `P{K}`          | string, expires with lease  | `<owner>[ <metadata>]`                 |
 //! | `P{K}:fence`    | string, never expires       | the last fencing token handed out; while `P{K}` exists, its holder's token |
 //! | `P{K}:released` | pub/sub channel             | one message on every release           |
-//! | `P{K}:acquired` | pub/sub channel             | the new fencing token, on every acquire |
+//! | `P{K}:acquired` | pub/sub channel             | the new fencing token, on every acquire (not on Redis Cluster) |
 //! | `Pepoch`        | string, never expires       | with a restart quarantine only: when the server first served leasehold since it lost its data |
 //!
 //! The lock key's value is the owner token (32 hex digits), then a space and the metadata if
@@ -303,7 +303,13 @@ impl LockBackend for RedisBackend {
                     .unwrap_or(u64::MAX)
                     .to_string()
                     .into_bytes(),
-                format!("{lock}:acquired").into_bytes(),
+                // Only a watch listens, and a cluster has none (sharded pub/sub has no
+                // patterns): there, nothing is published.
+                if self.conn.is_cluster() {
+                    Vec::new()
+                } else {
+                    format!("{lock}:acquired").into_bytes()
+                },
             ],
         };
         if !self.quarantine.is_zero() {

@@ -9,7 +9,8 @@
 --          the holder gave any
 -- ARGV[2]  ttl in milliseconds
 -- ARGV[3]  restart quarantine in milliseconds; 0 turns it off
--- ARGV[4]  the lock's acquisition channel, where the new token is published for watchers
+-- ARGV[4]  the lock's acquisition channel, where the new token is published for watchers;
+--          empty on Redis Cluster, where there are no watchers (no pattern subscriptions)
 --
 -- Returns the fencing token when the lock was taken: an integer, or its decimal digits as a
 -- string when it is 2^53 or more. When the lock is held: a one-element array, the lock key's
@@ -77,5 +78,7 @@ end
 -- a watch sees an acquisition in the same atomic step; the module docs say why no cheaper
 -- scheme is used. As digits: how Redis turns a Lua number into an argument is not worth
 -- relying on.
-redis.call('PUBLISH', ARGV[4], type(token) == 'number' and string.format('%.0f', token) or token)
+if ARGV[4] ~= '' then
+  redis.call('PUBLISH', ARGV[4], type(token) == 'number' and string.format('%.0f', token) or token)
+end
 return token
