@@ -437,3 +437,56 @@ async fn release_notices_are_sharded_and_watch_says_it_is_not_available() {
     holder.shutdown().await;
     waiter.shutdown().await;
 }
+
+/// The `redis` crate's own cluster builder, as an application configures it, serves both the
+/// scripts and the sharded notices: a waiter on a backend so built is woken by a release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_from_the_crates_own_cluster_builder_locks_and_hears_releases() {
+    let cluster = RedisCluster::shared();
+    let urls = cluster.urls();
+    let built = || {
+        let urls = urls.clone();
+        move || {
+            redis::cluster::ClusterClientBuilder::new(urls.clone())
+                .response_timeout(Duration::from_secs(1))
+        }
+    };
+    let holder = start(RedisBackend::connect_cluster_with(built()).await.unwrap()).await;
+    let waiter = leasehold::LockManager::builder()
+        .with_name(unique_key("built-waiter"))
+        .with_backend(
+            "redis",
+            RedisBackend::connect_cluster_with(built()).await.unwrap(),
+        )
+        .with_backstop_cap(Duration::from_secs(600))
+        .start()
+        .await
+        .unwrap();
+    let key = unique_key("built");
+    let held = holder
+        .try_lock(&key, LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut events = waiter.events();
+    let waiting = tokio::spawn({
+        let (waiter, key) = (waiter.clone(), key.clone());
+        async move {
+            let options = LockOptions::new().with_wait(Wait::UpTo(Duration::from_secs(30)));
+            waiter.lock(&key, options).await
+        }
+    });
+    leasehold::testing::next_event(&mut events, Duration::from_secs(10), |event| {
+        matches!(event.kind, leasehold::LockEventKind::Contended).then_some(())
+    })
+    .await;
+    held.release().await.unwrap();
+    let guard = timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("woken by the release notice, not its backstop (10 min)")
+        .unwrap()
+        .unwrap();
+    guard.release().await.unwrap();
+    holder.shutdown().await;
+    waiter.shutdown().await;
+}

@@ -24,9 +24,11 @@
 //! rediss+cluster://…   the same over TLS
 //! ```
 //! The hosts are some of the cluster's nodes (the connection learns the others); every node
-//! takes the same user and password. Other settings (TLS certificates, RESP3) go through
+//! takes the same user and password. Other settings (TLS certificates, timeouts) go through
 //! [`RedisBackend::connect_cluster`](super::RedisBackend::connect_cluster), which takes the
-//! `redis` crate's own [`ConnectionInfo`]s.
+//! `redis` crate's own [`ConnectionInfo`]s, or
+//! [`RedisBackend::connect_cluster_with`](super::RedisBackend::connect_cluster_with), which
+//! takes its [`ClusterClientBuilder`].
 
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -87,7 +89,8 @@ pub(super) fn client(nodes: Vec<ConnectionInfo>) -> RedisResult<ClusterClient> {
     builder(nodes).build()
 }
 
-fn builder(nodes: Vec<ConnectionInfo>) -> ClusterClientBuilder {
+/// The builder of the backend's cluster clients on `nodes`: the backend's timeouts.
+pub(super) fn builder(nodes: Vec<ConnectionInfo>) -> ClusterClientBuilder {
     ClusterClientBuilder::new(nodes)
         .connection_timeout(CONNECT_TIMEOUT)
         .response_timeout(RESPONSE_TIMEOUT)
@@ -96,16 +99,20 @@ fn builder(nodes: Vec<ConnectionInfo>) -> ClusterClientBuilder {
         .retries(3)
 }
 
-/// What opens sharded pub/sub connections: the nodes the backend was given.
+/// Makes the builder of each cluster client the backend opens (the scripts' one, and one per
+/// sharded pub/sub connection): the `redis` crate's builder is not `Clone`.
+pub(super) type MakeBuilder = dyn Fn() -> ClusterClientBuilder + Send + Sync;
+
+/// What opens sharded pub/sub connections.
 pub(super) struct ClusterSetup {
-    pub(super) nodes: Vec<ConnectionInfo>,
+    pub(super) make: Box<MakeBuilder>,
 }
 
 impl ClusterSetup {
     /// A cluster connection of its own for sharded pub/sub (RESP3, its messages to `pushes`).
     pub(super) async fn sharded(&self) -> RedisResult<Sharded> {
         let (sender, pushes) = mpsc::unbounded_channel();
-        let client = builder(self.nodes.clone())
+        let client = (self.make)()
             .use_protocol(ProtocolVersion::RESP3)
             .push_sender(sender)
             .build()?;

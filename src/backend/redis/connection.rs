@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, PubSub};
+use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::SentinelClient;
 use redis::{
@@ -25,7 +26,7 @@ use redis::{
 };
 use tokio::time::timeout;
 
-use super::cluster::{self, ClusterSetup};
+use super::cluster::{self, ClusterSetup, MakeBuilder};
 use super::notices::{Listener, NoticeHub};
 use super::sentinel::{self, SentinelPrimary};
 use super::{
@@ -66,7 +67,8 @@ impl RedisBackend {
             }
             Target::Cluster(nodes) => {
                 let describe = format!("the cluster of {}", hide_password(url));
-                Self::connect_cluster_as(nodes, describe).await
+                let make = move || cluster::builder(nodes.clone());
+                Self::connect_cluster_as(Box::new(make), describe).await
             }
         }
     }
@@ -158,8 +160,9 @@ impl RedisBackend {
     /// Connects to a Redis Cluster through the `redis` crate's cluster connection, given some
     /// of its nodes (it learns the others). Every node takes the settings of the first (user,
     /// password, TLS). Slot migrations (`MOVED`, `ASK`) and failovers are followed by the
-    /// cluster connection; a call that fails meanwhile is a retryable error. A list without
-    /// a node is [`Error::InvalidConfig`], before any I/O.
+    /// cluster connection; a call that fails meanwhile is a retryable error. The connection
+    /// times out a reply after 2 s and a connection attempt after 10 s, and retries a call 3
+    /// times. A list without a node is [`Error::InvalidConfig`], before any I/O.
     pub async fn connect_cluster(nodes: impl IntoIterator<Item = ConnectionInfo>) -> Result<Self> {
         let nodes: Vec<ConnectionInfo> = nodes.into_iter().collect();
         let Some(first) = nodes.first() else {
@@ -169,14 +172,24 @@ impl RedisBackend {
             ));
         };
         let describe = format!("the cluster of {}", first.addr());
-        Self::connect_cluster_as(nodes, describe).await
+        Self::connect_cluster_as(Box::new(move || cluster::builder(nodes.clone())), describe).await
     }
 
-    async fn connect_cluster_as(nodes: Vec<ConnectionInfo>, describe: String) -> Result<Self> {
-        let setup = ClusterSetup {
-            nodes: nodes.clone(),
-        };
-        let client = cluster::client(nodes).map_err(|error| {
+    /// Connects to a Redis Cluster with the `redis` crate's own cluster settings: `make`
+    /// returns a [`ClusterClientBuilder`] (nodes, credentials, TLS certificates, timeouts,
+    /// retries), called once for the connection the scripts run on and once for each sharded
+    /// pub/sub connection, which the backend sets to RESP3 with a push sender of its own. The
+    /// builder's own defaults apply (see [`connect_cluster`](Self::connect_cluster) for
+    /// leasehold's): keep the response timeout under the lock manager's operation budget.
+    /// Do not turn on `read_from_replicas`: a lease read from a replica may be stale.
+    pub async fn connect_cluster_with(
+        make: impl Fn() -> ClusterClientBuilder + Send + Sync + 'static,
+    ) -> Result<Self> {
+        Self::connect_cluster_as(Box::new(make), "a Redis Cluster".to_owned()).await
+    }
+
+    async fn connect_cluster_as(make: Box<MakeBuilder>, describe: String) -> Result<Self> {
+        let client = make().build().map_err(|error| {
             Error::InvalidConfig(format!("redis cluster {describe} is invalid: {error}"))
         })?;
         let conn = match timeout(CONNECT_TIMEOUT, client.get_async_connection()).await {
@@ -198,7 +211,7 @@ impl RedisBackend {
         };
         let conn = Conn::Cluster {
             conn,
-            setup: Arc::new(setup),
+            setup: Arc::new(ClusterSetup { make }),
         };
         Ok(Self::on(conn.establish(&describe).await?, describe))
     }
