@@ -310,8 +310,11 @@ impl Fault {
 }
 
 /// A lease as the store showed it: live (by the store's own clock) in every look from `from`
-/// to `to`. Leases are live for one stretch (renewing a lease that ran out fails; a released
-/// or forgotten one never comes back), so the lease was live throughout `[from, to]`.
+/// to `to`, so live throughout `[from, to]` (renewing a lease that ran out fails; a released
+/// or forgotten one never comes back). A member of the store that a look did not show and a
+/// later one does is another lease: a read-write lock's waiting writer keeps its owner token
+/// across its attempts, and an attempt granted after its caller stopped waiting for it is
+/// given back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoreLease {
     /// The lease's fencing token, when the store keeps it with the lease (a semaphore's
@@ -343,8 +346,9 @@ pub struct Live {
 #[derive(Debug, Default)]
 pub struct StoreLooks {
     leases: Vec<StoreLease>,
-    /// Each lease's place in `leases`: a member of the store.
-    seen: HashMap<Live, usize>,
+    /// Each member of the store's latest lease: its place in `leases`, and the look that last
+    /// showed it (counting from 1).
+    seen: HashMap<Live, (usize, usize)>,
     counter: Vec<(SystemTime, u64)>,
     /// How many looks there were.
     pub looks: usize,
@@ -372,9 +376,13 @@ impl StoreLooks {
         let mut at_once = 0;
         for lease in live {
             at_once += 1;
-            match self.seen.get(&lease) {
-                Some(&n) => self.leases[n].to = at,
-                None => {
+            match self.seen.get_mut(&lease) {
+                // Shown by the look before too: the same lease, still live.
+                Some((n, last)) if *last + 1 == self.looks => {
+                    self.leases[*n].to = at;
+                    *last = self.looks;
+                }
+                _ => {
                     self.leases.push(StoreLease {
                         token: lease.token,
                         owner: lease.owner.clone(),
@@ -382,7 +390,7 @@ impl StoreLooks {
                         from: at,
                         to: at,
                     });
-                    self.seen.insert(lease, self.leases.len() - 1);
+                    self.seen.insert(lease, (self.leases.len() - 1, self.looks));
                 }
             }
         }
@@ -568,10 +576,19 @@ impl History {
         for lease in &self.store {
             let Some(token) = lease.token else { continue };
             if let Some(other) = in_store.insert(token, lease) {
-                found.push(format!(
-                    "token {token} in the store for both {} and {}",
-                    other.owner, lease.owner
-                ));
+                if other.owner == lease.owner {
+                    found.push(format!(
+                        "the lease of {} (token {token}) back in the store at {} after a look \
+                         without it",
+                        lease.owner,
+                        self.at(lease.from)
+                    ));
+                } else {
+                    found.push(format!(
+                        "token {token} in the store for both {} and {}",
+                        other.owner, lease.owner
+                    ));
+                }
             }
         }
 
@@ -1089,6 +1106,17 @@ mod tests {
         assert_eq!(leases, [lease("x", 1, 10, 12), lease("y", 1, 12, 14)]);
         let found = semaphore(3, vec![], leases).violations();
         assert_eq!(found, ["token 1 in the store for both x and y"]);
+        // A permit's lease never comes back.
+        looks.add_live(at(16), []);
+        looks.add(at(18), &[(1, "y".to_owned())]);
+        let found = semaphore(3, vec![], looks.leases()).violations();
+        assert!(
+            found.contains(
+                &"the lease of y (token 1) back in the store at +0.018000s after a look without it"
+                    .to_owned()
+            ),
+            "{found:?}"
+        );
     }
 
     #[test]
@@ -1185,17 +1213,24 @@ mod tests {
             History::of_rwlock(at(0), vec![], looks.leases(), vec![]).violations(),
             Vec::<String>::new()
         );
+        // A writer's owner in the store again after a look without it is another grant.
+        looks.add_live(at(15), [live("b", Kind::Shared)]);
+        looks.add_live(at(16), [live("w", Kind::Exclusive)]);
+        assert_eq!(
+            History::of_rwlock(at(0), vec![], looks.leases(), vec![]).violations(),
+            Vec::<String>::new()
+        );
         // Seen at one look only, each: the look showed both.
         looks.add_live(
-            at(16),
+            at(17),
             [live("v", Kind::Exclusive), live("c", Kind::Shared)],
         );
         let found = History::of_rwlock(at(0), vec![], looks.leases(), vec![]).violations();
         assert_eq!(
             found,
             [
-                "shared hold of c (token ?) +0.016000s..+0.016000s at once with exclusive hold of \
-              v (token ?) +0.016000s..+0.016000s by the store's account"
+                "shared hold of c (token ?) +0.017000s..+0.017000s at once with exclusive hold of \
+              v (token ?) +0.017000s..+0.017000s by the store's account"
             ]
         );
     }
