@@ -153,7 +153,10 @@ async fn contend_through(fault: Fault, kind: Kind) {
             let (rwlock, progress) = (rwlock.clone(), progress.clone());
             let worker = format!("node{n}-worker{w}");
             workers.push(tokio::spawn(async move {
-                contend(&rwlock, &worker, w, until, &progress, |hold| {
+                // The first worker's first hold is the long one the fault strikes in.
+                let first = (n, w) == (0, 0);
+                let first = first.then_some(kind);
+                contend(&rwlock, &worker, w, first, until, &progress, |hold| {
                     progress.holds.lock().unwrap().push(hold)
                 })
                 .await
@@ -282,11 +285,13 @@ impl std::fmt::Display for Shown<'_> {
 
 /// One worker's loop until `until`: take a read share or (every third time) the write hold,
 /// with `read`/`write` or (two times in five) `try_read`/`try_write`, hold it a while, release
-/// it. Every hold is handed to `report` as it ends. `offset` staggers the workers' mixes.
+/// it. Every hold is handed to `report` as it ends. `offset` staggers the workers' mixes;
+/// `first`, if given, is the kind of the worker's first hold, taken waiting and held long.
 async fn contend(
     rwlock: &RwLock,
     name: &str,
     offset: usize,
+    mut first: Option<Kind>,
     until: SystemTime,
     progress: &Progress,
     mut report: impl FnMut(Hold),
@@ -305,7 +310,10 @@ async fn contend(
         } else {
             Kind::Shared
         };
-        let tries = asks % 5 < 2;
+        let (kind, tries, first) = match first.take() {
+            Some(first) => (first, false, true),
+            None => (kind, asks % 5 < 2, false),
+        };
         let asked = SystemTime::now();
         let taken = match (kind, tries) {
             (Kind::Shared, true) => rwlock.try_read(options.clone()).await,
@@ -339,9 +347,11 @@ async fn contend(
         if tries {
             progress.tried.fetch_add(1, Ordering::SeqCst);
         }
-        // Every third hold of each kind is long enough to span renewals, and a fault.
+        // Every third read share, and the first hold if told, is long enough to span
+        // renewals, and a fault. (Long write holds hold everyone else up: a run with more of
+        // them has few holds.)
         let round = &mut rounds[usize::from(kind == Kind::Exclusive)];
-        let long = *round % 3 == 1;
+        let long = first || (kind == Kind::Shared && *round % 3 == 1);
         let work = if long {
             LONG_HOLD
         } else {
@@ -473,9 +483,15 @@ async fn child_rw_contender() {
         let rwlock = rwlock.clone();
         workers.push(tokio::spawn(async move {
             let worker = format!("child-worker{w}");
-            contend(&rwlock, &worker, w, until, &Progress::default(), |hold| {
-                report(&hold.line())
-            })
+            contend(
+                &rwlock,
+                &worker,
+                w,
+                None,
+                until,
+                &Progress::default(),
+                |hold| report(&hold.line()),
+            )
             .await
         }));
     }
