@@ -1,15 +1,19 @@
 //! The safety checker of the contention tests (`tests/safety.rs`, `tests/safety_semaphore.rs`,
-//! `tests/safety_fenced.rs`, `tests/redis_sentinel.rs`): a record of holds, as each holder saw
-//! them and as the store showed them, and the violations a run's record shows.
+//! `tests/safety_rwlock.rs`, `tests/safety_fenced.rs`, `tests/redis_sentinel.rs`): a record of
+//! holds, as each holder saw them and as the store showed them, and the violations a run's
+//! record shows.
 //!
 //! A holder records a [`Hold`]: the stretch of wall-clock time in which the library told it
-//! "held" ([`Witness`]), its fencing token, and how the hold ended. A test that reads the store
-//! itself adds [`StoreLease`]s: the stretch in which the store showed a lease live. A
-//! [`History`] of both finds:
+//! "held" ([`Witness`]), its fencing token, its [`Kind`] (shared, or exclusive: a read-write
+//! lock's write hold), and how the hold ended. A test that reads the store itself adds
+//! [`StoreLease`]s, the stretch in which the store showed a lease live, and the store's fence
+//! counter as it read it. A [`History`] of both finds:
 //! - more holders at once than the primitive admits (1 for a lock, N for a semaphore of N), in
 //!   either account;
+//! - an exclusive hold at once with any other hold, in either account;
 //! - a token handed out twice, or out of order ([`TokenOrder`]: in hold order for a lock, in
-//!   the order of the acquisitions for a semaphore, whose holders overlap).
+//!   the order of the acquisitions for a semaphore, whose holders overlap, and above every
+//!   earlier token for a read-write lock's writer).
 //!
 //! [`fenced_violations`] checks the other half, the protected resource's own record of the
 //! accesses its fence accepted: no stale token, no lost update.
@@ -62,6 +66,28 @@ impl Outcome {
     }
 }
 
+/// What a hold admits beside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Other shared holds, as many as the [`History`] admits at once: a lock's hold (one at
+    /// once), a semaphore's permit (N at once), a read-write lock's read share (any number).
+    Shared,
+    /// Nothing at all: a read-write lock's write hold.
+    Exclusive,
+}
+
+impl Kind {
+    const ALL: [Kind; 2] = [Kind::Shared, Kind::Exclusive];
+
+    /// The word in a history and in a [`Hold::line`].
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Shared => "shared",
+            Kind::Exclusive => "exclusive",
+        }
+    }
+}
+
 /// The stretch of wall-clock time in which the library told one holder "held", as that holder
 /// saw it.
 #[derive(Debug, Default, Clone, Copy)]
@@ -91,7 +117,7 @@ impl Witness {
 
 /// Holds `guard` (of a key asked for at `asked`) for `work`, asking `is_held()` every
 /// `look_every` and stopping at once when it says no, then releases it: a holder whose only
-/// work is to hold.
+/// work is to hold. The hold is [`Kind::Shared`]; see [`Hold::with_kind`].
 pub async fn hold_on(
     guard: LockGuard,
     asked: SystemTime,
@@ -122,13 +148,16 @@ pub async fn hold_on(
     Hold::new(worker, token, Some(asked), seen, ended, outcome)
 }
 
-/// One hold of a key (a lock, or a semaphore's permit), as its holder reports it.
+/// One hold of a key (a lock, a semaphore's permit, a read-write lock's read share or write
+/// hold), as its holder reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hold {
     /// Who held it.
     pub worker: String,
     /// Its fencing token.
     pub token: u64,
+    /// What it admits beside it.
+    pub kind: Kind,
     /// Just before the holder asked for it (`lock`, `acquire`, …), if recorded: an
     /// acquisition asked after another was seen held must get a greater token.
     pub asked: Option<SystemTime>,
@@ -143,7 +172,7 @@ pub struct Hold {
 }
 
 impl Hold {
-    /// The hold `seen` by its witness.
+    /// The hold `seen` by its witness, [`Kind::Shared`].
     pub fn new(
         worker: &str,
         token: u64,
@@ -155,6 +184,7 @@ impl Hold {
         Hold {
             worker: worker.to_owned(),
             token,
+            kind: Kind::Shared,
             asked,
             from: seen.from,
             to: seen.to,
@@ -163,14 +193,20 @@ impl Hold {
         }
     }
 
+    /// The same hold, of `kind`.
+    pub fn with_kind(self, kind: Kind) -> Hold {
+        Hold { kind, ..self }
+    }
+
     /// One line for a child process's report: `HOLD worker=… token=… …`, times in
     /// nanoseconds since the Unix epoch. [`Hold::parse`] reads it back.
     pub fn line(&self) -> String {
         let time = |t: Option<SystemTime>| t.map_or("-".to_owned(), |t| nanos(t).to_string());
         format!(
-            "HOLD worker={} token={} asked={} from={} to={} ended={} outcome={}",
+            "HOLD worker={} token={} kind={} asked={} from={} to={} ended={} outcome={}",
             self.worker,
             self.token,
+            self.kind.name(),
             time(self.asked),
             time(self.from),
             time(self.to),
@@ -195,9 +231,11 @@ impl Hold {
             }
         };
         let outcome = *fields.get("outcome")?;
+        let kind = *fields.get("kind")?;
         Some(Hold {
             worker: fields.get("worker")?.to_string(),
             token: fields.get("token")?.parse().ok()?,
+            kind: *Kind::ALL.iter().find(|k| k.name() == kind)?,
             asked: time("asked")?,
             from: time("from")?,
             to: time("to")?,
@@ -272,27 +310,46 @@ impl Fault {
 }
 
 /// A lease as the store showed it: live (by the store's own clock) in every look from `from`
-/// to `to`. Leases are live for one stretch (renewing a lease that ran out fails; a released
-/// or forgotten one never comes back), so the lease was live throughout `[from, to]`.
+/// to `to`, so live throughout `[from, to]` (renewing a lease that ran out fails; a released
+/// or forgotten one never comes back). A member of the store that a look did not show and a
+/// later one does is another lease: a read-write lock's waiting writer keeps its owner token
+/// across its attempts, and an attempt granted after its caller stopped waiting for it is
+/// given back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoreLease {
-    /// The lease's fencing token.
-    pub token: u64,
+    /// The lease's fencing token, when the store keeps it with the lease (a semaphore's
+    /// permits do; a read-write lock's shares and hold do not).
+    pub token: Option<u64>,
     /// The holder as the store names it (an owner token).
     pub owner: String,
+    /// What it admits beside it.
+    pub kind: Kind,
     /// The first look that showed it live.
     pub from: SystemTime,
     /// The last look that showed it live.
     pub to: SystemTime,
 }
 
-/// Looks at a store, in order, gathered into [`StoreLease`]s: each lease from the first look
-/// that showed it live to the last.
+/// A lease one look at the store showed live.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Live {
+    /// Its fencing token, if the store keeps it with the lease.
+    pub token: Option<u64>,
+    /// The holder as the store names it (an owner token).
+    pub owner: String,
+    /// What it admits beside it.
+    pub kind: Kind,
+}
+
+/// Looks at a store, in order, gathered into [`StoreLease`]s (each lease from the first look
+/// that showed it live to the last), and the store's fence counter as the looks read it.
 #[derive(Debug, Default)]
 pub struct StoreLooks {
     leases: Vec<StoreLease>,
-    /// Each lease's place in `leases`, by its (token, owner): a member of the store.
-    seen: HashMap<(u64, String), usize>,
+    /// Each member of the store's latest lease: its place in `leases`, and the look that last
+    /// showed it (counting from 1).
+    seen: HashMap<Live, (usize, usize)>,
+    counter: Vec<(SystemTime, u64)>,
     /// How many looks there were.
     pub looks: usize,
     /// The most leases one look showed live.
@@ -300,29 +357,60 @@ pub struct StoreLooks {
 }
 
 impl StoreLooks {
-    /// One look, at `at` (the store's clock), that showed `live` (token, owner) leases.
+    /// One look, at `at` (the store's clock), that showed `live` (token, owner) leases, all
+    /// [`Kind::Shared`] (a semaphore's permits).
     pub fn add(&mut self, at: SystemTime, live: &[(u64, String)]) {
+        self.add_live(
+            at,
+            live.iter().map(|(token, owner)| Live {
+                token: Some(*token),
+                owner: owner.clone(),
+                kind: Kind::Shared,
+            }),
+        );
+    }
+
+    /// One look, at `at` (the store's clock), that showed `live` leases.
+    pub fn add_live(&mut self, at: SystemTime, live: impl IntoIterator<Item = Live>) {
         self.looks += 1;
-        self.most_at_once = self.most_at_once.max(live.len());
-        for (token, owner) in live {
-            match self.seen.get(&(*token, owner.clone())) {
-                Some(&n) => self.leases[n].to = at,
-                None => {
-                    self.seen.insert((*token, owner.clone()), self.leases.len());
+        let mut at_once = 0;
+        for lease in live {
+            at_once += 1;
+            match self.seen.get_mut(&lease) {
+                // Shown by the look before too: the same lease, still live.
+                Some((n, last)) if *last + 1 == self.looks => {
+                    self.leases[*n].to = at;
+                    *last = self.looks;
+                }
+                _ => {
                     self.leases.push(StoreLease {
-                        token: *token,
-                        owner: owner.clone(),
+                        token: lease.token,
+                        owner: lease.owner.clone(),
+                        kind: lease.kind,
                         from: at,
                         to: at,
                     });
+                    self.seen.insert(lease, (self.leases.len() - 1, self.looks));
                 }
             }
         }
+        self.most_at_once = self.most_at_once.max(at_once);
+    }
+
+    /// A look, at `at` (the store's clock), that read the store's fence counter: `last`, the
+    /// last token handed out. Every token granted before `at` is at most `last`.
+    pub fn add_counter(&mut self, at: SystemTime, last: u64) {
+        self.counter.push((at, last));
     }
 
     /// The leases seen.
     pub fn leases(&self) -> Vec<StoreLease> {
         self.leases.clone()
+    }
+
+    /// The fence counter as the looks read it: (when, the last token handed out then).
+    pub fn counter(&self) -> Vec<(SystemTime, u64)> {
+        self.counter.clone()
     }
 }
 
@@ -333,9 +421,15 @@ pub enum TokenOrder {
     /// not overlap, so "before" is plain).
     HoldOrder,
     /// A semaphore's: strictly increasing per name in the order they are handed out, so an
-    /// acquisition asked after another lease was seen held (by its holder or in the store)
-    /// gets a greater token. Holds overlap, so their own order says nothing.
+    /// acquisition asked after another lease was seen held (by its holder or in the store),
+    /// or after the store's fence counter was read, gets a greater token. Holds overlap, so
+    /// their own order says nothing.
     GrantOrder,
+    /// A read-write lock's: a writer's token is greater than every token handed out before
+    /// it, so a write hold asked after another lease (a share or a hold) was seen held, or
+    /// after the store's fence counter was read, has a greater token. Readers' tokens promise
+    /// nothing about their order.
+    WriterOrder,
 }
 
 /// A contention run's holds, for the checker and for a reader when it fails.
@@ -343,7 +437,9 @@ pub enum TokenOrder {
 pub struct History {
     /// The origin of the times shown (`+1.234567s`).
     pub started: SystemTime,
-    /// How many may hold at once: 1 for a lock, N for a semaphore of N (one permit a hold).
+    /// How many may hold at once: 1 for a lock, N for a semaphore of N (one permit a hold),
+    /// any number of read shares of a read-write lock (`usize::MAX`). An exclusive hold admits
+    /// nothing beside it, whatever this says.
     pub at_most: usize,
     /// What the tokens promise.
     pub order: TokenOrder,
@@ -351,6 +447,9 @@ pub struct History {
     pub holds: Vec<Hold>,
     /// The store's account; empty when the test does not read the store.
     pub store: Vec<StoreLease>,
+    /// The store's fence counter, as the looks read it ([`StoreLooks::counter`]); empty when
+    /// the test does not read it.
+    pub counter: Vec<(SystemTime, u64)>,
 }
 
 impl History {
@@ -363,6 +462,7 @@ impl History {
             order: TokenOrder::HoldOrder,
             holds,
             store: Vec::new(),
+            counter: Vec::new(),
         }
     }
 
@@ -380,6 +480,26 @@ impl History {
             order: TokenOrder::GrantOrder,
             holds,
             store,
+            counter: Vec::new(),
+        }
+    }
+
+    /// A history of `holds` of a read-write lock (read shares [`Kind::Shared`], any number at
+    /// once; write holds [`Kind::Exclusive`]; a writer's token above every earlier one), with
+    /// the store's account: its leases `store`, and its fence counter `counter`.
+    pub fn of_rwlock(
+        started: SystemTime,
+        holds: Vec<Hold>,
+        store: Vec<StoreLease>,
+        counter: Vec<(SystemTime, u64)>,
+    ) -> History {
+        History {
+            started,
+            at_most: usize::MAX,
+            order: TokenOrder::WriterOrder,
+            holds,
+            store,
+            counter,
         }
     }
 
@@ -414,21 +534,33 @@ impl History {
                 let (from, to) = hold.interval()?;
                 Some(Span {
                     who: &hold.worker,
-                    token: hold.token,
+                    token: Some(hold.token),
+                    kind: hold.kind,
                     from,
                     to,
                 })
             })
             .collect();
-        // (1) At most `at_most` holders at once, by their own account and by the store's.
-        found.extend(self.crowds("by the holders' account", timed.clone()));
-        let leases = self.store.iter().map(|lease| Span {
-            who: &lease.owner,
-            token: lease.token,
-            from: lease.from,
-            to: lease.to,
-        });
-        found.extend(self.crowds("by the store's account", leases.collect()));
+        let leases: Vec<Span<'_>> = self
+            .store
+            .iter()
+            .map(|lease| Span {
+                who: &lease.owner,
+                token: lease.token,
+                kind: lease.kind,
+                from: lease.from,
+                to: lease.to,
+            })
+            .collect();
+        // (1) At most `at_most` holders at once, and an exclusive hold alone, by their own
+        // account and by the store's. A holder's stretch is open at its ends for this (two
+        // holds that meet at an instant are in turn), a lease's in the store is closed: each
+        // end is a look that showed it live.
+        let holders = Account::Holders;
+        found.extend(self.crowds(holders, timed.clone()));
+        found.extend(self.alone(holders, &timed));
+        found.extend(self.crowds(Account::Store, leases.clone()));
+        found.extend(self.alone(Account::Store, &leases));
 
         // (2) No token is handed out twice, by either account.
         let mut by_token: HashMap<u64, &Hold> = HashMap::new();
@@ -442,63 +574,78 @@ impl History {
         }
         let mut in_store: HashMap<u64, &StoreLease> = HashMap::new();
         for lease in &self.store {
-            if let Some(other) = in_store.insert(lease.token, lease) {
-                found.push(format!(
-                    "token {} in the store for both {} and {}",
-                    lease.token, other.owner, lease.owner
-                ));
+            let Some(token) = lease.token else { continue };
+            if let Some(other) = in_store.insert(token, lease) {
+                if other.owner == lease.owner {
+                    found.push(format!(
+                        "the lease of {} (token {token}) back in the store at {} after a look \
+                         without it",
+                        lease.owner,
+                        self.at(lease.from)
+                    ));
+                } else {
+                    found.push(format!(
+                        "token {token} in the store for both {} and {}",
+                        other.owner, lease.owner
+                    ));
+                }
             }
         }
 
         // (3) Tokens in the promised order.
-        match self.order {
-            TokenOrder::HoldOrder => {
-                let mut timed = timed;
-                timed.sort_by_key(|span| span.from);
-                for pair in timed.windows(2) {
-                    let (before, after) = (&pair[0], &pair[1]);
-                    if after.token <= before.token {
-                        found.push(format!(
-                            "token {} of {} follows token {} of {}",
-                            after.token, after.who, before.token, before.who
-                        ));
-                    }
+        let bound = |hold: &Hold| match self.order {
+            TokenOrder::HoldOrder => false,
+            TokenOrder::GrantOrder => true,
+            TokenOrder::WriterOrder => hold.kind == Kind::Exclusive,
+        };
+        if self.order == TokenOrder::HoldOrder {
+            let mut in_order = timed.clone();
+            in_order.sort_by_key(|span| span.from);
+            for pair in in_order.windows(2) {
+                let (before, after) = (&pair[0], &pair[1]);
+                if after.token <= before.token {
+                    found.push(format!(
+                        "token {} of {} follows token {} of {}",
+                        show(after.token),
+                        after.who,
+                        show(before.token),
+                        before.who
+                    ));
                 }
             }
-            TokenOrder::GrantOrder => {
-                // Every lease seen held, by when it was first seen so: by its holder, or in
-                // the store.
-                let mut seen: Vec<(SystemTime, u64, &str)> = timed
+        }
+        // Every token seen handed out, by when it was first seen so: a lease seen held by its
+        // holder or in the store, or the store's fence counter read.
+        let mut seen: Vec<(SystemTime, u64, String)> = timed
+            .iter()
+            .chain(&leases)
+            .filter_map(|span| {
+                let token = span.token?;
+                Some((span.from, token, format!("of {}, seen held", span.who)))
+            })
+            .chain(
+                self.counter
                     .iter()
-                    .map(|span| (span.from, span.token, span.who))
-                    .chain(
-                        self.store
-                            .iter()
-                            .map(|l| (l.from, l.token, l.owner.as_str())),
-                    )
-                    .collect();
-                seen.sort_by_key(|&(at, ..)| at);
-                for hold in &self.holds {
-                    let Some(asked) = hold.asked else { continue };
-                    // The greatest token seen held before this acquisition was asked.
-                    let before = seen
-                        .iter()
-                        .take_while(|&&(at, ..)| at < asked)
-                        .max_by_key(|&&(_, token, _)| token);
-                    if let Some(&(at, token, who)) = before {
-                        if hold.token <= token {
-                            found.push(format!(
-                                "token {} of {}, asked at {}, is not above token {} of {}, \
-                                 seen held at {}",
-                                hold.token,
-                                hold.worker,
-                                self.at(asked),
-                                token,
-                                who,
-                                self.at(at)
-                            ));
-                        }
-                    }
+                    .map(|&(at, last)| (at, last, "the store's fence counter showed".to_owned())),
+            )
+            .collect();
+        seen.sort_by_key(|&(at, ..)| at);
+        for hold in self.holds.iter().filter(|hold| bound(hold)) {
+            let Some(asked) = hold.asked else { continue };
+            // The greatest token seen handed out before this acquisition was asked.
+            let before = seen
+                .iter()
+                .take_while(|&&(at, ..)| at < asked)
+                .max_by_key(|&&(_, token, _)| token);
+            if let Some((at, token, how)) = before {
+                if hold.token <= *token {
+                    found.push(format!(
+                        "token {} of {}, asked at {}, is not above token {token} {how} at {}",
+                        hold.token,
+                        hold.worker,
+                        self.at(asked),
+                        self.at(*at)
+                    ));
                 }
             }
         }
@@ -506,13 +653,12 @@ impl History {
     }
 
     /// A violation for each span that begins while `at_most` others are under way.
-    fn crowds(&self, account: &str, mut spans: Vec<Span<'_>>) -> Vec<String> {
+    fn crowds(&self, account: Account, mut spans: Vec<Span<'_>>) -> Vec<String> {
         let mut found = Vec::new();
         spans.sort_by_key(|span| span.from);
         let mut under_way: Vec<Span<'_>> = Vec::new();
         for span in spans {
-            // A span that ended when this one begins is not at once with it.
-            under_way.retain(|other| other.to > span.from);
+            under_way.retain(|other| account.at_once(other, &span));
             if under_way.len() >= self.at_most {
                 let others: Vec<String> = under_way
                     .iter()
@@ -520,18 +666,19 @@ impl History {
                         format!(
                             "{} (token {}) {}..{}",
                             other.who,
-                            other.token,
+                            show(other.token),
                             self.at(other.from),
                             self.at(other.to)
                         )
                     })
                     .collect();
                 found.push(format!(
-                    "{} holders at once (at most {}) {account}: {} (token {}) from {} while {}",
+                    "{} holders at once (at most {}) {}: {} (token {}) from {} while {}",
                     under_way.len() + 1,
                     self.at_most,
+                    account.name(),
                     span.who,
-                    span.token,
+                    show(span.token),
                     self.at(span.from),
                     others.join(", ")
                 ));
@@ -540,13 +687,81 @@ impl History {
         }
         found
     }
+
+    /// A violation for each pair of spans at once of which one is exclusive.
+    fn alone(&self, account: Account, spans: &[Span<'_>]) -> Vec<String> {
+        let mut found = Vec::new();
+        for (n, one) in spans.iter().enumerate() {
+            for other in &spans[n + 1..] {
+                let exclusive = one.kind == Kind::Exclusive || other.kind == Kind::Exclusive;
+                if exclusive && account.at_once(one, other) && account.at_once(other, one) {
+                    let (first, second) = if one.from <= other.from {
+                        (one, other)
+                    } else {
+                        (other, one)
+                    };
+                    found.push(format!(
+                        "{} hold of {} (token {}) {}..{} at once with {} hold of {} \
+                         (token {}) {}..{} {}",
+                        second.kind.name(),
+                        second.who,
+                        show(second.token),
+                        self.at(second.from),
+                        self.at(second.to),
+                        first.kind.name(),
+                        first.who,
+                        show(first.token),
+                        self.at(first.from),
+                        self.at(first.to),
+                        account.name()
+                    ));
+                }
+            }
+        }
+        found
+    }
+}
+
+/// Whose account of the holds.
+#[derive(Debug, Clone, Copy)]
+enum Account {
+    /// The holders': each stretch from just after the library first said "held" to just
+    /// before it last did.
+    Holders,
+    /// The store's: each stretch from the first look that showed the lease live to the last.
+    Store,
+}
+
+impl Account {
+    fn name(self) -> &'static str {
+        match self {
+            Account::Holders => "by the holders' account",
+            Account::Store => "by the store's account",
+        }
+    }
+
+    /// Whether `earlier` is still under way when `later` begins. A holder's stretch that ends
+    /// as another begins is not at once with it (it was handed on); a look that showed a
+    /// lease live for the last time and another for the first showed both live.
+    fn at_once(self, earlier: &Span<'_>, later: &Span<'_>) -> bool {
+        match self {
+            Account::Holders => earlier.to > later.from,
+            Account::Store => earlier.to >= later.from,
+        }
+    }
+}
+
+/// A token, or `?` where the store does not keep it with the lease.
+fn show(token: Option<u64>) -> String {
+    token.map_or("?".to_owned(), |token| token.to_string())
 }
 
 /// A stretch of holding, by either account.
 #[derive(Debug, Clone)]
 struct Span<'a> {
     who: &'a str,
-    token: u64,
+    token: Option<u64>,
+    kind: Kind,
     from: SystemTime,
     to: SystemTime,
 }
@@ -554,6 +769,10 @@ struct Span<'a> {
 impl fmt::Display for History {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let at = |t: Option<SystemTime>| t.map_or("-".to_owned(), |t| self.at(t));
+        // Kinds are shown where there is more than one.
+        let kinds = self.holds.iter().any(|hold| hold.kind == Kind::Exclusive)
+            || self.store.iter().any(|lease| lease.kind == Kind::Exclusive);
+        let kind = |kind: Kind| if kinds { kind.name() } else { "" };
         writeln!(
             f,
             "holds, by the time they began (asked, held from..to, ended):"
@@ -563,14 +782,15 @@ impl fmt::Display for History {
         for hold in holds {
             writeln!(
                 f,
-                "  asked {:<10} {:>10}..{:<10} ended {:<10} token {} {:<14} {}",
+                "  asked {:<10} {:>10}..{:<10} ended {:<10} token {} {:<14} {} {}",
                 at(hold.asked),
                 at(hold.from),
                 at(hold.to),
                 at(Some(hold.ended)),
                 hold.token,
                 hold.worker,
-                hold.outcome.name()
+                hold.outcome.name(),
+                kind(hold.kind)
             )?;
         }
         if !self.store.is_empty() {
@@ -583,13 +803,25 @@ impl fmt::Display for History {
             for lease in leases {
                 writeln!(
                     f,
-                    "  {:>10}..{:<10} token {} owner {}",
+                    "  {:>10}..{:<10} token {} owner {} {}",
                     self.at(lease.from),
                     self.at(lease.to),
-                    lease.token,
-                    lease.owner
+                    show(lease.token),
+                    lease.owner,
+                    kind(lease.kind)
                 )?;
             }
+        }
+        if let (Some(first), Some(last)) = (self.counter.first(), self.counter.last()) {
+            writeln!(
+                f,
+                "the store's fence counter, read {} times: {} at {}, .., {} at {}",
+                self.counter.len(),
+                first.1,
+                self.at(first.0),
+                last.1,
+                self.at(last.0)
+            )?;
         }
         Ok(())
     }
@@ -735,6 +967,7 @@ mod tests {
         Hold {
             worker: worker.to_owned(),
             token,
+            kind: Kind::Shared,
             asked: Some(at(from - 1)),
             from: Some(at(from)),
             to: Some(at(to)),
@@ -745,10 +978,26 @@ mod tests {
 
     fn lease(owner: &str, token: u64, from: u64, to: u64) -> StoreLease {
         StoreLease {
-            token,
+            token: Some(token),
             owner: owner.to_owned(),
+            kind: Kind::Shared,
             from: at(from),
             to: at(to),
+        }
+    }
+
+    /// A write hold, as [`hold`].
+    fn write(worker: &str, token: u64, from: u64, to: u64) -> Hold {
+        hold(worker, token, from, to).with_kind(Kind::Exclusive)
+    }
+
+    /// A read-write lock's share (`Shared`) or hold (`Exclusive`) as a look at the store
+    /// shows it: an owner, no token.
+    fn live(owner: &str, kind: Kind) -> Live {
+        Live {
+            token: None,
+            owner: owner.to_owned(),
+            kind,
         }
     }
 
@@ -857,6 +1106,17 @@ mod tests {
         assert_eq!(leases, [lease("x", 1, 10, 12), lease("y", 1, 12, 14)]);
         let found = semaphore(3, vec![], leases).violations();
         assert_eq!(found, ["token 1 in the store for both x and y"]);
+        // A permit's lease never comes back.
+        looks.add_live(at(16), []);
+        looks.add(at(18), &[(1, "y".to_owned())]);
+        let found = semaphore(3, vec![], looks.leases()).violations();
+        assert!(
+            found.contains(
+                &"the lease of y (token 1) back in the store at +0.018000s after a look without it"
+                    .to_owned()
+            ),
+            "{found:?}"
+        );
     }
 
     #[test]
@@ -882,11 +1142,141 @@ mod tests {
     }
 
     #[test]
+    fn a_semaphore_lease_in_the_store_beside_n_others_at_one_look_is_a_violation() {
+        // y is last seen, and z first seen, by the look at 30: that look showed x, y and z.
+        let store = vec![
+            lease("x", 1, 10, 40),
+            lease("y", 2, 12, 30),
+            lease("z", 3, 30, 40),
+        ];
+        let found = semaphore(2, vec![], store).violations();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("3 holders at once (at most 2) by the store's account: z"),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn readers_share_and_a_writer_in_turn_with_them_passes() {
+        let holds = vec![
+            hold("r1", 1, 10, 30),
+            hold("r2", 2, 11, 40),
+            hold("r3", 3, 20, 25),
+            // Begins as the last reader ends.
+            write("w1", 4, 40, 50),
+            write("w2", 5, 51, 60),
+            hold("r1", 6, 61, 70),
+        ];
+        let history = History::of_rwlock(at(0), holds, vec![], vec![]);
+        assert_eq!(history.violations(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_writer_at_once_with_a_reader_or_a_writer_is_a_violation() {
+        let holds = vec![
+            hold("r1", 1, 10, 30),
+            hold("r2", 2, 11, 40),
+            write("w1", 3, 39, 50),
+            write("w2", 4, 49, 60),
+        ];
+        let history = History::of_rwlock(at(0), holds, vec![], vec![]);
+        let found = history.violations();
+        assert_eq!(
+            found,
+            [
+                "exclusive hold of w1 (token 3) +0.039000s..+0.050000s at once with shared \
+                 hold of r2 (token 2) +0.011000s..+0.040000s by the holders' account",
+                "exclusive hold of w2 (token 4) +0.049000s..+0.060000s at once with exclusive \
+                 hold of w1 (token 3) +0.039000s..+0.050000s by the holders' account",
+            ]
+        );
+        // And the failure message shows the kinds.
+        let message = verdict(&found, &history);
+        assert!(
+            message.contains("r2             released shared"),
+            "{message}"
+        );
+        assert!(
+            message.contains("w1             released exclusive"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_look_that_shows_the_writer_beside_a_reader_is_a_violation() {
+        let mut looks = StoreLooks::default();
+        looks.add_live(at(10), [live("a", Kind::Shared), live("b", Kind::Shared)]);
+        looks.add_live(at(12), [live("b", Kind::Shared)]);
+        looks.add_live(at(14), [live("w", Kind::Exclusive)]);
+        assert_eq!(
+            History::of_rwlock(at(0), vec![], looks.leases(), vec![]).violations(),
+            Vec::<String>::new()
+        );
+        // A writer's owner in the store again after a look without it is another grant.
+        looks.add_live(at(15), [live("b", Kind::Shared)]);
+        looks.add_live(at(16), [live("w", Kind::Exclusive)]);
+        assert_eq!(
+            History::of_rwlock(at(0), vec![], looks.leases(), vec![]).violations(),
+            Vec::<String>::new()
+        );
+        // Seen at one look only, each: the look showed both.
+        looks.add_live(
+            at(17),
+            [live("v", Kind::Exclusive), live("c", Kind::Shared)],
+        );
+        let found = History::of_rwlock(at(0), vec![], looks.leases(), vec![]).violations();
+        assert_eq!(
+            found,
+            [
+                "shared hold of c (token ?) +0.017000s..+0.017000s at once with exclusive hold of \
+              v (token ?) +0.017000s..+0.017000s by the store's account"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_writer_token_not_above_every_token_before_it_was_asked_is_a_violation() {
+        // w1 asked at 29, after the counter showed 7 at 25; w2 asked at 39, after r1 (token 9)
+        // was seen held at 35. Readers' tokens may come in any order.
+        let mut looks = StoreLooks::default();
+        looks.add_counter(at(25), 7);
+        let holds = vec![
+            hold("r2", 3, 10, 20),
+            write("w1", 6, 30, 34),
+            hold("r1", 9, 35, 60),
+            hold("r3", 8, 40, 60),
+            write("w2", 8, 62, 70),
+        ];
+        let found = History::of_rwlock(at(0), holds, vec![], looks.counter()).violations();
+        assert_eq!(
+            found,
+            [
+                "token 8 handed to both r3 and w2",
+                "token 6 of w1, asked at +0.029000s, is not above token 7 the store's fence \
+                 counter showed at +0.025000s",
+                "token 8 of w2, asked at +0.061000s, is not above token 9 of r1, seen held at \
+                 +0.035000s",
+            ]
+        );
+        // A counter read after the writer asked says nothing about its token.
+        let mut late = StoreLooks::default();
+        late.add_counter(at(29), 7);
+        let holds = vec![write("w1", 6, 30, 34)];
+        assert_eq!(
+            History::of_rwlock(at(0), holds, vec![], late.counter()).violations(),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
     fn a_hold_round_trips_through_its_line() {
         let mut lost = hold("node0-worker1", 1 << 60, 10, 20);
         lost.outcome = Outcome::Lost;
         lost.to = None;
         assert_eq!(Hold::parse(&lost.line()), Some(lost));
+        let write = write("child-worker0", 7, 10, 20);
+        assert_eq!(Hold::parse(&write.line()), Some(write));
         assert_eq!(Hold::parse("TALLY timeouts=1 store_errors=2"), None);
         let tally = Tally {
             timeouts: 3,
