@@ -315,20 +315,19 @@ impl LockBackend for RedisBackend {
         if !self.quarantine.is_zero() {
             call.keys.push(format!("{}epoch", self.prefix));
         }
-        let reply = match &self.replica_ack {
-            // EVALSHA, with a reload on NOSCRIPT (see the module docs).
-            None => call
-                .invocation(self.script(&ACQUIRE))
-                .invoke_async(&mut self.conn.clone())
-                .await
-                .map_err(|error| self.failed("acquire", error))?,
-            Some(ack) => {
-                self.acquire_confirmed(ack, self.script(&ACQUIRE), &call, "acquire", key, owner)
-                    .await?
-            }
-        };
+        // EVALSHA, with a reload on NOSCRIPT (see the module docs); with replica
+        // acknowledgement, WAIT after it, and a lock too few replicas confirm is given back.
+        let (reply, unconfirmed) = self
+            .run_acked(self.script(&ACQUIRE), &call, "acquire")
+            .await?;
         match answer("acquire", reply)? {
-            Answer::Token(token) => Ok(Acquisition::Acquired(Lease::new(key, owner, token))),
+            Answer::Token(token) => {
+                let lease = Lease::new(key, owner, token);
+                if let Some(error) = unconfirmed {
+                    return Err(self.undone(error, self.release(&lease)).await);
+                }
+                Ok(Acquisition::Acquired(lease))
+            }
             Answer::Refused(held) => match held.as_slice() {
                 [Value::Int(pttl)] => Ok(Acquisition::Held(Contention::with_remaining_ttl(
                     remaining(*pttl),
@@ -353,7 +352,7 @@ impl LockBackend for RedisBackend {
                 millis(ttl).to_string().into_bytes(),
             ],
         };
-        let Some(ack) = &self.replica_ack else {
+        if self.replica_ack.is_none() {
             return twice_if_dropped(|| async {
                 call.invocation(self.script(&RENEW))
                     .invoke_async(&mut self.conn.clone())
@@ -361,8 +360,9 @@ impl LockBackend for RedisBackend {
             })
             .await
             .map_err(|error| self.failed("renew", error));
-        };
-        self.renew_confirmed(ack, &call).await
+        }
+        let (reply, unconfirmed) = self.run_acked(self.script(&RENEW), &call, "renew").await?;
+        renewed("renew", reply, unconfirmed)
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {

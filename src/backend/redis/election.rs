@@ -57,26 +57,12 @@ impl RedisBackend {
                 format!("{lock}:acquired").into_bytes(),
             ],
         };
-        let reply: Value = match &self.replica_ack {
-            None => call
-                .invocation(self.script(&CAMPAIGN))
-                .invoke_async(&mut self.conn.clone())
-                .await
-                .map_err(|error| self.failed("campaign", error))?,
-            // Taking the leadership is an acquisition: it counts once the replicas have it,
-            // and is undone (resigned: the leader's key deleted if it is still ours) if not.
-            Some(ack) => {
-                self.acquire_confirmed(
-                    ack,
-                    self.script(&CAMPAIGN),
-                    &call,
-                    "campaign",
-                    name,
-                    candidate,
-                )
-                .await?
-            }
-        };
+        // Taking the leadership is an acquisition: with replica acknowledgement it counts once
+        // the replicas have it, and is undone (resigned: the leader's key deleted if it is
+        // still ours) if not.
+        let (reply, unconfirmed) = self
+            .run_acked(self.script(&CAMPAIGN), &call, "campaign")
+            .await?;
         let term = match answer("campaign", reply)? {
             Answer::Token(term) => term,
             Answer::Refused(wait) => {
@@ -88,7 +74,11 @@ impl RedisBackend {
                 }
             }
         };
-        Ok(Acquisition::Acquired(Lease::new(name, candidate, term)))
+        let lease = Lease::new(name, candidate, term);
+        if let Some(error) = unconfirmed {
+            return Err(self.undone(error, self.release(&lease)).await);
+        }
+        Ok(Acquisition::Acquired(lease))
     }
 
     pub(super) async fn withdraw_from_queue(

@@ -47,8 +47,7 @@ use redis::{Cmd, RedisError, Script, ScriptInvocation, ServerErrorKind, Value};
 use tokio::sync::OnceCell;
 
 use super::connection::Conn;
-use super::{millis, unexpected, RedisBackend, RENEW};
-use crate::backend::{Lease, LockBackend, OwnerToken};
+use super::{millis, RedisBackend};
 use crate::error::{Error, Result, StoreError};
 
 /// How many replicas must acknowledge, and how long to wait for them.
@@ -161,56 +160,6 @@ impl RedisBackend {
         Ok(self)
     }
 
-    /// An acquisition-like call (acquire, campaign) of `script`: its reply once the replicas
-    /// confirmed it, or, when the script took the key but too few confirmed, the key given back
-    /// (compare-and-delete on `owner`) and a retryable error.
-    pub(super) async fn acquire_confirmed(
-        &self,
-        ack: &ReplicaAck,
-        script: &Script,
-        call: &Call,
-        op: &str,
-        key: &str,
-        owner: OwnerToken,
-    ) -> std::result::Result<Value, StoreError> {
-        let (reply, acknowledged) = self
-            .with_ack(ack, script, &call.keys, &call.args, op)
-            .await?;
-        // A token (integer, or digits past 2^53): the key was taken. An array: it was held.
-        let took = matches!(reply, Value::Int(_) | Value::BulkString(_));
-        if took && acknowledged < i64::from(ack.replicas) {
-            // Undo: the release script deletes the key only if it is still ours, and wakes
-            // the waiters. If even that fails, the key ends at its ttl.
-            let undone = self.release(&Lease::new(key, owner, 0)).await;
-            let mut error = self.unconfirmed(ack, op, acknowledged);
-            if let Err(undo) = undone {
-                error = StoreError::unavailable(format!(
-                    "{error}; undoing it failed too ({undo}), so the key stays until its ttl"
-                ));
-            }
-            return Err(error);
-        }
-        Ok(reply)
-    }
-
-    /// A renewal: extended and confirmed, not ours any more, or (extended on the primary only,
-    /// not a renewal the holder may count on) a retryable error.
-    pub(super) async fn renew_confirmed(
-        &self,
-        ack: &ReplicaAck,
-        call: &Call,
-    ) -> std::result::Result<bool, StoreError> {
-        let (reply, acknowledged) = self
-            .with_ack(ack, self.script(&RENEW), &call.keys, &call.args, "renew")
-            .await?;
-        match reply {
-            Value::Int(0) => Ok(false),
-            Value::Int(1) if acknowledged >= i64::from(ack.replicas) => Ok(true),
-            Value::Int(1) => Err(self.unconfirmed(ack, "renew", acknowledged)),
-            other => Err(unexpected("renew", &other)),
-        }
-    }
-
     /// Runs `script` (keys, args) then `WAIT` in one pipeline; answers the script's reply and
     /// how many replicas acknowledged. A server that forgot the script (`NOSCRIPT`, nothing
     /// ran) gets it loaded and the pipeline sent again.
@@ -257,8 +206,8 @@ impl RedisBackend {
     /// Runs `call` of `script`, followed in the same pipeline by `WAIT` when replica
     /// acknowledgement is on: the script's reply and, if fewer replicas than asked confirmed,
     /// the error to answer instead of whatever the script wrote (a refusal wrote nothing: the
-    /// caller, who reads the reply, decides). For the calls that have no acknowledged path of
-    /// their own (semaphores' and read-write locks' acquisitions and renewals).
+    /// caller, who reads the reply, decides): every acquisition (lock, campaign, permits,
+    /// read-write hold) and every acknowledged renewal goes through here.
     pub(super) async fn run_acked(
         &self,
         script: &Script,
