@@ -828,3 +828,113 @@ fn run_and_status_on_a_redis_cluster() {
     assert_eq!(exit.code(), Some(0));
     assert_eq!(status(&key)["held"], false);
 }
+
+/// `rediss+cluster://`: a Redis Cluster whose nodes speak TLS to clients and to each other.
+/// `run` takes the lock over TLS (the command sees the token the key's shard counted); a second
+/// `run` waits, subscribed to the key's release notices on its shard (sharded pub/sub, over
+/// TLS too), and takes the lock once the holder lets go; trusting another CA, nothing is
+/// acquired.
+#[test]
+fn run_waits_and_takes_the_lock_on_a_tls_cluster() {
+    use leasehold_test_support::{resp, RedisCluster};
+
+    let dir = tempfile::tempdir().unwrap();
+    let certs = leasehold_test_support::tls::certificates(dir.path());
+    let cluster = RedisCluster::start_tls(&certs);
+    let url = cluster.url();
+    assert!(url.starts_with("rediss+cluster://"), "{url}");
+    let key = unique_key("cli-tls-cluster");
+    // The private CA through SSL_CERT_FILE, which rustls-native-certs reads.
+    let run = |args: &[&str]| {
+        let mut command = Command::new(BIN);
+        command
+            .env("SSL_CERT_FILE", &certs.ca)
+            .env("LEASEHOLD_BACKEND", &url)
+            .arg("run")
+            .args(args);
+        command
+    };
+    let token_in = |path: &Path| -> u64 {
+        wait_file(path, Duration::from_secs(20));
+        loop {
+            let text = std::fs::read_to_string(path).unwrap();
+            if text.ends_with('\n') {
+                break text.trim().parse().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let (held, stop, second) = (
+        dir.path().join("held"),
+        dir.path().join("stop"),
+        dir.path().join("second"),
+    );
+    let mut holder = run(&["--ttl", "60s", &key, "--", "sh", "-c"])
+        .arg(format!(
+            "echo $LEASEHOLD_FENCING_TOKEN > {held}; while [ ! -e {stop} ]; do sleep 0.02; done",
+            held = held.display(),
+            stop = stop.display()
+        ))
+        .spawn()
+        .unwrap();
+    let first = token_in(&held);
+    let shard = cluster.primary_of(&key);
+    let counter = resp::command(shard, &["GET", &format!("leasehold:{{{key}}}:fence")]);
+    let counter = counter.ok().and_then(|c| c.text().map(str::to_owned));
+    assert_eq!(
+        counter,
+        Some(first.to_string()),
+        "{}",
+        cluster.logs_of_everything()
+    );
+
+    let mut waiter = run(&["--wait", "50s", &key, "--", "sh", "-c"])
+        .arg(format!(
+            "echo $LEASEHOLD_FENCING_TOKEN > {second}",
+            second = second.display()
+        ))
+        .spawn()
+        .unwrap();
+    // The waiter listens for the release on the key's shard before the holder lets go.
+    let channel = format!("leasehold:{{{key}}}:released");
+    let give_up = Instant::now() + Duration::from_secs(20);
+    loop {
+        let reply = resp::command(shard, &["PUBSUB", "SHARDNUMSUB", &channel]);
+        let count = reply
+            .ok()
+            .and_then(|r| r.items().get(1).and_then(resp::Resp::int));
+        if count == Some(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "the waiter did not subscribe to {channel} on {shard}: {count:?}\n{}",
+            cluster.logs_of_everything()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::write(&stop, "").unwrap();
+    assert_eq!(
+        wait_exit(&mut holder, Duration::from_secs(20)).code(),
+        Some(0)
+    );
+    assert_eq!(
+        wait_exit(&mut waiter, Duration::from_secs(20)).code(),
+        Some(0)
+    );
+    assert!(token_in(&second) > first);
+
+    // Trusting another CA, the nodes' certificates are refused: nothing is acquired.
+    let other = tempfile::tempdir().unwrap();
+    let other = leasehold_test_support::tls::certificates(other.path());
+    let ran = dir.path().join("ran");
+    let out = output(
+        run(&["--no-wait", &key, "--", "touch"])
+            .env("SSL_CERT_FILE", &other.ca)
+            .arg(&ran),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(stderr.contains("certificate"), "{stderr}");
+    assert!(!ran.exists());
+}

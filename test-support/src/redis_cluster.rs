@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use crate::redis_sentinel::at_exit;
 use crate::redis_server::{free_port, RedisServer};
 use crate::resp::command;
+use crate::tls::Certificates;
 
 /// `cluster-node-timeout`: how long a primary may be unreachable before its replica takes
 /// over. Short, so failovers are quick.
@@ -24,6 +25,8 @@ const READY_WITHIN: Duration = Duration::from_secs(30);
 /// Three primaries and three replicas on `127.0.0.1`.
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
+    /// Each node's TLS port, in the order of `nodes`; empty unless made by `start_tls`.
+    tls_ports: Vec<u16>,
 }
 
 impl RedisCluster {
@@ -31,10 +34,46 @@ impl RedisCluster {
     /// every node reports the cluster whole. Panics with the logs if it does not within 30 s,
     /// and with the package to install if `redis-server` or `redis-cli` is missing.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// As [`start`](Self::start), with TLS: each node also listens on a TLS port of its own
+    /// with `certs` (clients are not asked for certificates), and the nodes talk to each other
+    /// over TLS (`tls-cluster`, `tls-replication`). The cluster is made over TLS, so a client
+    /// that connects over TLS is told the nodes' TLS ports ([`url`](Self::url) is then a
+    /// `rediss+cluster://` URL); each node's plain port stays open, which is how readiness is
+    /// checked and how [`primary_of`](Self::primary_of) and the rest look.
+    pub fn start_tls(certs: &Certificates) -> Self {
+        Self::start_with(Some(certs))
+    }
+
+    fn start_with(certs: Option<&Certificates>) -> Self {
+        let tls_args = |tls_port: u16, certs: &Certificates| -> Vec<String> {
+            let path = |p: &std::path::Path| p.display().to_string();
+            [
+                "--tls-port",
+                &tls_port.to_string(),
+                "--tls-cert-file",
+                &path(&certs.cert),
+                "--tls-key-file",
+                &path(&certs.key),
+                "--tls-ca-cert-file",
+                &path(&certs.ca),
+                "--tls-auth-clients",
+                "no",
+                "--tls-cluster",
+                "yes",
+                "--tls-replication",
+                "yes",
+            ]
+            .map(str::to_owned)
+            .to_vec()
+        };
+        let mut tls_ports = Vec::new();
         let nodes: Vec<RedisServer> = (0..6)
             .map(|_| {
                 let bus = free_port().to_string();
-                RedisServer::start_with_args(&[
+                let mut args: Vec<String> = [
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
@@ -43,19 +82,27 @@ impl RedisCluster {
                     &bus,
                     "--cluster-node-timeout",
                     &NODE_TIMEOUT.as_millis().to_string(),
-                ])
+                ]
+                .map(str::to_owned)
+                .to_vec();
+                if let Some(certs) = certs {
+                    let tls_port = free_port();
+                    tls_ports.push(tls_port);
+                    args.extend(tls_args(tls_port, certs));
+                }
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                RedisServer::start_with_args(&args)
             })
             .collect();
-        let cluster = RedisCluster { nodes };
-        let addrs: Vec<String> = cluster
-            .ports()
-            .iter()
-            .map(|port| format!("127.0.0.1:{port}"))
-            .collect();
-        let output = Command::new("redis-cli")
+        let cluster = RedisCluster { nodes, tls_ports };
+        let mut create = Command::new("redis-cli");
+        if let Some(certs) = certs {
+            create.arg("--tls").arg("--cacert").arg(&certs.ca);
+        }
+        let output = create
             .arg("--cluster")
             .arg("create")
-            .args(&addrs)
+            .args(cluster.client_addrs())
             .args(["--cluster-replicas", "1", "--cluster-yes"])
             .stdin(Stdio::null())
             .output();
@@ -79,6 +126,19 @@ impl RedisCluster {
         cluster
     }
 
+    /// `127.0.0.1:PORT` of every node, for clients: the TLS ports on a TLS cluster.
+    fn client_addrs(&self) -> Vec<String> {
+        let ports = if self.tls_ports.is_empty() {
+            self.ports()
+        } else {
+            self.tls_ports.clone()
+        };
+        ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect()
+    }
+
     /// One cluster for every test of this process that only needs a cluster to talk to
     /// (never failed over nor resharded): started by the first caller, stopped when the
     /// process exits (test binaries do not drop statics, so an exit hook kills its nodes by
@@ -95,14 +155,15 @@ impl RedisCluster {
     }
 
     /// `redis+cluster://127.0.0.1:P1,…`: every node, in the URL form `RedisBackend::connect`
-    /// takes.
+    /// takes; on a cluster made by [`start_tls`](Self::start_tls),
+    /// `rediss+cluster://127.0.0.1:T1,…` with the nodes' TLS ports.
     pub fn url(&self) -> String {
-        let hosts: Vec<String> = self
-            .ports()
-            .iter()
-            .map(|port| format!("127.0.0.1:{port}"))
-            .collect();
-        format!("redis+cluster://{}", hosts.join(","))
+        let scheme = if self.tls_ports.is_empty() {
+            "redis+cluster"
+        } else {
+            "rediss+cluster"
+        };
+        format!("{scheme}://{}", self.client_addrs().join(","))
     }
 
     /// A backend on this cluster (its own connections: one backend is one node).
