@@ -6,10 +6,14 @@
 --          came (its token is not known): then the member is looked for
 -- ARGV[2]  the semaphore's release channel
 --
--- Returns 1 when the lease was live and is now gone, 0 when it was not live any more.
+-- Returns 1 when the lease was in the set and is now gone, 0 when it was not there any more.
+--
+-- A member whose expiry has passed but is still in the set counts as there: every admission
+-- drops the members whose expiry passed before it counts the permits in use, so while the
+-- member is still in the set nobody has been granted its permits. (Its holder's own deadline,
+-- counted from before the acquisition was sent, passed before the server's expiry did.) So a
+-- release needs neither the server's clock nor the member's score: ZREM alone says.
 
-local now = redis.call('TIME')
-now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local member = ARGV[1]
 local owner = string.match(member, '^(%x+)')
 if member == owner then
@@ -23,16 +27,10 @@ if member == owner then
     return 0
   end
 end
-local expires = redis.call('ZSCORE', KEYS[1], member)
-if not expires then
+if redis.call('ZREM', KEYS[1], member) == 0 then
   return 0
 end
-redis.call('ZREM', KEYS[1], member)
 redis.call('HDEL', KEYS[2], owner)
-if tonumber(expires) <= now then
-  -- It had run out: its permits were free already, and nobody waits for this.
-  return 0
-end
 -- In the same atomic step as the delete, as for a lock (see release.lua).
 redis.call('PUBLISH', ARGV[2], '')
 return 1
