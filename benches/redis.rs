@@ -34,8 +34,8 @@ use std::time::Duration;
 use leasehold::{LockBackend, LockClient, LockManager, LockOptions};
 use leasehold_bench_support::cpu;
 use leasehold_bench_support::harness::{
-    self, backend_cycle, handoff, leasehold_turn, report, Figures, Turn, Window, HANDOFF_TASKS,
-    HOLD,
+    self, backend_cycle, handoff, leasehold_turn, report, Figures, Ratios, Turn, Window,
+    HANDOFF_TASKS, HOLD,
 };
 use leasehold_bench_support::raw_redis::PlainRawLock;
 use leasehold_test_support::RedisServer;
@@ -133,7 +133,7 @@ async fn run(server: &RedisServer, plan: &Plan, quick: bool) {
             cycle,
         )
         .await;
-        print_figures(tasks, &figures);
+        harness::print_figures(&harness::tasks_label(tasks), "server", &NAMES, &figures);
         rows.push((tasks, figures));
     }
     print_summary(&rows);
@@ -186,75 +186,24 @@ async fn run(server: &RedisServer, plan: &Plan, quick: bool) {
 }
 
 /// One concurrency's table: each contender's figures.
-fn print_figures(tasks: usize, figures: &[Figures]) {
-    println!();
-    let label = format!("{tasks} task{}", if tasks == 1 { "" } else { "s" });
-    println!(
-        "{label:<38}{:>10}{:>15}{:>15}{:>9}{:>9}",
-        "cycles/s", "client µs/cyc", "server µs/cyc", "p50 µs", "p99 µs"
-    );
-    let opt = |v: Option<f64>, width: usize, digits: usize| match v {
-        Some(v) => format!("{v:>width$.digits$}"),
-        None => format!("{:>width$}", "-"),
-    };
-    for (name, f) in NAMES.iter().zip(figures) {
-        println!(
-            "  {name:<36}{:>10.0}{:>15.1}{}{}{}",
-            f.cycles_per_sec,
-            f.client_cpu_us,
-            opt(f.server_cpu_us, 15, 1),
-            opt(f.p50_us, 9, 0),
-            opt(f.p99_us, 9, 0),
-        );
-    }
-}
-
 /// leasehold's ratios to each peer at every concurrency (throughput; for CPU, per cycle).
 fn print_summary(rows: &[(usize, Vec<Figures>)]) {
-    println!();
-    let header: String = rows.iter().map(|(t, _)| format!("{t:>9}")).collect();
-    println!(
-        "leasehold (a) against its peers, same run{:<17}{header}  (tasks)",
-        ""
-    );
-    let ratio = |name: &str, of: &dyn Fn(&Figures) -> Option<f64>, peer: usize| {
-        let row: String = rows
-            .iter()
-            .map(|(_, f)| match (of(&f[0]), of(&f[peer])) {
-                (Some(a), Some(b)) if b > 0.0 => format!("{:>9.2}", a / b),
-                _ => format!("{:>9}", "-"),
-            })
-            .collect();
-        println!("  {name:<56}{row}");
-    };
+    let ratios = Ratios::new("leasehold (a) against its peers, same run", rows);
     let rate = |f: &Figures| Some(f.cycles_per_sec);
     let client = |f: &Figures| Some(f.client_cpu_us);
     let server = |f: &Figures| f.server_cpu_us;
-    ratio("throughput a/b (leasehold / rslock)", &rate, 1);
-    ratio("throughput a/c (leasehold / plain raw)", &rate, 2);
-    ratio(
+    ratios.line("throughput a/b (leasehold / rslock)", rate, 1);
+    ratios.line("throughput a/c (leasehold / plain raw)", rate, 2);
+    ratios.line(
         "throughput a/d (leasehold / its scripts, no actors)",
-        &rate,
+        rate,
         3,
     );
-    ratio("client CPU per cycle a/b", &client, 1);
-    ratio("client CPU per cycle a/c", &client, 2);
-    ratio("redis-server CPU per cycle a/b", &server, 1);
-    ratio("redis-server CPU per cycle a/c", &server, 2);
-    if let Some((_, one)) = rows.iter().find(|(t, _)| *t == 1) {
-        let p = |f: &Figures| f.p50_us.zip(f.p99_us);
-        if let (Some((a50, a99)), Some((b50, b99)), Some((c50, c99))) =
-            (p(&one[0]), p(&one[1]), p(&one[2]))
-        {
-            println!(
-                "  uncontended cycle, 1 task: p50 a/b {:.2}, a/c {:.2}; p99 a/b {:.2}, a/c {:.2}",
-                a50 / b50,
-                a50 / c50,
-                a99 / b99,
-                a99 / c99
-            );
-        }
-    }
+    ratios.line("client CPU per cycle a/b", client, 1);
+    ratios.line("client CPU per cycle a/c", client, 2);
+    ratios.line("redis-server CPU per cycle a/b", server, 1);
+    ratios.line("redis-server CPU per cycle a/c", server, 2);
+    ratios.uncontended();
 }
 
 /// One of the clients compared, doing one lock+release cycle on a key of the task's own.

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use leasehold::{LockBackend, LockClient, LockManager, LockOptions, MemoryBackend};
 use leasehold_bench_support::cpu;
-use leasehold_bench_support::harness::{self, Figures, Window};
+use leasehold_bench_support::harness::{self, Window};
 use leasehold_test_support::{EtcdServer, RedisServer};
 
 const TTL: Duration = Duration::from_secs(30);
@@ -100,36 +100,13 @@ async fn bench<B: LockBackend + Clone>(
         ];
         let cycle = |contender: Contender, task| async move { contender.cycle(task).await };
         let figures = harness::measure(&contenders, &servers, tasks, rounds, window, cycle).await;
-        print_figures(backend.kind(), tasks, &figures);
+        let heading = format!("{}, {}", backend.kind(), harness::tasks_label(tasks));
+        harness::print_figures(&heading, "server", &NAMES, &figures);
         let a = figures[0].cycles_per_sec;
         ratios.push((figures[1].cycles_per_sec / a, figures[2].cycles_per_sec / a));
     }
     client.shutdown().await;
     ratios
-}
-
-fn print_figures(store: &str, tasks: usize, figures: &[Figures]) {
-    println!();
-    let label = format!("{store}, {tasks} task{}", if tasks == 1 { "" } else { "s" });
-    println!(
-        "{label:<38}{:>10}{:>15}{:>15}{:>9}{:>9}",
-        "cycles/s", "client µs/cyc", "server µs/cyc", "p50 µs", "p99 µs"
-    );
-    let opt = |v: Option<f64>, digits: usize| match v {
-        Some(v) => format!("{v:>9.digits$}"),
-        None => format!("{:>9}", "-"),
-    };
-    for (name, f) in NAMES.iter().zip(figures) {
-        println!(
-            "  {name:<36}{:>10.0}{:>15.1}{:>15}{}{}",
-            f.cycles_per_sec,
-            f.client_cpu_us,
-            f.server_cpu_us
-                .map_or("-".to_owned(), |v| format!("{v:.1}")),
-            opt(f.p50_us, 0),
-            opt(f.p99_us, 0),
-        );
-    }
 }
 
 #[derive(Clone)]

@@ -346,3 +346,85 @@ pub fn report(name: &str, handoffs: &Handoffs) {
         handoffs.retakes,
     );
 }
+
+/// Prints one table of a run: a row per contender (`names[i]` for `figures[i]`), under a
+/// heading that names the concurrency (`"memory, 64 tasks"`) and the server column (`"server"`
+/// or, for a whole cluster, `"cluster"`).
+pub fn print_figures(heading: &str, server: &str, names: &[&str], figures: &[Figures]) {
+    println!();
+    println!(
+        "{heading:<38}{:>10}{:>15}{:>15}{:>9}{:>9}",
+        "cycles/s",
+        "client µs/cyc",
+        format!("{server} µs/cyc"),
+        "p50 µs",
+        "p99 µs"
+    );
+    let opt = |v: Option<f64>, width: usize, digits: usize| match v {
+        Some(v) => format!("{v:>width$.digits$}"),
+        None => format!("{:>width$}", "-"),
+    };
+    for (name, f) in names.iter().zip(figures) {
+        println!(
+            "  {name:<36}{:>10.0}{:>15.1}{}{}{}",
+            f.cycles_per_sec,
+            f.client_cpu_us,
+            opt(f.server_cpu_us, 15, 1),
+            opt(f.p50_us, 9, 0),
+            opt(f.p99_us, 9, 0),
+        );
+    }
+}
+
+/// `"1 task"`, `"64 tasks"`.
+pub fn tasks_label(tasks: usize) -> String {
+    format!("{tasks} task{}", if tasks == 1 { "" } else { "s" })
+}
+
+/// The first contender's ratios to the others, a column per concurrency: `rows` holds each
+/// concurrency's figures, contender 0 first.
+pub struct Ratios<'a> {
+    rows: &'a [(usize, Vec<Figures>)],
+}
+
+impl<'a> Ratios<'a> {
+    /// Prints the heading line (the concurrencies) under `title`.
+    pub fn new(title: &str, rows: &'a [(usize, Vec<Figures>)]) -> Self {
+        println!();
+        let header: String = rows.iter().map(|(t, _)| format!("{t:>9}")).collect();
+        println!("{title:<58}{header}  (tasks)");
+        Ratios { rows }
+    }
+
+    /// One line: `of(contender 0) / of(contender peer)` at each concurrency.
+    pub fn line(&self, name: &str, of: impl Fn(&Figures) -> Option<f64>, peer: usize) {
+        let row: String = self
+            .rows
+            .iter()
+            .map(|(_, f)| match (of(&f[0]), of(&f[peer])) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:>9.2}", a / b),
+                _ => format!("{:>9}", "-"),
+            })
+            .collect();
+        println!("  {name:<56}{row}");
+    }
+
+    /// The uncontended (1 task) p50 and p99 of contender 0 against contenders 1 and 2.
+    pub fn uncontended(&self) {
+        let Some((_, one)) = self.rows.iter().find(|(t, _)| *t == 1) else {
+            return;
+        };
+        let p = |f: &Figures| f.p50_us.zip(f.p99_us);
+        if let (Some((a50, a99)), Some((b50, b99)), Some((c50, c99))) =
+            (p(&one[0]), p(&one[1]), p(&one[2]))
+        {
+            println!(
+                "  uncontended cycle, 1 task: p50 a/b {:.2}, a/c {:.2}; p99 a/b {:.2}, a/c {:.2}",
+                a50 / b50,
+                a50 / c50,
+                a99 / b99,
+                a99 / c99
+            );
+        }
+    }
+}
