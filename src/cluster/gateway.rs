@@ -154,7 +154,14 @@ impl Remotes {
         if self.expired.contains(&session) {
             return Err(session_expired());
         }
-        self.heard.insert(session, tokio::time::Instant::now());
+        let now = tokio::time::Instant::now();
+        let before = self.heard.insert(session, now);
+        // The gap since the session was last heard from: how close it came to the bound.
+        tracing::trace!(
+            session = %format_args!("{session:032x}"),
+            gap = ?before.map(|before| now - before),
+            "heard from a liveness session"
+        );
         Ok(())
     }
 }
@@ -546,7 +553,14 @@ async fn release_silent(remotes: Arc<Mutex<Remotes>>, bound: Duration) {
                 continue;
             }
             for session in &over {
-                remotes.heard.remove(session);
+                if let Some(heard) = remotes.heard.remove(session) {
+                    tracing::warn!(
+                        session = %format_args!("{session:032x}"),
+                        silent_for = ?(now - heard),
+                        ?bound,
+                        "a liveness session went silent: releasing its leases"
+                    );
+                }
                 remotes.expired.insert(*session);
             }
             let owners: Vec<u128> = remotes

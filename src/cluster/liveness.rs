@@ -147,8 +147,14 @@ async fn beat(
         let bound = contact.borrow().bound;
         sleep_until(sent_at + bound / 4).await;
         sent_at = Instant::now();
+        tracing::trace!(session = %format_args!("{session:032x}"), "heartbeat sent");
         match heartbeat(&gateway, session, bound).await {
             Ok(ack) => {
+                tracing::trace!(
+                    session = %format_args!("{session:032x}"),
+                    answered_in = ?sent_at.elapsed(),
+                    "heartbeat answered"
+                );
                 contact.send_modify(|c| c.bound = ack.bound);
                 confirm(&contact, sent_at);
             }
