@@ -427,6 +427,30 @@ impl BackendState {
             let _ = reply.send(Err(error));
             return;
         }
+        if let Some(holder) = request.holder_id().filter(|_| request.fair.is_some()) {
+            // A fair request has a slot of its own: the same holder's other requests for
+            // this lock are in other slots (its name's, or its name's fair ones), found by a
+            // search, which only a fair request with a holder actor pays for.
+            let name = &*request.name;
+            let of_name = |key: &str| {
+                key == name || key.strip_prefix(name).is_some_and(|r| r.starts_with('\0'))
+            };
+            let same_holder = self.slots.iter().any(|(key, slot)| {
+                of_name(key)
+                    && (slot.busy.as_ref().is_some_and(|b| b.holder == Some(holder))
+                        || slot
+                            .waiters
+                            .iter()
+                            .any(|w| w.request.holder_id() == Some(holder)))
+            });
+            if same_holder {
+                let _ = reply.send(Err(Error::AlreadyHeld {
+                    backend: self.ctx.name.to_string(),
+                    key: request.name.to_string(),
+                }));
+                return;
+            }
+        }
         let slot = self.slots.entry(request.key.clone()).or_default();
         if let Some(holder) = request.holder_id() {
             let busy_for_holder = slot.busy.as_ref().is_some_and(|b| b.holder == Some(holder));

@@ -566,7 +566,7 @@ pub async fn with_lock_reports_loss_during_body<B: LockBackend + Clone>(backend:
     client.shutdown().await;
 }
 
-struct Holder;
+pub(crate) struct Holder;
 
 impl Actor for Holder {
     type Msg = HolderMsg;

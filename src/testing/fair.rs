@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{eventually, start, unique_key, waiting_on, PROMPT};
+use ractor::Actor;
+
+use super::{eventually, start, unique_key, waiting_on, Holder, PROMPT};
 use crate::{Error, ErrorKind, LockBackend, LockOptions, OwnerToken, StoreErrorKind, Wait};
 
 /// Generates one `#[tokio::test]` per fairness test for the backend built by `$backend`, as
@@ -30,6 +32,7 @@ macro_rules! fair_suite {
             dead_fair_waiter_delays_the_next_only_until_its_entry_ttl,
             fair_waiter_that_times_out_withdraws_and_does_not_block_the_next,
             fair_is_refused_for_semaphores_and_rwlocks_before_any_io,
+            same_holder_asking_again_fairly_gets_an_error,
         );
     };
     (@each $attr:tt, $backend:expr, $($name:ident),+ $(,)?) => {
@@ -223,4 +226,28 @@ fn assert_unsupported(error: &Error, what: &str) {
         shown.contains("fair waiting") && shown.contains(what),
         "{shown}"
     );
+}
+
+/// A holder actor that holds a lock fairly and asks for it again (fairly) gets
+/// [`Error::AlreadyHeld`] at once, not a wait for itself, although each fair request waits
+/// apart from the others.
+pub async fn same_holder_asking_again_fairly_gets_an_error<B: LockBackend + Clone>(backend: B) {
+    let client = start(backend).await;
+    let key = unique_key("fair-again");
+    let (holder, _join) = Actor::spawn(None, Holder, ()).await.unwrap();
+    let opts = LockOptions::new()
+        .with_fair(true)
+        .with_holder(holder.clone());
+    let guard = client.try_lock(&key, opts.clone()).await.unwrap().unwrap();
+    // Bounded, so that a wait for itself fails the test with a timeout rather than hangs.
+    let err = client
+        .lock(&key, opts.with_wait(Wait::UpTo(PROMPT)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::AlreadyHeld { .. }), "{err:?}");
+    assert!(err.to_string().contains(&key), "{err}");
+    assert!(guard.is_held());
+    guard.release().await.unwrap();
+    holder.stop(None);
+    client.shutdown().await;
 }
