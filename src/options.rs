@@ -162,7 +162,9 @@ impl LockOptions {
     /// can starve the waiters of other nodes.
     ///
     /// Fair waiters are served in order among themselves; a caller that asks without
-    /// `fair` may still take a free key ahead of them. Supported for locks on the memory
+    /// `fair` may still take a free key ahead of them. A fair lock's guard releases and
+    /// renews it; the [`Release`](crate::LockManagerMsg::Release) and
+    /// [`Renew`](crate::LockManagerMsg::Renew) messages name unfair locks only. Supported for locks on the memory
     /// and Redis backends and on etcd in `EtcdMode::Lock`;
     /// anywhere else (etcd's txn mode, semaphores, read-write locks) a fair request is
     /// refused before any I/O with a [`StoreError::Unsupported`](crate::StoreError) error.
