@@ -33,6 +33,7 @@ macro_rules! fair_suite {
             fair_waiter_that_times_out_withdraws_and_does_not_block_the_next,
             fair_is_refused_for_semaphores_and_rwlocks_before_any_io,
             same_holder_asking_again_fairly_gets_an_error,
+            fair_waiter_whose_caller_went_away_does_not_block_the_next,
         );
     };
     (@each $attr:tt, $backend:expr, $($name:ident),+ $(,)?) => {
@@ -250,4 +251,50 @@ pub async fn same_holder_asking_again_fairly_gets_an_error<B: LockBackend + Clon
     guard.release().await.unwrap();
     holder.stop(None);
     client.shutdown().await;
+}
+
+/// A fair waiter whose caller went away (the waiting future dropped) is taken out of the
+/// queue when its node next looks at it (here: the release notice): the waiter behind it, on
+/// another node, gets the key without waiting for the first one's entry to run out (its ttl,
+/// a minute, is longer than the second waiter's whole budget).
+pub async fn fair_waiter_whose_caller_went_away_does_not_block_the_next<B: LockBackend + Clone>(
+    backend: B,
+) {
+    const ENTRY_TTL: Duration = Duration::from_secs(60);
+    let a = start(backend.clone()).await;
+    let b = start(backend).await;
+    let key = unique_key("fair-gone");
+    let held = a
+        .try_lock(&key, LockOptions::new().with_fair(true).with_ttl(ENTRY_TTL))
+        .await
+        .unwrap()
+        .expect("the key is free");
+    let gone = {
+        let (a, key) = (a.clone(), key.clone());
+        let options = fair(ENTRY_TTL).with_ttl(ENTRY_TTL);
+        tokio::spawn(async move { a.lock(&key, options).await })
+    };
+    eventually("the first waiter is queued", PROMPT, || async {
+        waiting_on(&a, &key).await == 1
+    })
+    .await;
+    let patient = {
+        let (b, key) = (b.clone(), key.clone());
+        tokio::spawn(async move { b.lock(&key, fair(PROMPT * 5)).await })
+    };
+    eventually("the second waiter is queued", PROMPT, || async {
+        waiting_on(&b, &key).await == 1
+    })
+    .await;
+    // The first waiter's caller goes away: nothing is sent to the store yet.
+    gone.abort();
+    assert!(gone.await.unwrap_err().is_cancelled());
+    held.release().await.unwrap();
+    let guard = patient
+        .await
+        .unwrap()
+        .expect("the next waiter is not held up by one whose caller went away");
+    guard.release().await.unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
 }
