@@ -346,6 +346,35 @@ pub trait LockBackend: Send + Sync + 'static {
         Ok(())
     }
 
+    // --- Fair waiting (see `LockOptions::with_fair`). A fair lock on `key` is the lock on
+    // `key` (`renew`, `release` and `inspect` serve it unchanged), taken through the same
+    // queue of leased entries as an election's campaign: waiters on every node are let in
+    // in the order they first reached the queue.
+
+    /// Whether [`acquire_fair`](Self::acquire_fair) works on this store (checked before any
+    /// I/O, so a fair request on a store without a queue is refused at once).
+    fn supports_fair(&self) -> bool {
+        false
+    }
+
+    /// One attempt of a fair waiter `owner` to take `key`: as [`campaign`](Self::campaign),
+    /// with the lock's optional metadata instead of a candidate's value, and without telling
+    /// an election's observers. The same `owner` is used for every attempt of one waiter;
+    /// [`withdraw`](Self::withdraw) takes it out of the queue when it stops waiting.
+    async fn acquire_fair(
+        &self,
+        key: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        let _ = (key, owner, ttl, metadata);
+        Err(StoreError::Unsupported {
+            store: self.kind(),
+            op: "fair waiting",
+        })
+    }
+
     /// Replaces the leader's value if `lease.owner` still leads (`Ok(false)` if not), in the
     /// same term, and tells the observers.
     async fn proclaim(&self, lease: &Lease, value: &str) -> Result<bool, StoreError> {

@@ -92,6 +92,10 @@ pub(crate) enum BackendMsg {
     /// key comes (with the request's reply port still in hand).
     #[cfg(feature = "testing")]
     PanicOnAcquire(Arc<str>),
+    /// For tests: how many requests for this name wait here between attempts (a fair one
+    /// is in the store's queue by then: its first attempt put it there).
+    #[cfg(feature = "testing")]
+    Waiting(Arc<str>, RpcReplyPort<usize>),
 }
 
 #[cfg(feature = "cluster")]
@@ -321,6 +325,11 @@ impl BackendState {
             BackendMsg::Panic => panic!("backend actor panic injected by a test"),
             #[cfg(feature = "testing")]
             BackendMsg::PanicOnAcquire(key) => self.panic_on_acquire = Some(key),
+            #[cfg(feature = "testing")]
+            BackendMsg::Waiting(name, reply) => {
+                let waiting = self.slots.values().flat_map(|slot| &slot.waiters);
+                let _ = reply.send(waiting.filter(|w| w.request.name == name).count());
+            }
         }
         Ok(())
     }
@@ -417,6 +426,30 @@ impl BackendState {
         if let Err(error) = self.ctx.check_ttl(request.ttl) {
             let _ = reply.send(Err(error));
             return;
+        }
+        if let Some(holder) = request.holder_id().filter(|_| request.fair.is_some()) {
+            // A fair request has a slot of its own: the same holder's other requests for
+            // this lock are in other slots (its name's, or its name's fair ones), found by a
+            // search, which only a fair request with a holder actor pays for.
+            let name = &*request.name;
+            let of_name = |key: &str| {
+                key == name || key.strip_prefix(name).is_some_and(|r| r.starts_with('\0'))
+            };
+            let same_holder = self.slots.iter().any(|(key, slot)| {
+                of_name(key)
+                    && (slot.busy.as_ref().is_some_and(|b| b.holder == Some(holder))
+                        || slot
+                            .waiters
+                            .iter()
+                            .any(|w| w.request.holder_id() == Some(holder)))
+            });
+            if same_holder {
+                let _ = reply.send(Err(Error::AlreadyHeld {
+                    backend: self.ctx.name.to_string(),
+                    key: request.name.to_string(),
+                }));
+                return;
+            }
         }
         let slot = self.slots.entry(request.key.clone()).or_default();
         if let Some(holder) = request.holder_id() {
@@ -574,8 +607,8 @@ impl BackendState {
                 reply,
                 contention,
             }) => {
-                // A semaphore's (or read-write lock's) waiter listens for its name's
-                // notices, not for its slot's key.
+                // A semaphore's (a read-write lock's, a fair lock's) waiter listens for its
+                // name's notices, not for its slot's key.
                 let notices = Notices::of(&request);
                 self.enqueue(myself, request, reply, true);
                 self.await_release(myself, &key, &contention, notices);
@@ -784,6 +817,8 @@ enum Notices {
     Permits(Arc<str>),
     /// Those of the read-write lock of this name (the slot is one acquisition's own).
     Rw(Arc<str>),
+    /// The release notices of the lock of this name, for a fair waiter (the slot is its own).
+    Lock(Arc<str>),
 }
 
 impl Notices {
@@ -791,6 +826,7 @@ impl Notices {
         match (request.permits, request.rw) {
             (Some(_), _) => Notices::Permits(request.name.clone()),
             (None, Some(_)) => Notices::Rw(request.name.clone()),
+            (None, None) if request.fair.is_some() => Notices::Lock(request.name.clone()),
             (None, None) => Notices::Key,
         }
     }
@@ -815,6 +851,7 @@ async fn subscribe_until_done(
         let subscribe = async {
             match &notices {
                 Notices::Key => ctx.store.subscribe(key, seen).await,
+                Notices::Lock(name) => ctx.store.subscribe(name, seen).await,
                 Notices::Permits(name) => ctx.store.subscribe_permits(name, seen).await,
                 Notices::Rw(name) => ctx.store.subscribe_rw(name, seen).await,
             }

@@ -308,9 +308,13 @@ impl KeyState {
             name: request.name.clone(),
             primitive: request.primitive(),
         });
-        // A campaign (and a waiting writer) keeps its token across attempts: the store's
-        // candidate queue (or the writer's intent) knows it by that.
-        let owner = request.candidate.unwrap_or_else(OwnerToken::random);
+        // A campaign (a waiting writer, a fair waiter) keeps its token across attempts: the
+        // store's queue (or the writer's intent) knows it by that.
+        let owner = match (&request.candidate, &request.fair) {
+            (Some(candidate), _) => *candidate,
+            (None, Some(entry)) => entry.owner(),
+            (None, None) => OwnerToken::random(),
+        };
         let sent_at = Instant::now();
         let metadata = request.metadata.as_deref();
         let store = &ctx.store;
@@ -332,6 +336,10 @@ impl KeyState {
                 let campaign = store.campaign(&request.key, owner, request.ttl, value);
                 (StoreOp::Campaign, campaign)
             }
+            (None, None, _) if request.fair.is_some() => (
+                StoreOp::AcquireFair,
+                store.acquire_fair(&request.name, owner, request.ttl, metadata),
+            ),
             (None, None, _) => (
                 StoreOp::Acquire,
                 store.acquire(&request.key, owner, request.ttl, metadata),
@@ -443,8 +451,8 @@ impl KeyState {
             deadline,
             ttl: request.ttl,
         });
-        if let Some(intent) = &request.intent {
-            intent.acquired();
+        for entry in [&request.intent, &request.fair].into_iter().flatten() {
+            entry.acquired();
         }
         let token = lease.fencing_token;
         tracing::Span::current().record("token", token);

@@ -100,7 +100,8 @@ pub enum LockManagerMsg {
         /// The answer.
         reply: RpcReplyPort<Result<Vec<PermitHolder>>>,
     },
-    /// Release the lock on `key` held with `owner` (see [`LockGuard::owner`]).
+    /// Release the lock on `key` held with `owner` (see [`LockGuard::owner`]); not a fair
+    /// lock's (see [`LockOptions::with_fair`]): its guard releases it.
     Release {
         /// The backend's name, or `None` for the default.
         backend: Option<String>,
@@ -111,7 +112,7 @@ pub enum LockManagerMsg {
         /// The answer.
         reply: RpcReplyPort<Result<()>>,
     },
-    /// Renew the lease on `key` held with `owner` to `ttl`.
+    /// Renew the lease on `key` held with `owner` to `ttl` (not a fair lock's: its guard renews it).
     Renew {
         /// The backend's name, or `None` for the default.
         backend: Option<String>,

@@ -89,12 +89,13 @@ pub(crate) enum StoreOp {
     PermitHolders,
     AcquireRw,
     WithdrawWriter,
+    AcquireFair,
 }
 
 impl StoreOp {
     /// Each operation's label, indexed as the enum.
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-    const LABELS: [&'static str; 15] = [
+    const LABELS: [&'static str; 16] = [
         "acquire",
         "renew",
         "release",
@@ -110,6 +111,7 @@ impl StoreOp {
         "permit_holders",
         "acquire_rw",
         "withdraw_writer",
+        "acquire_fair",
     ];
 }
 
@@ -173,8 +175,8 @@ mod on {
 
     struct StoreCalls {
         /// Indexed as [`StoreOp`].
-        latency: [Histogram; 15],
-        errors: [Counter; 15],
+        latency: [Histogram; 16],
+        errors: [Counter; 16],
     }
 
     impl BackendMetrics {

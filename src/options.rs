@@ -90,6 +90,8 @@ pub struct LockOptions {
     /// Set for a read-write lock's read share or write hold (see `rwlock.rs`). A waiting
     /// writer also sets `candidate`: its token, kept across attempts, names its intent.
     pub(crate) rw: Option<RwMode>,
+    /// Fair waiting across nodes (see [`LockOptions::with_fair`]).
+    pub(crate) fair: bool,
 }
 
 impl Default for LockOptions {
@@ -103,6 +105,7 @@ impl Default for LockOptions {
             candidate: None,
             permits: None,
             rw: None,
+            fair: false,
         }
     }
 }
@@ -150,6 +153,36 @@ impl LockOptions {
     pub fn with_metadata(mut self, metadata: impl Into<String>) -> Self {
         self.metadata = Some(metadata.into());
         self
+    }
+
+    /// Fair waiting: waiters on every node are let in in the order they asked, through a
+    /// queue in the store whose entries are leased like the lock (a waiter that dies delays
+    /// the others no longer than its entry's ttl, which is the lock's ttl). Default off:
+    /// without it, a node hands a released key to its own waiters first, which is faster but
+    /// can starve the waiters of other nodes.
+    ///
+    /// Fair waiters are served in order among themselves; a caller that asks without
+    /// `fair` may still take a free key ahead of them. A fair lock's guard releases and
+    /// renews it; the [`Release`](crate::LockManagerMsg::Release) and
+    /// [`Renew`](crate::LockManagerMsg::Renew) messages name unfair locks only. Supported for locks on the memory
+    /// and Redis backends and on etcd in `EtcdMode::Lock`;
+    /// anywhere else (etcd's txn mode, semaphores, read-write locks) a fair request is
+    /// refused before any I/O with a [`StoreError::Unsupported`](crate::StoreError) error.
+    ///
+    /// ```
+    /// use leasehold::LockOptions;
+    ///
+    /// let opts = LockOptions::new().with_fair(true);
+    /// assert!(opts.fair());
+    /// ```
+    pub fn with_fair(mut self, fair: bool) -> Self {
+        self.fair = fair;
+        self
+    }
+
+    /// Whether waiting is fair across nodes.
+    pub fn fair(&self) -> bool {
+        self.fair
     }
 
     /// The lease's time to live.

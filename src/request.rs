@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use crate::backend::{Contention, Lease, LockInfo, OwnerToken, Permits, RwMode};
 use crate::backend_ctx::BackendCtx;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, StoreError};
 use crate::event::LockEventKind;
 use crate::guard::LockGuard;
 use crate::metrics::{Primitive, StoreOp};
@@ -31,7 +31,10 @@ pub(crate) struct AcquireRequest {
     pub(crate) rw: Option<RwMode>,
     /// Set for a writer that waits: withdraws its intent from the store when the last copy
     /// of the request goes without having acquired (it timed out, its caller went away).
-    pub(crate) intent: Option<Arc<WriterIntent>>,
+    pub(crate) intent: Option<Arc<QueueEntry>>,
+    /// Set for a fair lock's request: its place in the store's queue, under its own token
+    /// (kept across attempts), withdrawn as a writer's intent is.
+    pub(crate) fair: Option<Arc<QueueEntry>>,
     pub(crate) ttl: Duration,
     pub(crate) wait: Wait,
     /// When a waiting request gives up (`None`: try once, or wait forever).
@@ -65,6 +68,9 @@ impl AcquireRequest {
     ) -> Result<Self> {
         validate_key(key)?;
         options.validate()?;
+        if options.fair {
+            check_fair(ctx, &options)?;
+        }
         let requested_at = Instant::now();
         let wait = caller.wait(options.wait);
         // A budget too long for the clock is no budget: wait forever.
@@ -76,7 +82,9 @@ impl AcquireRequest {
         // One node may hold several permits or read shares of one name at once: each such
         // request has a slot of its own. NUL is in no valid key, so no lock's slot is ever
         // one of these.
-        let key = if options.permits.is_some() || options.rw.is_some() {
+        // So may a fair lock's waiters: each one is in the store's queue from its first
+        // attempt, so each attempts (and waits) for itself, not behind this node's first.
+        let key = if options.permits.is_some() || options.rw.is_some() || options.fair {
             static NEXT: AtomicU64 = AtomicU64::new(0);
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
             format!("{name}\0{n}").into()
@@ -87,21 +95,22 @@ impl AcquireRequest {
         // blocks new readers; it must not outlive the wait.
         let intent = match (options.rw, options.candidate) {
             (Some(RwMode::Write), Some(owner)) if wait != Wait::No => {
-                Some(Arc::new(WriterIntent {
-                    ctx: Arc::downgrade(ctx),
-                    name: name.clone(),
-                    owner,
-                    acquired: AtomicBool::new(false),
-                }))
+                Some(QueueEntry::new(ctx, &name, owner, Queue::WriterIntents))
             }
             _ => None,
         };
+        // A fair request that tries once takes a place too (an attempt at the store cannot
+        // look without queueing), and gives it back at once when it does not win.
+        let fair = options
+            .fair
+            .then(|| QueueEntry::new(ctx, &name, OwnerToken::random(), Queue::Waiters));
         let request = AcquireRequest {
             key,
             name,
             permits: options.permits,
             rw: options.rw,
             intent,
+            fair,
             ttl: options.ttl,
             wait,
             deadline,
@@ -151,24 +160,77 @@ impl AcquireRequest {
     }
 }
 
-/// A waiting writer's intent in the store, withdrawn when its request ends without the write
-/// hold (from a short task: a drop cannot wait for the store). The store drops the intent
-/// itself when the writer acquires, and at its ttl if the withdrawal never lands.
-pub(crate) struct WriterIntent {
+/// Refuses a fair request the store (or the primitive) cannot serve fairly, before any I/O.
+fn check_fair(ctx: &BackendCtx, options: &LockOptions) -> Result<()> {
+    let unsupported = |op| {
+        Err(ctx.store_error(StoreError::Unsupported {
+            store: ctx.store.kind(),
+            op,
+        }))
+    };
+    if options.permits.is_some() {
+        return unsupported("fair waiting for semaphores");
+    }
+    if options.rw.is_some() {
+        return unsupported("fair waiting for read-write locks");
+    }
+    if options.candidate.is_some() {
+        // An election's campaign waits in the store's queue already.
+        return unsupported("fair waiting for elections (a campaign is always queued)");
+    }
+    if !ctx.store.supports_fair() {
+        return unsupported(
+            "fair waiting (a store without a waiters' queue: on etcd, it needs EtcdMode::Lock)",
+        );
+    }
+    Ok(())
+}
+
+/// Which queue in the store a [`QueueEntry`] is in.
+#[derive(Clone, Copy)]
+pub(crate) enum Queue {
+    /// A read-write lock's waiting writers (`withdraw_writer`).
+    WriterIntents,
+    /// A lock's fair waiters, which an election's candidates share (`withdraw`).
+    Waiters,
+}
+
+/// A waiting request's entry in a queue in the store (a waiting writer's intent, a fair
+/// waiter's place), withdrawn when its request ends without the lease (from a short task: a
+/// drop cannot wait for the store). The store drops the entry itself when its owner
+/// acquires, and at its ttl if the withdrawal never lands.
+pub(crate) struct QueueEntry {
     ctx: Weak<BackendCtx>,
     name: Arc<str>,
     owner: OwnerToken,
+    queue: Queue,
     acquired: AtomicBool,
 }
 
-impl WriterIntent {
-    /// The writer holds the lock: its intent went with the grant, nothing to withdraw.
+impl QueueEntry {
+    fn new(ctx: &Arc<BackendCtx>, name: &Arc<str>, owner: OwnerToken, queue: Queue) -> Arc<Self> {
+        Arc::new(QueueEntry {
+            ctx: Arc::downgrade(ctx),
+            name: name.clone(),
+            owner,
+            queue,
+            acquired: AtomicBool::new(false),
+        })
+    }
+
+    /// The token the entry is known by in the store: the request's owner token on every
+    /// attempt.
+    pub(crate) fn owner(&self) -> OwnerToken {
+        self.owner
+    }
+
+    /// The request holds the lease: its entry went with the grant, nothing to withdraw.
     pub(crate) fn acquired(&self) {
         self.acquired.store(true, Ordering::SeqCst);
     }
 }
 
-impl Drop for WriterIntent {
+impl Drop for QueueEntry {
     fn drop(&mut self) {
         if self.acquired.load(Ordering::SeqCst) {
             return;
@@ -179,12 +241,23 @@ impl Drop for WriterIntent {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (name, owner) = (self.name.clone(), self.owner);
+        let (name, owner, queue) = (self.name.clone(), self.owner, self.queue);
         runtime.spawn(async move {
-            let withdraw = ctx.store.withdraw_writer(&name, owner);
-            let withdrawn = ctx.metrics.timed(StoreOp::WithdrawWriter, withdraw);
-            if let Ok(Err(error)) = tokio::time::timeout(ctx.timing.op_timeout, withdrawn).await {
-                tracing::debug!(%name, %error, "withdrawing a writer's intent failed; it runs out at its ttl");
+            let budget = ctx.timing.op_timeout;
+            let failed = match queue {
+                Queue::WriterIntents => {
+                    let withdraw = ctx.store.withdraw_writer(&name, owner);
+                    let withdrawn = ctx.metrics.timed(StoreOp::WithdrawWriter, withdraw);
+                    tokio::time::timeout(budget, withdrawn).await
+                }
+                Queue::Waiters => {
+                    let withdraw = ctx.store.withdraw(&name, owner);
+                    let withdrawn = ctx.metrics.timed(StoreOp::Withdraw, withdraw);
+                    tokio::time::timeout(budget, withdrawn).await
+                }
+            };
+            if let Ok(Err(error)) = failed {
+                tracing::debug!(%name, %error, "withdrawing a queue entry failed; it runs out at its ttl");
             }
         });
     }

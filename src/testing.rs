@@ -16,12 +16,14 @@
 //! semaphores (`acquire_permits`) the semaphore suite,
 //! [`semaphore_suite!`](crate::semaphore_suite) (see [`semaphore`]); backends that hold
 //! read-write locks (`acquire_rw`) the read-write lock suite,
-//! [`rwlock_suite!`](crate::rwlock_suite) (see [`rwlock`]).
+//! [`rwlock_suite!`](crate::rwlock_suite) (see [`rwlock`]); backends that wait fairly
+//! (`acquire_fair`) the fairness suite, [`fair_suite!`](crate::fair_suite) (see [`fair`]).
 //!
 //! The tests use ttls of a few hundred milliseconds where time is the subject, so they stay
 //! quick against real stores, and take no time at all under a paused clock.
 
 pub mod election;
+pub mod fair;
 pub mod rwlock;
 pub mod semaphore;
 
@@ -136,6 +138,20 @@ pub fn panic_backend_actor_on_acquire(client: &LockClient, key: &str) {
     if let Some(actor) = client.backend_ctx().actor() {
         let _ = actor.cast(crate::backend_actor::BackendMsg::PanicOnAcquire(key.into()));
     }
+}
+
+/// How many requests for `name` wait on the node behind `client` between attempts: each
+/// one has been answered "held" by the store at least once (a fair waiter is in the store's
+/// queue by then).
+pub async fn waiting_on(client: &LockClient, name: &str) -> usize {
+    let Some(actor) = client.backend_ctx().actor() else {
+        return 0;
+    };
+    ractor::call!(actor, |reply| crate::backend_actor::BackendMsg::Waiting(
+        name.into(),
+        reply
+    ))
+    .unwrap_or(0)
 }
 
 /// A key no other test uses (real stores are shared by the tests of one run).
@@ -550,7 +566,7 @@ pub async fn with_lock_reports_loss_during_body<B: LockBackend + Clone>(backend:
     client.shutdown().await;
 }
 
-struct Holder;
+pub(crate) struct Holder;
 
 impl Actor for Holder {
     type Msg = HolderMsg;

@@ -670,3 +670,40 @@ async fn leases_taken_at_once_share_one_liveness_session() {
     }
     cluster.stop().await;
 }
+
+/// The fair option travels with a remote acquisition: a fair lock is granted as usual, and a
+/// fair semaphore request (which no backend serves fairly yet) is refused as it is locally,
+/// which it would not be if the option were dropped on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_acquire_carries_the_fair_option() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start().await;
+    let (_actor, holder, _seen) = spawn_holder().await;
+    let key = unique_key("remote-fair");
+    let lease = cluster
+        .remote
+        .acquire(RemoteAcquire::new(&key, &holder).with_fair(true))
+        .await
+        .unwrap()
+        .expect("free key");
+    cluster.remote.release(&lease).await.unwrap();
+    let err = cluster
+        .remote
+        .acquire(
+            RemoteAcquire::new(unique_key("remote-fair-permits"), &holder)
+                .with_permits(2, 1)
+                .with_fair(true),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.kind,
+        RemoteErrorKind::Manager(ErrorKind::Store(leasehold::StoreErrorKind::Unsupported)),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("fair waiting for semaphores"),
+        "{err}"
+    );
+    cluster.stop().await;
+}

@@ -47,6 +47,15 @@ mod election {
     );
 }
 
+mod fair {
+    leasehold::fair_suite!(
+        real,
+        super::EtcdServer::start()
+            .backend(leasehold::EtcdMode::Lock)
+            .await
+    );
+}
+
 mod semaphore {
     leasehold::semaphore_suite!(
         real,
@@ -783,4 +792,31 @@ async fn renewals_share_one_keep_alive_stream_and_read_no_key() {
         }
         node.shutdown().await;
     }
+}
+
+/// Txn mode has one key per lock and no queue of waiters: a fair request is refused at once,
+/// with an error that says fair waiting needs lock mode, and the key stays free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_mode_refuses_fair_waiting_and_takes_nothing() {
+    let server = EtcdServer::start();
+    let client = start(server.backend(EtcdMode::Txn).await).await;
+    let key = unique_key("fair-txn");
+    let fair = LockOptions::new().with_fair(true);
+    for answer in [
+        client.try_lock(&key, fair.clone()).await.map(drop),
+        client
+            .lock(&key, fair.with_wait(Wait::UpTo(Duration::from_secs(5))))
+            .await
+            .map(drop),
+    ] {
+        let err = answer.unwrap_err();
+        assert_eq!(
+            err.kind(),
+            leasehold::ErrorKind::Store(leasehold::StoreErrorKind::Unsupported),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("EtcdMode::Lock"), "{err}");
+    }
+    assert!(!client.is_locked(&key).await.unwrap());
+    client.shutdown().await;
 }

@@ -12,6 +12,10 @@ mod rwlock {
     leasehold::rwlock_suite!(paused, leasehold::MemoryBackend::new());
 }
 
+mod fair {
+    leasehold::fair_suite!(paused, leasehold::MemoryBackend::new());
+}
+
 /// A store that holds locks only (a third-party backend that has not implemented read-write
 /// locks): asking it for a read share or the write hold is a clear, non-retryable error at
 /// once, whether the caller tries once or waits, never a wrong grant or a hang.
@@ -85,6 +89,19 @@ mod rwlock_unsupported {
                 "{err}"
             );
         }
+        // Nor can it wait fairly: refused at once, before any I/O.
+        let fair = LockOptions::new().with_fair(true);
+        let err = client.try_lock("plain", fair).await.unwrap_err();
+        assert_eq!(
+            err.kind(),
+            ErrorKind::Store(StoreErrorKind::Unsupported),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .contains("the locks-only store does not support fair waiting"),
+            "{err}"
+        );
         // Locks on it still work.
         let lock = client.try_lock("plain", LockOptions::new()).await.unwrap();
         assert!(lock.is_some());

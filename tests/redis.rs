@@ -28,6 +28,10 @@ use tokio::time::{timeout, Instant};
 leasehold::conformance_suite!(real, redis_server::RedisServer::start().backend().await);
 leasehold::election_suite!(real, redis_server::RedisServer::start().backend().await);
 
+mod fair {
+    leasehold::fair_suite!(real, super::RedisServer::start().backend().await);
+}
+
 mod semaphore {
     leasehold::semaphore_suite!(real, super::RedisServer::start().backend().await);
 }

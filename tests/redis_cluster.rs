@@ -16,6 +16,11 @@ use tokio::time::timeout;
 leasehold::conformance_suite!(real, RedisCluster::shared().backend().await, without watch);
 leasehold::election_suite!(real, RedisCluster::shared().backend().await);
 
+mod fair {
+    use leasehold_test_support::RedisCluster;
+    leasehold::fair_suite!(real, RedisCluster::shared().backend().await);
+}
+
 mod semaphore {
     leasehold::semaphore_suite!(real, super::RedisCluster::shared().backend().await);
 }

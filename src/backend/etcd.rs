@@ -674,6 +674,27 @@ impl LockBackend for EtcdBackend {
         self.withdraw_from_queue(candidate).await
     }
 
+    /// Lock mode only: there, the contenders of a lock are the Lock service's queue, keys
+    /// ordered by create revision. Txn mode has one key per lock and no queue.
+    fn supports_fair(&self) -> bool {
+        self.mode == EtcdMode::Lock
+    }
+
+    async fn acquire_fair(
+        &self,
+        key: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        // A fair waiter is a candidate in the Lock service's own queue: its key
+        // (`NAME/<lease>`, created at its first attempt, on a lease of its own) stays between
+        // attempts, so its place is where it first asked; the first key created holds the
+        // lock. Its value is the metadata, raw, as an election's candidate value is.
+        self.campaign_in_queue(key, owner, ttl, metadata.unwrap_or_default())
+            .await
+    }
+
     async fn proclaim(&self, lease: &Lease, value: &str) -> Result<bool, StoreError> {
         self.proclaim_value(lease, value).await
     }

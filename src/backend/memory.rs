@@ -314,40 +314,23 @@ impl LockBackend for MemoryBackend {
         ttl: Duration,
         value: &str,
     ) -> Result<Acquisition, StoreError> {
-        let now = Instant::now();
-        let mut table = self.table();
-        {
-            let slot = table.slot(name);
-            slot.candidates.retain(|c| c.expires_at > now);
-            // A leader that expired is gone for the observers before anyone follows it.
-            slot.tell_observers(now);
-            let first = slot.candidates.front().map(|c| c.token);
-            if slot.live_holder(now).is_none() && first.is_none_or(|token| token == candidate) {
-                slot.candidates.pop_front();
-            } else {
-                // Keep (or take) a place in the queue, leased for `ttl` from this attempt.
-                match slot.candidates.iter_mut().find(|c| c.token == candidate) {
-                    Some(entry) => entry.expires_at = now + ttl,
-                    None => slot.candidates.push_back(Candidate {
-                        token: candidate,
-                        expires_at: now + ttl,
-                    }),
-                }
-                // Whoever is ahead (the leader, or the first candidate) may be gone by then;
-                // and the next attempt must come before this entry runs out.
-                let ahead = match slot.live_holder(now) {
-                    Some(holder) => holder.expires_at - now,
-                    None => slot
-                        .candidates
-                        .front()
-                        .map_or(Duration::ZERO, |c| c.expires_at - now),
-                };
-                let contention = Contention::with_remaining_ttl(Some(ahead.min(ttl / 2)));
-                return Ok(Acquisition::Held(contention));
-            }
-        }
-        // Nobody leads and this candidate is first: take the lease.
-        Ok(take(&mut table, name, candidate, ttl, Some(value), now))
+        Ok(self.queue_attempt(name, candidate, ttl, Some(value)))
+    }
+
+    fn supports_fair(&self) -> bool {
+        true
+    }
+
+    async fn acquire_fair(
+        &self,
+        key: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        // The same queue as an election's candidates: a fair lock and an election of one
+        // name are one lease, and their waiters one line.
+        Ok(self.queue_attempt(key, owner, ttl, metadata))
     }
 
     async fn withdraw(&self, name: &str, candidate: OwnerToken) -> Result<(), StoreError> {
@@ -420,6 +403,54 @@ impl LockBackend for MemoryBackend {
             }
         })
         .boxed())
+    }
+}
+
+impl MemoryBackend {
+    /// One attempt of `candidate` (an election's candidate, or a fair lock's waiter) at the
+    /// lease on `name`: taken if nobody holds it and `candidate` is first in the name's
+    /// queue, else `candidate` keeps (or takes) a place in the queue, leased for `ttl`.
+    fn queue_attempt(
+        &self,
+        name: &str,
+        candidate: OwnerToken,
+        ttl: Duration,
+        value: Option<&str>,
+    ) -> Acquisition {
+        let now = Instant::now();
+        let mut table = self.table();
+        {
+            let slot = table.slot(name);
+            slot.candidates.retain(|c| c.expires_at > now);
+            // A leader that expired is gone for the observers before anyone follows it.
+            slot.tell_observers(now);
+            let first = slot.candidates.front().map(|c| c.token);
+            if slot.live_holder(now).is_none() && first.is_none_or(|token| token == candidate) {
+                slot.candidates.pop_front();
+            } else {
+                // Keep (or take) a place in the queue, leased for `ttl` from this attempt.
+                match slot.candidates.iter_mut().find(|c| c.token == candidate) {
+                    Some(entry) => entry.expires_at = now + ttl,
+                    None => slot.candidates.push_back(Candidate {
+                        token: candidate,
+                        expires_at: now + ttl,
+                    }),
+                }
+                // Whoever is ahead (the leader, or the first candidate) may be gone by then;
+                // and the next attempt must come before this entry runs out.
+                let ahead = match slot.live_holder(now) {
+                    Some(holder) => holder.expires_at - now,
+                    None => slot
+                        .candidates
+                        .front()
+                        .map_or(Duration::ZERO, |c| c.expires_at - now),
+                };
+                let contention = Contention::with_remaining_ttl(Some(ahead.min(ttl / 2)));
+                return Acquisition::Held(contention);
+            }
+        }
+        // Nobody leads and this candidate is first: take the lease.
+        take(&mut table, name, candidate, ttl, value, now)
     }
 }
 

@@ -441,6 +441,20 @@ impl LockBackend for RedisBackend {
         self.withdraw_from_queue(name, candidate).await
     }
 
+    fn supports_fair(&self) -> bool {
+        true
+    }
+
+    async fn acquire_fair(
+        &self,
+        key: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        self.acquire_in_queue(key, owner, ttl, metadata).await
+    }
+
     async fn proclaim(&self, lease: &Lease, value: &str) -> Result<bool, StoreError> {
         self.proclaim_value(lease, value).await
     }

@@ -438,7 +438,8 @@ async fn acquire(
     let holder = find(&request.holder).await?;
     let mut options = LockOptions::new()
         .with_holder(holder)
-        .with_auto_renew(request.auto_renew);
+        .with_auto_renew(request.auto_renew)
+        .with_fair(request.fair);
     if let Some(ttl) = request.ttl {
         options = options.with_ttl(ttl);
     }

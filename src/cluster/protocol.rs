@@ -36,6 +36,8 @@ pub struct RemoteAcquire {
     /// [`RemoteLockClient`](super::RemoteLockClient): the lease goes when the gateway does not
     /// hear from that session within its bound.
     pub(super) session: Option<u128>,
+    /// Fair waiting across nodes (see [`LockOptions::with_fair`](crate::LockOptions::with_fair)).
+    pub(super) fair: bool,
 }
 
 impl RemoteAcquire {
@@ -54,7 +56,15 @@ impl RemoteAcquire {
             count: 1,
             rw: None,
             session: None,
+            fair: false,
         }
+    }
+
+    /// Wait fairly: waiters on every node are let in in the order they asked (see
+    /// [`LockOptions::with_fair`](crate::LockOptions::with_fair); locks only).
+    pub fn with_fair(mut self, fair: bool) -> Self {
+        self.fair = fair;
+        self
     }
 
     /// Acquire `count` of the `permits` permits of the semaphore named `key` (see
@@ -680,6 +690,7 @@ wire_struct!(RemoteAcquire {
     count,
     rw,
     session,
+    fair,
 });
 wire_struct!(Heartbeat { session });
 wire_struct!(HeartbeatAck { bound });

@@ -41,7 +41,54 @@ impl RedisBackend {
         value: &str,
     ) -> Result<Acquisition, StoreError> {
         let lock = self.lock_key(name);
-        let call = Call {
+        let leader = format!("{lock}:leader").into_bytes();
+        let acquired = format!("{lock}:acquired").into_bytes();
+        let held = format!("{candidate} {value}");
+        let call = self.queue_call(name, candidate, ttl, value, leader, acquired, held, false);
+        self.queue_attempt(name, candidate, call, "campaign").await
+    }
+
+    /// One attempt of a fair lock's waiter: the campaign script on the lock's own queue,
+    /// writing the lock key as `acquire` does (`"<owner>[ <metadata>]"`), telling no election
+    /// observers, publishing the acquisition only where `acquire` does (not on a cluster),
+    /// and keeping the restart quarantine as `acquire` does.
+    pub(super) async fn acquire_in_queue(
+        &self,
+        key: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        let lock = self.lock_key(key);
+        let acquired = if self.conn.is_cluster() {
+            Vec::new()
+        } else {
+            format!("{lock}:acquired").into_bytes()
+        };
+        let held = match metadata {
+            Some(metadata) => format!("{owner} {metadata}"),
+            None => owner.to_string(),
+        };
+        let value = metadata.unwrap_or_default();
+        let call = self.queue_call(key, owner, ttl, value, Vec::new(), acquired, held, true);
+        self.queue_attempt(key, owner, call, "acquire_fair").await
+    }
+
+    /// The campaign script's keys and arguments (see `campaign.lua`).
+    #[allow(clippy::too_many_arguments)]
+    fn queue_call(
+        &self,
+        name: &str,
+        candidate: OwnerToken,
+        ttl: Duration,
+        value: &str,
+        leader_channel: Vec<u8>,
+        acquired_channel: Vec<u8>,
+        held: String,
+        quarantine: bool,
+    ) -> Call {
+        let lock = self.lock_key(name);
+        let mut call = Call {
             keys: vec![
                 lock.clone(),
                 format!("{lock}:fence"),
@@ -53,24 +100,38 @@ impl RedisBackend {
                 candidate.to_string().into_bytes(),
                 value.as_bytes().to_vec(),
                 super::millis(ttl).to_string().into_bytes(),
-                format!("{lock}:leader").into_bytes(),
-                format!("{lock}:acquired").into_bytes(),
+                leader_channel,
+                acquired_channel,
+                held.into_bytes(),
             ],
         };
+        if quarantine && !self.quarantine.is_zero() {
+            call.keys.push(format!("{}epoch", self.prefix));
+            let millis = u64::try_from(self.quarantine.as_millis()).unwrap_or(u64::MAX);
+            call.args.push(millis.to_string().into_bytes());
+        }
+        call
+    }
+
+    async fn queue_attempt(
+        &self,
+        name: &str,
+        candidate: OwnerToken,
+        call: Call,
+        op: &'static str,
+    ) -> Result<Acquisition, StoreError> {
         // Taking the leadership is an acquisition: with replica acknowledgement it counts once
         // the replicas have it, and is undone (resigned: the leader's key deleted if it is
         // still ours) if not.
-        let (reply, unconfirmed) = self
-            .run_acked(self.script(&CAMPAIGN), &call, "campaign")
-            .await?;
-        let term = match answer("campaign", reply)? {
+        let (reply, unconfirmed) = self.run_acked(self.script(&CAMPAIGN), &call, op).await?;
+        let term = match answer(op, reply)? {
             Answer::Token(term) => term,
             Answer::Refused(wait) => {
                 return match wait.as_slice() {
                     [Value::Int(ms)] => Ok(Acquisition::Held(Contention::with_remaining_ttl(
                         Some(remaining(*ms).unwrap_or_default()),
                     ))),
-                    _ => Err(unexpected("campaign", &Value::Array(wait))),
+                    _ => Err(unexpected(op, &Value::Array(wait))),
                 }
             }
         };
