@@ -4,6 +4,11 @@
 //! its holder dies, and in every case the holder is told (through the guard's status channel)
 //! by the deadline: the loss check runs a little before it.
 //!
+//! A lease on a shared lease that the store keeps alive for many (an etcd session) may
+//! *follow* it instead (`backend/follow.rs`): no renewal timer, the deadline read from the
+//! shared lease's clock, and the store's word (`KeyMsg::Follow`) when the key is taken away,
+//! the shared lease is lost, or the store cannot vouch for the key any more.
+//!
 //! Whatever ends its job (an attempt that found the key held, a release, a loss), the key
 //! actor first tells its backend actor by one message, `KeyDone`, and only then answers the
 //! caller: by mailbox order, the backend knows the key is free on this node before anyone who
