@@ -10,8 +10,11 @@ use tokio::time::Instant;
 
 use crate::error::StoreError;
 
+pub use follow::{FollowNotice, FollowNotify, SharedClock};
+
 #[cfg(feature = "etcd")]
 pub mod etcd;
+mod follow;
 pub mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
@@ -265,6 +268,36 @@ pub trait LockBackend: Send + Sync + 'static {
     /// Longer ttls are refused before any I/O.
     fn max_ttl(&self) -> Option<Duration> {
         None
+    }
+
+    /// True when leases of this store can follow a shared lease (see [`follow`](Self::follow)).
+    /// Asked once per acquisition with auto-renew, before anything is built for `follow`.
+    fn can_follow(&self) -> bool {
+        false
+    }
+
+    /// Lets `lease` (just taken, auto-renewed with `ttl`) follow the shared lease it is on
+    /// instead of being renewed on its own: the answer is the clock its deadline counts from.
+    /// The store must keep that shared lease alive often enough for such a lease, and call
+    /// `notify` at most once, when the lease stops following: its key taken away, the shared
+    /// lease gone, or not kept alive within `lose_after` of the clock (the holder must hear
+    /// of the loss by then), or the store unable to vouch for the key. `None` (the default):
+    /// the lease is renewed on its own, as usual.
+    fn follow(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+        lose_after: Duration,
+        notify: FollowNotify,
+    ) -> Option<SharedClock> {
+        let _ = (lease, ttl, lose_after, notify);
+        None
+    }
+
+    /// `lease` stops following (released, lost, or renewed on its own from now on); its
+    /// `notify` is dropped uncalled.
+    fn unfollow(&self, lease: &Lease) {
+        let _ = lease;
     }
 
     /// True when a key stays in the store past its lease's ttl for as long as this client

@@ -81,25 +81,21 @@ impl LockGuard {
     /// The ttl the lease is renewed with: the one it was taken with, or the one the last
     /// [`renew`](Self::renew) set. `None` once the lease is not held.
     pub fn ttl(&self) -> Option<Duration> {
-        match self.status.get() {
-            LeaseStatus::Held { ttl, .. } => Some(ttl),
-            _ => None,
-        }
+        self.status.get().held().map(|(_, ttl, _)| ttl)
     }
 
     /// The local deadline up to which the lease is trusted, while it is held.
     pub fn deadline(&self) -> Option<Instant> {
-        match self.status.get() {
-            LeaseStatus::Held { deadline, .. } => Some(deadline),
-            _ => None,
-        }
+        self.status.get().held().map(|(deadline, _, _)| deadline)
     }
 
     /// True while the lease is held and its deadline has not passed. Checked against the
     /// clock on every call, so it turns false at the deadline even if the key actor is stuck.
     pub fn is_held(&self) -> bool {
-        self.deadline()
-            .is_some_and(|deadline| Instant::now() < deadline)
+        self.status
+            .get()
+            .held()
+            .is_some_and(|(deadline, _, ended)| !ended && Instant::now() < deadline)
     }
 
     /// Resolves when the lease is lost, with the reason; at the latest at the lease deadline.

@@ -4,6 +4,11 @@
 //! its holder dies, and in every case the holder is told (through the guard's status channel)
 //! by the deadline: the loss check runs a little before it.
 //!
+//! A lease on a shared lease that the store keeps alive for many (an etcd session) may
+//! *follow* it instead (`backend/follow.rs`): no renewal timer, the deadline read from the
+//! shared lease's clock, and the store's word (`KeyMsg::Follow`) when the key is taken away,
+//! the shared lease is lost, or the store cannot vouch for the key any more.
+//!
 //! Whatever ends its job (an attempt that found the key held, a release, a loss), the key
 //! actor first tells its backend actor by one message, `KeyDone`, and only then answers the
 //! caller: by mailbox order, the backend knows the key is free on this node before anyone who
@@ -19,7 +24,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::time::{timeout_at, Instant};
 
-use crate::backend::{Acquisition, Contention, Lease, OwnerToken};
+use crate::backend::{Acquisition, Contention, FollowNotice, Lease, OwnerToken, SharedClock};
 use crate::backend_actor::BackendMsg;
 use crate::backend_ctx::BackendCtx;
 use crate::error::{Error, Result, StoreError};
@@ -69,6 +74,12 @@ pub(crate) enum KeyMsg {
     /// The renewal timer fired: renew if auto-renew is on, declare the lease lost if the
     /// deadline has come.
     Tick,
+    /// The store's word on the lease of `owner`, which follows a shared lease (see
+    /// `backend/follow.rs`): it follows no more.
+    Follow {
+        owner: OwnerToken,
+        notice: FollowNotice,
+    },
     /// A restarted backend actor took over job `job`: report to `backend` from now on. If
     /// that job is over already (its `KeyDone` went to the actor that failed), report again.
     Adopt {
@@ -129,6 +140,9 @@ struct Held {
     tick_at: Instant,
     /// Consecutive failed renewals.
     failures: u32,
+    /// The shared lease's clock, while this lease follows one (no renewals, no timer of its
+    /// own: the deadline runs from the shared lease's last keep-alive).
+    follows: Option<SharedClock>,
     /// The guard's view of this lease.
     status: StatusWriter,
 }
@@ -218,6 +232,7 @@ impl Actor for KeyActor {
                 let _ = reply.send(result);
             }
             KeyMsg::Tick => state.tick(&myself).await,
+            KeyMsg::Follow { owner, notice } => state.follow_notice(&myself, owner, notice).await,
             KeyMsg::Adopt { backend, key, job } => {
                 state.backend = backend;
                 if state.job.as_ref().is_none_or(|current| current.id != job) {
@@ -274,6 +289,9 @@ impl Actor for KeyActor {
             // Stopped from outside while still holding: the guard must not go on believing.
             // The store lease expires by itself.
             held.status.send(LeaseStatus::Gone(LostReason::Shutdown));
+            if held.follows.is_some() {
+                state.ctx.store.unfollow(&held.lease);
+            }
             state.ctx.metrics.held_silently_ended(state.primitive());
             if let Some(holder) = &held.holder {
                 myself.get_cell().unmonitor(holder.clone());
@@ -287,6 +305,14 @@ impl Held {
     fn set_deadline(&mut self, deadline: Instant, drift: f64) {
         self.deadline = deadline;
         self.lose_at = lose_at(deadline, self.ttl, drift);
+    }
+
+    /// While following a shared lease, brings the deadline up to the shared lease's clock.
+    fn catch_up(&mut self, timing: &crate::timing::Timing) {
+        if let Some(clock) = &self.follows {
+            let deadline = timing.deadline(clock.kept(), self.ttl);
+            self.set_deadline(deadline, timing.drift);
+        }
     }
 }
 
@@ -485,11 +511,12 @@ impl KeyState {
             lose_at: deadline,
             tick_at: deadline,
             failures: 0,
+            follows: None,
             status,
         };
         held.set_deadline(deadline, ctx.timing.drift);
         self.held = Some(held);
-        self.schedule(sent_at);
+        self.schedule_or_follow(myself, sent_at);
         let holder_gone = request
             .holder
             .as_ref()
@@ -505,6 +532,81 @@ impl KeyState {
         // If the caller has gone, the guard comes back inside the error and its drop
         // releases the lock: nothing is held for nobody.
         let _ = reply.send(Ok(Some(guard)));
+    }
+
+    /// After an acquisition or a renewal: follow the shared lease the lease is on, if the
+    /// store offers that (no timer then), else arm the timer.
+    fn schedule_or_follow(&mut self, myself: &ActorRef<KeyMsg>, last_sent: Instant) {
+        if !self.follow(myself) {
+            self.schedule(last_sent);
+        }
+    }
+
+    /// Asks the store to let the lease follow the shared lease it is on; true if it does. The
+    /// guard then reads its deadline from the shared lease's clock.
+    fn follow(&mut self, myself: &ActorRef<KeyMsg>) -> bool {
+        let ctx = &self.ctx;
+        let Some(held) = self.held.as_mut() else {
+            return false;
+        };
+        if !held.auto_renew || !ctx.store.can_follow() {
+            return false;
+        }
+        let drift = ctx.timing.drift;
+        // From the shared lease's keep-alive to this lease's loss check.
+        let lose_after = held.ttl.mul_f64(1.0 - drift) - held.ttl.mul_f64(drift / 2.0);
+        let (actor, owner) = (myself.clone(), held.lease.owner);
+        let notify = Box::new(move |notice| {
+            let _ = actor.cast(KeyMsg::Follow { owner, notice });
+        });
+        let Some(clock) = ctx.store.follow(&held.lease, held.ttl, lose_after, notify) else {
+            return false;
+        };
+        held.status.send(LeaseStatus::Following {
+            clock: clock.clone(),
+            span: held.ttl.mul_f64(1.0 - drift),
+            ttl: held.ttl,
+        });
+        held.follows = Some(clock);
+        held.catch_up(&ctx.timing);
+        self.timer.disarm();
+        true
+    }
+
+    /// The store's word on a lease that follows a shared one.
+    async fn follow_notice(
+        &mut self,
+        myself: &ActorRef<KeyMsg>,
+        owner: OwnerToken,
+        notice: FollowNotice,
+    ) {
+        let timing = self.ctx.timing;
+        let Some(held) = self.held.as_mut() else {
+            return;
+        };
+        // A word about an earlier lease of this actor, or one that stopped following since.
+        if held.lease.owner != owner || held.follows.is_none() {
+            return;
+        }
+        held.catch_up(&timing);
+        held.follows = None;
+        match notice {
+            FollowNotice::Taken | FollowNotice::SharedLeaseGone => {
+                self.lose(myself, LostReason::NotOwner).await;
+            }
+            FollowNotice::SharedLeaseExpired => {
+                self.lose(myself, LostReason::Expired).await;
+            }
+            // Renew on its own from now, at once: the renewal checks the key, and follows
+            // again once the store can vouch for it.
+            _ => {
+                let (deadline, ttl) = (held.deadline, held.ttl);
+                held.status.send(LeaseStatus::Held { deadline, ttl });
+                let now = Instant::now();
+                held.tick_at = now;
+                self.timer.arm(now);
+            }
+        }
     }
 
     /// Arms the timer: the next renewal (ttl/3 after the last one was sent) if auto-renew is
@@ -532,6 +634,9 @@ impl KeyState {
         let Some(held) = self.held.as_ref() else {
             return;
         };
+        if held.follows.is_some() {
+            return; // a tick armed before the lease began to follow
+        }
         let now = Instant::now();
         if now >= held.lose_at {
             self.lose(myself, LostReason::Expired).await;
@@ -560,6 +665,12 @@ impl KeyState {
         if let Some(ttl) = ttl {
             held.ttl = ttl;
         }
+        if held.follows.is_some() {
+            // Renewed by hand: on its own, then (with the new ttl) following again.
+            held.catch_up(&ctx.timing);
+            held.follows = None;
+            ctx.store.unfollow(&held.lease);
+        }
         let sent_at = Instant::now();
         let token = held.lease.fencing_token;
         let renewing = ctx.store.renew_from(&held.lease, held.ttl, sent_at);
@@ -587,7 +698,7 @@ impl KeyState {
                     let renewed = LockEventKind::Renewed { deadline };
                     ctx.emit(primitive, &job.name, Some(token), renewed);
                 }
-                self.schedule(sent_at);
+                self.schedule_or_follow(myself, sent_at);
                 Ok(())
             }
             Ok(Ok(None)) => Err(self.lose(myself, LostReason::NotOwner).await),
@@ -619,9 +730,10 @@ impl KeyState {
     /// The lease can no longer be trusted: the backend actor hears first (so whatever the
     /// holder does next finds the key free on this node), then the holder.
     async fn lose(&mut self, myself: &ActorRef<KeyMsg>, reason: LostReason) -> Error {
-        let Some(held) = self.held.take() else {
+        let Some(mut held) = self.held.take() else {
             return self.not_held();
         };
+        held.catch_up(&self.ctx.timing);
         let key = self.shared_job_name();
         let primitive = self.primitive();
         let error = Error::LeaseLost {
@@ -718,9 +830,11 @@ impl KeyState {
     /// Replaces the value stored with the lease (an election leader's value).
     async fn proclaim(&mut self, myself: &ActorRef<KeyMsg>, value: &str) -> Result<()> {
         let ctx = self.ctx.clone();
-        let Some(held) = self.held.as_ref() else {
-            return Err(self.not_held());
+        let not_held = self.not_held();
+        let Some(held) = self.held.as_mut() else {
+            return Err(not_held);
         };
+        held.catch_up(&ctx.timing);
         let proclaim = ctx
             .metrics
             .timed(StoreOp::Proclaim, ctx.store.proclaim(&held.lease, value));
@@ -806,6 +920,9 @@ impl KeyState {
     /// The lease is over: no more ticks, no more holder to watch.
     fn stop_holding(&mut self, myself: &ActorRef<KeyMsg>, held: &Held) {
         self.timer.disarm();
+        if held.follows.is_some() {
+            self.ctx.store.unfollow(&held.lease);
+        }
         if let Some(holder) = &held.holder {
             myself.get_cell().unmonitor(holder.clone());
         }

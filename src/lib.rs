@@ -26,7 +26,9 @@
 //!   `guard/status.rs`: how a key actor tells its guard about the lease.
 //! - `backend.rs`: the [`LockBackend`] trait, the seam to the stores, with one file per store:
 //!   `backend/memory.rs` ([`MemoryBackend`]), `backend/redis.rs` (`RedisBackend`, its Lua
-//!   scripts and its pub/sub notice hub in `backend/redis/`), `backend/etcd.rs`.
+//!   scripts and its pub/sub notice hub in `backend/redis/`), `backend/etcd.rs`;
+//!   `backend/follow.rs`: leases that follow a shared lease (an etcd session) instead of
+//!   being renewed one by one.
 //! - `election.rs`: [`Election`], leader election on the same leases: [`Leadership`] for async
 //!   code, [`Candidacy`] and [`CandidateMsg`] for candidate actors.
 //! - `semaphore.rs`: [`Semaphore`], N permits on the same leases, one lease (and key actor)

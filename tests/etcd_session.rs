@@ -1,7 +1,9 @@
 //! The etcd backend on a session lease (`EtcdBackendBuilder::with_session`), on real `etcd`
 //! servers: the whole conformance suite, then what the session changes — one lease under every
-//! lock, a release that deletes only its key, every lock lost together when the session lease
-//! is revoked from outside, and the session's bounds refused before any I/O.
+//! lock, a release that deletes only its key, locks that follow the session (no renewal of
+//! their own while it is kept; a key taken away by another client lost within ttl/3), every
+//! lock lost together when the session lease is revoked from outside or etcd stops answering,
+//! and the session's bounds refused before any I/O.
 
 use leasehold_test_support::etcd_server;
 
@@ -10,8 +12,8 @@ use std::time::Duration;
 use etcd_client::{Client, GetOptions};
 use etcd_server::EtcdServer;
 use leasehold::testing::{start, unique_key};
-use leasehold::{Error, EtcdBackend, EtcdMode, LockOptions, LostReason, Wait};
-use tokio::time::timeout;
+use leasehold::{Error, EtcdBackend, EtcdMode, LockEventKind, LockOptions, LostReason, Wait};
+use tokio::time::{timeout, timeout_at, Instant};
 
 /// The session's ttl in these tests: longer than every ttl the conformance suite asks for.
 const SESSION: Duration = Duration::from_secs(120);
@@ -110,11 +112,12 @@ async fn revoking_the_session_lease_loses_every_lock_on_it_and_a_new_session_fol
         "the new lock is not on the revoked lease"
     );
     taken.release().await.unwrap();
-    // Each lock hears of it at its next renewal (every ttl/3): before its deadline.
+    // Each lock hears of it from the prefix watch (the revoke deleted its key) or the
+    // session's keeper: within a third of the ttl.
     for guard in &guards {
-        let reason = timeout(ttl, guard.lost())
+        let reason = timeout(ttl / 3, guard.lost())
             .await
-            .expect("lost before the ttl ran out");
+            .expect("lost within a third of the ttl");
         assert_eq!(reason, LostReason::NotOwner);
         assert!(!guard.is_held());
     }
@@ -227,5 +230,135 @@ async fn session_bounds_are_refused_before_any_io() {
     );
     assert!(held.is_held(), "a refused renewal leaves the lock held");
     held.release().await.unwrap();
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_lock_makes_no_renewal_of_its_own_while_the_session_is_kept() {
+    let server = EtcdServer::start();
+    let ttl = Duration::from_secs(2);
+    let backend = session_backend(&server, ttl).await;
+    let node = start(backend.clone()).await;
+    let mut events = node.events();
+    let keys: Vec<String> = (0..3).map(|i| unique_key(&format!("quiet{i}"))).collect();
+    let mut guards = Vec::new();
+    for key in &keys {
+        let opts = LockOptions::new().with_ttl(ttl);
+        guards.push(node.try_lock(key, opts).await.unwrap().expect("free key"));
+    }
+    let before = node.metrics();
+    let first_deadline = guards[0].deadline().expect("held");
+    // Three ttls: a lock renewed on its own would have renewed about nine times.
+    let survived = timeout(3 * ttl, guards[0].lost()).await;
+    assert!(
+        survived.is_err(),
+        "lost while the session was kept: {survived:?}"
+    );
+    let after = node.metrics();
+    assert_eq!(
+        after.renewed - before.renewed,
+        0,
+        "renewals of a following lock"
+    );
+    assert_eq!(after.renew_failed, before.renew_failed);
+    while let Ok(event) = events.try_recv() {
+        assert!(
+            !matches!(
+                event.kind,
+                LockEventKind::Renewed { .. } | LockEventKind::RenewFailed { .. }
+            ),
+            "renewal activity of a following lock: {event:?}"
+        );
+    }
+    for guard in &guards {
+        assert!(guard.is_held());
+        let moved = guard.deadline().expect("held") - first_deadline;
+        assert!(
+            moved >= 2 * ttl,
+            "the deadline followed the session only {moved:?}"
+        );
+    }
+    for guard in guards {
+        guard.release().await.unwrap();
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_taken_away_by_another_client_is_lost_within_a_third_of_the_ttl() {
+    let server = EtcdServer::start();
+    // Long enough that neither the deadline nor a renewal every ttl/3 could report it in time.
+    let ttl = Duration::from_secs(30);
+    let backend = session_backend(&server, ttl).await;
+    let node = start(backend.clone()).await;
+    let mut etcd = Client::connect([server.endpoint()], None).await.unwrap();
+    let (deleted, overwritten, kept) = (
+        unique_key("deleted"),
+        unique_key("overwritten"),
+        unique_key("untouched"),
+    );
+    let mut guards = Vec::new();
+    for key in [&deleted, &overwritten, &kept] {
+        let opts = LockOptions::new().with_ttl(ttl);
+        guards.push(node.try_lock(key, opts).await.unwrap().expect("free key"));
+    }
+    let taken_at = Instant::now();
+    etcd.delete(backend.lock_key(&deleted), None).await.unwrap();
+    etcd.put(backend.lock_key(&overwritten), "someone else", None)
+        .await
+        .unwrap();
+    for guard in &guards[..2] {
+        let reason = timeout_at(taken_at + ttl / 3, guard.lost())
+            .await
+            .expect("lost within a third of the ttl");
+        assert_eq!(reason, LostReason::NotOwner);
+        assert!(!guard.is_held());
+    }
+    assert!(
+        guards[2].is_held(),
+        "a lock whose key nobody touched is kept"
+    );
+    guards.pop().unwrap().release().await.unwrap();
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_unreachable_loses_every_session_lock_together_before_the_deadline() {
+    let server = EtcdServer::start();
+    let ttl = Duration::from_secs(3);
+    let backend = session_backend(&server, ttl).await;
+    let node = start(backend.clone()).await;
+    let mut events = node.events();
+    let keys: Vec<String> = (0..4).map(|i| unique_key(&format!("cut-off{i}"))).collect();
+    let mut guards = Vec::new();
+    for key in &keys {
+        let opts = LockOptions::new().with_ttl(ttl);
+        guards.push(node.try_lock(key, opts).await.unwrap().expect("free key"));
+    }
+    server.pause();
+    // No keep-alive sent from here on is answered: every deadline is at most the ttl (less
+    // the default drift of 1%) after now.
+    let latest = Instant::now() + ttl.mul_f64(0.99);
+    // Each key actor says so (the event), told by the session's keeper: a following lock has
+    // no timer of its own that could.
+    let mut lost = std::collections::HashSet::new();
+    while lost.len() < keys.len() {
+        let event = timeout_at(latest, events.recv())
+            .await
+            .expect("every lock's Lost event before its deadline")
+            .unwrap();
+        if let LockEventKind::Lost { reason } = event.kind {
+            assert_eq!(reason, LostReason::Expired, "{event:?}");
+            lost.insert(event.key.clone());
+        }
+    }
+    for guard in &guards {
+        let reason = timeout_at(latest, guard.lost())
+            .await
+            .expect("lost before the deadline");
+        assert_eq!(reason, LostReason::Expired);
+        assert!(!guard.is_held());
+    }
+    server.resume();
     node.shutdown().await;
 }

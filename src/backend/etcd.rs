@@ -66,10 +66,12 @@
 //! # Session lease
 //! With [`EtcdBackendBuilder::with_session`], every lock the backend takes is on one shared
 //! lease, as with etcd's `concurrency.Session`: one keep-alive every ttl/8 for all of them,
-//! no lease grant or revoke per lock, for users with 100,000 locks and more. Each key actor
-//! still keeps its key, deadline and timer, and counts its deadline from the session's last
-//! keep-alive (see `session.rs`). Lock ttls are bounded by the session's ttl (a longer one
-//! is refused before any I/O), and a lost session loses all its locks at once. `txn` mode
+//! no lease grant or revoke per lock, for users with 100,000 locks and more. An auto-renewed
+//! lock on the session *follows* it (`backend/follow.rs`): no renewal and no timer of its
+//! own, its deadline counted from the session's last keep-alive, the prefix watch telling its
+//! key actor at once if its key is taken away (see `session.rs`). Lock ttls are bounded by
+//! the session's ttl (a longer one is refused before any I/O), and a lost session loses all
+//! its locks at once. `txn` mode
 //! only: in `lock` mode the Lock service names a contender by its lease, so two locks of one
 //! name on one session would be one contender.
 //!
@@ -142,8 +144,8 @@ use tokio::sync::OnceCell;
 use tokio::time::timeout;
 
 use crate::backend::{
-    Acquisition, Contention, Lease, LockBackend, LockInfo, OwnerToken, ReleaseNotices, StoreEvent,
-    StoreEvents,
+    Acquisition, Contention, FollowNotify, Lease, LockBackend, LockInfo, OwnerToken,
+    ReleaseNotices, SharedClock, StoreEvent, StoreEvents,
 };
 use crate::error::{Error, Result, StoreError};
 
@@ -165,6 +167,7 @@ pub(crate) use call::describe;
 use call::{tries_per_call, Retry};
 use held::HeldKeys;
 use keep_alive::KeepAlives;
+use lease::lease_seconds;
 use lock_mode::escape_name;
 use session::Session;
 use values::{owner_compares, token, Holder};
@@ -305,7 +308,13 @@ impl EtcdBackendBuilder {
     /// lease revoked), every lock on it is lost at once, each told `Lost` before its deadline
     /// as usual. A lock's ttl cannot be longer than the session's (refused with
     /// [`Error::InvalidTtl`] before any I/O); a lock's ttl shorter than the session's still
-    /// gives that lock its own deadline, renewed every ttl/3.
+    /// gives that lock its own deadline, and the session is kept alive every sixth of the
+    /// shortest such ttl from then on.
+    ///
+    /// An auto-renewed lock on the session is not renewed on its own: its deadline follows
+    /// the session's last keep-alive ([`LockGuard::deadline`](crate::LockGuard::deadline)
+    /// moves along), so it emits no `Renewed` events and counts no renewals. A key deleted or
+    /// overwritten by another client is reported `Lost` as soon as the prefix watch shows it.
     ///
     /// `ttl` must be a whole number of seconds, at least 2 (etcd counts lease ttls in
     /// seconds); `txn` mode only. [`connect`](Self::connect) refuses anything else with
@@ -578,6 +587,45 @@ impl LockBackend for EtcdBackend {
 
     fn keys_outlive_ttl(&self) -> bool {
         self.session.is_some()
+    }
+
+    fn can_follow(&self) -> bool {
+        self.session.is_some()
+    }
+
+    /// A lock on the session lease follows it (see `session.rs`) while the prefix watch
+    /// vouches for its key: no renewal of its own, its deadline counted from the session's
+    /// last keep-alive. Semaphore permits and read-write holds renew on their own.
+    fn follow(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+        lose_after: Duration,
+        notify: FollowNotify,
+    ) -> Option<SharedClock> {
+        let session = self.session.as_ref()?;
+        if lease.permits.is_some() || lease.rw.is_some() {
+            return None;
+        }
+        let current = session.get(lease.lease_id?)?;
+        let held = self.held_keys_if_started()?;
+        if !held.follow(lease.owner, current.id, lease_seconds(ttl), notify) {
+            return None;
+        }
+        // Recorded before the session's life is looked at: a session lost meanwhile either
+        // told this lock already, or is seen lost here.
+        if !current.alive() {
+            held.unfollow(lease.owner);
+            return None;
+        }
+        current.followed(ttl, lose_after);
+        Some(current.clock.clone())
+    }
+
+    fn unfollow(&self, lease: &Lease) {
+        if let Some(held) = self.held_keys_if_started() {
+            held.unfollow(lease.owner);
+        }
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {

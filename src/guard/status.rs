@@ -12,13 +12,22 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::backend::SharedClock;
 use crate::event::LostReason;
 
 /// What the key actor tells its guard about the lease.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) enum LeaseStatus {
     /// Held, and trusted until `deadline` (monotonic); renewed with `ttl`.
     Held { deadline: Instant, ttl: Duration },
+    /// Held, following a shared lease (see `backend/follow.rs`): trusted until `span` after
+    /// the shared lease's last confirmed keep-alive, which the store advances without a word
+    /// to the key actor; renewed with `ttl`. Nothing once the clock has ended.
+    Following {
+        clock: SharedClock,
+        span: Duration,
+        ttl: Duration,
+    },
     /// Given back by the guard's own `release` or drop.
     Released,
     /// Not held any more, through no act of the guard.
@@ -49,9 +58,26 @@ pub(crate) fn status_cell(status: LeaseStatus) -> (StatusWriter, StatusReader) {
     (StatusWriter(cell.clone()), StatusReader(cell))
 }
 
+impl LeaseStatus {
+    /// The deadline and the ttl of a lease held, read now; for a lease following a shared one,
+    /// also whether that shared lease has ended (then it is not held, whatever the deadline).
+    pub(crate) fn held(&self) -> Option<(Instant, Duration, bool)> {
+        match self {
+            LeaseStatus::Held { deadline, ttl } => Some((*deadline, *ttl, false)),
+            LeaseStatus::Following { clock, span, ttl } => {
+                Some((clock.kept() + *span, *ttl, clock.ended()))
+            }
+            _ => None,
+        }
+    }
+}
+
 impl Cell {
     fn get(&self) -> LeaseStatus {
-        *self.status.lock().unwrap_or_else(|e| e.into_inner())
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -95,6 +121,22 @@ impl StatusReader {
                     tokio::select! {
                         _ = changed => {}
                         _ = tokio::time::sleep_until(deadline) => return LostReason::Expired,
+                    }
+                }
+                LeaseStatus::Following { clock, span, .. } => {
+                    let deadline = clock.kept() + span;
+                    if self.0.closed.load(Ordering::Acquire) {
+                        tokio::time::sleep_until(deadline).await;
+                        return LostReason::Expired;
+                    }
+                    tokio::select! {
+                        _ = changed => {}
+                        // The shared lease may have been kept alive meanwhile: look again.
+                        _ = tokio::time::sleep_until(deadline) => {
+                            if Instant::now() >= clock.kept() + span {
+                                return LostReason::Expired;
+                            }
+                        }
                     }
                 }
             }

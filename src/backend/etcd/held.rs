@@ -6,7 +6,8 @@
 //! each prefix a backend writes under has ONE etcd watch, with previous values, over the whole
 //! prefix; the backend registers the owner token of every lock it takes, and the watch marks an
 //! owner `Taken` when a key whose previous value carried that owner is deleted, or overwritten
-//! with another owner's value. The next renewal of that lease answers "not held".
+//! with another owner's value. The next renewal of that lease answers "not held"; a lock that
+//! follows its session lease (no renewals, see `session.rs`) is told at once instead.
 //!
 //! "Lost no later than the next renewal after the change" needs the watch to be caught up when
 //! a renewal decides. The keep-alive answer carries the store's revision R; the renewal trusts
@@ -31,7 +32,7 @@ use tokio::sync::watch;
 
 use super::call::{store_error, Retry};
 use super::values::Holder;
-use crate::backend::OwnerToken;
+use crate::backend::{FollowNotice, FollowNotify, OwnerToken};
 use crate::error::StoreError;
 use crate::task::AbortOnDrop;
 
@@ -67,6 +68,9 @@ struct Registry {
 /// one the current watch will show every change of.
 struct Owners {
     by_owner: HashMap<OwnerToken, Owned, BuildHasherDefault<TokenHasher>>,
+    /// The locks that follow their session lease (see `backend/follow.rs`): told directly
+    /// when the watch sees their key taken away, or can no longer vouch for it.
+    followers: HashMap<OwnerToken, Follower, BuildHasherDefault<TokenHasher>>,
     /// The revision the current watch was created at (it shows every change after it), or 0
     /// while the watch is down.
     watching_since: i64,
@@ -86,12 +90,36 @@ impl Owners {
     /// The watch broke: until it is open again no owner is vouched for.
     fn watch_down(&mut self) {
         self.watching_since = 0;
+        self.all_unsure();
+    }
+
+    /// No owner is vouched for until its key is read again: followers renew on their own.
+    fn all_unsure(&mut self) {
         for owned in self.by_owner.values_mut() {
             if *owned != Owned::Taken {
                 *owned = Owned::Unsure;
             }
         }
+        for (_, follower) in self.followers.drain() {
+            (follower.notify)(FollowNotice::Unsure);
+        }
     }
+
+    /// `owner`'s key was taken away.
+    fn taken(&mut self, owner: OwnerToken) {
+        if let Some(owned) = self.by_owner.get_mut(&owner) {
+            *owned = Owned::Taken;
+        }
+        if let Some(follower) = self.followers.remove(&owner) {
+            (follower.notify)(FollowNotice::Taken);
+        }
+    }
+}
+
+/// A lock that follows its session lease.
+struct Follower {
+    lease: i64,
+    notify: FollowNotify,
 }
 
 /// One prefix's watch and registry; dropping it stops the watch.
@@ -111,6 +139,7 @@ impl HeldKeys {
         let registry = Arc::new(Registry {
             owners: Mutex::new(Owners {
                 by_owner: HashMap::default(),
+                followers: HashMap::default(),
                 watching_since: revision,
             }),
             seen: watch::channel(revision).0,
@@ -173,9 +202,54 @@ impl HeldKeys {
         }
     }
 
-    /// Forgets `owner`: its lock was released, lost, or never taken.
+    /// Forgets `owner`: its lock was released, lost, or never taken. A lock still following
+    /// its session here was released behind its key actor's back (its own key actor stops
+    /// following first): it is told its key was taken.
     pub(super) fn forget(&self, owner: OwnerToken) {
-        self.owners().by_owner.remove(&owner);
+        let mut owners = self.owners();
+        owners.by_owner.remove(&owner);
+        if let Some(follower) = owners.followers.remove(&owner) {
+            (follower.notify)(FollowNotice::Taken);
+        }
+    }
+
+    /// Lets `owner`'s lock follow its session lease `lease`, if the watch vouches for it: it
+    /// is recorded held on that lease with a value saying at least `seconds`. From then on the
+    /// watch tells it through `notify` when its key is taken away or the watch cannot vouch
+    /// for it any more. False (and `notify` dropped) if the watch cannot vouch for it now.
+    pub(super) fn follow(
+        &self,
+        owner: OwnerToken,
+        lease: i64,
+        seconds: i64,
+        notify: FollowNotify,
+    ) -> bool {
+        let mut owners = self.owners();
+        let vouched = matches!(
+            owners.by_owner.get(&owner),
+            Some(Owned::Held { lease: on, granted }) if *on == lease && *granted >= seconds
+        );
+        if vouched {
+            owners.followers.insert(owner, Follower { lease, notify });
+        }
+        vouched
+    }
+
+    /// `owner`'s lock follows its session lease no more (its notice is dropped uncalled).
+    pub(super) fn unfollow(&self, owner: OwnerToken) {
+        self.owners().followers.remove(&owner);
+    }
+
+    /// The session lease `lease` is lost: every lock following it is told `notice`.
+    pub(super) fn lose_followers(&self, lease: i64, notice: FollowNotice) {
+        let mut owners = self.owners();
+        owners.followers.retain(|_, follower| {
+            let on = follower.lease == lease;
+            if on {
+                (follower.notify)(notice);
+            }
+            !on
+        });
     }
 
     /// Waits until the watch has shown every change up to `revision`, for at most
@@ -279,7 +353,6 @@ async fn run(
 fn apply(registry: &Registry, answer: &WatchResponse) {
     if !answer.events().is_empty() {
         let mut owners = registry.owners.lock().unwrap_or_else(|p| p.into_inner());
-        let owners = &mut owners.by_owner;
         for event in answer.events() {
             let Some(prev) = event.prev_kv() else {
                 // etcd could not give the previous value: we cannot tell whose key changed,
@@ -287,11 +360,7 @@ fn apply(registry: &Registry, answer: &WatchResponse) {
                 if event.event_type() == EventType::Delete
                     || event.kv().is_some_and(|kv| kv.version() > 1)
                 {
-                    for owned in owners.values_mut() {
-                        if *owned != Owned::Taken {
-                            *owned = Owned::Unsure;
-                        }
-                    }
+                    owners.all_unsure();
                 }
                 continue;
             };
@@ -306,9 +375,7 @@ fn apply(registry: &Registry, answer: &WatchResponse) {
                     .map(|h| h.owner),
             };
             if now != Some(was) {
-                if let Some(owned) = owners.get_mut(&was) {
-                    *owned = Owned::Taken;
-                }
+                owners.taken(was);
             }
         }
     }

@@ -35,7 +35,7 @@ impl EtcdBackend {
                 // The session lease was revoked or ran out before the keeper noticed: once
                 // more, on a new session.
                 Err(error) if is_lease_not_found(&error) => {
-                    current.gone();
+                    current.gone(self);
                     let current = session.lease(self).await?;
                     self.acquire_on_session(key, &lock_key, owner, ttl, &current, metadata)
                         .await

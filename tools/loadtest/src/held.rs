@@ -3,6 +3,12 @@
 //! longer than ttl/2 without a renewal, from its acquisition to the end of the window (renewal
 //! runs every ttl/3, so ttl/2 leaves room for the store's answer but not for a skipped turn).
 //!
+//! A lock that follows a shared lease (etcd's session, see the README) is not renewed on its
+//! own: it has no `Renewed` events, and "on time" means instead that its deadline, which the
+//! shared lease's keep-alives move, never came within ttl/2 of the clock. That is read from the
+//! guards while they are held: every key's deadline every [`SWEEP_EVERY`], and one key's every
+//! [`PROBE_EVERY`] (they share one clock); the time the readings took is left out of the CPU.
+//!
 //! The memory figures follow `benches/held_locks.rs`: the growth of the resident set from just
 //! before the first acquisition, divided by the number of locks.
 
@@ -17,7 +23,7 @@ use tokio::sync::{broadcast, oneshot};
 use tokio::time::Instant;
 
 use crate::progress::Progress;
-use crate::report::{Held, Renewals, RssSample, Store};
+use crate::report::{Following, Held, Renewals, RssSample, Store};
 
 /// One held-locks scenario.
 pub struct HeldPlan {
@@ -42,6 +48,9 @@ impl HeldPlan {
 const SETTLE: Duration = Duration::from_millis(500);
 /// Resident-set readings through the hold window, after the first one.
 const RSS_SAMPLES: u32 = 6;
+/// How often one guard's deadline is read, and every guard's.
+const PROBE_EVERY: Duration = Duration::from_millis(50);
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Takes `plan.locks` locks through `client` (a manager of their own), holds them, reads the
 /// figures, and releases them all, shutting the manager down.
@@ -53,6 +62,7 @@ pub async fn measure(client: LockClient, plan: &HeldPlan, progress: &Progress) -
         .collect();
     // The bookkeeping is allocated before the baseline, so it does not count as the locks'.
     let mut sent_at = vec![Instant::now(); plan.locks];
+    let mut headroom = vec![Duration::MAX; plan.locks];
     let watcher = (!plan.hold.is_zero()).then(|| Watcher::start(client.events(), &keys));
     let opts = LockOptions::new().with_ttl(plan.ttl);
     // Warm up the allocator and the runtime so the baseline is not the cost of the first lock.
@@ -110,6 +120,38 @@ pub async fn measure(client: LockClient, plan: &HeldPlan, progress: &Progress) -
         }
         samples
     };
+    // The deadlines' headroom (see the module documentation), and the time spent reading it.
+    let mut probe_headroom = Duration::MAX;
+    let mut probe_time = Duration::ZERO;
+    let probing = async {
+        let mut tick = tokio::time::interval(PROBE_EVERY);
+        let mut last_sweep = Instant::now();
+        loop {
+            tick.tick().await;
+            let started = thread_cpu();
+            let now = Instant::now();
+            let left = |guard: &Option<LockGuard>| {
+                let deadline = guard.as_ref().and_then(LockGuard::deadline);
+                deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(now))
+            };
+            probe_headroom = probe_headroom.min(left(&guards[0]));
+            if now - last_sweep >= SWEEP_EVERY {
+                last_sweep = now;
+                for (min, guard) in headroom.iter_mut().zip(&guards) {
+                    *min = (*min).min(left(guard));
+                }
+            }
+            // CPU time of this thread, not wall time: on a busy machine the readings may be
+            // descheduled, and that is not time the process spent.
+            probe_time += thread_cpu().saturating_sub(started);
+        }
+    };
+    let holding = async {
+        tokio::select! {
+            samples = holding => samples,
+            _ = probing => unreachable!("the probe runs until the window ends"),
+        }
+    };
     let rss_per_lock = progress
         .step(format!("holding {what}"), plan.hold.max(SETTLE), holding)
         .await;
@@ -117,13 +159,31 @@ pub async fn measure(client: LockClient, plan: &HeldPlan, progress: &Progress) -
     let watcher_cpu = watcher.as_ref().map_or(Duration::ZERO, |watcher| {
         watcher.cpu().saturating_sub(watcher_before)
     });
-    let cpu = (cpu::process() - cpu_before).saturating_sub(watcher_cpu);
+    let cpu = (cpu::process() - cpu_before)
+        .saturating_sub(watcher_cpu)
+        .saturating_sub(probe_time);
     let renewed = client.metrics().renewed - metrics_before.renewed;
     let guards: Vec<LockGuard> = guards.into_iter().flatten().collect();
     let still_held: Vec<bool> = guards.iter().map(LockGuard::is_held).collect();
     let renewals = watcher.map(|watcher| {
         let log = watcher.stop(held_until);
-        log.judge(&keys, &sent_at, &still_held, held_until, plan.ttl, renewed)
+        let mut renewals = log.judge(&keys, &sent_at, &still_held, held_until, plan.ttl, renewed);
+        if renewals.events == 0 && renewed == 0 {
+            // Following a shared lease: judged by the deadlines instead.
+            let on_time = headroom
+                .iter()
+                .zip(&still_held)
+                .filter(|(left, held)| **held && **left >= plan.ttl / 2)
+                .count();
+            renewals.keys_on_time = on_time;
+            renewals.on_time_pct = 100.0 * on_time as f64 / plan.locks.max(1) as f64;
+            renewals.following = Some(Following {
+                min_headroom_s: headroom.iter().min().map_or(0.0, Duration::as_secs_f64),
+                probe_min_headroom_s: probe_headroom.as_secs_f64(),
+                probe_cpu_s: probe_time.as_secs_f64(),
+            });
+        }
+        renewals
     });
 
     let releasing = Instant::now();
@@ -295,8 +355,20 @@ impl RenewalLog {
             keys_on_time: on_time,
             on_time_pct: 100.0 * on_time as f64 / keys.len().max(1) as f64,
             max_gap_s: max_gap.as_secs_f64(),
+            following: None,
         }
     }
+}
+
+/// CPU time of the calling thread so far.
+fn thread_cpu() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec for the call to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
 }
 
 /// Gives the memory freed by earlier scenarios back to the system, so the next baseline is
