@@ -125,7 +125,8 @@ pub async fn measure(client: LockClient, plan: &HeldPlan, progress: &Progress) -
     let mut probe_time = Duration::ZERO;
     let probing = async {
         let mut tick = tokio::time::interval(PROBE_EVERY);
-        let mut last_sweep = Instant::now();
+        // The first tick reads every key, so a window shorter than a sweep still reads them.
+        let mut last_sweep: Option<Instant> = None;
         loop {
             tick.tick().await;
             let started = thread_cpu();
@@ -135,8 +136,8 @@ pub async fn measure(client: LockClient, plan: &HeldPlan, progress: &Progress) -
                 deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(now))
             };
             probe_headroom = probe_headroom.min(left(&guards[0]));
-            if now - last_sweep >= SWEEP_EVERY {
-                last_sweep = now;
+            if last_sweep.is_none_or(|last| now - last >= SWEEP_EVERY) {
+                last_sweep = Some(now);
                 for (min, guard) in headroom.iter_mut().zip(&guards) {
                     *min = (*min).min(left(guard));
                 }
