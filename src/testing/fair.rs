@@ -34,6 +34,7 @@ macro_rules! fair_suite {
             fair_is_refused_where_unsupported_before_any_io,
             fair_semaphore_waiters_are_admitted_in_asking_order,
             fair_semaphore_waiter_that_times_out_withdraws_and_does_not_block_the_next,
+            dead_fair_semaphore_waiter_delays_the_next_only_until_its_entry_ttl,
             same_holder_asking_again_fairly_gets_an_error,
             fair_waiter_whose_caller_went_away_does_not_block_the_next,
         );
@@ -372,6 +373,65 @@ pub async fn fair_semaphore_waiter_that_times_out_withdraws_and_does_not_block_t
         admitted_at >= gave_up_at,
         "the 1-permit waiter got in {:?} before the 2-permit waiter ahead of it gave up",
         gave_up_at - admitted_at
+    );
+    guard.release().await.unwrap();
+    second.release().await.unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// A semaphore waiter that died in the queue (its place, taken straight through the backend,
+/// is never refreshed nor withdrawn) keeps the one free permit from the fair waiter behind it
+/// until its place's ttl, and no longer (well before the holders' ttl). Without fairness the
+/// waiter behind takes the free permit at once.
+pub async fn dead_fair_semaphore_waiter_delays_the_next_only_until_its_entry_ttl<
+    B: LockBackend + Clone,
+>(
+    backend: B,
+) {
+    const DEAD_TTL: Duration = Duration::from_secs(2);
+    if refused_without_fair_permits(&backend).await {
+        return;
+    }
+    let a = start(backend.clone()).await;
+    let b = start(backend.clone()).await;
+    let name = unique_key("fair-sem-dead");
+    let on_a = a.semaphore(&name, 2).unwrap();
+    let long = LockOptions::new().with_ttl(Duration::from_secs(60));
+    let first = on_a.try_acquire(long.clone()).await.unwrap();
+    let second = on_a.try_acquire(long).await.unwrap();
+    let (first, second) = (first.expect("free"), second.expect("free"));
+    // The dead waiter: one attempt for 2 permits, answered "held", so it is in the queue.
+    let dead = OwnerToken::random();
+    let entered_at = Instant::now();
+    let permits = crate::backend::Permits::new(2, 2);
+    let attempt = backend
+        .acquire_permits_fair(&name, dead, DEAD_TTL, permits, None)
+        .await;
+    assert!(
+        matches!(attempt, Ok(crate::backend::Acquisition::Held(_))),
+        "the dead waiter queues behind the holders: {attempt:?}"
+    );
+    let waiter = {
+        let semaphore = b.semaphore(&name, 2).unwrap();
+        // Its budget is shorter than the holders' ttl: only the dead place's expiry, not a
+        // holder's, can let it in in time.
+        tokio::spawn(async move { semaphore.acquire(fair(DEAD_TTL + PROMPT * 5)).await })
+    };
+    eventually("the live waiter is queued", PROMPT, || async {
+        waiting_on(&b, &name).await == 1
+    })
+    .await;
+    first.release().await.unwrap();
+    let guard = waiter
+        .await
+        .unwrap()
+        .expect("the live waiter gets a permit");
+    let got_at = Instant::now();
+    assert!(
+        got_at >= entered_at + DEAD_TTL,
+        "the dead waiter was ahead until its place ran out, yet the next got in after {:?}",
+        got_at - entered_at
     );
     guard.release().await.unwrap();
     second.release().await.unwrap();
