@@ -457,6 +457,43 @@ pub trait LockBackend: Send + Sync + 'static {
         })
     }
 
+    /// Whether [`acquire_permits_fair`](Self::acquire_permits_fair) works on this store
+    /// (checked before any I/O, as [`supports_fair`](Self::supports_fair) is for locks).
+    fn supports_fair_permits(&self) -> bool {
+        false
+    }
+
+    /// One attempt of a fair waiter `owner` for `permits.count` of the semaphore `name`'s
+    /// permits: taken only if that many are free and `owner` is first among the live entries
+    /// of the semaphore's queue of waiters (or the queue is empty); else `owner` keeps (or
+    /// takes) a place in that queue, leased for `ttl` from this attempt, and the answer's wait
+    /// is at most half of `ttl`, so the next attempt renews the place in time. The same
+    /// `owner` is used for every attempt of one waiter; [`withdraw_permits`](Self::withdraw_permits)
+    /// takes it out of the queue when it stops waiting. An unfair
+    /// [`acquire_permits`](Self::acquire_permits) does not look at the queue.
+    async fn acquire_permits_fair(
+        &self,
+        name: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        permits: Permits,
+        metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        let _ = (name, owner, ttl, permits, metadata);
+        Err(StoreError::Unsupported {
+            store: self.kind(),
+            op: "fair waiting for semaphores",
+        })
+    }
+
+    /// Takes the fair waiter `owner` out of the semaphore `name`'s queue (it stopped
+    /// waiting), and sends the permits' release notice if it was first (the next may go in).
+    /// The default has no queue.
+    async fn withdraw_permits(&self, name: &str, owner: OwnerToken) -> Result<(), StoreError> {
+        let _ = (name, owner);
+        Ok(())
+    }
+
     /// Subscribes to notices that permits of the semaphore `name` may have been freed (a
     /// release; an expiry too, on stores that see it), as [`subscribe`](Self::subscribe)
     /// does for a lock.

@@ -347,10 +347,15 @@ impl KeyState {
         // One attempt always gets its full operation budget, even if it overruns the wait
         // budget: a short wait must still try at least once.
         let (op, attempt) = match (request.permits, request.rw, request.primitive()) {
-            (Some(permits), _, _) => (
-                StoreOp::AcquirePermits,
-                store.acquire_permits(&request.name, owner, request.ttl, permits, metadata),
-            ),
+            (Some(permits), _, _) => {
+                let (name, ttl) = (&request.name, request.ttl);
+                let attempt = if request.fair.is_some() {
+                    store.acquire_permits_fair(name, owner, ttl, permits, metadata)
+                } else {
+                    store.acquire_permits(name, owner, ttl, permits, metadata)
+                };
+                (StoreOp::AcquirePermits, attempt)
+            }
             (None, Some(mode), _) => {
                 let intent = request.intent.is_some();
                 let (name, ttl) = (&request.name, request.ttl);

@@ -165,9 +165,11 @@ impl LockOptions {
     /// `fair` may still take a free key ahead of them. A fair lock's guard releases and
     /// renews it; the [`Release`](crate::LockManagerMsg::Release) and
     /// [`Renew`](crate::LockManagerMsg::Renew) messages name unfair locks only. Supported for locks on the memory
-    /// and Redis backends and on etcd in `EtcdMode::Lock`;
-    /// anywhere else (etcd's txn mode, semaphores, read-write locks) a fair request is
-    /// refused before any I/O with a [`StoreError::Unsupported`](crate::StoreError) error.
+    /// and Redis backends and on etcd in `EtcdMode::Lock`, and for semaphores on the memory
+    /// and Redis backends (strict FIFO: k permits are taken only by the first fair waiter,
+    /// once k are free); anywhere else (etcd's txn mode, semaphores on etcd, read-write
+    /// locks) a fair request is refused before any I/O with a
+    /// [`StoreError::Unsupported`](crate::StoreError) error.
     ///
     /// ```
     /// use leasehold::LockOptions;

@@ -101,9 +101,14 @@ impl AcquireRequest {
         };
         // A fair request that tries once takes a place too (an attempt at the store cannot
         // look without queueing), and gives it back at once when it does not win.
+        let queue = if options.permits.is_some() {
+            Queue::PermitWaiters
+        } else {
+            Queue::Waiters
+        };
         let fair = options
             .fair
-            .then(|| QueueEntry::new(ctx, &name, OwnerToken::random(), Queue::Waiters));
+            .then(|| QueueEntry::new(ctx, &name, OwnerToken::random(), queue));
         let request = AcquireRequest {
             key,
             name,
@@ -169,7 +174,10 @@ fn check_fair(ctx: &BackendCtx, options: &LockOptions) -> Result<()> {
         }))
     };
     if options.permits.is_some() {
-        return unsupported("fair waiting for semaphores");
+        if !ctx.store.supports_fair_permits() {
+            return unsupported("fair waiting for semaphores (memory and Redis only)");
+        }
+        return Ok(());
     }
     if options.rw.is_some() {
         return unsupported("fair waiting for read-write locks");
@@ -193,6 +201,8 @@ pub(crate) enum Queue {
     WriterIntents,
     /// A lock's fair waiters, which an election's candidates share (`withdraw`).
     Waiters,
+    /// A semaphore's fair waiters (`withdraw_permits`).
+    PermitWaiters,
 }
 
 /// A waiting request's entry in a queue in the store (a waiting writer's intent, a fair
@@ -252,6 +262,11 @@ impl Drop for QueueEntry {
                 }
                 Queue::Waiters => {
                     let withdraw = ctx.store.withdraw(&name, owner);
+                    let withdrawn = ctx.metrics.timed(StoreOp::Withdraw, withdraw);
+                    tokio::time::timeout(budget, withdrawn).await
+                }
+                Queue::PermitWaiters => {
+                    let withdraw = ctx.store.withdraw_permits(&name, owner);
                     let withdrawn = ctx.metrics.timed(StoreOp::Withdraw, withdraw);
                     tokio::time::timeout(budget, withdrawn).await
                 }

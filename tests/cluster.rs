@@ -672,8 +672,8 @@ async fn leases_taken_at_once_share_one_liveness_session() {
 }
 
 /// The fair option travels with a remote acquisition: a fair lock is granted as usual, and a
-/// fair semaphore request (which no backend serves fairly yet) is refused as it is locally,
-/// which it would not be if the option were dropped on the way.
+/// fair read-write lock request (which no backend serves fairly yet) is refused as it is
+/// locally, which it would not be if the option were dropped on the way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_acquire_carries_the_fair_option() {
     let _serial = SERIAL.lock().await;
@@ -690,8 +690,8 @@ async fn remote_acquire_carries_the_fair_option() {
     let err = cluster
         .remote
         .acquire(
-            RemoteAcquire::new(unique_key("remote-fair-permits"), &holder)
-                .with_permits(2, 1)
+            RemoteAcquire::new(unique_key("remote-fair-rw"), &holder)
+                .with_rw(RwMode::Write)
                 .with_fair(true),
         )
         .await
@@ -702,7 +702,8 @@ async fn remote_acquire_carries_the_fair_option() {
         "{err}"
     );
     assert!(
-        err.to_string().contains("fair waiting for semaphores"),
+        err.to_string()
+            .contains("fair waiting for read-write locks"),
         "{err}"
     );
     cluster.stop().await;

@@ -261,7 +261,27 @@ impl LockBackend for MemoryBackend {
         permits: Permits,
         metadata: Option<&str>,
     ) -> Result<Acquisition, StoreError> {
-        self.take_permits(name, owner, ttl, permits, metadata)
+        self.take_permits(name, owner, ttl, permits, metadata, false)
+    }
+
+    fn supports_fair_permits(&self) -> bool {
+        true
+    }
+
+    async fn acquire_permits_fair(
+        &self,
+        name: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        permits: Permits,
+        metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        self.take_permits(name, owner, ttl, permits, metadata, true)
+    }
+
+    async fn withdraw_permits(&self, name: &str, owner: OwnerToken) -> Result<(), StoreError> {
+        self.withdraw_permit_waiter(name, owner);
+        Ok(())
     }
 
     async fn subscribe_permits(

@@ -471,7 +471,28 @@ impl LockBackend for RedisBackend {
         permits: crate::backend::Permits,
         metadata: Option<&str>,
     ) -> Result<Acquisition, StoreError> {
-        self.take_permits(name, owner, ttl, permits, metadata).await
+        self.take_permits(name, owner, ttl, permits, metadata, false)
+            .await
+    }
+
+    fn supports_fair_permits(&self) -> bool {
+        true
+    }
+
+    async fn acquire_permits_fair(
+        &self,
+        name: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        permits: crate::backend::Permits,
+        metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        self.take_permits(name, owner, ttl, permits, metadata, true)
+            .await
+    }
+
+    async fn withdraw_permits(&self, name: &str, owner: OwnerToken) -> Result<(), StoreError> {
+        self.withdraw_permit_waiter(name, owner).await
     }
 
     async fn subscribe_permits(

@@ -31,7 +31,10 @@ macro_rules! fair_suite {
             fair_waiters_on_two_nodes_are_served_in_asking_order,
             dead_fair_waiter_delays_the_next_only_until_its_entry_ttl,
             fair_waiter_that_times_out_withdraws_and_does_not_block_the_next,
-            fair_is_refused_for_semaphores_and_rwlocks_before_any_io,
+            fair_is_refused_where_unsupported_before_any_io,
+            fair_semaphore_waiters_are_admitted_in_asking_order,
+            fair_semaphore_waiter_that_times_out_withdraws_and_does_not_block_the_next,
+            dead_fair_semaphore_waiter_delays_the_next_only_until_its_entry_ttl,
             same_holder_asking_again_fairly_gets_an_error,
             fair_waiter_whose_caller_went_away_does_not_block_the_next,
         );
@@ -194,26 +197,246 @@ pub async fn fair_waiter_that_times_out_withdraws_and_does_not_block_the_next<
     b.shutdown().await;
 }
 
-/// Fair waiting is built for locks only: a fair semaphore or read-write lock request is
-/// refused with an error naming what is unsupported, and nothing is taken.
-pub async fn fair_is_refused_for_semaphores_and_rwlocks_before_any_io<B: LockBackend + Clone>(
-    backend: B,
-) {
+/// Fair waiting for read-write locks is not built: a fair request is refused with an error
+/// naming what is unsupported, and nothing is taken. Fair semaphores are refused so on a store
+/// without a semaphore queue ([`LockBackend::supports_fair_permits`], etcd), and served where
+/// there is one.
+pub async fn fair_is_refused_where_unsupported_before_any_io<B: LockBackend + Clone>(backend: B) {
+    let fair_permits = backend.supports_fair_permits();
     let client = start(backend).await;
     let name = unique_key("fair-refused");
     let semaphore = client.semaphore(&name, 2).unwrap();
-    let refused = semaphore
-        .try_acquire(LockOptions::new().with_fair(true))
-        .await
-        .unwrap_err();
-    assert_unsupported(&refused, "semaphores");
+    let fair = LockOptions::new().with_fair(true);
+    if fair_permits {
+        let guard = semaphore.try_acquire(fair.clone()).await.unwrap();
+        guard.expect("a free semaphore").release().await.unwrap();
+    } else {
+        let refused = semaphore.try_acquire(fair.clone()).await.unwrap_err();
+        assert_unsupported(&refused, "semaphores");
+        assert!(semaphore.holders().await.unwrap().is_empty());
+    }
     let rwlock = client.rwlock(&name).unwrap();
-    let refused = rwlock
-        .try_write(LockOptions::new().with_fair(true))
-        .await
-        .unwrap_err();
+    let refused = rwlock.try_write(fair).await.unwrap_err();
     assert_unsupported(&refused, "read-write locks");
     client.shutdown().await;
+}
+
+/// On a store without fair semaphores: a fair acquisition is refused before any I/O (true
+/// when the test ran its course; false when the store serves fair semaphores).
+async fn refused_without_fair_permits<B: LockBackend + Clone>(backend: &B) -> bool {
+    if backend.supports_fair_permits() {
+        return false;
+    }
+    let client = start(backend.clone()).await;
+    let semaphore = client.semaphore(&unique_key("fair-sem"), 2).unwrap();
+    let refused = semaphore
+        .acquire(fair(PROMPT))
+        .await
+        .expect_err("fair semaphores are refused on this store");
+    assert_unsupported(&refused, "semaphores");
+    client.shutdown().await;
+    true
+}
+
+/// A semaphore of 2 permits, both held; four fair waiters on two managers ask one after the
+/// other (each in the store's queue before the next asks): 1 permit (node A), 2 (B), 1 (A),
+/// 1 (B). One permit freed lets the first in; once it is back, a permit is free but the head
+/// wants 2: a fair 1-permit `try_acquire` from elsewhere gets nothing (and leaves no entry).
+/// The last permit freed, the others get in, strictly in asking order (by fencing token,
+/// which grows with each admission). Without fairness a 1-permit waiter behind the 2-permit
+/// one takes the free permit first.
+pub async fn fair_semaphore_waiters_are_admitted_in_asking_order<B: LockBackend + Clone>(
+    backend: B,
+) {
+    if refused_without_fair_permits(&backend).await {
+        return;
+    }
+    let a = start(backend.clone()).await;
+    let b = start(backend).await;
+    let name = unique_key("fair-sem-order");
+    let (on_a, on_b) = (
+        a.semaphore(&name, 2).unwrap(),
+        b.semaphore(&name, 2).unwrap(),
+    );
+    let first = on_a.try_acquire(LockOptions::new()).await.unwrap();
+    let second = on_a.try_acquire(LockOptions::new()).await.unwrap();
+    let (first, second) = (first.expect("free"), second.expect("free"));
+    let admitted = Arc::new(Mutex::new(Vec::new()));
+    let asks = [(&on_a, 1), (&on_b, 2), (&on_a, 1), (&on_b, 1)];
+    let mut tasks = Vec::new();
+    for (i, (semaphore, count)) in asks.into_iter().enumerate() {
+        let (semaphore, admitted) = (semaphore.clone(), admitted.clone());
+        tasks.push(tokio::spawn(async move {
+            let guard = semaphore
+                .acquire_many(count, fair(Duration::from_secs(30)))
+                .await;
+            let guard = guard.unwrap_or_else(|e| panic!("waiter {i}: {e}"));
+            admitted.lock().unwrap().push((guard.fencing_token(), i));
+            guard.release().await.unwrap();
+        }));
+        eventually("the waiter is queued", PROMPT, || async {
+            waiting_on(&a, &name).await + waiting_on(&b, &name).await == i + 1
+        })
+        .await;
+    }
+    first.release().await.unwrap();
+    eventually("the first waiter came and went", PROMPT, || async {
+        admitted.lock().unwrap().len() == 1 && on_a.holders().await.unwrap().len() == 1
+    })
+    .await;
+    // One permit is free, but the 2-permit waiter is first in line.
+    let behind = on_b.try_acquire(LockOptions::new().with_fair(true)).await;
+    assert!(
+        behind.unwrap().is_none(),
+        "a fair 1-permit request went ahead of the 2-permit waiter at the head"
+    );
+    second.release().await.unwrap();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut admitted = admitted.lock().unwrap().clone();
+    admitted.sort_unstable();
+    let order: Vec<usize> = admitted.into_iter().map(|(_, i)| i).collect();
+    assert_eq!(order, (0..asks.len()).collect::<Vec<_>>());
+    // The try that lost left no place in the queue: the whole semaphore is free to a fair ask.
+    let all = on_b
+        .try_acquire_many(2, LockOptions::new().with_fair(true))
+        .await
+        .unwrap();
+    all.expect("nobody is left in the queue")
+        .release()
+        .await
+        .unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// A fair 2-permit waiter at the head of a semaphore's queue keeps a 1-permit waiter (on
+/// another node) out while one permit is free; when its wait budget runs out it leaves the
+/// queue at once, and the 1-permit waiter gets the free permit then (not before), without
+/// waiting for the first one's place to run out (its ttl, a minute, is longer than the second
+/// waiter's whole budget). Without fairness the 1-permit waiter gets in before the other
+/// times out.
+pub async fn fair_semaphore_waiter_that_times_out_withdraws_and_does_not_block_the_next<
+    B: LockBackend + Clone,
+>(
+    backend: B,
+) {
+    const ENTRY_TTL: Duration = Duration::from_secs(60);
+    if refused_without_fair_permits(&backend).await {
+        return;
+    }
+    let a = start(backend.clone()).await;
+    let b = start(backend).await;
+    let name = unique_key("fair-sem-timeout");
+    let (on_a, on_b) = (
+        a.semaphore(&name, 2).unwrap(),
+        b.semaphore(&name, 2).unwrap(),
+    );
+    let long = LockOptions::new().with_ttl(ENTRY_TTL);
+    let first = on_a.try_acquire(long.clone()).await.unwrap();
+    let second = on_a.try_acquire(long).await.unwrap();
+    let (first, second) = (first.expect("free"), second.expect("free"));
+    let impatient = {
+        let semaphore = on_a.clone();
+        let options = fair(Duration::from_millis(500)).with_ttl(ENTRY_TTL);
+        tokio::spawn(async move {
+            let outcome = semaphore.acquire_many(2, options).await.map(drop);
+            (outcome, Instant::now())
+        })
+    };
+    eventually("the impatient waiter is queued", PROMPT, || async {
+        waiting_on(&a, &name).await == 1
+    })
+    .await;
+    let patient = {
+        let semaphore = on_b.clone();
+        tokio::spawn(async move {
+            let guard = semaphore.acquire(fair(PROMPT * 5)).await;
+            (guard, Instant::now())
+        })
+    };
+    eventually("the patient waiter is queued", PROMPT, || async {
+        waiting_on(&b, &name).await == 1
+    })
+    .await;
+    // One permit is free from here on.
+    first.release().await.unwrap();
+    let (timed_out, gave_up_at) = impatient.await.unwrap();
+    assert!(
+        matches!(timed_out, Err(Error::Timeout { .. })),
+        "the impatient waiter times out: {timed_out:?}"
+    );
+    let (guard, admitted_at) = patient.await.unwrap();
+    let guard = guard.expect("the next waiter is not held up by the one that left");
+    assert!(
+        admitted_at >= gave_up_at,
+        "the 1-permit waiter got in {:?} before the 2-permit waiter ahead of it gave up",
+        gave_up_at - admitted_at
+    );
+    guard.release().await.unwrap();
+    second.release().await.unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// A semaphore waiter that died in the queue (its place, taken straight through the backend,
+/// is never refreshed nor withdrawn) keeps the one free permit from the fair waiter behind it
+/// until its place's ttl, and no longer (well before the holders' ttl). Without fairness the
+/// waiter behind takes the free permit at once.
+pub async fn dead_fair_semaphore_waiter_delays_the_next_only_until_its_entry_ttl<
+    B: LockBackend + Clone,
+>(
+    backend: B,
+) {
+    const DEAD_TTL: Duration = Duration::from_secs(2);
+    if refused_without_fair_permits(&backend).await {
+        return;
+    }
+    let a = start(backend.clone()).await;
+    let b = start(backend.clone()).await;
+    let name = unique_key("fair-sem-dead");
+    let on_a = a.semaphore(&name, 2).unwrap();
+    let long = LockOptions::new().with_ttl(Duration::from_secs(60));
+    let first = on_a.try_acquire(long.clone()).await.unwrap();
+    let second = on_a.try_acquire(long).await.unwrap();
+    let (first, second) = (first.expect("free"), second.expect("free"));
+    // The dead waiter: one attempt for 2 permits, answered "held", so it is in the queue.
+    let dead = OwnerToken::random();
+    let entered_at = Instant::now();
+    let permits = crate::backend::Permits::new(2, 2);
+    let attempt = backend
+        .acquire_permits_fair(&name, dead, DEAD_TTL, permits, None)
+        .await;
+    assert!(
+        matches!(attempt, Ok(crate::backend::Acquisition::Held(_))),
+        "the dead waiter queues behind the holders: {attempt:?}"
+    );
+    let waiter = {
+        let semaphore = b.semaphore(&name, 2).unwrap();
+        // Its budget is shorter than the holders' ttl: only the dead place's expiry, not a
+        // holder's, can let it in in time.
+        tokio::spawn(async move { semaphore.acquire(fair(DEAD_TTL + PROMPT * 5)).await })
+    };
+    eventually("the live waiter is queued", PROMPT, || async {
+        waiting_on(&b, &name).await == 1
+    })
+    .await;
+    first.release().await.unwrap();
+    let guard = waiter
+        .await
+        .unwrap()
+        .expect("the live waiter gets a permit");
+    let got_at = Instant::now();
+    assert!(
+        got_at >= entered_at + DEAD_TTL,
+        "the dead waiter was ahead until its place ran out, yet the next got in after {:?}",
+        got_at - entered_at
+    );
+    guard.release().await.unwrap();
+    second.release().await.unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
 }
 
 fn assert_unsupported(error: &Error, what: &str) {

@@ -1,6 +1,7 @@
 //! Semaphores in the in-process table: per name, the live permit leases, a fence counter that
-//! never goes back, and the subscribers told when permits are freed.
+//! never goes back, the subscribers told when permits are freed, and the fair waiters' queue.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -19,6 +20,8 @@ pub(super) struct SemaphoreRow {
     /// The leases, oldest first; expired ones are dropped whenever the row is touched.
     leases: Vec<PermitLease>,
     subscribers: Vec<mpsc::UnboundedSender<()>>,
+    /// The fair waiters, in the order they first asked, each with when its place runs out.
+    queue: VecDeque<(OwnerToken, Instant)>,
 }
 
 struct PermitLease {
@@ -51,6 +54,8 @@ impl SemaphoreRow {
 }
 
 impl MemoryBackend {
+    /// One attempt at `permits`: unfair (`fair` false) looks at the free permits only; fair
+    /// also at the queue of fair waiters (see `LockBackend::acquire_permits_fair`).
     pub(super) fn take_permits(
         &self,
         name: &str,
@@ -58,6 +63,7 @@ impl MemoryBackend {
         ttl: Duration,
         permits: Permits,
         metadata: Option<&str>,
+        fair: bool,
     ) -> Result<Acquisition, StoreError> {
         let now = Instant::now();
         let mut table = self.table();
@@ -71,7 +77,36 @@ impl MemoryBackend {
             });
         }
         let used: u32 = row.leases.iter().map(|l| l.permits.count).sum();
-        if used + permits.count > permits.total {
+        let enough = used + permits.count <= permits.total;
+        if fair {
+            // A waiter that stopped trying leaves the queue when its place runs out.
+            row.queue.retain(|(_, expires_at)| *expires_at > now);
+            let head = row.queue.front().copied();
+            if !enough || head.is_some_and(|(first, _)| first != owner) {
+                // Keep (or take) a place, leased for `ttl` from this attempt.
+                match row.queue.iter_mut().find(|(token, _)| *token == owner) {
+                    Some(entry) => entry.1 = now + ttl,
+                    None => row.queue.push_back((owner, now + ttl)),
+                }
+                // Until a lease runs out (too few free) or the head's place does (it is
+                // ahead); and the next attempt must come before this place runs out.
+                let ahead = match (enough, head) {
+                    (true, Some((_, expires_at))) => Some(expires_at - now),
+                    _ => row.leases.iter().map(|l| l.expires_at - now).min(),
+                }
+                .unwrap_or_default();
+                let contention = Contention::with_remaining_ttl(Some(ahead.min(ttl / 2)));
+                return Ok(Acquisition::Held(contention));
+            }
+            if head.is_some() {
+                row.queue.pop_front();
+                // Permits are left: the next in line may fit.
+                if used + permits.count < permits.total && !row.queue.is_empty() {
+                    row.notify();
+                }
+            }
+        }
+        if !enough {
             // The first lease to run out may free enough: look again by then at the latest.
             let first = row.leases.iter().map(|l| l.expires_at).min();
             let left = first.map(|at| at - now);
@@ -117,6 +152,19 @@ impl MemoryBackend {
         row.leases.retain(|held| held.owner != lease.owner);
         row.notify();
         true
+    }
+
+    /// Takes `owner` out of the semaphore's fair queue; wakes the waiters if it was first.
+    pub(super) fn withdraw_permit_waiter(&self, name: &str, owner: OwnerToken) {
+        let mut table = self.table();
+        let Some(row) = table.semaphores.get_mut(name) else {
+            return;
+        };
+        let was_first = row.queue.front().is_some_and(|(first, _)| *first == owner);
+        row.queue.retain(|(token, _)| *token != owner);
+        if was_first {
+            row.notify();
+        }
     }
 
     pub(super) fn subscribe_to_permits(&self, name: &str) -> ReleaseNotices {

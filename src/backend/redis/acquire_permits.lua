@@ -11,13 +11,20 @@
 -- ARGV[4]  k, the permits asked for
 -- ARGV[5]  the metadata, or "" for none
 -- ARGV[6]  restart quarantine in milliseconds; 0 turns it off
--- KEYS[4]  with a quarantine only: when this server first served leasehold since it last lost
---          its data (see acquire.lua)
+-- ARGV[7]  fair acquisitions only: the semaphore's release channel; absent, the queue below
+--          is not looked at (an unfair acquisition costs nothing more)
+-- KEYS[4]  fair only: the queue, a sorted set of waiting owner tokens scored by arrival
+-- KEYS[5]  fair only: the queue entries' leases, a hash owner token -> expiry (server ms)
+-- KEYS[6]  fair only: the arrival counter (scores for KEYS[4]); never expires
+-- KEYS[#KEYS]  with a quarantine only (last): when this server first served leasehold since
+--          it last lost its data (see acquire.lua)
 --
 -- Returns the fencing token when the permits were taken: an integer, or its decimal digits as
 -- a string when it is 2^53 or more. When too few are free: a one-element array, how long the
 -- first lease to run out has left (ms). When the live leases were granted with another N: the
--- array { "mismatch", <their N> }.
+-- array { "mismatch", <their N> }. A fair acquisition that must wait: a one-element array, how
+-- long to wait before its next attempt (at most half the ttl, so that attempt renews its
+-- place in time), as in campaign.lua.
 --
 -- A free semaphore costs TIME, ZRANGE, INCR, ZADD and PEXPIREAT.
 
@@ -27,7 +34,7 @@ now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 -- have noticed yet: as in acquire.lua, nothing is granted until the quarantine is over.
 local quarantine = tonumber(ARGV[6])
 if quarantine > 0 then
-  local first = redis.call('SET', KEYS[4], now, 'NX', 'GET')
+  local first = redis.call('SET', KEYS[#KEYS], now, 'NX', 'GET')
   if not first then
     return { quarantine }
   end
@@ -65,6 +72,45 @@ if #expired > 0 then
     expired[i] = string.match(member, '^(%x+):')
   end
   redis.call('HDEL', KEYS[2], unpack(expired))
+end
+local channel = ARGV[7]
+if channel then
+  -- Fair: admitted only first in the queue (or with nobody in it). A waiter that stopped
+  -- trying leaves the queue when its place runs out; entries leave at the head mostly: look
+  -- there until a live one.
+  local queue, entries = KEYS[4], KEYS[5]
+  local owner, ttl = ARGV[1], tonumber(ARGV[2])
+  local head
+  while true do
+    head = redis.call('ZRANGE', queue, 0, 0)[1]
+    if not head then break end
+    if tonumber(redis.call('HGET', entries, head) or '0') > now then break end
+    redis.call('ZREM', queue, head)
+    redis.call('HDEL', entries, head)
+  end
+  local enough = used + count <= total
+  if not enough or (head and head ~= owner) then
+    -- Wait in line: the place is leased for ttl from this attempt.
+    if not redis.call('ZSCORE', queue, owner) then
+      redis.call('ZADD', queue, redis.call('INCR', KEYS[6]), owner)
+    end
+    redis.call('HSET', entries, owner, now + ttl)
+    local ahead
+    if enough then
+      ahead = tonumber(redis.call('HGET', entries, head)) - now
+    else
+      ahead = (first or now) - now
+    end
+    return { math.min(ahead, math.floor(ttl / 2)) }
+  end
+  if head then
+    redis.call('ZREM', queue, owner)
+    redis.call('HDEL', entries, owner)
+    -- Permits are left: the next in line may fit.
+    if used + count < total and redis.call('ZCARD', queue) > 0 then
+      redis.call('PUBLISH', channel, '')
+    end
+  end
 end
 if used + count > total then
   -- Too few free: the first lease to run out may free enough, and an expiry publishes

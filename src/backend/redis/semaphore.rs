@@ -6,7 +6,17 @@
 //! | `P{K}:permits`          | sorted set            | a member `"<owner>:<k>:<N>:<token>"` per lease, scored by when it runs out (server ms) |
 //! | `P{K}:permit-metadata`  | hash                  | owner token → metadata, for leases that have any |
 //! | `P{K}:permit-fence`     | string, never expires | the last fencing token handed out        |
-//! | `P{K}:permits-released` | pub/sub channel       | a notice per release                     |
+//! | `P{K}:permits-released` | pub/sub channel       | a notice per release (and per fair waiter's withdrawal or admission that may let the next in) |
+//! | `P{K}:permit-queue`     | sorted set            | fair waiters' owner tokens, scored by arrival |
+//! | `P{K}:permit-entries`   | hash                  | fair waiter's owner token → when its place expires (server ms) |
+//! | `P{K}:permit-arrivals`  | string, never expires | the arrival counter (the queue's scores) |
+//!
+//! A fair acquisition ([`LockOptions::with_fair`](crate::LockOptions::with_fair)) runs the same
+//! script with the three queue keys and the release channel: it is admitted only when enough
+//! permits are free and it is first among the live entries of the queue (or the queue is
+//! empty), else it keeps (or takes) its place there, leased for its ttl, as a fair lock's
+//! waiter does in `campaign.lua`. `withdraw_permits.lua` takes a waiter that gave up out of
+//! the queue. An unfair acquisition does not look at the queue.
 //!
 //! With [`RedisBackend::with_restart_quarantine`], an acquisition of permits waits out the
 //! quarantine after a data loss as a lock's does (the same `<prefix>epoch` key).
@@ -38,6 +48,7 @@ static ACQUIRE: Lua = Lua::new(include_str!("acquire_permits.lua"));
 static RENEW: Lua = Lua::new(include_str!("renew_permits.lua"));
 static RELEASE: Lua = Lua::new(include_str!("release_permits.lua"));
 static HOLDERS: Lua = Lua::new(include_str!("permit_holders.lua"));
+static WITHDRAW: Lua = Lua::new(include_str!("withdraw_permits.lua"));
 
 impl RedisBackend {
     /// The leases' sorted set and hash of the semaphore `name`.
@@ -57,6 +68,7 @@ impl RedisBackend {
         ttl: Duration,
         permits: Permits,
         metadata: Option<&str>,
+        fair: bool,
     ) -> Result<Acquisition, StoreError> {
         let (leases, records) = self.permit_keys(name);
         let mut call = Call {
@@ -77,6 +89,13 @@ impl RedisBackend {
                     .into_bytes(),
             ],
         };
+        if fair {
+            let lock = self.lock_key(name);
+            call.keys.push(format!("{lock}:permit-queue"));
+            call.keys.push(format!("{lock}:permit-entries"));
+            call.keys.push(format!("{lock}:permit-arrivals"));
+            call.args.push(self.permits_channel(name).into_bytes());
+        }
         if !self.quarantine.is_zero() {
             call.keys.push(format!("{}epoch", self.prefix));
         }
@@ -138,6 +157,24 @@ impl RedisBackend {
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|error| self.failed("release permits", error))
+    }
+
+    pub(super) async fn withdraw_permit_waiter(
+        &self,
+        name: &str,
+        owner: OwnerToken,
+    ) -> Result<(), StoreError> {
+        let lock = self.lock_key(name);
+        let _: i64 = self
+            .script(&WITHDRAW)
+            .key(format!("{lock}:permit-queue"))
+            .key(format!("{lock}:permit-entries"))
+            .arg(owner.to_string())
+            .arg(self.permits_channel(name))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|error| self.failed("withdraw permits", error))?;
+        Ok(())
     }
 
     pub(super) async fn subscribe_to_permits(
