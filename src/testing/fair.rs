@@ -337,13 +337,14 @@ pub async fn fair_semaphore_waiter_that_times_out_withdraws_and_does_not_block_t
     let first = on_a.try_acquire(long.clone()).await.unwrap();
     let second = on_a.try_acquire(long).await.unwrap();
     let (first, second) = (first.expect("free"), second.expect("free"));
+    const BUDGET: Duration = Duration::from_millis(500);
+    // The impatient waiter's budget runs from a moment after this one, so it cannot give
+    // up (and leave the queue) before `asked + BUDGET`.
+    let asked = Instant::now();
     let impatient = {
         let semaphore = on_a.clone();
-        let options = fair(Duration::from_millis(500)).with_ttl(ENTRY_TTL);
-        tokio::spawn(async move {
-            let outcome = semaphore.acquire_many(2, options).await.map(drop);
-            (outcome, Instant::now())
-        })
+        let options = fair(BUDGET).with_ttl(ENTRY_TTL);
+        tokio::spawn(async move { semaphore.acquire_many(2, options).await.map(drop) })
     };
     eventually("the impatient waiter is queued", PROMPT, || async {
         waiting_on(&a, &name).await == 1
@@ -362,7 +363,7 @@ pub async fn fair_semaphore_waiter_that_times_out_withdraws_and_does_not_block_t
     .await;
     // One permit is free from here on.
     first.release().await.unwrap();
-    let (timed_out, gave_up_at) = impatient.await.unwrap();
+    let timed_out = impatient.await.unwrap();
     assert!(
         matches!(timed_out, Err(Error::Timeout { .. })),
         "the impatient waiter times out: {timed_out:?}"
@@ -370,9 +371,9 @@ pub async fn fair_semaphore_waiter_that_times_out_withdraws_and_does_not_block_t
     let (guard, admitted_at) = patient.await.unwrap();
     let guard = guard.expect("the next waiter is not held up by the one that left");
     assert!(
-        admitted_at >= gave_up_at,
-        "the 1-permit waiter got in {:?} before the 2-permit waiter ahead of it gave up",
-        gave_up_at - admitted_at
+        admitted_at >= asked + BUDGET,
+        "the 1-permit waiter got in {:?} before the 2-permit waiter ahead of it could give up",
+        (asked + BUDGET) - admitted_at
     );
     guard.release().await.unwrap();
     second.release().await.unwrap();
