@@ -132,7 +132,6 @@ async fn run(cluster: &RedisCluster, plan: &Plan, quick: bool) {
     println!("load average at end: {}", cpu::loadavg());
 }
 
-/// One concurrency's table: each contender's figures.
 /// leasehold's ratios to each peer at every concurrency (throughput; for CPU, per cycle).
 fn print_summary(rows: &[(usize, Vec<Figures>)]) {
     let ratios = Ratios::new("leasehold (a) against its peers, same run", rows);

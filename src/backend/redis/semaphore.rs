@@ -57,6 +57,13 @@ impl RedisBackend {
         (format!("{lock}:permits"), format!("{lock}:permit-metadata"))
     }
 
+    /// The fair waiters' queue of the semaphore `name`: the queue, its entries' leases and
+    /// the arrival counter.
+    fn permit_queue_keys(&self, name: &str) -> [String; 3] {
+        let lock = self.lock_key(name);
+        ["permit-queue", "permit-entries", "permit-arrivals"].map(|what| format!("{lock}:{what}"))
+    }
+
     fn permits_channel(&self, name: &str) -> String {
         format!("{}:permits-released", self.lock_key(name))
     }
@@ -90,10 +97,7 @@ impl RedisBackend {
             ],
         };
         if fair {
-            let lock = self.lock_key(name);
-            call.keys.push(format!("{lock}:permit-queue"));
-            call.keys.push(format!("{lock}:permit-entries"));
-            call.keys.push(format!("{lock}:permit-arrivals"));
+            call.keys.extend(self.permit_queue_keys(name));
             call.args.push(self.permits_channel(name).into_bytes());
         }
         if !self.quarantine.is_zero() {
@@ -164,11 +168,11 @@ impl RedisBackend {
         name: &str,
         owner: OwnerToken,
     ) -> Result<(), StoreError> {
-        let lock = self.lock_key(name);
+        let [queue, entries, _] = self.permit_queue_keys(name);
         let _: i64 = self
             .script(&WITHDRAW)
-            .key(format!("{lock}:permit-queue"))
-            .key(format!("{lock}:permit-entries"))
+            .key(queue)
+            .key(entries)
             .arg(owner.to_string())
             .arg(self.permits_channel(name))
             .invoke_async(&mut self.conn.clone())
