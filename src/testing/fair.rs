@@ -298,15 +298,25 @@ pub async fn fair_semaphore_waiters_are_admitted_in_asking_order<B: LockBackend 
     admitted.sort_unstable();
     let order: Vec<usize> = admitted.into_iter().map(|(_, i)| i).collect();
     assert_eq!(order, (0..asks.len()).collect::<Vec<_>>());
-    // The try that lost left no place in the queue: the whole semaphore is free to a fair ask.
-    let all = on_b
-        .try_acquire_many(2, LockOptions::new().with_fair(true))
-        .await
-        .unwrap();
-    all.expect("nobody is left in the queue")
-        .release()
-        .await
-        .unwrap();
+    // The try that lost left no place in the queue: the whole semaphore is free to a fair
+    // ask. Its withdrawal is sent when its request ends, after the answer, so it is not
+    // ordered before this ask: wait for it, far less than the place's ttl (30 s), which is
+    // how long a place nobody withdrew would keep the semaphore from a fair ask.
+    let whole = LockOptions::new().with_fair(true);
+    let give_up = Instant::now() + PROMPT;
+    let all = loop {
+        if let Some(all) = on_b.try_acquire_many(2, whole.clone()).await.unwrap() {
+            break all;
+        }
+        let holders = on_b.holders().await.unwrap();
+        assert!(
+            Instant::now() < give_up,
+            "a fair ask for every permit still waits after {PROMPT:?}: holders {holders:?}, \
+             or a place left in the queue"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    all.release().await.unwrap();
     a.shutdown().await;
     b.shutdown().await;
 }
