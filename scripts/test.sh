@@ -27,12 +27,21 @@ fi
 
 step() { echo; echo "==> $*"; "$@"; }
 
+# A CI run starts from a clean clone and builds everything once: incremental compilation
+# only costs it time, and full debug info makes every test binary slower to compile and link
+# (backtraces keep file and line with line tables). Set here, so that every step below shares
+# one set of artifacts; a developer's own runs keep their usual profile.
+if [ "${CI:-}" = true ]; then
+    export CARGO_INCREMENTAL=0 CARGO_PROFILE_DEV_DEBUG=line-tables-only
+fi
+
 # Every workspace member: the library, test-support/, bench-support/ and tools/loadtest/.
 step cargo fmt --all --check
 step cargo clippy --workspace --all-targets --all-features -- -D warnings
 RUSTDOCFLAGS="-D warnings" step cargo doc --no-deps --all-features
-# The default build must need neither protoc nor ractor's cluster feature.
-step cargo build --no-default-features
+# The default build must need neither protoc nor ractor's cluster feature; the bare one
+# (no Redis either) must compile.
+step cargo check --no-default-features
 step cargo build
 # Every test, with ractor's cluster feature off and on (message types change shape): what
 # `cargo test --features testing` and `cargo test --all-features` run. Both are built first,
@@ -54,12 +63,18 @@ for line in sys.stdin:
 '
 }
 runs=$(mktemp -d)
-echo; echo "==> building the tests: cargo test --no-run --features testing, then --all-features, then the other members'"
-test_binaries --features testing >"$runs/off"
-test_binaries --all-features >"$runs/on"
-# The other workspace members' own unit tests: test-support's topologies and its safety
-# checker's (test-support/src/safety.rs, which must be able to fail), the load test's.
-test_binaries --workspace --exclude leasehold --all-features >"$runs/members"
+echo; echo "==> building the tests: cargo test --no-run --features testing, then --workspace --all-features"
+# Not the examples: every one of them is built (and run) below, and by the build with every
+# feature.
+test_binaries --features testing --lib --bins --tests >"$runs/off"
+# With every feature, the library's tests and the other workspace members' own in one build
+# (one feature resolution, so the library is built once for both): test-support's topologies
+# and its safety checker's (test-support/src/safety.rs, which must be able to fail), the load
+# test's. This build compiles every example too; the steps below run them on it.
+test_binaries --workspace --all-features >"$runs/all"
+root=$(pwd)
+awk -F '\t' -v root="$root" '$1 == root' "$runs/all" >"$runs/on"
+awk -F '\t' -v root="$root" '$1 != root' "$runs/all" >"$runs/members"
 lanes=${LEASEHOLD_TEST_LANES:-3}
 echo; echo "==> running them, $lanes at a time ($(cat "$runs"/off "$runs"/on "$runs"/members | wc -l) test binaries)"
 status=0
@@ -78,6 +93,9 @@ step cargo run --example rwlock
 step cargo run -p leasehold-loadtest -- --smoke --out target/loadtest-smoke
 
 # The store examples, each against a throwaway server on a free loopback port, stopped by pid.
+# Those that need a feature run with every feature on, as the test build built them (the
+# README's `--features etcd` and the like build the library once more for each feature set,
+# two minutes of CI for code that build has compiled already).
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 scratch=$(mktemp -d)
@@ -119,8 +137,8 @@ etcd --name example --data-dir "$scratch/etcd" \
     --initial-cluster "example=$peer" >"$scratch/etcd.log" 2>&1 &
 echo $! >"$scratch/etcd.pid"
 wait_port "$port" || { cat "$scratch/etcd.log"; exit 1; }
-LEASEHOLD_ETCD_ENDPOINTS="127.0.0.1:$port" step cargo run --features etcd --example etcd
-LEASEHOLD_ETCD_ENDPOINTS="127.0.0.1:$port" step cargo run --features etcd --example fenced_etcd
+LEASEHOLD_ETCD_ENDPOINTS="127.0.0.1:$port" step cargo run --all-features --example etcd
+LEASEHOLD_ETCD_ENDPOINTS="127.0.0.1:$port" step cargo run --all-features --example fenced_etcd
 
 # PostgreSQL refuses to run as root: as root, the cluster belongs to the `postgres` user the
 # Debian package creates, and setpriv (which execs, so the pid file holds the server's pid)
@@ -142,15 +160,15 @@ echo $! >"$scratch/postgres.pid"
 for _ in $(seq 100); do "$pgbin/pg_isready" -q -h 127.0.0.1 -p "$port" && break; sleep 0.1; done
 "$pgbin/pg_isready" -q -h 127.0.0.1 -p "$port" || { cat "$scratch/postgres.log"; exit 1; }
 LEASEHOLD_POSTGRES_URL="postgresql://postgres@127.0.0.1:$port/postgres" \
-    step cargo run --features postgres --example fenced_postgres
-step cargo run --features cluster --example cluster
+    step cargo run --all-features --example fenced_postgres
+step cargo run --all-features --example cluster
 # The same example as two processes: the gateway's node in the background (stopped by pid),
 # the worker's node connecting to it.
 port=$(free_port)
-cargo run --features cluster --example cluster -- gateway "$port" >"$scratch/gateway.log" 2>&1 &
+cargo run --all-features --example cluster -- gateway "$port" >"$scratch/gateway.log" 2>&1 &
 echo $! >"$scratch/gateway.pid"
 wait_port "$port" || { cat "$scratch/gateway.log"; exit 1; }
-step cargo run --features cluster --example cluster -- worker "127.0.0.1:$port"
+step cargo run --all-features --example cluster -- worker "127.0.0.1:$port"
 kill -INT "$(cat "$scratch/gateway.pid")"
 wait "$(cat "$scratch/gateway.pid")" || { cat "$scratch/gateway.log"; exit 1; }
 rm -f "$scratch/gateway.pid"
