@@ -44,7 +44,7 @@ use crate::event::{LockEventKind, ReleaseReason};
 use crate::key_actor::{KeyActor, KeyArgs, KeyMsg, KeyState};
 use crate::manager::LockManagerMsg;
 use crate::metrics::{Counted, StoreOp};
-use crate::request::{AcquireReply, AcquireRequest, InspectReply, Requeue};
+use crate::request::{AcquireReply, AcquireRequest, InspectReply, Requeue, FAIR_LOCK_SLOT};
 use crate::task::AbortOnDrop;
 use crate::timing::STORE_RETRY_PAUSE;
 
@@ -427,13 +427,19 @@ impl BackendState {
             let _ = reply.send(Err(error));
             return;
         }
-        if let Some(holder) = request.holder_id().filter(|_| request.fair.is_some()) {
+        let fair_lock = request.fair.is_some() && request.permits.is_none();
+        if let Some(holder) = request.holder_id().filter(|_| fair_lock) {
             // A fair request has a slot of its own: the same holder's other requests for
-            // this lock are in other slots (its name's, or its name's fair ones), found by a
-            // search, which only a fair request with a holder actor pays for.
+            // this lock are in other slots (its name's, or its name's fair ones; not the
+            // name's permits or shares), found by a search, which only a fair request with a
+            // holder actor pays for.
             let name = &*request.name;
             let of_name = |key: &str| {
-                key == name || key.strip_prefix(name).is_some_and(|r| r.starts_with('\0'))
+                key == name
+                    || key
+                        .strip_prefix(name)
+                        .and_then(|rest| rest.strip_prefix('\0'))
+                        .is_some_and(|rest| rest.starts_with(FAIR_LOCK_SLOT))
             };
             let same_holder = self.slots.iter().any(|(key, slot)| {
                 of_name(key)

@@ -16,6 +16,9 @@ use crate::guard::LockGuard;
 use crate::metrics::{Primitive, StoreOp};
 use crate::options::{validate_key, Caller, LockOptions, Wait};
 
+/// What follows the NUL in the slot of a fair lock's request (see `AcquireRequest::key`).
+pub(crate) const FAIR_LOCK_SLOT: &str = "f";
+
 /// One acquisition request, validated and resolved to a backend.
 #[derive(Clone)]
 pub(crate) struct AcquireRequest {
@@ -84,10 +87,13 @@ impl AcquireRequest {
         // one of these.
         // So may a fair lock's waiters: each one is in the store's queue from its first
         // attempt, so each attempts (and waits) for itself, not behind this node's first.
+        // A fair lock's slot is marked apart (`\0f`), so that the search for a holder's other
+        // requests for the lock (in the backend actor) passes over its permits and shares.
         let key = if options.permits.is_some() || options.rw.is_some() || options.fair {
             static NEXT: AtomicU64 = AtomicU64::new(0);
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            format!("{name}\0{n}").into()
+            let lock = options.permits.is_none() && options.rw.is_none();
+            format!("{name}\0{}{n}", if lock { FAIR_LOCK_SLOT } else { "" }).into()
         } else {
             name.clone()
         };

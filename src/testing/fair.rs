@@ -465,15 +465,28 @@ fn assert_unsupported(error: &Error, what: &str) {
 
 /// A holder actor that holds a lock fairly and asks for it again (fairly) gets
 /// [`Error::AlreadyHeld`] at once, not a wait for itself, although each fair request waits
-/// apart from the others.
+/// apart from the others. A permit it holds of a semaphore of the same name is not the lock:
+/// it does not stop the holder from taking the lock fairly, nor (where semaphores can be
+/// fair) from taking a second permit fairly.
 pub async fn same_holder_asking_again_fairly_gets_an_error<B: LockBackend + Clone>(backend: B) {
+    let fair_permits = backend.supports_fair_permits();
     let client = start(backend).await;
     let key = unique_key("fair-again");
     let (holder, _join) = Actor::spawn(None, Holder, ()).await.unwrap();
+    let semaphore = client.semaphore(&key, 2).unwrap();
+    let mine = LockOptions::new().with_holder(holder.clone());
+    let permit = semaphore.try_acquire(mine.clone()).await.unwrap();
+    let permit = permit.expect("the semaphore is free");
+    if fair_permits {
+        let second = semaphore.try_acquire(mine.with_fair(true)).await.unwrap();
+        let second = second.expect("a holder may hold several permits, fairly too");
+        second.release().await.unwrap();
+    }
     let opts = LockOptions::new()
         .with_fair(true)
         .with_holder(holder.clone());
-    let guard = client.try_lock(&key, opts.clone()).await.unwrap().unwrap();
+    let guard = client.try_lock(&key, opts.clone()).await.unwrap();
+    let guard = guard.expect("a permit of the same name is not the lock");
     // Bounded, so that a wait for itself fails the test with a timeout rather than hangs.
     let err = client
         .lock(&key, opts.with_wait(Wait::UpTo(PROMPT)))
@@ -483,6 +496,7 @@ pub async fn same_holder_asking_again_fairly_gets_an_error<B: LockBackend + Clon
     assert!(err.to_string().contains(&key), "{err}");
     assert!(guard.is_held());
     guard.release().await.unwrap();
+    permit.release().await.unwrap();
     holder.stop(None);
     client.shutdown().await;
 }
