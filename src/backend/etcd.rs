@@ -14,7 +14,8 @@
 //! | renew     | `LeaseKeepAlive`: one request and its answer on the backend's one keep-alive stream, shared by every lease (see `keep_alive.rs`). Whether the key is still ours comes from one `Watch` of the whole prefix (see `held.rs`); `Range(P+K)` only when that watch cannot vouch for it |
 //! | release   | `Txn`: if the value carries our owner token then `DeleteRange(P+K)`; then `LeaseRevoke` |
 //! | inspect   | `Range(P+K)`, then `LeaseTimeToLive` of the key's lease |
-//! | wait      | one `Watch` of `P+K` for deletes, from the revision the failed attempt saw |
+//! | wait      | one `Watch` for deletes, from the revision the failed attempt saw, of `P+K` and, in one range with it, its fair waiters' queue `P+K+"\x1ffair/"` |
+//! | acquire, fair | a queue of leased keys beside the lock key, one per waiter, in create-revision order; admitted only first in it (see `queue.rs`) |
 //!
 //! [`EtcdMode::Lock`] uses etcd's Lock service (`v3lock`), so leasehold locks exclude — and are
 //! excluded by — any other client of that service on the same name (`etcdctl lock`, Go's
@@ -54,7 +55,10 @@
 //!
 //! The price of answering promptly is that etcd's server-side FIFO orders only contenders whose
 //! calls overlap; waiters on different nodes are served in the order their retries land, as in
-//! `txn` mode, and in FIFO order within each node.
+//! `txn` mode, and in FIFO order within each node. A fair waiter
+//! ([`LockOptions::with_fair`](crate::LockOptions::with_fair)) instead keeps its contender key
+//! between attempts (`election.rs`): the Lock service's queue then orders every node's fair
+//! waiters.
 //!
 //! # Monitoring
 //! [`LockBackend::watch_prefix`] is one etcd `Watch` of every lock key under a prefix. In `txn`
@@ -125,6 +129,7 @@
 //! | `renew.rs` | renewal: keep-alive plus the watch's word, or a read |
 //! | `session.rs` | the session lease shared by every lock, when configured |
 //! | `watch.rs` | watches for waiters and for monitoring |
+//! | `queue.rs` | fair waiters' queues (`txn`-mode locks, semaphores) |
 //! | `election.rs` | elections in etcd's Election layout (`lock` mode) |
 //! | `values.rs` | lock key values, owner compares, fencing tokens from revisions |
 //! | `call.rs` | one call tried again when it failed in transit; error classification |

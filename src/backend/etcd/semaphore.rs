@@ -1,25 +1,32 @@
 //! Semaphores on etcd: each lease of a semaphore `NAME` is a key of its own on an etcd lease
-//! of its own, under the semaphore's directory `P + NAME + "\x1fpermits/"`:
+//! of its own, under the semaphore's directory `P + NAME + "\x1fpermits/"`; its fair waiters
+//! queue beside it, under `P + NAME + "\x1fpermits\x1ffair/"` (see `queue.rs`):
 //!
 //! | key | value | lease |
 //! |-----|-------|-------|
 //! | `P NAME \x1f permits/<owner in hex>` | `"<k> <N>[ <metadata>]"` | granted for the ttl, kept alive by the holder's key actor |
+//! | `P NAME \x1f permits \x1f fair/<owner in hex>` | empty | a fair waiter's place: granted for its ttl at its first attempt, kept alive by each later one |
 //!
 //! The separator is a control character, which no key or name has: so no lock key (in `txn`
 //! mode `P + KEY`, in `lock` mode under `P + NAME/`) is ever in a semaphore's directory, and
-//! a semaphore and a lock of one name are apart. Monitoring (`list`, `watch_prefix`) does not
-//! show semaphore keys.
+//! a semaphore and a lock of one name are apart. The queue sorts just before the directory
+//! and outside it: a range read of the directory does not read it, and one watch covers both.
+//! Monitoring (`list`, `watch_prefix`) does not show semaphore keys.
 //!
 //! | operation | etcd calls |
 //! |-----------|------------|
 //! | acquire   | `Range(dir)` at revision R: the live leases, their k and N. Too few free → `Held`, with R. Enough → `LeaseGrant`, then ONE `Txn`: if no key under `dir` was written after R (`mod_revision(dir) < R + 1`, over the range) then `Put(key, value, lease)`; the fencing token is the put's revision. A write in between fails the compare: read and try again. |
+//! | acquire, fair | ONE read `Txn` at revision R: `Range(dir)`, the queue's first key (by create revision), the waiter's own. Too few free, or another waiter first → `Held`, with R, and the waiter keeps its place (`LeaseKeepAlive` of its key's lease) or takes one at the back (`LeaseGrant`, a `Txn` putting its key). Enough free and first → `LeaseKeepAlive` of its place's lease, then ONE `Txn`: if nothing under `dir` was written after R and its key is still the one read (or, without a key, the queue is still empty) then `Put(key, value, place's lease)` and `DeleteRange(its key in the queue)`. First in an empty queue: `LeaseGrant` for the put instead. Three round trips either way. |
+//! | withdraw (fair) | `Txn` deleting the waiter's key in the queue, then `LeaseRevoke` of its lease |
 //! | renew     | `Range(key)`: still ours if its create revision is our token; then `LeaseKeepAlive` of the lease it is on, on the backend's one stream. For a longer ttl than that lease was granted: `LeaseGrant`, a `Txn` that moves the key to the new lease if it is still on the old, `LeaseRevoke` of the old |
 //! | release   | `Txn`: if the key's create revision is our token then `DeleteRange(key)`; then `LeaseRevoke` of the lease it was on |
-//! | wait      | one `Watch` of `dir` for deletes, from R + 1: a release, a revoke and a lease that ran out all delete a key |
+//! | wait      | one `Watch` for deletes, from R + 1, of the range from the queue to the end of `dir`: a release, a revoke and a lease that ran out all delete a lease's key; an admission, a withdrawal and a place that ran out delete a key in the queue, which lets the next fair waiter go |
 //!
-//! A lease that runs out deletes its key: a crashed holder's permits free at its ttl. Only
-//! admitted leases are ever written (the compare keeps out any write the read did not see), so
-//! a waiter's watch sees only deletes that free permits, never a rival's attempt.
+//! A lease that runs out deletes its key: a crashed holder's permits free at its ttl, a dead
+//! waiter's place at its ttl. Only admitted leases are ever written under `dir` (the compare
+//! keeps out any write the read did not see), so a delete there always frees permits, never
+//! undoes a rival's attempt. An unfair waiter is woken by deletes in the queue too (its watch
+//! is the semaphore's one): a look that finds nothing free.
 
 use std::time::Duration;
 
