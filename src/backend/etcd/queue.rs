@@ -27,6 +27,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use etcd_client::{
     Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget,
     Txn, TxnOp, TxnOpResponse,
@@ -183,8 +185,7 @@ impl EtcdBackend {
     }
 
     /// The admission's lease: the waiter's key's, kept alive now, so that it runs for the
-    /// request's ttl from this attempt on (the holder's deadline counts from before it; no
-    /// other request keeps this lease alive, so the keep-alive is this attempt's own). The
+    /// request's ttl from this attempt on (the holder's deadline counts from before it). The
     /// lease and the ttl it was granted for, in seconds; `None` if it is gone: the place is
     /// lost.
     pub(super) async fn lease_of_place(
@@ -194,7 +195,13 @@ impl EtcdBackend {
         let Some(lease) = place.lease() else {
             return Ok(None);
         };
-        let kept = self.keep_alive(lease).await?;
+        let asked_at = Instant::now();
+        let mut kept = self.keep_alive(lease).await?;
+        if kept.ttl > 0 && kept.sent_at < asked_at {
+            // It joined a keep-alive of this lease sent before (an earlier attempt's, given
+            // up in flight), which may not cover the ttl from this attempt: one of its own.
+            kept = self.keep_alive(lease).await?;
+        }
         Ok((kept.ttl > 0).then_some((lease, kept.ttl)))
     }
 
