@@ -1,10 +1,10 @@
 //! Fair waiting against unfair, side by side: two managers (two nodes), four tasks on each,
 //! contending for ONE key, each task taking the lock, holding it 1 ms, releasing it and asking
-//! again at once. On memory, Redis and etcd (`lock` mode), each server started by this bench
-//! on free loopback ports.
+//! again at once. On memory, Redis and etcd (`lock` mode, then `txn` mode: the line
+//! `etcd-txn`), each server started by this bench on free loopback ports.
 //!
 //! Run: `cargo bench --features redis,etcd --bench fair` (10 s per run, three rounds of
-//! unfair and fair on each store: about three minutes), or with `LEASEHOLD_BENCH_QUICK=1`
+//! unfair and fair on each store: about four minutes), or with `LEASEHOLD_BENCH_QUICK=1`
 //! (or `-- --quick`) for 3 s runs.
 //!
 //! Printed per store and mode, each the median over the rounds:
@@ -174,6 +174,11 @@ async fn main() {
         node(name("etcd-b"), etcd.backend(EtcdMode::Lock).await).await,
     ];
     compare("etcd", nodes, length).await;
+    let nodes = [
+        node(name("etcd-txn-a"), etcd.backend(EtcdMode::Txn).await).await,
+        node(name("etcd-txn-b"), etcd.backend(EtcdMode::Txn).await).await,
+    ];
+    compare("etcd-txn", nodes, length).await;
     drop(etcd);
     println!("load after: {}", loadavg());
 }

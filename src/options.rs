@@ -164,12 +164,11 @@ impl LockOptions {
     /// Fair waiters are served in order among themselves; a caller that asks without
     /// `fair` may still take a free key ahead of them. A fair lock's guard releases and
     /// renews it; the [`Release`](crate::LockManagerMsg::Release) and
-    /// [`Renew`](crate::LockManagerMsg::Renew) messages name unfair locks only. Supported for locks on the memory
-    /// and Redis backends and on etcd in `EtcdMode::Lock`, and for semaphores on the memory
-    /// and Redis backends (strict FIFO: k permits are taken only by the first fair waiter,
-    /// once k are free); anywhere else (etcd's txn mode, semaphores on etcd, read-write
-    /// locks) a fair request is refused before any I/O with a
-    /// [`StoreError::Unsupported`](crate::StoreError) error.
+    /// [`Renew`](crate::LockManagerMsg::Renew) messages name unfair locks only. Supported for locks and
+    /// semaphores on the memory, Redis and etcd backends (semaphores: strict FIFO, k permits
+    /// are taken only by the first fair waiter, once k are free), except locks on an etcd
+    /// backend on a session lease; anywhere else (those, read-write locks) a fair request is
+    /// refused before any I/O with a [`StoreError::Unsupported`](crate::StoreError) error.
     ///
     /// ```
     /// use leasehold::LockOptions;

@@ -181,7 +181,7 @@ fn check_fair(ctx: &BackendCtx, options: &LockOptions) -> Result<()> {
     };
     if options.permits.is_some() {
         if !ctx.store.supports_fair_permits() {
-            return unsupported("fair waiting for semaphores (memory and Redis only)");
+            return unsupported("fair waiting for semaphores");
         }
         return Ok(());
     }
@@ -194,7 +194,7 @@ fn check_fair(ctx: &BackendCtx, options: &LockOptions) -> Result<()> {
     }
     if !ctx.store.supports_fair() {
         return unsupported(
-            "fair waiting (a store without a waiters' queue: on etcd, it needs EtcdMode::Lock)",
+            "fair waiting (a store without a waiters' queue; on etcd, a backend on a session lease)",
         );
     }
     Ok(())

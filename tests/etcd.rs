@@ -56,6 +56,17 @@ mod fair {
     );
 }
 
+// In `txn` mode a fair lock's waiters queue beside the lock key; a semaphore's queue is laid
+// out the same in both modes.
+mod fair_txn {
+    leasehold::fair_suite!(
+        real,
+        super::EtcdServer::start()
+            .backend(leasehold::EtcdMode::Txn)
+            .await
+    );
+}
+
 mod semaphore {
     leasehold::semaphore_suite!(
         real,
@@ -794,29 +805,179 @@ async fn renewals_share_one_keep_alive_stream_and_read_no_key() {
     }
 }
 
-/// Txn mode has one key per lock and no queue of waiters: a fair request is refused at once,
-/// with an error that says fair waiting needs lock mode, and the key stays free.
+/// The fair waiters' queue of `key`'s lock in `txn` mode, as a plain client reads it: each
+/// waiter's key, oldest first, with its create revision and lease.
+async fn fair_queue(
+    etcd: &mut Client,
+    backend: &EtcdBackend,
+    key: &str,
+) -> Vec<(Vec<u8>, i64, i64)> {
+    let options = GetOptions::new().with_prefix().with_sort(
+        etcd_client::SortTarget::Create,
+        etcd_client::SortOrder::Ascend,
+    );
+    let dir = format!("{}\u{1f}fair/", backend.lock_key(key));
+    let read = etcd.get(dir, Some(options)).await.unwrap();
+    read.kvs()
+        .iter()
+        .map(|kv| (kv.key().to_vec(), kv.create_revision(), kv.lease()))
+        .collect()
+}
+
+/// `txn` mode: a fair waiter whose place another client took away — its key deleted, or its
+/// lease revoked — has lost it, and goes to the back of the queue at its next attempt (woken
+/// by that very delete), rather than waiting with no place: a waiter that asked after it was
+/// back in line is served after it, one that asked before is served first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn txn_mode_refuses_fair_waiting_and_takes_nothing() {
+async fn fair_waiter_whose_place_is_taken_away_queues_again_at_the_back() {
+    const PROMPT: Duration = Duration::from_secs(5);
     let server = EtcdServer::start();
-    let client = start(server.backend(EtcdMode::Txn).await).await;
-    let key = unique_key("fair-txn");
-    let fair = LockOptions::new().with_fair(true);
-    for answer in [
-        client.try_lock(&key, fair.clone()).await.map(drop),
-        client
-            .lock(&key, fair.with_wait(Wait::UpTo(Duration::from_secs(5))))
-            .await
-            .map(drop),
-    ] {
-        let err = answer.unwrap_err();
+    let mut etcd = other_client(&[server.endpoint()]).await;
+    for delete in [true, false] {
+        let backend = server.backend(EtcdMode::Txn).await;
+        let (a, b) = (start(backend.clone()).await, start(backend.clone()).await);
+        let key = unique_key("fair-taken");
+        let fair = LockOptions::new().with_fair(true);
+        let held = a.try_lock(&key, fair.clone()).await.unwrap().expect("free");
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let waiter = |client: &LockClient, name: &'static str| {
+            let (client, key, order) = (client.clone(), key.clone(), order.clone());
+            let options = fair.clone().with_wait(Wait::UpTo(Duration::from_secs(30)));
+            tokio::spawn(async move {
+                let guard = client.lock(&key, options).await.expect(name);
+                order.lock().unwrap().push(name);
+                guard.release().await.unwrap();
+            })
+        };
+        let moved = waiter(&a, "moved");
+        eventually("the first waiter is queued", PROMPT, || async {
+            fair_queue(&mut etcd.clone(), &backend, &key).await.len() == 1
+        })
+        .await;
+        let place = fair_queue(&mut etcd, &backend, &key).await.remove(0);
+        let before = waiter(&b, "before");
+        eventually("the second waiter is queued", PROMPT, || async {
+            fair_queue(&mut etcd.clone(), &backend, &key).await.len() == 2
+        })
+        .await;
+        if delete {
+            etcd.delete(place.0.clone(), None).await.unwrap();
+        } else {
+            etcd.lease_revoke(place.2).await.unwrap();
+        }
+        // Woken by the delete, the waiter puts its key again: behind the second one.
+        eventually("the waiter queues again", PROMPT, || async {
+            let queue = fair_queue(&mut etcd.clone(), &backend, &key).await;
+            queue.len() == 2 && queue[1].0 == place.0 && queue[1].1 > place.1
+        })
+        .await;
+        let after = waiter(&b, "after");
+        eventually("the third waiter is queued", PROMPT, || async {
+            fair_queue(&mut etcd.clone(), &backend, &key).await.len() == 3
+        })
+        .await;
+        held.release().await.unwrap();
+        for task in [moved, before, after] {
+            task.await.unwrap();
+        }
+        let how = if delete { "deleted" } else { "revoked" };
         assert_eq!(
-            err.kind(),
-            leasehold::ErrorKind::Store(leasehold::StoreErrorKind::Unsupported),
-            "{err:?}"
+            *order.lock().unwrap(),
+            ["before", "moved", "after"],
+            "{how}"
         );
-        assert!(err.to_string().contains("EtcdMode::Lock"), "{err}");
+        a.shutdown().await;
+        b.shutdown().await;
     }
-    assert!(!client.is_locked(&key).await.unwrap());
-    client.shutdown().await;
+}
+
+/// A semaphore's waiters watch its queue too: a fair waiter held back only by the place ahead
+/// of it (one permit is free, the head wants two) is let in when that place is deleted — by
+/// another client here — at once, not at its backstop (set to two minutes, past its wait
+/// budget). The waiter whose place was deleted queues again at the back, and is served once
+/// both permits are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_semaphore_waiter_is_woken_by_a_delete_in_the_queue_ahead_of_it() {
+    const LONG: Duration = Duration::from_secs(60);
+    let server = EtcdServer::start();
+    let mut etcd = other_client(&[server.endpoint()]).await;
+    let backend = server.backend(EtcdMode::Txn).await;
+    let node = |n: usize| {
+        leasehold::LockManager::builder()
+            .with_name(unique_key(&format!("sem-queue-node-{n}")).replace('/', "-"))
+            .with_backend("store", backend.clone())
+            .with_backstop_cap(Duration::from_secs(120))
+            .start()
+    };
+    let (a, b) = (node(0).await.unwrap(), node(1).await.unwrap());
+    let name = unique_key("fair-sem-woken");
+    let queue_dir = format!("{}{name}\u{1f}permits\u{1f}fair/", backend.prefix());
+    let reader = etcd.clone();
+    let queue = move || {
+        let (mut etcd, dir) = (reader.clone(), queue_dir.clone());
+        async move {
+            let options = GetOptions::new().with_prefix().with_sort(
+                etcd_client::SortTarget::Create,
+                etcd_client::SortOrder::Ascend,
+            );
+            let read = etcd.get(dir, Some(options)).await.unwrap();
+            read.kvs()
+                .iter()
+                .map(|kv| kv.key().to_vec())
+                .collect::<Vec<_>>()
+        }
+    };
+    let long = LockOptions::new().with_ttl(LONG);
+    let on_a = a.semaphore(&name, 2).unwrap();
+    let first = on_a.try_acquire(long.clone()).await.unwrap().expect("free");
+    let second = on_a.try_acquire(long.clone()).await.unwrap().expect("free");
+    let fair = long
+        .clone()
+        .with_fair(true)
+        .with_wait(Wait::UpTo(Duration::from_secs(30)));
+    let head = {
+        let (semaphore, fair) = (on_a.clone(), fair.clone());
+        tokio::spawn(async move { semaphore.acquire_many(2, fair).await })
+    };
+    eventually(
+        "the 2-permit waiter is queued",
+        Duration::from_secs(5),
+        || async { queue().await.len() == 1 },
+    )
+    .await;
+    let head_key = queue().await.remove(0);
+    // One permit is free from here on, and the head wants two: the 1-permit waiter that asks
+    // now waits behind it (the fair suite checks that it does).
+    first.release().await.unwrap();
+    let behind = {
+        let semaphore = b.semaphore(&name, 2).unwrap();
+        tokio::spawn(async move { semaphore.acquire(fair).await })
+    };
+    eventually(
+        "the 1-permit waiter is queued",
+        Duration::from_secs(5),
+        || async { queue().await.len() == 2 },
+    )
+    .await;
+    // Its attempt is over (its key is its last write), and the watch it waits on starts from
+    // that attempt's read: it sees this delete, whenever it opened.
+    etcd.delete(head_key.clone(), None).await.unwrap();
+    let permit = timeout(Duration::from_secs(10), behind)
+        .await
+        .expect("the waiter behind is woken by the delete, not its backstop")
+        .unwrap()
+        .expect("a permit");
+    eventually("the head queues again", Duration::from_secs(5), || async {
+        queue().await == [head_key.clone()]
+    })
+    .await;
+    permit.release().await.unwrap();
+    second.release().await.unwrap();
+    let both = head
+        .await
+        .unwrap()
+        .expect("the 2-permit waiter is served last");
+    both.release().await.unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
 }

@@ -362,3 +362,52 @@ async fn etcd_unreachable_loses_every_session_lock_together_before_the_deadline(
     server.resume();
     node.shutdown().await;
 }
+
+/// A fair lock's admitted waiter holds its lock key on the lease of its place in the queue,
+/// but every lock of a session backend is on the session lease: a fair request is refused at
+/// once, naming the session, and writes nothing. Fair semaphores (each permit on a lease of
+/// its own, session or not) are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_locks_are_refused_on_a_session_lease_before_any_io() {
+    let server = EtcdServer::start();
+    let backend = session_backend(&server, SESSION).await;
+    let node = start(backend.clone()).await;
+    let key = unique_key("fair");
+    let fair = LockOptions::new().with_fair(true);
+    for answer in [
+        node.try_lock(&key, fair.clone()).await.map(drop),
+        node.lock(
+            &key,
+            fair.clone().with_wait(Wait::UpTo(Duration::from_secs(5))),
+        )
+        .await
+        .map(drop),
+    ] {
+        let err = answer.unwrap_err();
+        assert_eq!(
+            err.kind(),
+            leasehold::ErrorKind::Store(leasehold::StoreErrorKind::Unsupported),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("session lease"), "{err}");
+    }
+    let mut etcd = Client::connect([server.endpoint()], None).await.unwrap();
+    let under_prefix = etcd
+        .get(backend.prefix(), Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert_eq!(
+        under_prefix.count(),
+        0,
+        "the refused requests wrote nothing"
+    );
+    let permit = node
+        .semaphore(&key, 2)
+        .unwrap()
+        .try_acquire(fair)
+        .await
+        .unwrap()
+        .expect("a free semaphore");
+    permit.release().await.unwrap();
+    node.shutdown().await;
+}

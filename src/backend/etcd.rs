@@ -14,7 +14,8 @@
 //! | renew     | `LeaseKeepAlive`: one request and its answer on the backend's one keep-alive stream, shared by every lease (see `keep_alive.rs`). Whether the key is still ours comes from one `Watch` of the whole prefix (see `held.rs`); `Range(P+K)` only when that watch cannot vouch for it |
 //! | release   | `Txn`: if the value carries our owner token then `DeleteRange(P+K)`; then `LeaseRevoke` |
 //! | inspect   | `Range(P+K)`, then `LeaseTimeToLive` of the key's lease |
-//! | wait      | one `Watch` of `P+K` for deletes, from the revision the failed attempt saw |
+//! | wait      | one `Watch` for deletes, from the revision the failed attempt saw, of `P+K` and, in one range with it, its fair waiters' queue `P+K+"\x1ffair/"` |
+//! | acquire, fair | a queue of leased keys beside the lock key, one per waiter, in create-revision order; admitted only first in it (see `queue.rs`) |
 //!
 //! [`EtcdMode::Lock`] uses etcd's Lock service (`v3lock`), so leasehold locks exclude — and are
 //! excluded by — any other client of that service on the same name (`etcdctl lock`, Go's
@@ -54,7 +55,10 @@
 //!
 //! The price of answering promptly is that etcd's server-side FIFO orders only contenders whose
 //! calls overlap; waiters on different nodes are served in the order their retries land, as in
-//! `txn` mode, and in FIFO order within each node.
+//! `txn` mode, and in FIFO order within each node. A fair waiter
+//! ([`LockOptions::with_fair`](crate::LockOptions::with_fair)) instead keeps its contender key
+//! between attempts (`election.rs`): the Lock service's queue then orders every node's fair
+//! waiters.
 //!
 //! # Monitoring
 //! [`LockBackend::watch_prefix`] is one etcd `Watch` of every lock key under a prefix. In `txn`
@@ -125,6 +129,7 @@
 //! | `renew.rs` | renewal: keep-alive plus the watch's word, or a read |
 //! | `session.rs` | the session lease shared by every lock, when configured |
 //! | `watch.rs` | watches for waiters and for monitoring |
+//! | `queue.rs` | fair waiters' queues (`txn`-mode locks, semaphores) |
 //! | `election.rs` | elections in etcd's Election layout (`lock` mode) |
 //! | `values.rs` | lock key values, owner compares, fencing tokens from revisions |
 //! | `call.rs` | one call tried again when it failed in transit; error classification |
@@ -155,6 +160,7 @@ mod held;
 mod keep_alive;
 mod lease;
 mod lock_mode;
+mod queue;
 mod renew;
 mod rwlock;
 mod semaphore;
@@ -718,14 +724,23 @@ impl LockBackend for EtcdBackend {
         self.campaign_in_queue(name, candidate, ttl, value).await
     }
 
-    async fn withdraw(&self, _name: &str, candidate: OwnerToken) -> Result<(), StoreError> {
-        self.withdraw_from_queue(candidate).await
+    async fn withdraw(&self, name: &str, candidate: OwnerToken) -> Result<(), StoreError> {
+        match self.mode {
+            EtcdMode::Lock => self.withdraw_from_queue(candidate).await,
+            // Elections need lock mode: here the queue is a fair lock's (`queue.rs`).
+            EtcdMode::Txn => {
+                let queue = queue::WaitQueue::beside(&self.lock_key(name));
+                self.leave_queue(&queue, candidate).await
+            }
+        }
     }
 
-    /// Lock mode only: there, the contenders of a lock are the Lock service's queue, keys
-    /// ordered by create revision. Txn mode has one key per lock and no queue.
+    /// Lock mode: the contenders of a lock are the Lock service's queue, keys ordered by
+    /// create revision. Txn mode: a queue of leased keys beside the lock key (`queue.rs`),
+    /// whose admitted waiter's lock key is on the lease of its place: not with a session
+    /// lease, which every lock must be on.
     fn supports_fair(&self) -> bool {
-        self.mode == EtcdMode::Lock
+        self.mode == EtcdMode::Lock || self.session.is_none()
     }
 
     async fn acquire_fair(
@@ -735,12 +750,22 @@ impl LockBackend for EtcdBackend {
         ttl: Duration,
         metadata: Option<&str>,
     ) -> Result<Acquisition, StoreError> {
-        // A fair waiter is a candidate in the Lock service's own queue: its key
-        // (`NAME/<lease>`, created at its first attempt, on a lease of its own) stays between
-        // attempts, so its place is where it first asked; the first key created holds the
-        // lock. Its value is the metadata, raw, as an election's candidate value is.
-        self.campaign_in_queue(key, owner, ttl, metadata.unwrap_or_default())
-            .await
+        match self.mode {
+            // A fair waiter is a candidate in the Lock service's own queue: its key
+            // (`NAME/<lease>`, created at its first attempt, on a lease of its own) stays
+            // between attempts, so its place is where it first asked; the first key created
+            // holds the lock. Its value is the metadata, raw, as an election's candidate
+            // value is.
+            EtcdMode::Lock => {
+                self.campaign_in_queue(key, owner, ttl, metadata.unwrap_or_default())
+                    .await
+            }
+            EtcdMode::Txn if self.session.is_some() => Err(StoreError::Unsupported {
+                store: "etcd",
+                op: "fair waiting on a session lease",
+            }),
+            EtcdMode::Txn => self.acquire_txn_fair(key, owner, ttl, metadata).await,
+        }
     }
 
     async fn proclaim(&self, lease: &Lease, value: &str) -> Result<bool, StoreError> {
@@ -760,6 +785,27 @@ impl LockBackend for EtcdBackend {
         metadata: Option<&str>,
     ) -> Result<Acquisition, StoreError> {
         self.take_permits(name, owner, ttl, permits, metadata).await
+    }
+
+    /// Both modes: a semaphore's fair waiters queue beside its permits (see `queue.rs`).
+    fn supports_fair_permits(&self) -> bool {
+        true
+    }
+
+    async fn acquire_permits_fair(
+        &self,
+        name: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        permits: crate::backend::Permits,
+        metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        self.take_permits_fair(name, owner, ttl, permits, metadata)
+            .await
+    }
+
+    async fn withdraw_permits(&self, name: &str, owner: OwnerToken) -> Result<(), StoreError> {
+        self.withdraw_permit_waiter(name, owner).await
     }
 
     async fn acquire_rw(
@@ -840,7 +886,14 @@ impl LockBackend for EtcdBackend {
 
     async fn subscribe(&self, key: &str, seen: &Contention) -> Result<ReleaseNotices, StoreError> {
         let (watched, options) = match self.mode {
-            EtcdMode::Txn => (self.lock_key(key), WatchOptions::new()),
+            // The lock key and, in one range with it, its fair waiters' queue (`queue.rs`):
+            // a delete there lets the next fair waiter go.
+            EtcdMode::Txn => {
+                let lock_key = self.lock_key(key);
+                let queue = queue::WaitQueue::beside(&lock_key);
+                let end = queue::prefix_end(queue.dir().as_bytes());
+                (lock_key, WatchOptions::new().with_range(end))
+            }
             EtcdMode::Lock => (self.contenders(key), WatchOptions::new().with_prefix()),
         };
         // Deletes only (`NoPut`): a release, a revoked lease and a lease that ran out all

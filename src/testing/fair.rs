@@ -199,8 +199,8 @@ pub async fn fair_waiter_that_times_out_withdraws_and_does_not_block_the_next<
 
 /// Fair waiting for read-write locks is not built: a fair request is refused with an error
 /// naming what is unsupported, and nothing is taken. Fair semaphores are refused so on a store
-/// without a semaphore queue ([`LockBackend::supports_fair_permits`], etcd), and served where
-/// there is one.
+/// without a semaphore queue ([`LockBackend::supports_fair_permits`]), and served where there
+/// is one.
 pub async fn fair_is_refused_where_unsupported_before_any_io<B: LockBackend + Clone>(backend: B) {
     let fair_permits = backend.supports_fair_permits();
     let client = start(backend).await;
