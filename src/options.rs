@@ -166,9 +166,9 @@ impl LockOptions {
     /// renews it; the [`Release`](crate::LockManagerMsg::Release) and
     /// [`Renew`](crate::LockManagerMsg::Renew) messages name unfair locks only. Supported for locks and
     /// semaphores on the memory, Redis and etcd backends (semaphores: strict FIFO, k permits
-    /// are taken only by the first fair waiter, once k are free), except locks on an etcd
-    /// backend on a session lease; anywhere else (those, read-write locks) a fair request is
-    /// refused before any I/O with a [`StoreError::Unsupported`](crate::StoreError) error.
+    /// are taken only by the first fair waiter, once k are free); anywhere else (read-write
+    /// locks, elections) a fair request is refused before any I/O with a
+    /// [`StoreError::Unsupported`](crate::StoreError) error.
     ///
     /// ```
     /// use leasehold::LockOptions;

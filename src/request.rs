@@ -193,9 +193,7 @@ fn check_fair(ctx: &BackendCtx, options: &LockOptions) -> Result<()> {
         return unsupported("fair waiting for elections (a campaign is always queued)");
     }
     if !ctx.store.supports_fair() {
-        return unsupported(
-            "fair waiting (a store without a waiters' queue; on etcd, a backend on a session lease)",
-        );
+        return unsupported("fair waiting (a store without a waiters' queue)");
     }
     Ok(())
 }

@@ -36,6 +36,14 @@ mod conformance {
     );
 }
 
+// Fair waiters queue on leases of their own; an admitted one's lock is on the session.
+mod fair {
+    leasehold::fair_suite!(
+        real,
+        super::session_backend(&super::EtcdServer::start(), super::SESSION).await
+    );
+}
+
 /// The etcd key of `key`'s lock, read by a plain client.
 async fn lock_key(etcd: &mut Client, backend: &EtcdBackend, key: &str) -> etcd_client::KeyValue {
     let read = etcd.get(backend.lock_key(key), None).await.unwrap();
@@ -363,51 +371,60 @@ async fn etcd_unreachable_loses_every_session_lock_together_before_the_deadline(
     node.shutdown().await;
 }
 
-/// A fair lock's admitted waiter holds its lock key on the lease of its place in the queue,
-/// but every lock of a session backend is on the session lease: a fair request is refused at
-/// once, naming the session, and writes nothing. Fair semaphores (each permit on a lease of
-/// its own, session or not) are served.
+/// A fair waiter on a session backend waits in the lock's queue on a lease of its own (its
+/// place); admitted, its lock key is on the session lease, as every lock of the backend is,
+/// and its place is gone with its lease revoked (nothing is left on it). With the lock key
+/// written on the place's lease instead, the keys' leases differ; with the place's lease
+/// left, it is still alive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fair_locks_are_refused_on_a_session_lease_before_any_io() {
+async fn a_fair_lock_is_admitted_onto_the_session_lease() {
     let server = EtcdServer::start();
     let backend = session_backend(&server, SESSION).await;
     let node = start(backend.clone()).await;
-    let key = unique_key("fair");
-    let fair = LockOptions::new().with_fair(true);
-    for answer in [
-        node.try_lock(&key, fair.clone()).await.map(drop),
-        node.lock(
-            &key,
-            fair.clone().with_wait(Wait::UpTo(Duration::from_secs(5))),
-        )
-        .await
-        .map(drop),
-    ] {
-        let err = answer.unwrap_err();
-        assert_eq!(
-            err.kind(),
-            leasehold::ErrorKind::Store(leasehold::StoreErrorKind::Unsupported),
-            "{err:?}"
-        );
-        assert!(err.to_string().contains("session lease"), "{err}");
-    }
     let mut etcd = Client::connect([server.endpoint()], None).await.unwrap();
-    let under_prefix = etcd
-        .get(backend.prefix(), Some(GetOptions::new().with_prefix()))
+    let key = unique_key("fair");
+    let held = node.try_lock(&key, LockOptions::new()).await.unwrap();
+    let held = held.expect("a free key");
+    let session = lock_key(&mut etcd, &backend, &key).await.lease();
+    let waiter = {
+        let (node, key) = (node.clone(), key.clone());
+        let fair = LockOptions::new()
+            .with_fair(true)
+            .with_wait(Wait::UpTo(Duration::from_secs(30)));
+        tokio::spawn(async move { node.lock(&key, fair).await })
+    };
+    let queue = format!("{}\u{1f}fair/", backend.lock_key(&key));
+    let in_queue = GetOptions::new().with_prefix();
+    let place = timeout(Duration::from_secs(10), async {
+        loop {
+            let read = etcd
+                .get(queue.as_str(), Some(in_queue.clone()))
+                .await
+                .unwrap();
+            if let Some(kv) = read.kvs().first() {
+                return kv.lease();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the fair waiter takes a place in the queue");
+    assert_ne!(place, session, "a place is on a lease of its own");
+    held.release().await.unwrap();
+    let guard = timeout(Duration::from_secs(10), waiter)
         .await
+        .expect("the fair waiter is admitted")
+        .unwrap()
         .unwrap();
     assert_eq!(
-        under_prefix.count(),
-        0,
-        "the refused requests wrote nothing"
+        lock_key(&mut etcd, &backend, &key).await.lease(),
+        session,
+        "the admitted lock is on the session lease"
     );
-    let permit = node
-        .semaphore(&key, 2)
-        .unwrap()
-        .try_acquire(fair)
-        .await
-        .unwrap()
-        .expect("a free semaphore");
-    permit.release().await.unwrap();
+    let left = etcd.get(queue.as_str(), Some(in_queue)).await.unwrap();
+    assert_eq!(left.count(), 0, "the place left the queue");
+    let place_lease = etcd.lease_time_to_live(place, None).await.unwrap();
+    assert_eq!(place_lease.ttl(), -1, "the place's lease is revoked");
+    guard.release().await.unwrap();
     node.shutdown().await;
 }

@@ -736,11 +736,10 @@ impl LockBackend for EtcdBackend {
     }
 
     /// Lock mode: the contenders of a lock are the Lock service's queue, keys ordered by
-    /// create revision. Txn mode: a queue of leased keys beside the lock key (`queue.rs`),
-    /// whose admitted waiter's lock key is on the lease of its place: not with a session
-    /// lease, which every lock must be on.
+    /// create revision. Txn mode: a queue of leased keys beside the lock key (`queue.rs`);
+    /// an admitted waiter's lock key goes on the lease of its place, or on the session lease.
     fn supports_fair(&self) -> bool {
-        self.mode == EtcdMode::Lock || self.session.is_none()
+        true
     }
 
     async fn acquire_fair(
@@ -760,10 +759,6 @@ impl LockBackend for EtcdBackend {
                 self.campaign_in_queue(key, owner, ttl, metadata.unwrap_or_default())
                     .await
             }
-            EtcdMode::Txn if self.session.is_some() => Err(StoreError::Unsupported {
-                store: "etcd",
-                op: "fair waiting on a session lease",
-            }),
             EtcdMode::Txn => self.acquire_txn_fair(key, owner, ttl, metadata).await,
         }
     }

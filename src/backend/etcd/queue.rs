@@ -17,7 +17,7 @@
 //! |------|------------|
 //! | look | two range ops in the attempt's read `Txn` (no round trip of their own): the queue's first key by create revision, and the waiter's own key |
 //! | wait in line | `LeaseKeepAlive` of the waiter's key's lease; with no key yet (or its lease gone), `LeaseGrant` and a `Txn` putting the key if it does not exist: the back of the queue |
-//! | admitted | the admission `Txn` compares that the waiter's key is still the one read (its create revision: nothing can be created before it any more), or that the queue is still empty, and deletes the key; the lease it was on (just kept alive) carries the lock's or the permits' key from then on |
+//! | admitted | the admission `Txn` compares that the waiter's key is still the one read (its create revision: nothing can be created before it any more), or that the queue is still empty, and deletes the key; the lease it was on (just kept alive) carries the lock's or the permits' key from then on (on a session backend a lock's key goes on the session, beside a keep-alive of it, and the place's lease is revoked after) |
 //! | withdraw | `Txn` deleting the key, then `LeaseRevoke` of its lease |
 //!
 //! Every way out of the queue deletes a key — an admission, a withdrawal, a lease that ran out
@@ -35,9 +35,10 @@ use etcd_client::{
 };
 
 use super::call::is_lease_not_found;
+use super::lease::lease_seconds;
 use super::values::{token, txn_revision, Holder};
 use super::EtcdBackend;
-use crate::backend::{Acquisition, Contention, Lease, OwnerToken};
+use crate::backend::{Acquisition, Contention, Lease, LockBackend, OwnerToken};
 use crate::error::StoreError;
 
 /// The directory suffix of a queue: `"\x1ffair/"`, after what it queues for.
@@ -265,6 +266,11 @@ impl EtcdBackend {
         ttl: Duration,
         metadata: Option<&str>,
     ) -> Result<Option<Acquisition>, StoreError> {
+        if self.session.is_some() {
+            return self
+                .admit_on_session(key, queue, place, owner, ttl, metadata)
+                .await;
+        }
         let (id, granted, grant) = if place.lease().is_some() {
             match self.lease_of_place(place).await? {
                 Some((id, granted)) => (id, granted, None),
@@ -300,6 +306,73 @@ impl EtcdBackend {
         let mut lease = Lease::new(key, owner, token(txn_revision(&answer)?)?);
         lease.lease_id = Some(grant.map_or(id, |grant| grant.keep()));
         registration.keep();
+        Ok(Some(Acquisition::Acquired(lease)))
+    }
+
+    /// [`admit`](Self::admit) on a backend whose locks are on its session lease: the lock
+    /// key goes on the session (beside it, a keep-alive of the session sent after this
+    /// attempt began, as for an unfair lock in `txn_mode.rs`), not on the place's lease, which
+    /// carries nothing once the place is deleted and is revoked then.
+    async fn admit_on_session(
+        &self,
+        key: &str,
+        queue: &WaitQueue,
+        place: &Place,
+        owner: OwnerToken,
+        ttl: Duration,
+        metadata: Option<&str>,
+    ) -> Result<Option<Acquisition>, StoreError> {
+        let Some(session) = &self.session else {
+            return Err(StoreError::protocol("no session lease to admit on"));
+        };
+        let current = session.lease(self).await?;
+        let asked_at = Instant::now();
+        // The value says the lock's own ttl (what `inspect` shows), not the session's.
+        let granted = lease_seconds(ttl);
+        let lock_key = self.lock_key(key);
+        let lock_key = lock_key.as_str();
+        let registration = self.register(owner, current.id, granted).await;
+        let mut compares = vec![Compare::create_revision(lock_key, CompareOp::Equal, 0)];
+        compares.extend(place.still_first(queue));
+        let mut ops = vec![TxnOp::put(
+            lock_key,
+            Holder::encode(owner, granted, metadata),
+            Some(PutOptions::new().with_lease(current.id)),
+        )];
+        ops.extend(place.leave());
+        let (answer, kept) = futures::join!(
+            self.txn(Txn::new().when(compares).and_then(ops)),
+            current.kept_after(self, asked_at)
+        );
+        let answer = match answer {
+            // The session lease is gone: the next attempt is on a new one.
+            Err(error) if is_lease_not_found(&error) => {
+                current.gone(self);
+                return Ok(None);
+            }
+            answer => answer?,
+        };
+        if !answer.succeeded() {
+            return Ok(None);
+        }
+        let mut lease = Lease::new(key, owner, token(txn_revision(&answer)?)?);
+        lease.lease_id = Some(current.id);
+        if !matches!(kept, Ok(Some(_))) {
+            // The key is written but the session's life from now on is not known (or it is
+            // gone, and the key with it): give the key back rather than trust it. The place
+            // went with the write: the next attempt queues again.
+            drop(registration);
+            let _ = self.release(&lease).await;
+            return Err(kept.err().unwrap_or_else(|| {
+                StoreError::unavailable("the etcd session lease ran out during the acquisition")
+            }));
+        }
+        registration.keep();
+        if let Some(id) = place.lease() {
+            if let Err(error) = self.revoke(id).await {
+                tracing::debug!(queue = %queue.dir, %error, "revoking an admitted place's lease failed; it will run out");
+            }
+        }
         Ok(Some(Acquisition::Acquired(lease)))
     }
 
