@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, GetOptions};
 use etcd_server::EtcdServer;
-use leasehold::testing::{start, unique_key};
+use leasehold::testing::{eventually, start, unique_key};
 use leasehold::{Error, EtcdBackend, EtcdMode, LockEventKind, LockOptions, LostReason, Wait};
 use tokio::time::{timeout, timeout_at, Instant};
 
@@ -426,5 +426,45 @@ async fn a_fair_lock_is_admitted_onto_the_session_lease() {
     let place_lease = etcd.lease_time_to_live(place, None).await.unwrap();
     assert_eq!(place_lease.ttl(), -1, "the place's lease is revoked");
     guard.release().await.unwrap();
+    node.shutdown().await;
+}
+
+/// The session's keeper keeps pace with the shortest ttl among the locks following it now:
+/// a keep-alive every eighth of the session's ttl (120 s: 15 s), every sixth of a following
+/// lock's ttl when that is sooner (60 s: 10 s; 3 s: 0.5 s), and back to the slower pace when
+/// the short lock stops following (released), not the short one's for the session's life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keepers_pace_is_the_shortest_ttl_of_the_locks_following_now() {
+    let server = EtcdServer::start();
+    let backend = session_backend(&server, SESSION).await;
+    let node = start(backend.clone()).await;
+    let pace = |expected: Duration| {
+        let backend = backend.clone();
+        async move {
+            let what = format!("the keeper's pace is {expected:?}");
+            eventually(&what, Duration::from_secs(5), || async {
+                backend.session_keep_alive_every() == Some(expected)
+            })
+            .await;
+        }
+    };
+    let hold = |name: &str, ttl: Duration| {
+        let (node, key) = (node.clone(), unique_key(name));
+        async move {
+            let opts = LockOptions::new().with_ttl(ttl);
+            node.try_lock(&key, opts)
+                .await
+                .unwrap()
+                .expect("a free key")
+        }
+    };
+    let long = hold("long", Duration::from_secs(60)).await;
+    pace(Duration::from_secs(10)).await;
+    let short = hold("short", Duration::from_secs(3)).await;
+    pace(Duration::from_millis(500)).await;
+    short.release().await.unwrap();
+    pace(Duration::from_secs(10)).await;
+    long.release().await.unwrap();
+    pace(SESSION / 8).await;
     node.shutdown().await;
 }

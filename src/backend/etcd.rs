@@ -482,6 +482,14 @@ impl EtcdBackend {
         self
     }
 
+    /// With a session lease ([`EtcdBackendBuilder::with_session`]) that is live: how often
+    /// its keeper sends a keep-alive now — an eighth of the session's ttl, or a sixth of the
+    /// shortest ttl of a lock following it while one does. `None` without a live session.
+    pub fn session_keep_alive_every(&self) -> Option<Duration> {
+        let session = self.session.as_ref()?;
+        Some(session.live()?.pace().0)
+    }
+
     /// The key prefix.
     pub fn prefix(&self) -> &str {
         &self.prefix
@@ -615,7 +623,8 @@ impl LockBackend for EtcdBackend {
         }
         let current = session.get(lease.lease_id?)?;
         let held = self.held_keys_if_started()?;
-        if !held.follow(lease.owner, current.id, lease_seconds(ttl), notify) {
+        let pace = current.followed(ttl, lose_after);
+        if !held.follow(lease.owner, current.id, lease_seconds(ttl), notify, pace) {
             return None;
         }
         // Recorded before the session's life is looked at: a session lost meanwhile either
@@ -624,7 +633,6 @@ impl LockBackend for EtcdBackend {
             held.unfollow(lease.owner);
             return None;
         }
-        current.followed(ttl, lose_after);
         Some(current.clock.clone())
     }
 

@@ -31,6 +31,7 @@ use etcd_client::{Client, EventType, WatchOptions, WatchResponse, WatchStream};
 use tokio::sync::watch;
 
 use super::call::{store_error, Retry};
+use super::session::Pace;
 use super::values::Holder;
 use crate::backend::{FollowNotice, FollowNotify, OwnerToken};
 use crate::error::StoreError;
@@ -120,6 +121,8 @@ impl Owners {
 struct Follower {
     lease: i64,
     notify: FollowNotify,
+    /// Its part in the session keeper's pace, given up when it stops following.
+    _pace: Pace,
 }
 
 /// One prefix's watch and registry; dropping it stops the watch.
@@ -223,6 +226,7 @@ impl HeldKeys {
         lease: i64,
         seconds: i64,
         notify: FollowNotify,
+        pace: Pace,
     ) -> bool {
         let mut owners = self.owners();
         let vouched = matches!(
@@ -230,7 +234,12 @@ impl HeldKeys {
             Some(Owned::Held { lease: on, granted }) if *on == lease && *granted >= seconds
         );
         if vouched {
-            owners.followers.insert(owner, Follower { lease, notify });
+            let follower = Follower {
+                lease,
+                notify,
+                _pace: pace,
+            };
+            owners.followers.insert(owner, follower);
         }
         vouched
     }

@@ -18,11 +18,12 @@
 //! vouching) renews as before: its renewal asks when the session's last keep-alive was sent
 //! (`kept`), and sends one of its own if that is older than a sixth of its ttl.
 //!
-//! The keeper keeps pace with the shortest ttl of a lock that followed the session (a
-//! keep-alive every sixth of it, at most every eighth of the session's ttl) and gives the
-//! session up when no keep-alive was answered by that lock's loss check (at most the
-//! session's ttl): then every following lock is told at once, `Lost` together, before their
-//! deadlines.
+//! The keeper keeps pace with the shortest ttl among the locks following the session now (a
+//! keep-alive every sixth of it, at most every eighth of the session's ttl; when that lock
+//! stops following, the pace is the next shortest's again) and gives the session up when no
+//! keep-alive was answered by that lock's loss check (at most the session's ttl): then every
+//! following lock is told at once, `Lost` together, before their deadlines.
+//! [`EtcdBackend::session_keep_alive_every`] reads the pace.
 //!
 //! The trade-off: a lost session loses every lock on it at once. When etcd says the session
 //! lease is gone (expired or revoked), its keys are gone with it; every lock on it is `Lost`,
@@ -30,8 +31,8 @@
 //!
 //! [`EtcdBackendBuilder::with_session`]: super::EtcdBackendBuilder::with_session
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -70,15 +71,63 @@ pub(super) struct Current {
     /// `backend/follow.rs`): advanced with every keep-alive etcd answers with the lease
     /// alive, ended when the lease is lost.
     pub(super) clock: SharedClock,
-    /// The shortest ttl of a lock that followed this lease, in nanoseconds (`u64::MAX` while
-    /// none did): the keeper keeps the lease alive every sixth of it, at least.
-    shortest_ttl: AtomicU64,
-    /// The shortest time from a keep-alive to a following lock's loss check, in nanoseconds:
-    /// with no keep-alive answered for that long, the keeper ends the session, and every lock
-    /// on it hears of the loss together, by that check.
-    lose_after: AtomicU64,
+    /// The paces of the locks following this lease now: the keeper keeps pace with the
+    /// shortest, and slows down again when it stops following.
+    paces: Mutex<Paces>,
     /// Wakes the keeper when a lock with a shorter ttl begins to follow.
     wake: Arc<Notify>,
+}
+
+/// How many following locks have each ttl, and each time from a keep-alive to their loss
+/// check: the keeper keeps the lease alive every sixth of the shortest ttl at least, and
+/// ends the session when no keep-alive was answered for the shortest loss check (every lock
+/// on it then hears of the loss together, by that check).
+#[derive(Default)]
+struct Paces {
+    ttls: BTreeMap<Duration, usize>,
+    lose_afters: BTreeMap<Duration, usize>,
+}
+
+impl Paces {
+    fn add(&mut self, pace: &Pace) {
+        *self.ttls.entry(pace.ttl).or_default() += 1;
+        *self.lose_afters.entry(pace.lose_after).or_default() += 1;
+    }
+
+    fn remove(&mut self, pace: &Pace) {
+        for (map, at) in [
+            (&mut self.ttls, pace.ttl),
+            (&mut self.lose_afters, pace.lose_after),
+        ] {
+            if let Some(count) = map.get_mut(&at) {
+                *count -= 1;
+                if *count == 0 {
+                    map.remove(&at);
+                }
+            }
+        }
+    }
+
+    fn shortest(&self) -> (Option<Duration>, Option<Duration>) {
+        let first = |map: &BTreeMap<Duration, usize>| map.keys().next().copied();
+        (first(&self.ttls), first(&self.lose_afters))
+    }
+}
+
+/// One following lock's part in its session's pace, for as long as it follows: dropped (the
+/// lock released, lost, or renewing on its own), the keeper no longer keeps its pace.
+pub(super) struct Pace {
+    session: Weak<Current>,
+    ttl: Duration,
+    lose_after: Duration,
+}
+
+impl Drop for Pace {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.upgrade() {
+            session.paces().remove(self);
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -116,8 +165,7 @@ impl Session {
             id: grant.id,
             granted: grant.ttl,
             clock: SharedClock::new(asked_at),
-            shortest_ttl: AtomicU64::new(u64::MAX),
-            lose_after: AtomicU64::new(u64::MAX),
+            paces: Mutex::new(Paces::default()),
             wake: Arc::clone(&wake),
             state: Mutex::new(State {
                 kept: KeptAlive {
@@ -137,7 +185,7 @@ impl Session {
     }
 
     /// The current session lease, if it is alive.
-    fn live(&self) -> Option<Arc<Current>> {
+    pub(super) fn live(&self) -> Option<Arc<Current>> {
         self.current().as_ref().filter(|c| c.alive()).cloned()
     }
 
@@ -203,25 +251,36 @@ impl Current {
     }
 
     /// A lock with `ttl`, whose holder must hear of a loss within `lose_after` of the last
-    /// keep-alive, begins to follow this lease: the keeper keeps pace with it.
-    pub(super) fn followed(&self, ttl: Duration, lose_after: Duration) {
-        let ttl = ttl.as_nanos().min(u64::MAX as u128) as u64;
-        let lose_after = lose_after.as_nanos().min(u64::MAX as u128) as u64;
-        let shorter = self.shortest_ttl.fetch_min(ttl, Ordering::AcqRel) > ttl;
-        let sooner = self.lose_after.fetch_min(lose_after, Ordering::AcqRel) > lose_after;
-        if shorter || sooner {
+    /// keep-alive, begins to follow this lease: the keeper keeps pace with it for as long as
+    /// the lock keeps the answer.
+    pub(super) fn followed(self: &Arc<Self>, ttl: Duration, lose_after: Duration) -> Pace {
+        let pace = Pace {
+            session: Arc::downgrade(self),
+            ttl,
+            lose_after,
+        };
+        let mut paces = self.paces();
+        let (shortest, soonest) = paces.shortest();
+        paces.add(&pace);
+        drop(paces);
+        if shortest.is_none_or(|at| ttl < at) || soonest.is_none_or(|at| lose_after < at) {
             self.wake.notify_one();
         }
+        pace
     }
 
     /// How often the keeper sends a keep-alive, and how long after the last one answered it
-    /// gives the lease up: an eighth of the granted ttl and the whole of it, or sooner when a
-    /// lock following the lease has a shorter ttl.
-    fn pace(&self) -> (Duration, Duration) {
+    /// gives the lease up: an eighth of the granted ttl and the whole of it, or sooner while
+    /// a lock following the lease has a shorter ttl.
+    pub(super) fn pace(&self) -> (Duration, Duration) {
         let granted = Duration::from_secs(u64::try_from(self.granted).unwrap_or(1));
-        let nanos = |at: &AtomicU64| Duration::from_nanos(at.load(Ordering::Acquire));
-        let every = (granted / 8).min(nanos(&self.shortest_ttl) / 6);
-        (every, granted.min(nanos(&self.lose_after)))
+        let (shortest, soonest) = self.paces().shortest();
+        let every = shortest.map_or(granted / 8, |ttl| (granted / 8).min(ttl / 6));
+        (every, soonest.map_or(granted, |at| granted.min(at)))
+    }
+
+    fn paces(&self) -> std::sync::MutexGuard<'_, Paces> {
+        self.paces.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records etcd's answer to a keep-alive; false when it says the lease is gone.
