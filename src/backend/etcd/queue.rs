@@ -38,7 +38,7 @@ use super::call::is_lease_not_found;
 use super::lease::lease_seconds;
 use super::values::{token, txn_revision, Holder};
 use super::EtcdBackend;
-use crate::backend::{Acquisition, Contention, Lease, LockBackend, OwnerToken};
+use crate::backend::{Acquisition, Contention, Lease, OwnerToken};
 use crate::error::StoreError;
 
 /// The directory suffix of a queue: `"\x1ffair/"`, after what it queues for.
@@ -357,17 +357,9 @@ impl EtcdBackend {
         }
         let mut lease = Lease::new(key, owner, token(txn_revision(&answer)?)?);
         lease.lease_id = Some(current.id);
-        if !matches!(kept, Ok(Some(_))) {
-            // The key is written but the session's life from now on is not known (or it is
-            // gone, and the key with it): give the key back rather than trust it. The place
-            // went with the write: the next attempt queues again.
-            drop(registration);
-            let _ = self.release(&lease).await;
-            return Err(kept.err().unwrap_or_else(|| {
-                StoreError::unavailable("the etcd session lease ran out during the acquisition")
-            }));
-        }
-        registration.keep();
+        // Not trusted, the key is given back; the place went with the write: the next
+        // attempt queues again.
+        let lease = self.trust_on_session(lease, registration, kept).await?;
         if let Some(id) = place.lease() {
             if let Err(error) = self.revoke(id).await {
                 tracing::debug!(queue = %queue.dir, %error, "revoking an admitted place's lease failed; it will run out");

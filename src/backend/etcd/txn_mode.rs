@@ -10,6 +10,7 @@ use etcd_client::{
 
 use super::call::is_lease_not_found;
 use super::held::Registration;
+use super::keep_alive::KeptAlive;
 use super::lease::{lease_seconds, Grant};
 use super::session::Current;
 use super::values::{token, txn_revision, Holder};
@@ -119,21 +120,30 @@ impl EtcdBackend {
         }
         let mut lease = Lease::new(key, owner, token(revision)?);
         lease.lease_id = Some(session.id);
-        match kept {
-            Ok(Some(_)) => {
-                registration.keep();
-                Ok(Acquisition::Acquired(lease))
-            }
-            // The key is written but the session's life from now on is not known (or it is
-            // gone, and the key with it): give the key back rather than trust it.
-            failed => {
-                drop(registration);
-                let _ = self.release(&lease).await;
-                Err(failed.err().unwrap_or_else(|| {
-                    StoreError::unavailable("the etcd session lease ran out during the acquisition")
-                }))
-            }
+        self.trust_on_session(lease, registration, kept)
+            .await
+            .map(Acquisition::Acquired)
+    }
+
+    /// A lock key just written on the session lease, with what the keep-alive sent beside
+    /// the write answered: the lease, if the session runs on from after the attempt began.
+    /// Else the key is written but the session's life from now on is not known (or it is
+    /// gone, and the key with it): the key is given back rather than trusted.
+    pub(super) async fn trust_on_session(
+        &self,
+        lease: Lease,
+        registration: Registration,
+        kept: Result<Option<KeptAlive>, StoreError>,
+    ) -> Result<Lease, StoreError> {
+        if let Ok(Some(_)) = kept {
+            registration.keep();
+            return Ok(lease);
         }
+        drop(registration);
+        let _ = self.release(&lease).await;
+        Err(kept.err().unwrap_or_else(|| {
+            StoreError::unavailable("the etcd session lease ran out during the acquisition")
+        }))
     }
 }
 
