@@ -10,6 +10,12 @@
 //! waiter of that id when etcd's answer comes. Each key actor still owns its lease, its timer and
 //! its deadline: the task only carries their requests.
 //!
+//! Renewals come in bursts (key actors renew on a grid shared by the process, see
+//! `timing::renewal_slot`): the task takes every ask already queued, writes every id the stream
+//! will take without waiting, and reads every answer already arrived, each in one go, so a
+//! burst costs the task (and the gRPC stream under it) a few wake-ups rather than a few per
+//! renewal.
+//!
 //! When the stream breaks, every renewal waiting on it fails with a retryable store error (the
 //! key actor tries again on its next tick, and says `Lost` at its deadline if the outage lasts),
 //! and the next renewal opens a new stream.
