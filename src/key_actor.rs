@@ -621,13 +621,15 @@ impl KeyState {
             return;
         };
         let at = if held.auto_renew {
-            let step = if held.failures == 0 {
-                held.ttl / 3
+            let due = if held.failures == 0 {
+                // On the process's renewal grid, so renewals due together fire together.
+                let step = held.ttl / 3;
+                crate::timing::renewal_slot(last_sent + step, step)
             } else {
                 // Retry quickly, several times before the deadline.
-                (held.ttl / 12).max(Duration::from_millis(1))
+                last_sent + (held.ttl / 12).max(Duration::from_millis(1))
             };
-            (last_sent + step).min(held.lose_at)
+            due.min(held.lose_at)
         } else {
             held.lose_at
         };

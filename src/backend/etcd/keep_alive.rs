@@ -10,13 +10,21 @@
 //! waiter of that id when etcd's answer comes. Each key actor still owns its lease, its timer and
 //! its deadline: the task only carries their requests.
 //!
+//! Renewals come in bursts (key actors renew on a grid shared by the process, see
+//! `timing::renewal_slot`): the task takes every ask already queued, writes every id the stream
+//! will take without waiting, and reads every answer already arrived, each in one go, so a
+//! burst costs the task (and the gRPC stream under it) a few wake-ups rather than a few per
+//! renewal.
+//!
 //! When the stream breaks, every renewal waiting on it fails with a retryable store error (the
 //! key actor tries again on its next tick, and says `Lost` at its deadline if the outage lasts),
 //! and the next renewal opens a new stream.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 
 use etcd_client::{Client, LeaseKeepAliveResponse, LeaseKeepAliveStream, LeaseKeeper};
+use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -97,16 +105,61 @@ enum Event {
     Answer(Result<Option<LeaseKeepAliveResponse>, etcd_client::Error>),
 }
 
+/// The renewals of one lease waiting for etcd's answer: one request on the stream answers
+/// them all. A lease of its own has one renewal at a time: it is kept without a `Vec`.
+enum Waiters {
+    One(Answer),
+    Many(Vec<Answer>),
+}
+
+impl Waiters {
+    fn push(&mut self, answer: Answer) {
+        match self {
+            Waiters::Many(answers) => answers.push(answer),
+            Waiters::One(_) => {
+                let Waiters::One(first) = std::mem::replace(self, Waiters::Many(Vec::new())) else {
+                    unreachable!("matched One above")
+                };
+                *self = Waiters::Many(vec![first, answer]);
+            }
+        }
+    }
+
+    fn answer(self, outcome: &Result<KeptAlive, StoreError>) {
+        match self {
+            Waiters::One(answer) => {
+                let _ = answer.send(outcome.clone());
+            }
+            Waiters::Many(answers) => {
+                for answer in answers {
+                    let _ = answer.send(outcome.clone());
+                }
+            }
+        }
+    }
+}
+
+/// One lease's keep-alive under way: who waits for it, and when it was written on the stream
+/// (`None` until then).
+struct Pending {
+    waiters: Waiters,
+    sent_at: Option<Instant>,
+}
+
+/// The most asks, writes or answers handled in one go before the task lets the others run: a
+/// burst of renewals (they come on a shared grid, see `timing::renewal_slot`) is written in
+/// one batch, and etcd's answers to it are read in one batch.
+const BATCH: usize = 256;
+
 async fn run(client: Client, tries: usize, mut asks: mpsc::UnboundedReceiver<Ask>) {
     let mut stream: Option<Stream> = None;
-    // Renewals waiting for etcd's answer, by lease id: one request on the stream answers all.
-    let mut waiting: HashMap<i64, Vec<Answer>> = HashMap::new();
+    // Keep-alives asked for and not yet answered, by lease id.
+    let mut pending: HashMap<i64, Pending> = HashMap::new();
     // Lease ids to write on the stream, in order.
     let mut unsent: VecDeque<i64> = VecDeque::new();
     // When the task began writing the first of `unsent` (a write may be cancelled and begun
-    // again: the first beginning counts), and when each id in flight was written.
+    // again: the first beginning counts).
     let mut writing_since: Option<Instant> = None;
-    let mut sent: HashMap<i64, Instant> = HashMap::new();
     loop {
         if stream.is_some() && !unsent.is_empty() {
             writing_since.get_or_insert_with(Instant::now);
@@ -126,52 +179,142 @@ async fn run(client: Client, tries: usize, mut asks: mpsc::UnboundedReceiver<Ask
         };
         match event {
             Event::Ask(None) => return, // The backend is gone.
-            Event::Ask(Some(Ask { id, answer })) => {
-                if stream.is_none() {
-                    match open_stream(&client, tries, id).await {
-                        Ok(opened) => stream = Some(opened),
+            Event::Ask(Some(first)) => {
+                // This ask, and every other one already waiting (up to a batch): a burst of
+                // renewals is taken at once, and written together below.
+                let (mut ask, mut taken) = (first, 1);
+                loop {
+                    let Ask { id, answer } = ask;
+                    let open = match stream {
+                        Some(_) => Ok(()),
+                        None => open_stream(&client, tries, id)
+                            .await
+                            .map(|opened| stream = Some(opened)),
+                    };
+                    match open {
+                        Ok(()) => push_waiter(&mut pending, &mut unsent, id, answer),
                         Err(outcome) => {
                             let _ = answer.send(outcome);
-                            continue;
+                        }
+                    }
+                    if taken == BATCH {
+                        break;
+                    }
+                    match asks.try_recv() {
+                        Ok(next) => (ask, taken) = (next, taken + 1),
+                        Err(_) => break,
+                    }
+                }
+            }
+            Event::Sent(Ok(())) => {
+                let since = writing_since.take().unwrap_or_else(Instant::now);
+                if let Some(id) = unsent.pop_front() {
+                    mark_sent(&mut pending, id, since);
+                }
+                // Whatever else can be written without waiting goes in the same batch (the
+                // stream's queue takes them at once while it has room).
+                let mut failed = None;
+                if let Some(Stream { keeper, .. }) = stream.as_mut() {
+                    for _ in 0..BATCH {
+                        let Some(&id) = unsent.front() else { break };
+                        keeper.id = id;
+                        match keeper.keep_alive().now_or_never() {
+                            Some(Ok(())) => {
+                                unsent.pop_front();
+                                mark_sent(&mut pending, id, since);
+                            }
+                            Some(Err(error)) => {
+                                failed = Some(error);
+                                break;
+                            }
+                            None => break,
                         }
                     }
                 }
-                let answers = waiting.entry(id).or_default();
-                if answers.is_empty() {
-                    unsent.push_back(id);
-                }
-                answers.push(answer);
-            }
-            Event::Sent(Ok(())) => {
-                if let Some(id) = unsent.pop_front() {
-                    let since = writing_since.take().unwrap_or_else(Instant::now);
-                    sent.insert(id, since);
+                if let Some(error) = failed {
+                    broken(&mut stream, &mut pending, &mut unsent, Some(error));
+                    writing_since = None;
                 }
             }
             Event::Sent(Err(error)) | Event::Answer(Err(error)) => {
-                broken(&mut stream, &mut waiting, &mut unsent, Some(error));
-                (writing_since, sent) = (None, HashMap::new());
+                broken(&mut stream, &mut pending, &mut unsent, Some(error));
+                writing_since = None;
             }
             Event::Answer(Ok(None)) => {
-                broken(&mut stream, &mut waiting, &mut unsent, None);
-                (writing_since, sent) = (None, HashMap::new());
+                broken(&mut stream, &mut pending, &mut unsent, None);
+                writing_since = None;
             }
             Event::Answer(Ok(Some(answer))) => {
-                let Some(sent_at) = sent.remove(&answer.id()) else {
-                    // Not an answer to a keep-alive this task wrote: the stream's opening one.
-                    continue;
-                };
-                let kept = KeptAlive {
-                    ttl: answer.ttl(),
-                    revision: answer.header().map(|h| h.revision()),
-                    sent_at,
-                };
-                for waiter in waiting.remove(&answer.id()).unwrap_or_default() {
-                    let _ = waiter.send(Ok(kept));
+                answered(&mut pending, &answer);
+                // And every answer already here.
+                let mut ended = None;
+                if let Some(Stream { answers, .. }) = stream.as_mut() {
+                    for _ in 0..BATCH {
+                        match answers.message().now_or_never() {
+                            Some(Ok(Some(answer))) => answered(&mut pending, &answer),
+                            Some(Ok(None)) => {
+                                ended = Some(None);
+                                break;
+                            }
+                            Some(Err(error)) => {
+                                ended = Some(Some(error));
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                }
+                if let Some(error) = ended {
+                    broken(&mut stream, &mut pending, &mut unsent, error);
+                    writing_since = None;
                 }
             }
         }
     }
+}
+
+/// Adds a renewal of lease `id` to those waiting; the first one queues the lease's write.
+fn push_waiter(
+    pending: &mut HashMap<i64, Pending>,
+    unsent: &mut VecDeque<i64>,
+    id: i64,
+    answer: Answer,
+) {
+    match pending.entry(id) {
+        Entry::Occupied(mut waiting) => waiting.get_mut().waiters.push(answer),
+        Entry::Vacant(vacant) => {
+            vacant.insert(Pending {
+                waiters: Waiters::One(answer),
+                sent_at: None,
+            });
+            unsent.push_back(id);
+        }
+    }
+}
+
+/// Lease `id`'s keep-alive was written on the stream; the write began at `since`.
+fn mark_sent(pending: &mut HashMap<i64, Pending>, id: i64, since: Instant) {
+    if let Some(waiting) = pending.get_mut(&id) {
+        waiting.sent_at = Some(since);
+    }
+}
+
+/// etcd answered a keep-alive: everyone waiting on that lease hears.
+fn answered(pending: &mut HashMap<i64, Pending>, answer: &LeaseKeepAliveResponse) {
+    let Entry::Occupied(waiting) = pending.entry(answer.id()) else {
+        return;
+    };
+    let Some(sent_at) = waiting.get().sent_at else {
+        // Not an answer to a keep-alive this task wrote (the stream's opening one): the
+        // renewals waiting on this lease wait for their own.
+        return;
+    };
+    let kept = KeptAlive {
+        ttl: answer.ttl(),
+        revision: answer.header().map(|h| h.revision()),
+        sent_at,
+    };
+    waiting.remove().waiters.answer(&Ok(kept));
 }
 
 /// Writes lease `id` on the stream; never resolves while there is no stream or nothing to send.
@@ -226,7 +369,7 @@ async fn open_stream(
 /// the next renewal opens a new stream.
 fn broken(
     stream: &mut Option<Stream>,
-    waiting: &mut HashMap<i64, Vec<Answer>>,
+    pending: &mut HashMap<i64, Pending>,
     unsent: &mut VecDeque<i64>,
     error: Option<etcd_client::Error>,
 ) {
@@ -238,9 +381,8 @@ fn broken(
     tracing::debug!(%error, "the next renewal reopens the keep-alive stream");
     *stream = None;
     unsent.clear();
-    for (_, answers) in waiting.drain() {
-        for answer in answers {
-            let _ = answer.send(Err(error.clone()));
-        }
+    let failed = Err(error);
+    for (_, waiting) in pending.drain() {
+        waiting.waiters.answer(&failed);
     }
 }
