@@ -168,6 +168,20 @@ pub(super) fn is_lease_not_found(error: &StoreError) -> bool {
     }
 }
 
+/// Whether etcd answered "lease already exists" (gRPC failed precondition) to a grant of a
+/// lease id chosen by the caller.
+pub(super) fn is_lease_exists(error: &StoreError) -> bool {
+    match error.cause() {
+        Some(StoreCause::Etcd(error)) => matches!(
+            &**error,
+            etcd_client::Error::GRpcStatus(status)
+                // gRPC code 9: failed precondition.
+                if i32::from(status.code()) == 9 && status.message().contains("lease already exists")
+        ),
+        _ => false,
+    }
+}
+
 /// An etcd-client error in a line: for a gRPC status, its message, code and the failure at
 /// the bottom of its cause (`tcp connect error (Unavailable): Connection refused`).
 pub(crate) fn describe(error: &etcd_client::Error) -> String {

@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, KeyValue, PutOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, KeyValue, LeaseGrantOptions, PutOptions, Txn, TxnOp};
 use tokio::time::timeout;
 
-use super::call::{is_lease_not_found, Retry};
+use super::call::{is_lease_exists, is_lease_not_found, Retry};
 use super::keep_alive::KeptAlive;
 use super::values::{owner_compares, Holder};
 use super::EtcdBackend;
@@ -30,6 +30,31 @@ impl EtcdBackend {
             backend: self.clone(),
             id: granted.id(),
             ttl: granted.ttl(),
+            armed: true,
+        })
+    }
+
+    /// Grants lease `id`, chosen by the caller (a fair waiter's place, see `queue.rs`). A lease
+    /// `id` that exists already is ours — an earlier grant of it whose answer was lost — and
+    /// counts as granted.
+    pub(super) async fn grant_id(&self, id: i64, ttl: Duration) -> Result<Grant, StoreError> {
+        let seconds = lease_seconds(ttl);
+        let granted = self
+            .call("lease grant", Retry::IfConnectionBroke, || {
+                let mut leases = self.shared.client.lease_client();
+                let options = LeaseGrantOptions::new().with_id(id);
+                async move { leases.grant(seconds, Some(options)).await }
+            })
+            .await;
+        let ttl = match granted {
+            Ok(granted) => granted.ttl(),
+            Err(error) if is_lease_exists(&error) => seconds,
+            Err(error) => return Err(error),
+        };
+        Ok(Grant {
+            backend: self.clone(),
+            id,
+            ttl,
             armed: true,
         })
     }

@@ -6,7 +6,7 @@
 //!
 //! | key | value | lease |
 //! |-----|-------|-------|
-//! | `DIR <owner in hex>` | empty | granted for the request's ttl at its first attempt, kept alive by each later one |
+//! | `DIR <owner in hex>` | empty | its id chosen from the owner token ([`place_lease`]), granted for the request's ttl at its first attempt, kept alive by each later one |
 //!
 //! `DIR` is `P + KEY + "\x1ffair/"` for a lock, `P + NAME + "\x1fpermits\x1ffair/"` for a
 //! semaphore: beside what it queues for, never inside a range that is read for holders (a
@@ -16,8 +16,8 @@
 //! | step | etcd calls |
 //! |------|------------|
 //! | look | two range ops in the attempt's read `Txn` (no round trip of their own): the queue's first key by create revision, and the waiter's own key |
-//! | wait in line | `LeaseKeepAlive` of the waiter's key's lease; with no key yet (or its lease gone), `LeaseGrant` and a `Txn` putting the key if it does not exist: the back of the queue |
-//! | admitted | the admission `Txn` compares that the waiter's key is still the one read (its create revision: nothing can be created before it any more), or that the queue is still empty, and deletes the key; the lease it was on (just kept alive) carries the lock's or the permits' key from then on (on a session backend a lock's key goes on the session, beside a keep-alive of it, and the place's lease is revoked after) |
+//! | wait in line | `LeaseKeepAlive` of the place's lease, sent beside the read (its id is known before the read says it); with no key yet (or its lease gone), then `LeaseGrant` of that id and a `Txn` putting the key if it does not exist: the back of the queue |
+//! | admitted | the admission `Txn` compares that the waiter's key is still the one read (its create revision: nothing can be created before it any more), or that the queue is still empty, and deletes the key; the lease it was on (kept alive beside the read) carries the lock's or the permits' key from then on (on a session backend a lock's key goes on the session, beside a keep-alive of it, and the place's lease is revoked after) |
 //! | withdraw | `Txn` deleting the key, then `LeaseRevoke` of its lease |
 //!
 //! Every way out of the queue deletes a key — an admission, a withdrawal, a lease that ran out
@@ -31,10 +31,11 @@ use tokio::time::Instant;
 
 use etcd_client::{
     Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget,
-    Txn, TxnOp, TxnOpResponse,
+    Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
 
 use super::call::is_lease_not_found;
+use super::keep_alive::KeptAlive;
 use super::lease::lease_seconds;
 use super::values::{token, txn_revision, Holder};
 use super::EtcdBackend;
@@ -55,10 +56,23 @@ pub(super) struct WaitQueue {
 pub(super) struct Place {
     /// The waiter's key.
     key: String,
+    /// The lease its key goes on: see [`place_lease`].
+    chosen: i64,
     /// The first key in the queue (by create revision), if any.
     head: Option<Vec<u8>>,
     /// The waiter's own key, if it has one: its create revision and its lease.
     own: Option<(i64, i64)>,
+    /// The keep-alive of its key's lease sent beside the read, if that lease is alive and
+    /// the keep-alive was sent after the attempt began: it runs its ttl from then.
+    kept: Option<KeptAlive>,
+}
+
+/// The lease of `owner`'s place in a queue: an id chosen by us (etcd takes one at grant) from
+/// the owner token's random bits, positive and not zero, so that every attempt can keep its
+/// place alive beside its read, before the read says which lease the place is on.
+pub(super) fn place_lease(owner: OwnerToken) -> i64 {
+    let bits = owner.as_u128() as u64 & i64::MAX as u64;
+    bits.max(1) as i64
 }
 
 impl WaitQueue {
@@ -91,11 +105,13 @@ impl WaitQueue {
         ]
     }
 
-    /// `owner`'s place, from the answers to [`look`](Self::look)'s two ops.
+    /// `owner`'s place, from the answers to [`look`](Self::look)'s two ops and the keep-alive
+    /// sent beside them ([`EtcdBackend::read_keeping_place`]).
     pub(super) fn place(
         &self,
         owner: OwnerToken,
         answers: &[TxnOpResponse],
+        kept: Option<KeptAlive>,
     ) -> Result<Place, StoreError> {
         let first_kv = |answer: Option<&TxnOpResponse>| match answer {
             Some(TxnOpResponse::Get(get)) => Ok(get.kvs().first().cloned()),
@@ -104,11 +120,15 @@ impl WaitQueue {
             )),
         };
         let head = first_kv(answers.first())?;
-        let own = first_kv(answers.get(1))?;
+        let own = first_kv(answers.get(1))?.map(|kv| (kv.create_revision(), kv.lease()));
+        let chosen = place_lease(owner);
         Ok(Place {
             key: self.key(owner),
+            chosen,
             head: head.map(|kv| kv.key().to_vec()),
-            own: own.map(|kv| (kv.create_revision(), kv.lease())),
+            own,
+            // Only if its key is on that lease: a key on another is kept alive on its own.
+            kept: kept.filter(|_| own.is_some_and(|(_, lease)| lease == chosen)),
         })
     }
 }
@@ -148,21 +168,45 @@ impl Place {
 }
 
 impl EtcdBackend {
-    /// Keeps the waiter's place in `queue` for `ttl` from now: a keep-alive of its key's
-    /// lease, or, if it has no key (or the lease is gone, and the key with it), a new key at
-    /// the back on a lease of its own.
+    /// An attempt's read, with a keep-alive of its place's lease sent beside it: an attempt
+    /// needs that keep-alive either way (to keep its place, or for what it is admitted to
+    /// carry its ttl from this attempt), and beside the read it costs no round trip of its
+    /// own. The read's answer, and the keep-alive's if the lease is alive and the keep-alive
+    /// was sent after the attempt began (one that joined an earlier attempt's, given up in
+    /// flight, does not count: the steps after the read keep the place themselves then).
+    pub(super) async fn read_keeping_place(
+        &self,
+        read: Txn,
+        owner: OwnerToken,
+    ) -> Result<(TxnResponse, Option<KeptAlive>), StoreError> {
+        let asked_at = Instant::now();
+        let (read, kept) = futures::join!(self.txn(read), self.keep_alive(place_lease(owner)));
+        // No such lease (a first attempt, a place that ran out) or a failed keep-alive: the
+        // place is seen to after the read.
+        let kept = kept
+            .ok()
+            .filter(|kept| kept.ttl > 0 && kept.sent_at >= asked_at);
+        Ok((read?, kept))
+    }
+
+    /// Keeps the waiter's place in `queue` for `ttl` from now: nothing more if its read's
+    /// keep-alive did; else a keep-alive of its key's lease, or, if it has no key (or the
+    /// lease is gone, and the key with it), a new key at the back on its place's lease.
     pub(super) async fn keep_place(
         &self,
         queue: &WaitQueue,
         place: &Place,
         ttl: Duration,
     ) -> Result<(), StoreError> {
+        if place.kept.is_some() {
+            return Ok(());
+        }
         if let Some(lease) = place.lease() {
             if self.keep_alive(lease).await?.ttl > 0 {
                 return Ok(());
             }
         }
-        let grant = self.grant(ttl).await?;
+        let grant = self.grant_id(place.chosen, ttl).await?;
         let txn = Txn::new()
             .when([Compare::create_revision(
                 place.key.as_str(),
@@ -174,14 +218,12 @@ impl EtcdBackend {
                 "",
                 Some(PutOptions::new().with_lease(grant.id)),
             )]);
-        if self.txn(txn).await?.succeeded() {
-            grant.keep();
-        } else {
-            // The key is there: an earlier attempt's whose answer was lost. It keeps the
-            // place; the next attempt keeps its lease alive.
+        // Kept either way: if the key is there (an earlier attempt's whose answer was lost),
+        // it is on this same lease, or on one that runs out with nothing on this one.
+        if !self.txn(txn).await?.succeeded() {
             tracing::debug!(queue = %queue.dir, "a fair waiter's key was there already");
-            grant.revoke().await;
         }
+        grant.keep();
         Ok(())
     }
 
@@ -196,6 +238,9 @@ impl EtcdBackend {
         let Some(lease) = place.lease() else {
             return Ok(None);
         };
+        if let Some(kept) = place.kept {
+            return Ok(Some((lease, kept.ttl)));
+        }
         let asked_at = Instant::now();
         let mut kept = self.keep_alive(lease).await?;
         if kept.ttl > 0 && kept.sent_at < asked_at {
@@ -213,8 +258,8 @@ impl EtcdBackend {
     /// | case | etcd calls |
     /// |------|------------|
     /// | free, queue empty | a read `Txn` (the key, the queue's first, ours), `LeaseGrant`, the admission `Txn` |
-    /// | free, first in the queue | a read `Txn`, `LeaseKeepAlive` of the place's lease, the admission `Txn`, which moves the waiter's key from the queue to the lock key on that lease |
-    /// | held, or someone ahead | a read `Txn`, then `LeaseKeepAlive` of the place's lease (or, at the first attempt, `LeaseGrant` and a `Txn` putting its key) |
+    /// | free, first in the queue | a read `Txn` and, beside it, `LeaseKeepAlive` of the place's lease; the admission `Txn`, which moves the waiter's key from the queue to the lock key on that lease |
+    /// | held, or someone ahead | a read `Txn` and, beside it, `LeaseKeepAlive` of the place's lease (at the first attempt, then `LeaseGrant` of it and a `Txn` putting its key) |
     pub(super) async fn acquire_txn_fair(
         &self,
         key: &str,
@@ -226,14 +271,14 @@ impl EtcdBackend {
         let queue = WaitQueue::beside(&lock_key);
         let [first, own] = queue.look(owner);
         let read = Txn::new().and_then([TxnOp::get(lock_key.as_str(), None), first, own]);
-        let read = self.txn(read).await?;
+        let (read, kept) = self.read_keeping_place(read, owner).await?;
         let seen = txn_revision(&read)?;
         let answers = read.op_responses();
         let free = match answers.first() {
             Some(TxnOpResponse::Get(get)) => get.kvs().is_empty(),
             _ => return Err(StoreError::protocol("etcd txn answer without the lock key")),
         };
-        let place = queue.place(owner, &answers[1..])?;
+        let place = queue.place(owner, &answers[1..], kept)?;
         // How long to wait before the next attempt: no more than half the place's ttl, so
         // that attempt keeps it alive in time; a delete of the lock key or of a key ahead in
         // the queue wakes the waiter sooner. An attempt that was first at the read but not

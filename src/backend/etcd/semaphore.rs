@@ -16,7 +16,7 @@
 //! | operation | etcd calls |
 //! |-----------|------------|
 //! | acquire   | `Range(dir)` at revision R: the live leases, their k and N. Too few free → `Held`, with R. Enough → `LeaseGrant`, then ONE `Txn`: if no key under `dir` was written after R (`mod_revision(dir) < R + 1`, over the range) then `Put(key, value, lease)`; the fencing token is the put's revision. A write in between fails the compare: read and try again. |
-//! | acquire, fair | ONE read `Txn` at revision R: `Range(dir)`, the queue's first key (by create revision), the waiter's own. Too few free, or another waiter first → `Held`, with R, and the waiter keeps its place (`LeaseKeepAlive` of its key's lease) or takes one at the back (`LeaseGrant`, a `Txn` putting its key). Enough free and first → `LeaseKeepAlive` of its place's lease, then ONE `Txn`: if nothing under `dir` was written after R and its key is still the one read (or, without a key, the queue is still empty) then `Put(key, value, place's lease)` and `DeleteRange(its key in the queue)`. First in an empty queue: `LeaseGrant` for the put instead. Three round trips either way. |
+//! | acquire, fair | ONE read `Txn` at revision R: `Range(dir)`, the queue's first key (by create revision), the waiter's own. Beside it, `LeaseKeepAlive` of the waiter's place's lease (an id chosen from its owner token, see `queue.rs`). Too few free, or another waiter first → `Held`, with R: the keep-alive kept its place, or, with none yet, it takes one at the back (`LeaseGrant`, a `Txn` putting its key). Enough free and first → ONE `Txn`: if nothing under `dir` was written after R and its key is still the one read (or, without a key, the queue is still empty) then `Put(key, value, place's lease)` and `DeleteRange(its key in the queue)`. First in an empty queue: `LeaseGrant` for the put first. Two round trips for a waiter first in line (three in an empty queue, as the unfair read, grant, write). |
 //! | withdraw (fair) | `Txn` deleting the waiter's key in the queue, then `LeaseRevoke` of its lease |
 //! | renew     | `Range(key)`: still ours if its create revision is our token; then `LeaseKeepAlive` of the lease it is on, on the backend's one stream. For a longer ttl than that lease was granted: `LeaseGrant`, a `Txn` that moves the key to the new lease if it is still on the old, `LeaseRevoke` of the old |
 //! | release   | `Txn`: if the key's create revision is our token then `DeleteRange(key)`; then `LeaseRevoke` of the lease it was on |
@@ -160,7 +160,7 @@ impl EtcdBackend {
                 first,
                 own,
             ]);
-            let read = self.txn(read).await?;
+            let (read, kept) = self.read_keeping_place(read, owner).await?;
             seen = txn_revision(&read)?;
             let answers = read.op_responses();
             let Some(TxnOpResponse::Get(leases)) = answers.first() else {
@@ -169,7 +169,7 @@ impl EtcdBackend {
                 ));
             };
             let fits = fits(name, permits, leases.kvs())?;
-            let read_place = queue.place(owner, &answers[1..])?;
+            let read_place = queue.place(owner, &answers[1..], kept)?;
             if !fits || !read_place.first() {
                 place = Some(read_place);
                 wait = ttl / 2;
