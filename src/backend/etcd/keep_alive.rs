@@ -218,10 +218,13 @@ async fn run(client: Client, tries: usize, mut asks: mpsc::UnboundedReceiver<Ask
                     for _ in 0..BATCH {
                         let Some(&id) = unsent.front() else { break };
                         keeper.id = id;
+                        // Read before the write: no later than etcd gets it, and after the
+                        // renewal asked (the batch's start may be before that).
+                        let at = Instant::now();
                         match keeper.keep_alive().now_or_never() {
                             Some(Ok(())) => {
                                 unsent.pop_front();
-                                mark_sent(&mut pending, id, since);
+                                mark_sent(&mut pending, id, at);
                             }
                             Some(Err(error)) => {
                                 failed = Some(error);
