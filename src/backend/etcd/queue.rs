@@ -165,6 +165,17 @@ impl Place {
     pub(super) fn leave(&self) -> Option<TxnOp> {
         self.own.map(|_| TxnOp::delete(self.key.as_str(), None))
     }
+
+    /// A lock's admission: writes `lock_key` with `value` on `lease` if the key is free and
+    /// the waiter still first, and takes the waiter out of the queue.
+    fn admit_to_lock(&self, queue: &WaitQueue, lock_key: &str, value: String, lease: i64) -> Txn {
+        let mut compares = vec![Compare::create_revision(lock_key, CompareOp::Equal, 0)];
+        compares.extend(self.still_first(queue));
+        let put = TxnOp::put(lock_key, value, Some(PutOptions::new().with_lease(lease)));
+        let mut ops = vec![put];
+        ops.extend(self.leave());
+        Txn::new().when(compares).and_then(ops)
+    }
 }
 
 impl EtcdBackend {
@@ -329,15 +340,9 @@ impl EtcdBackend {
         let lock_key = lock_key.as_str();
         // Recorded before the write, so the prefix watch cannot miss a change right after it.
         let registration = self.register(owner, id, granted).await;
-        let mut compares = vec![Compare::create_revision(lock_key, CompareOp::Equal, 0)];
-        compares.extend(place.still_first(queue));
-        let mut ops = vec![TxnOp::put(
-            lock_key,
-            Holder::encode(owner, granted, metadata),
-            Some(PutOptions::new().with_lease(id)),
-        )];
-        ops.extend(place.leave());
-        let answer = match self.txn(Txn::new().when(compares).and_then(ops)).await {
+        let value = Holder::encode(owner, granted, metadata);
+        let admission = place.admit_to_lock(queue, lock_key, value, id);
+        let answer = match self.txn(admission).await {
             // The place's lease ran out between its keep-alive and the write.
             Err(error) if is_lease_not_found(&error) => return Ok(None),
             answer => answer?,
@@ -377,18 +382,10 @@ impl EtcdBackend {
         let lock_key = self.lock_key(key);
         let lock_key = lock_key.as_str();
         let registration = self.register(owner, current.id, granted).await;
-        let mut compares = vec![Compare::create_revision(lock_key, CompareOp::Equal, 0)];
-        compares.extend(place.still_first(queue));
-        let mut ops = vec![TxnOp::put(
-            lock_key,
-            Holder::encode(owner, granted, metadata),
-            Some(PutOptions::new().with_lease(current.id)),
-        )];
-        ops.extend(place.leave());
-        let (answer, kept) = futures::join!(
-            self.txn(Txn::new().when(compares).and_then(ops)),
-            current.kept_after(self, asked_at)
-        );
+        let value = Holder::encode(owner, granted, metadata);
+        let admission = place.admit_to_lock(queue, lock_key, value, current.id);
+        let (answer, kept) =
+            futures::join!(self.txn(admission), current.kept_after(self, asked_at));
         let answer = match answer {
             // The session lease is gone: the next attempt is on a new one.
             Err(error) if is_lease_not_found(&error) => {
