@@ -381,8 +381,12 @@ impl EtcdCluster {
     pub fn start(size: usize) -> Self {
         let mut last_log = String::new();
         for _ in 0..5 {
-            let mut members: Vec<EtcdServer> = (0..size)
-                .map(|_| EtcdServer::new(free_port(), free_port(), CLUSTER_TIMING))
+            // Two ports per member, all different: probes freed one by one may hand out one
+            // port twice (etcd then refuses the cluster: "has duplicate url").
+            let ports = free_ports(2 * size);
+            let mut members: Vec<EtcdServer> = ports
+                .chunks(2)
+                .map(|pair| EtcdServer::new(pair[0], pair[1], CLUSTER_TIMING))
                 .collect();
             let initial_cluster = members
                 .iter()
@@ -489,8 +493,18 @@ impl EtcdCluster {
 }
 
 fn free_port() -> u16 {
-    let probe = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a loopback port");
-    probe.local_addr().expect("probe address").port()
+    free_ports(1)[0]
+}
+
+/// `count` free loopback ports, all different: every probe is held until all are bound.
+fn free_ports(count: usize) -> Vec<u16> {
+    let probes: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a loopback port"))
+        .collect();
+    probes
+        .iter()
+        .map(|probe| probe.local_addr().expect("probe address").port())
+        .collect()
 }
 
 fn get(port: u16, path: &str) -> Option<String> {
