@@ -48,6 +48,31 @@ impl RawEtcd {
         leases.revoke(lease).await.expect("revoke");
     }
 
+    /// The taking half of leasehold's `txn` mode cycle, by hand: grant, put-if-absent. The
+    /// lease id, for [`revoke`](Self::revoke).
+    pub async fn txn_take(&self, key: &str) -> i64 {
+        let (mut kv, mut leases) = (self.client.kv_client(), self.client.lease_client());
+        let key = format!("leasehold/{key}");
+        let (_, value) = owner_value();
+        let lease = leases.grant(ttl_seconds(), None).await.expect("grant").id();
+        let acquire = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let acquired = kv.txn(acquire).await.expect("acquire txn").succeeded();
+        assert!(acquired, "a key of its own is free");
+        lease
+    }
+
+    /// Ends a lease [`txn_take`](Self::txn_take) granted, and its key with it.
+    pub async fn revoke(&self, lease: i64) {
+        let mut leases = self.client.lease_client();
+        leases.revoke(lease).await.expect("revoke");
+    }
+
     /// leasehold's `lock` mode cycle, by hand: look at the contenders, grant, `Lock`, write the
     /// holder's value, compare-and-delete, revoke.
     pub async fn lock_cycle(&self, key: &str) {

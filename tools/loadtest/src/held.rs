@@ -19,9 +19,11 @@ use std::time::Duration;
 use futures::StreamExt;
 use leasehold::{LockClient, LockEvent, LockEventKind, LockGuard, LockOptions};
 use leasehold_bench_support::cpu;
+use leasehold_bench_support::raw_etcd::RawEtcd;
 use tokio::sync::{broadcast, oneshot};
 use tokio::time::Instant;
 
+use crate::heap;
 use crate::progress::Progress;
 use crate::report::{Following, Held, Renewals, RssSample, Store};
 
@@ -74,6 +76,7 @@ pub async fn measure(client: LockClient, plan: &HeldPlan, progress: &Progress) -
     );
     trim_heap();
     let baseline = cpu::resident_bytes();
+    let heap_baseline = heap::live_bytes();
 
     let metrics_before = client.metrics();
     let started = Instant::now();
@@ -108,6 +111,9 @@ pub async fn measure(client: LockClient, plan: &HeldPlan, progress: &Progress) -
     let per_lock = |at: Instant| RssSample {
         at_s: (at - held_from).as_secs_f64(),
         kib: cpu::resident_bytes().saturating_sub(baseline) as f64 / plan.locks as f64 / 1024.0,
+        heap_kib: heap::live_bytes()
+            .zip(heap_baseline)
+            .map(|(now, before)| (now - before) as f64 / plan.locks as f64 / 1024.0),
     };
     // Samples through the window show whether the resident set settles or keeps growing.
     let holding = async {
@@ -207,8 +213,43 @@ pub async fn measure(client: LockClient, plan: &HeldPlan, progress: &Progress) -
         cpu_s: cpu.as_secs_f64(),
         watcher_cpu_s: watcher_cpu.as_secs_f64(),
         release_s: releasing.elapsed().as_secs_f64(),
+        raw_take_s: None,
         renewals,
     }
+}
+
+/// How long the raw etcd-client takes `plan.locks` keys making the calls leasehold's `txn`
+/// mode makes to take one (grant, put-if-absent), `plan.parallel` at once: the floor the
+/// store sets on the time to take them. The leases are revoked after.
+pub async fn raw_etcd_take(raw: &RawEtcd, plan: &HeldPlan, progress: &Progress) -> f64 {
+    let keys: Vec<String> = (0..plan.locks)
+        .map(|i| format!("loadtest/held/raw/{i:06}"))
+        .collect();
+    let started = Instant::now();
+    let taking = futures::stream::iter(&keys)
+        .map(|key| raw.txn_take(key))
+        .buffer_unordered(plan.parallel)
+        .collect::<Vec<i64>>();
+    let leases = progress
+        .step(
+            format!("raw etcd-client taking {} keys", plan.locks),
+            plan.estimate,
+            taking,
+        )
+        .await;
+    let took = started.elapsed().as_secs_f64();
+    let revoking = futures::stream::iter(leases)
+        .map(|lease| raw.revoke(lease))
+        .buffer_unordered(plan.parallel)
+        .collect::<Vec<()>>();
+    progress
+        .step(
+            "raw etcd-client revoking them".to_string(),
+            plan.estimate,
+            revoking,
+        )
+        .await;
+    took
 }
 
 /// Receives every event of the manager on a thread of its own, so that the busy runtime

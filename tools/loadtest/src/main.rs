@@ -24,6 +24,7 @@
 //! that is not granted, two holders at once in a handoff.
 
 mod handoff;
+mod heap;
 mod held;
 mod plot;
 mod progress;
@@ -33,9 +34,13 @@ mod throughput;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+#[global_allocator]
+static HEAP: heap::Counting = heap::Counting;
+
 use held::HeldPlan;
 use leasehold::{EtcdBackend, EtcdMode, LockClient, LockManager, MemoryBackend};
 use leasehold_bench_support::cpu;
+use leasehold_bench_support::raw_etcd::RawEtcd;
 use leasehold_test_support::{EtcdServer, RedisServer};
 use progress::Progress;
 use report::{Report, Store};
@@ -201,8 +206,9 @@ struct Args {
 }
 
 fn parse_args() -> Args {
-    let usage = "usage: loadtest [--smoke] [--out DIR] [--held-only STORE]   \
-                 (default DIR: target/report; STORE: memory, redis, etcd-txn, etcd-session)";
+    let usage = "usage: loadtest [--smoke] [--out DIR] [--held-only STORE] [--heap]   \
+                 (default DIR: target/report; STORE: memory, redis, etcd-txn, etcd-session; \
+                 --heap: count the live heap too, which costs CPU)";
     let mut held_only = None;
     let mut args = Args {
         plan: full(),
@@ -225,6 +231,7 @@ fn parse_args() -> Args {
                     "--held-only takes a store, not {other:?}\n{usage}"
                 )),
             },
+            "--heap" => heap::turn_on(),
             "--help" | "-h" => {
                 println!("{usage}");
                 std::process::exit(0);
@@ -326,8 +333,16 @@ async fn run(stores: &Stores, plan: &Plan) -> Report {
     let mut held = Vec::new();
     for scenario in held_plans {
         let name = format!("loadtest-held-{}", scenario.store).replace(' ', "-");
+        let raw_take_s = match scenario.store {
+            Store::EtcdTxn => {
+                let raw = RawEtcd::connect(&stores.etcd.endpoint()).await;
+                Some(held::raw_etcd_take(&raw, scenario, &progress).await)
+            }
+            _ => None,
+        };
         let client = stores.manager(&name, scenario.store).await;
-        let result = held::measure(client, scenario, &progress).await;
+        let mut result = held::measure(client, scenario, &progress).await;
+        result.raw_take_s = raw_take_s;
         progress.print(&report::held_lines(&result));
         held.push(result);
     }
