@@ -174,6 +174,10 @@ impl Actor for KeyActor {
         })
     }
 
+    // The larger steps are boxed for the time they run. ractor keeps an actor's message loop
+    // in one allocation for its whole life, as large as the largest `handle` future: unboxed,
+    // they made that 4 KiB for every held lock, where a box per such message costs little
+    // beside the store call it waits for. A release is small, and left inline.
     async fn handle(
         &self,
         myself: ActorRef<KeyMsg>,
@@ -185,7 +189,7 @@ impl Actor for KeyActor {
                 job,
                 request,
                 reply,
-            } => state.attempt(&myself, job, request, reply).await,
+            } => Box::pin(state.attempt(&myself, job, request, reply)).await,
             KeyMsg::Release {
                 reason,
                 owner,
@@ -204,7 +208,7 @@ impl Actor for KeyActor {
                     .check_owner(owner)
                     .and_then(|()| state.ctx.check_ttl(ttl));
                 let result = match checked {
-                    Ok(()) => state.renew(&myself, Some(ttl)).await,
+                    Ok(()) => Box::pin(state.renew(&myself, Some(ttl))).await,
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(result);
@@ -215,7 +219,7 @@ impl Actor for KeyActor {
                 reply,
             } => {
                 let result = match state.check_owner(Some(owner)) {
-                    Ok(()) => state.proclaim(&myself, &value).await,
+                    Ok(()) => Box::pin(state.proclaim(&myself, &value)).await,
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(result);
@@ -231,8 +235,10 @@ impl Actor for KeyActor {
                 };
                 let _ = reply.send(result);
             }
-            KeyMsg::Tick => state.tick(&myself).await,
-            KeyMsg::Follow { owner, notice } => state.follow_notice(&myself, owner, notice).await,
+            KeyMsg::Tick => Box::pin(state.tick(&myself)).await,
+            KeyMsg::Follow { owner, notice } => {
+                Box::pin(state.follow_notice(&myself, owner, notice)).await
+            }
             KeyMsg::Adopt { backend, key, job } => {
                 state.backend = backend;
                 if state.job.as_ref().is_none_or(|current| current.id != job) {
