@@ -562,7 +562,9 @@ impl LockBackend for EtcdBackend {
                 store: "etcd",
                 op: "lock mode on a session lease",
             }),
-            EtcdMode::Lock => self.acquire_lock(key, owner, ttl, metadata).await,
+            // Boxed, as every branch off the common path here: a future is as large as its
+            // largest branch, and these are allocated per call.
+            EtcdMode::Lock => Box::pin(self.acquire_lock(key, owner, ttl, metadata)).await,
         }
     }
 
@@ -578,19 +580,22 @@ impl LockBackend for EtcdBackend {
         asked_at: tokio::time::Instant,
     ) -> Result<Option<tokio::time::Instant>, StoreError> {
         if lease.permits.is_some() {
-            return Ok(self.renew_permits(lease, ttl).await?.then_some(asked_at));
+            let renewed = Box::pin(self.renew_permits(lease, ttl)).await?;
+            return Ok(renewed.then_some(asked_at));
         }
         if let Some(mode) = lease.rw {
-            return Ok(self.renew_rw(lease, mode, ttl).await?.then_some(asked_at));
+            return Ok(Box::pin(self.renew_rw(lease, mode, ttl))
+                .await?
+                .then_some(asked_at));
         }
         // A leadership's key holds the candidate's raw value, not a lock value: it is
         // renewed by what etcd says of the key itself (see `election.rs`).
         if let Some(leadership) = self.leadership(lease) {
-            let held = self.renew_leadership(lease, ttl, leadership).await?;
+            let held = Box::pin(self.renew_leadership(lease, ttl, leadership)).await?;
             return Ok(held.then_some(asked_at));
         }
         match &self.session {
-            Some(session) => self.renew_on_session(session, lease, ttl, asked_at).await,
+            Some(session) => Box::pin(self.renew_on_session(session, lease, ttl, asked_at)).await,
             None => Ok(self.renew_lease(lease, ttl).await?.then_some(asked_at)),
         }
     }

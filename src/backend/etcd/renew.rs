@@ -29,7 +29,9 @@ impl EtcdBackend {
         let held = cell
             .get_or_init(|| async {
                 let (client, prefix) = (self.shared.client.clone(), self.prefix.to_string());
-                Arc::new(HeldKeys::start(client, prefix, self.shared.tries).await)
+                // Boxed: opening the watch is a large future, and it is awaited here once per
+                // backend, while every acquisition and renewal awaits this function.
+                Arc::new(Box::pin(HeldKeys::start(client, prefix, self.shared.tries)).await)
             })
             .await;
         Arc::clone(held)
@@ -97,7 +99,9 @@ impl EtcdBackend {
             _ => {}
         }
         let since = held.watching_since();
-        match self.renew_by_reading(lease, ttl).await? {
+        // Boxed: the read's calls would make every renewal's future (allocated per call, and
+        // thousands of them wait on the keep-alive stream at once) several times larger.
+        match Box::pin(self.renew_by_reading(lease, ttl)).await? {
             Some((current, granted)) => {
                 held.confirm(owner, current, granted, since);
                 Ok(true)

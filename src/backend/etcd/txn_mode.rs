@@ -12,7 +12,7 @@ use super::call::is_lease_not_found;
 use super::held::Registration;
 use super::keep_alive::KeptAlive;
 use super::lease::{lease_seconds, Grant};
-use super::session::Current;
+use super::session::{Current, Session};
 use super::values::{token, txn_revision, Holder};
 use super::EtcdBackend;
 use crate::backend::{Acquisition, Lease, LockBackend, OwnerToken};
@@ -27,22 +27,8 @@ impl EtcdBackend {
         metadata: Option<&str>,
     ) -> Result<Acquisition, StoreError> {
         if let Some(session) = &self.session {
-            let lock_key = self.lock_key(key);
-            let current = session.lease(self).await?;
-            let acquired = self
-                .acquire_on_session(key, &lock_key, owner, ttl, &current, metadata)
-                .await;
-            return match acquired {
-                // The session lease was revoked or ran out before the keeper noticed: once
-                // more, on a new session.
-                Err(error) if is_lease_not_found(&error) => {
-                    current.gone(self);
-                    let current = session.lease(self).await?;
-                    self.acquire_on_session(key, &lock_key, owner, ttl, &current, metadata)
-                        .await
-                }
-                acquired => acquired,
-            };
+            // Boxed: see `EtcdBackend::acquire` (the session's path is the longer).
+            return Box::pin(self.acquire_txn_on_session(session, key, owner, ttl, metadata)).await;
         }
         let mut taken = self.take_on_new_lease(key, owner, ttl, metadata).await?;
         if matches!(&taken.2, Err(error) if is_lease_not_found(error)) {
@@ -65,9 +51,38 @@ impl EtcdBackend {
         }
         let holder = first_range_kv(&answer);
         // Our lease holds nothing: revoke it now rather than leave it to run out.
-        let (_, contention) =
-            futures::join!(grant.revoke(), self.contention(holder.as_ref(), revision));
+        let (_, contention) = Box::pin(async {
+            futures::join!(grant.revoke(), self.contention(holder.as_ref(), revision))
+        })
+        .await;
         Ok(Acquisition::Held(contention))
+    }
+
+    /// [`acquire_txn`](Self::acquire_txn) on a backend whose locks go on its session lease.
+    async fn acquire_txn_on_session(
+        &self,
+        session: &Session,
+        key: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        let lock_key = self.lock_key(key);
+        let current = session.lease(self).await?;
+        let acquired = self
+            .acquire_on_session(key, &lock_key, owner, ttl, &current, metadata)
+            .await;
+        match acquired {
+            // The session lease was revoked or ran out before the keeper noticed: once
+            // more, on a new session.
+            Err(error) if is_lease_not_found(&error) => {
+                current.gone(self);
+                let current = session.lease(self).await?;
+                self.acquire_on_session(key, &lock_key, owner, ttl, &current, metadata)
+                    .await
+            }
+            acquired => acquired,
+        }
     }
 
     /// Grants a lease and writes `key` on it if the key is free: the grant, its record in the
