@@ -4,7 +4,9 @@
 //!
 //! Each test fails with fairness off (the same requests without `with_fair`): a node then
 //! hands a released key to its own waiters first, and an unfair request ignores the store's
-//! queue.
+//! queue. The read-write lock tests each fail when one admission rule is broken (a fair
+//! reader let past a writer's place ahead, or kept out by a reader's; a fair writer let in
+//! while not first; an unfair reader let past a fair writer's place; a place not withdrawn).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
