@@ -563,6 +563,56 @@ pub trait LockBackend: Send + Sync + 'static {
         })
     }
 
+    /// Whether [`acquire_rw_fair`](Self::acquire_rw_fair) works on this store (checked before
+    /// any I/O, as [`supports_fair`](Self::supports_fair) is for locks).
+    fn supports_fair_rw(&self) -> bool {
+        false
+    }
+
+    /// One attempt of a fair waiter `owner` (a reader or a writer, as `mode` says) at the
+    /// read-write lock `name`. The lock keeps one queue of fair waiters, in the order they
+    /// first asked, each place leased for `ttl` from its owner's latest attempt and marked
+    /// with its mode:
+    ///
+    /// - a fair reader is admitted while no writer holds, no unfair writer's intent is live,
+    ///   and no fair writer's place is ahead of its own (readers ahead of it do not keep it
+    ///   out: consecutive readers at the head go in together);
+    /// - a fair writer is admitted while nothing is held and its place is the first live one
+    ///   (or the queue is empty). It ignores unfair writers' intents, as they ignore the
+    ///   queue.
+    ///
+    /// A fair writer's place keeps new unfair readers out exactly as an unfair writer's
+    /// intent does, so fair writers are not starved either. Admission takes the place out in
+    /// the same atomic step as the grant, and the grant's fencing token is as
+    /// [`acquire_rw`](Self::acquire_rw)'s. A refused waiter keeps (or takes) its place and
+    /// its `Held` answer's `remaining_ttl` is at most half of `ttl`, so the next attempt
+    /// renews the place in time. The same `owner` is used for every attempt of one waiter;
+    /// [`withdraw_rw_waiter`](Self::withdraw_rw_waiter) takes it out of the queue when it
+    /// stops waiting. An unfair [`acquire_rw`](Self::acquire_rw) writer does not look at the
+    /// queue (an unfair reader does, only for fair writers' places).
+    async fn acquire_rw_fair(
+        &self,
+        name: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        mode: RwMode,
+        metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        let _ = (name, owner, ttl, mode, metadata);
+        Err(StoreError::Unsupported {
+            store: self.kind(),
+            op: "fair waiting for read-write locks",
+        })
+    }
+
+    /// Takes the fair waiter `owner` out of the read-write lock `name`'s queue (it stopped
+    /// waiting), and wakes the waiters if that may let someone in (it was first, or a
+    /// writer). The default has no queue.
+    async fn withdraw_rw_waiter(&self, name: &str, owner: OwnerToken) -> Result<(), StoreError> {
+        let _ = (name, owner);
+        Ok(())
+    }
+
     /// Subscribes to notices that the read-write lock `name` may let someone in (a release,
     /// a withdrawn intent; an expiry too, on stores that see it), as
     /// [`subscribe`](Self::subscribe) does for a lock.

@@ -427,7 +427,7 @@ impl BackendState {
             let _ = reply.send(Err(error));
             return;
         }
-        let fair_lock = request.fair.is_some() && request.permits.is_none();
+        let fair_lock = request.fair.is_some() && request.permits.is_none() && request.rw.is_none();
         if let Some(holder) = request.holder_id().filter(|_| fair_lock) {
             // A fair request has a slot of its own: the same holder's other requests for
             // this lock are in other slots (its name's, or its name's fair ones; not the

@@ -365,7 +365,11 @@ impl KeyState {
             (None, Some(mode), _) => {
                 let intent = request.intent.is_some();
                 let (name, ttl) = (&request.name, request.ttl);
-                let attempt = store.acquire_rw(name, owner, ttl, mode, intent, metadata);
+                let attempt = if request.fair.is_some() {
+                    store.acquire_rw_fair(name, owner, ttl, mode, metadata)
+                } else {
+                    store.acquire_rw(name, owner, ttl, mode, intent, metadata)
+                };
                 (StoreOp::AcquireRw, attempt)
             }
             (None, None, Primitive::Election) => {

@@ -164,10 +164,13 @@ impl LockOptions {
     /// Fair waiters are served in order among themselves; a caller that asks without
     /// `fair` may still take a free key ahead of them. A fair lock's guard releases and
     /// renews it; the [`Release`](crate::LockManagerMsg::Release) and
-    /// [`Renew`](crate::LockManagerMsg::Renew) messages name unfair locks only. Supported for locks and
-    /// semaphores on the memory, Redis and etcd backends (semaphores: strict FIFO, k permits
-    /// are taken only by the first fair waiter, once k are free); anywhere else (read-write
-    /// locks, elections) a fair request is refused before any I/O with a
+    /// [`Renew`](crate::LockManagerMsg::Renew) messages name unfair locks only. Supported for
+    /// locks, semaphores and read-write locks on the memory, Redis and etcd backends
+    /// (semaphores: strict FIFO, k permits are taken only by the first fair waiter, once k are
+    /// free; read-write locks: readers and writers in one queue, a reader kept out only by a
+    /// writer ahead of it, so consecutive readers go in together, a writer only when first and
+    /// nothing is held — see [`RwLock`](crate::RwLock)); anywhere else (elections, a store
+    /// without a queue) a fair request is refused before any I/O with a
     /// [`StoreError::Unsupported`](crate::StoreError) error.
     ///
     /// ```

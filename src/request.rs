@@ -35,8 +35,9 @@ pub(crate) struct AcquireRequest {
     /// Set for a writer that waits: withdraws its intent from the store when the last copy
     /// of the request goes without having acquired (it timed out, its caller went away).
     pub(crate) intent: Option<Arc<QueueEntry>>,
-    /// Set for a fair lock's request: its place in the store's queue, under its own token
-    /// (kept across attempts), withdrawn as a writer's intent is.
+    /// Set for a fair request (a lock's, a semaphore's, a read-write lock's): its place in
+    /// the store's queue, under its own token (kept across attempts; a writer's is its
+    /// `candidate`), withdrawn as a writer's intent is.
     pub(crate) fair: Option<Arc<QueueEntry>>,
     pub(crate) ttl: Duration,
     pub(crate) wait: Wait,
@@ -99,22 +100,26 @@ impl AcquireRequest {
         };
         // A writer that waits leaves an intent in the store (by its stable token) that
         // blocks new readers; it must not outlive the wait.
+        // A fair writer's place in the queue is its intent: it leaves no other (an unfair
+        // intent would keep out the fair readers ahead of it).
         let intent = match (options.rw, options.candidate) {
-            (Some(RwMode::Write), Some(owner)) if wait != Wait::No => {
+            (Some(RwMode::Write), Some(owner)) if wait != Wait::No && !options.fair => {
                 Some(QueueEntry::new(ctx, &name, owner, Queue::WriterIntents))
             }
             _ => None,
         };
         // A fair request that tries once takes a place too (an attempt at the store cannot
         // look without queueing), and gives it back at once when it does not win.
-        let queue = if options.permits.is_some() {
-            Queue::PermitWaiters
-        } else {
-            Queue::Waiters
+        let queue = match (options.permits, options.rw) {
+            (Some(_), _) => Queue::PermitWaiters,
+            (None, Some(_)) => Queue::RwWaiters,
+            (None, None) => Queue::Waiters,
         };
-        let fair = options
-            .fair
-            .then(|| QueueEntry::new(ctx, &name, OwnerToken::random(), queue));
+        // A writer's place goes by the token it attempts with (its `candidate`).
+        let fair = options.fair.then(|| {
+            let owner = options.candidate.unwrap_or_else(OwnerToken::random);
+            QueueEntry::new(ctx, &name, owner, queue)
+        });
         let request = AcquireRequest {
             key,
             name,
@@ -186,7 +191,10 @@ fn check_fair(ctx: &BackendCtx, options: &LockOptions) -> Result<()> {
         return Ok(());
     }
     if options.rw.is_some() {
-        return unsupported("fair waiting for read-write locks");
+        if !ctx.store.supports_fair_rw() {
+            return unsupported("fair waiting for read-write locks");
+        }
+        return Ok(());
     }
     if options.candidate.is_some() {
         // An election's campaign waits in the store's queue already.
@@ -207,6 +215,8 @@ pub(crate) enum Queue {
     Waiters,
     /// A semaphore's fair waiters (`withdraw_permits`).
     PermitWaiters,
+    /// A read-write lock's fair readers and writers (`withdraw_rw_waiter`).
+    RwWaiters,
 }
 
 /// A waiting request's entry in a queue in the store (a waiting writer's intent, a fair
@@ -271,6 +281,11 @@ impl Drop for QueueEntry {
                 }
                 Queue::PermitWaiters => {
                     let withdraw = ctx.store.withdraw_permits(&name, owner);
+                    let withdrawn = ctx.metrics.timed(StoreOp::Withdraw, withdraw);
+                    tokio::time::timeout(budget, withdrawn).await
+                }
+                Queue::RwWaiters => {
+                    let withdraw = ctx.store.withdraw_rw_waiter(&name, owner);
                     let withdrawn = ctx.metrics.timed(StoreOp::Withdraw, withdraw);
                     tokio::time::timeout(budget, withdrawn).await
                 }

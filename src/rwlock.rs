@@ -25,6 +25,16 @@
 //! waiting (a write-preferring lock). As with any such lock, a task that holds a read share
 //! and asks for another (or for the write hold) while a writer waits waits for itself.
 //!
+//! # Fair waiting
+//! With [`LockOptions::with_fair`], readers and writers of every node wait in one queue in the
+//! store, in the order they asked, each place leased (for the request's ttl, refreshed by each
+//! attempt) and marked with its side. A fair reader goes in while no writer holds, no unfair
+//! writer waits, and no fair writer's place is ahead of its own (readers ahead of it do not
+//! keep it out: consecutive readers go in together); a fair writer while nothing is held and
+//! its place is first. A fair writer's place is its intent: it keeps new unfair readers out as
+//! an unfair waiting writer does. An unfair writer does not look at the queue. A fair
+//! `try_read` or `try_write` that does not win gives its place back at once.
+//!
 //! # Fencing
 //! Every grant, read or write, takes the next number of one counter per name: a writer's
 //! fencing token is strictly greater than every token handed out before it, reader's or

@@ -14,8 +14,8 @@ use leasehold::cluster::{
 };
 use leasehold::testing::{eventually, unique_key};
 use leasehold::{
-    ErrorKind, LockClient, LockManager, LockOptions, MemoryBackend, ReleaseReason, RwMode, Wait,
-    MAX_KEY_LEN,
+    ErrorKind, LockBackend, LockClient, LockManager, LockOptions, MemoryBackend, ReleaseReason,
+    RwMode, Wait, MAX_KEY_LEN,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::{NodeServer, NodeServerMessage};
@@ -98,6 +98,8 @@ struct Cluster {
     b: Node,
     /// The manager on A.
     locks: LockClient,
+    /// Its store, for entries put straight through the backend.
+    memory: MemoryBackend,
     local_gateway: ActorRef<RemoteLockMsg>,
     /// A's gateway as node B reaches it: through the node connection.
     remote: RemoteLockClient,
@@ -107,12 +109,13 @@ impl Cluster {
     async fn start() -> Cluster {
         let a = Node::start("node-a").await;
         let b = Node::start("node-b").await;
+        let memory = MemoryBackend::new();
         let locks = LockManager::builder()
             .with_name(format!(
                 "cluster-test-{}",
                 unique_key("m").replace('/', "-")
             ))
-            .with_backend("memory", MemoryBackend::new())
+            .with_backend("memory", memory.clone())
             .start()
             .await
             .unwrap();
@@ -139,6 +142,7 @@ impl Cluster {
             a,
             b,
             locks,
+            memory,
             local_gateway,
             remote: found.unwrap(),
         }
@@ -286,6 +290,7 @@ async fn remote_node_shutting_down_releases_its_locks() {
         a,
         b,
         locks,
+        memory: _,
         local_gateway: _,
         remote,
     } = Cluster::start().await;
@@ -671,9 +676,12 @@ async fn leases_taken_at_once_share_one_liveness_session() {
     cluster.stop().await;
 }
 
-/// The fair option travels with a remote acquisition: a fair lock is granted as usual, and a
-/// fair read-write lock request (which no backend serves fairly yet) is refused as it is
-/// locally, which it would not be if the option were dropped on the way.
+/// The fair option travels with a remote acquisition: a fair lock is granted as usual; and
+/// while a fair reader's place is first in a read-write lock's queue (put there straight
+/// through the store, as by a reader that has not come back yet) and nothing is held, a fair
+/// remote writer that tries once gets nothing (it is not first), where an unfair one, which
+/// ignores the queue, gets the write hold. With the option dropped on the way, the fair ask
+/// would be granted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_acquire_carries_the_fair_option() {
     let _serial = SERIAL.lock().await;
@@ -687,24 +695,42 @@ async fn remote_acquire_carries_the_fair_option() {
         .unwrap()
         .expect("free key");
     cluster.remote.release(&lease).await.unwrap();
-    let err = cluster
+    let name = unique_key("remote-fair-rw");
+    let rwlock = cluster.locks.rwlock(&name).unwrap();
+    let held = rwlock.try_write(LockOptions::new()).await.unwrap();
+    let held = held.expect("the read-write lock is free");
+    let place = leasehold::OwnerToken::random();
+    let ttl = Duration::from_secs(60);
+    let queued = cluster
+        .memory
+        .acquire_rw_fair(&name, place, ttl, RwMode::Read, None)
+        .await
+        .unwrap();
+    assert!(
+        matches!(queued, leasehold::Acquisition::Held(_)),
+        "the reader's place is taken behind the writer: {queued:?}"
+    );
+    held.release().await.unwrap();
+    let fair = cluster
         .remote
         .acquire(
-            RemoteAcquire::new(unique_key("remote-fair-rw"), &holder)
+            RemoteAcquire::new(&name, &holder)
                 .with_rw(RwMode::Write)
                 .with_fair(true),
         )
         .await
-        .unwrap_err();
-    assert_eq!(
-        err.kind,
-        RemoteErrorKind::Manager(ErrorKind::Store(leasehold::StoreErrorKind::Unsupported)),
-        "{err}"
-    );
+        .unwrap();
     assert!(
-        err.to_string()
-            .contains("fair waiting for read-write locks"),
-        "{err}"
+        fair.is_none(),
+        "a fair remote writer went in ahead of the reader first in line: the fair option \
+         did not travel"
     );
+    let unfair = cluster
+        .remote
+        .acquire(RemoteAcquire::new(&name, &holder).with_rw(RwMode::Write))
+        .await
+        .unwrap()
+        .expect("an unfair writer ignores the queue");
+    cluster.remote.release(&unfair).await.unwrap();
     cluster.stop().await;
 }

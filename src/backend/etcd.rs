@@ -825,11 +825,32 @@ impl LockBackend for EtcdBackend {
         intent: bool,
         _metadata: Option<&str>,
     ) -> Result<Acquisition, StoreError> {
-        self.take_rw(name, owner, ttl, mode, intent).await
+        self.take_rw(name, owner, ttl, mode, intent, false).await
     }
 
     async fn withdraw_writer(&self, name: &str, owner: OwnerToken) -> Result<(), StoreError> {
-        self.withdraw_rw_intent(name, owner).await
+        self.withdraw_rw_intent(name, owner, false).await
+    }
+
+    /// Both modes (and on a session lease): a read-write lock's fair places are keys of its
+    /// directory, each on a lease of its own (see `rwlock.rs`).
+    fn supports_fair_rw(&self) -> bool {
+        true
+    }
+
+    async fn acquire_rw_fair(
+        &self,
+        name: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        mode: crate::backend::RwMode,
+        _metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        self.take_rw(name, owner, ttl, mode, false, true).await
+    }
+
+    async fn withdraw_rw_waiter(&self, name: &str, owner: OwnerToken) -> Result<(), StoreError> {
+        self.withdraw_rw_intent(name, owner, true).await
     }
 
     async fn subscribe_rw(

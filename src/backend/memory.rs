@@ -305,7 +305,27 @@ impl LockBackend for MemoryBackend {
         intent: bool,
         _metadata: Option<&str>,
     ) -> Result<Acquisition, StoreError> {
-        Ok(self.take_rw(name, owner, ttl, mode, intent))
+        Ok(self.take_rw(name, owner, ttl, mode, intent, false))
+    }
+
+    fn supports_fair_rw(&self) -> bool {
+        true
+    }
+
+    async fn acquire_rw_fair(
+        &self,
+        name: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        mode: RwMode,
+        _metadata: Option<&str>,
+    ) -> Result<Acquisition, StoreError> {
+        Ok(self.take_rw(name, owner, ttl, mode, false, true))
+    }
+
+    async fn withdraw_rw_waiter(&self, name: &str, owner: OwnerToken) -> Result<(), StoreError> {
+        self.withdraw_rw_place(name, owner);
+        Ok(())
     }
 
     async fn withdraw_writer(&self, name: &str, owner: OwnerToken) -> Result<(), StoreError> {

@@ -519,7 +519,26 @@ impl LockBackend for RedisBackend {
         intent: bool,
         _metadata: Option<&str>,
     ) -> Result<crate::backend::Acquisition, StoreError> {
-        self.take_rw(name, owner, ttl, mode, intent).await
+        self.take_rw(name, owner, ttl, mode, intent, false).await
+    }
+
+    fn supports_fair_rw(&self) -> bool {
+        true
+    }
+
+    async fn acquire_rw_fair(
+        &self,
+        name: &str,
+        owner: OwnerToken,
+        ttl: Duration,
+        mode: crate::backend::RwMode,
+        _metadata: Option<&str>,
+    ) -> Result<crate::backend::Acquisition, StoreError> {
+        self.take_rw(name, owner, ttl, mode, false, true).await
+    }
+
+    async fn withdraw_rw_waiter(&self, name: &str, owner: OwnerToken) -> Result<(), StoreError> {
+        self.withdraw_rw_place(name, owner).await
     }
 
     async fn withdraw_writer(&self, name: &str, owner: OwnerToken) -> Result<(), StoreError> {

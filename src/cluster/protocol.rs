@@ -61,7 +61,8 @@ impl RemoteAcquire {
     }
 
     /// Wait fairly: waiters on every node are let in in the order they asked (see
-    /// [`LockOptions::with_fair`](crate::LockOptions::with_fair); locks only).
+    /// [`LockOptions::with_fair`](crate::LockOptions::with_fair), which says what each store
+    /// serves fairly).
     pub fn with_fair(mut self, fair: bool) -> Self {
         self.fair = fair;
         self

@@ -8,7 +8,18 @@
 //! | `P{K}:rw-writer`   | string, with the ttl  | the writer's owner token                     |
 //! | `P{K}:rw-waiting`  | sorted set            | a waiting writer's owner token per intent, scored by when it runs out |
 //! | `P{K}:rw-fence`    | string, never expires | the last fencing token handed out            |
-//! | `P{K}:rw-released` | pub/sub channel       | a notice per release and per withdrawn intent |
+//! | `P{K}:rw-released` | pub/sub channel       | a notice per release and per withdrawn intent (or fair place that may let someone in) |
+//! | `P{K}:rw-queue`    | sorted set            | fair waiters' owner tokens (readers and writers), scored by arrival |
+//! | `P{K}:rw-places`   | hash                  | fair waiter's owner token → when its place expires (server ms) |
+//! | `P{K}:rw-arrivals` | string, never expires | the arrival counter (the queue's scores) |
+//!
+//! A fair acquisition ([`LockOptions::with_fair`](crate::LockOptions::with_fair)) runs the
+//! same script with the three queue keys: a fair writer's owner is also put in `rw-waiting`
+//! (with its place's expiry), so its place keeps new unfair readers out as an unfair writer's
+//! intent does, and the unfair reader's path is unchanged. A fair reader counts an intent
+//! against it only if its writer has no place (an unfair writer) or one ahead of its own; a
+//! fair writer goes in only first in the queue. `withdraw_rw_waiter.lua` takes a waiter that
+//! gave up out of the queue (and its intent). An unfair writer does not look at the queue.
 //!
 //! Shares and intents are members, not keys, so Redis does not expire them: every acquisition
 //! drops the members whose score has passed (server clock) before it looks, which is what
@@ -16,7 +27,7 @@
 //! intent's ttl. Each sorted set's key carries the expiry of its longest member, so a lock
 //! nobody uses any more leaves only its fence counter. The scripts: `acquire_rw.lua`
 //! (admission, intent, token), `renew_rw.lua`, `release_rw.lua` (with the notice),
-//! `withdraw_writer.lua` (with the notice). With
+//! `withdraw_writer.lua` and `withdraw_rw_waiter.lua` (with the notice). With
 //! [`RedisBackend::with_restart_quarantine`], an acquisition waits out the quarantine after a
 //! data loss as a lock's does.
 
@@ -35,12 +46,20 @@ static ACQUIRE: Lua = Lua::new(include_str!("acquire_rw.lua"));
 static RENEW: Lua = Lua::new(include_str!("renew_rw.lua"));
 static RELEASE: Lua = Lua::new(include_str!("release_rw.lua"));
 static WITHDRAW: Lua = Lua::new(include_str!("withdraw_writer.lua"));
+static WITHDRAW_WAITER: Lua = Lua::new(include_str!("withdraw_rw_waiter.lua"));
 
 impl RedisBackend {
     /// The read shares' set and the write hold's key of the read-write lock `name`.
     fn rw_keys(&self, name: &str) -> (String, String) {
         let lock = self.lock_key(name);
         (format!("{lock}:rw-readers"), format!("{lock}:rw-writer"))
+    }
+
+    /// The fair waiters' queue of the read-write lock `name`: the queue, its places' leases
+    /// and the arrival counter.
+    fn rw_queue_keys(&self, name: &str) -> [String; 3] {
+        let lock = self.lock_key(name);
+        ["rw-queue", "rw-places", "rw-arrivals"].map(|what| format!("{lock}:{what}"))
     }
 
     fn rw_channel(&self, name: &str) -> String {
@@ -54,6 +73,7 @@ impl RedisBackend {
         ttl: Duration,
         mode: RwMode,
         intent: bool,
+        fair: bool,
     ) -> Result<Acquisition, StoreError> {
         let (readers, writer) = self.rw_keys(name);
         let lock = self.lock_key(name);
@@ -75,6 +95,10 @@ impl RedisBackend {
                     .into_bytes(),
             ],
         };
+        if fair {
+            call.keys.extend(self.rw_queue_keys(name));
+            call.args.push(b"fair".to_vec());
+        }
         if !self.quarantine.is_zero() {
             call.keys.push(format!("{}epoch", self.prefix));
         }
@@ -147,6 +171,25 @@ impl RedisBackend {
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(|error| self.failed("withdraw writer", error))?;
+        Ok(())
+    }
+
+    pub(super) async fn withdraw_rw_place(
+        &self,
+        name: &str,
+        owner: OwnerToken,
+    ) -> Result<(), StoreError> {
+        let [queue, places, _] = self.rw_queue_keys(name);
+        let _: i64 = self
+            .script(&WITHDRAW_WAITER)
+            .key(queue)
+            .key(places)
+            .key(format!("{}:rw-waiting", self.lock_key(name)))
+            .arg(owner.to_string())
+            .arg(self.rw_channel(name))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(|error| self.failed("withdraw rw waiter", error))?;
         Ok(())
     }
 
