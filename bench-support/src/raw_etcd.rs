@@ -29,6 +29,24 @@ impl RawEtcd {
 
     /// leasehold's `txn` mode cycle, by hand: grant, put-if-absent, compare-and-delete, revoke.
     pub async fn txn_cycle(&self, key: &str) {
+        let (key, owner, lease) = self.take(key).await;
+        let released = self
+            .client
+            .kv_client()
+            .txn(compare_and_delete(&key, &owner))
+            .await;
+        assert!(released.expect("release txn").succeeded());
+        self.revoke(lease).await;
+    }
+
+    /// The taking half of leasehold's `txn` mode cycle, by hand: grant, put-if-absent. The
+    /// lease id, for [`revoke`](Self::revoke).
+    pub async fn txn_take(&self, key: &str) -> i64 {
+        self.take(key).await.2
+    }
+
+    /// Grant, put-if-absent: the key as written, its owner token and the lease.
+    async fn take(&self, key: &str) -> (String, String, i64) {
         let (mut kv, mut leases) = (self.client.kv_client(), self.client.lease_client());
         let key = format!("leasehold/{key}");
         let (owner, value) = owner_value();
@@ -43,28 +61,7 @@ impl RawEtcd {
             .or_else([TxnOp::get(key.as_str(), None)]);
         let acquired = kv.txn(acquire).await.expect("acquire txn").succeeded();
         assert!(acquired, "a key of its own is free");
-        let released = kv.txn(compare_and_delete(&key, &owner)).await;
-        assert!(released.expect("release txn").succeeded());
-        leases.revoke(lease).await.expect("revoke");
-    }
-
-    /// The taking half of leasehold's `txn` mode cycle, by hand: grant, put-if-absent. The
-    /// lease id, for [`revoke`](Self::revoke).
-    pub async fn txn_take(&self, key: &str) -> i64 {
-        let (mut kv, mut leases) = (self.client.kv_client(), self.client.lease_client());
-        let key = format!("leasehold/{key}");
-        let (_, value) = owner_value();
-        let lease = leases.grant(ttl_seconds(), None).await.expect("grant").id();
-        let acquire = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.as_str(),
-                value,
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
-        let acquired = kv.txn(acquire).await.expect("acquire txn").succeeded();
-        assert!(acquired, "a key of its own is free");
-        lease
+        (key, owner, lease)
     }
 
     /// Ends a lease [`txn_take`](Self::txn_take) granted, and its key with it.
