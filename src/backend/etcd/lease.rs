@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, KeyValue, LeaseGrantOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{
+    Compare, CompareOp, KeyValue, LeaseGrantOptions, LeaseGrantResponse, PutOptions, Txn, TxnOp,
+};
 use tokio::time::timeout;
 
 use super::call::{is_lease_exists, is_lease_not_found, Retry};
@@ -19,44 +21,45 @@ impl EtcdBackend {
     /// Grants the lease for one acquisition. etcd counts lease ttls in whole seconds: round up
     /// (see "Ttls are whole seconds" in the module documentation).
     pub(super) async fn grant(&self, ttl: Duration) -> Result<Grant, StoreError> {
-        let seconds = lease_seconds(ttl);
-        let granted = self
-            .call("lease grant", Retry::IfConnectionBroke, || {
-                let mut leases = self.shared.client.lease_client();
-                async move { leases.grant(seconds, None).await }
-            })
-            .await?;
-        Ok(Grant {
-            backend: self.clone(),
-            id: granted.id(),
-            ttl: granted.ttl(),
-            armed: true,
-        })
+        let granted = self.lease_grant(ttl, None).await?;
+        Ok(self.granted(granted.id(), granted.ttl()))
     }
 
     /// Grants lease `id`, chosen by the caller (a fair waiter's place, see `queue.rs`). A lease
     /// `id` that exists already is ours — an earlier grant of it whose answer was lost — and
     /// counts as granted.
     pub(super) async fn grant_id(&self, id: i64, ttl: Duration) -> Result<Grant, StoreError> {
-        let seconds = lease_seconds(ttl);
-        let granted = self
-            .call("lease grant", Retry::IfConnectionBroke, || {
-                let mut leases = self.shared.client.lease_client();
-                let options = LeaseGrantOptions::new().with_id(id);
-                async move { leases.grant(seconds, Some(options)).await }
-            })
-            .await;
-        let ttl = match granted {
+        let ttl = match self.lease_grant(ttl, Some(id)).await {
             Ok(granted) => granted.ttl(),
-            Err(error) if is_lease_exists(&error) => seconds,
+            Err(error) if is_lease_exists(&error) => lease_seconds(ttl),
             Err(error) => return Err(error),
         };
-        Ok(Grant {
+        Ok(self.granted(id, ttl))
+    }
+
+    /// The `LeaseGrant` call, with etcd's choice of id or `id`, for `ttl` in whole seconds.
+    async fn lease_grant(
+        &self,
+        ttl: Duration,
+        id: Option<i64>,
+    ) -> Result<LeaseGrantResponse, StoreError> {
+        let seconds = lease_seconds(ttl);
+        self.call("lease grant", Retry::IfConnectionBroke, || {
+            let mut leases = self.shared.client.lease_client();
+            let options = id.map(|id| LeaseGrantOptions::new().with_id(id));
+            async move { leases.grant(seconds, options).await }
+        })
+        .await
+    }
+
+    /// A granted lease, revoked if dropped before it is kept.
+    fn granted(&self, id: i64, ttl: i64) -> Grant {
+        Grant {
             backend: self.clone(),
             id,
             ttl,
             armed: true,
-        })
+        }
     }
 
     /// Revokes lease `id`, which deletes every key on it. A lease that is already gone is not
